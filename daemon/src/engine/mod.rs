@@ -1,0 +1,214 @@
+//! The engine: stages behind one link trait, a local pipeline of them, sequence
+//! slots, chunked prefill and batched decode.
+
+mod generate;
+mod stage;
+
+pub use generate::{generate, prompt_logits, GenerateParams, Generation, StopReason};
+pub use stage::{Stage, StageConfig, StageInput, StageOutput};
+
+pub use crate::model::graph::OutputRows;
+pub use crate::model::BatchSeq;
+use crate::model::{HParams, LayerRange, ModelError, ModelFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("ggml: {0}")]
+    Backend(#[from] ggml_shim::BackendError),
+    #[error("ggml: {0}")]
+    Graph(#[from] ggml_shim::ggml::GraphAllocError),
+    #[error("llama.cpp: {0}")]
+    Llama(#[from] ggml_shim::llama::LlamaError),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("the prompt has {prompt} tokens and {generate} more were requested, but the context holds {ctx}")]
+    ContextFull {
+        prompt: usize,
+        generate: usize,
+        ctx: usize,
+    },
+    #[error("all {0} sequence slots are busy")]
+    NoFreeSlot(usize),
+    #[error("stages disagree: {0}")]
+    Pipeline(String),
+}
+
+/// One stage of a pipeline, local or remote: the scheduler drives every stage
+/// through this trait and never sees where it runs.
+pub trait StageLink: Send {
+    fn forward(&mut self, seqs: &[BatchSeq], input: StageInput<'_>) -> Result<StageOutput, EngineError>;
+    fn range(&self) -> LayerRange;
+}
+
+impl StageLink for Stage {
+    fn forward(&mut self, seqs: &[BatchSeq], input: StageInput<'_>) -> Result<StageOutput, EngineError> {
+        Stage::forward(self, seqs, input)
+    }
+
+    fn range(&self) -> LayerRange {
+        self.config().range
+    }
+}
+
+/// Encodes activations for another stage (little-endian f32).
+pub fn encode_activations(h: &[f32]) -> Vec<u8> {
+    h.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Decodes activations received from another stage.
+pub fn decode_activations(bytes: &[u8]) -> Result<Vec<f32>, EngineError> {
+    if bytes.len() % 4 != 0 {
+        return Err(EngineError::Input(format!("activation of {} bytes is not whole f32 values", bytes.len())));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Splits `n_layer` layers at the given cut points into contiguous ranges.
+pub fn split_ranges(n_layer: usize, cuts: &[usize]) -> Result<Vec<LayerRange>, EngineError> {
+    let mut points: Vec<usize> = cuts.iter().copied().filter(|&c| c > 0 && c < n_layer).collect();
+    if cuts.iter().any(|&c| c > n_layer) {
+        return Err(ModelError::BadRange {
+            start: 0,
+            end: *cuts.iter().max().unwrap_or(&0),
+            n_layer,
+        }
+        .into());
+    }
+    points.sort_unstable();
+    points.dedup();
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for p in points.into_iter().chain(std::iter::once(n_layer)) {
+        ranges.push(LayerRange::new(start, p));
+        start = p;
+    }
+    Ok(ranges)
+}
+
+/// Free and busy sequence slots.
+#[derive(Debug)]
+pub struct SlotPool {
+    free: Vec<usize>,
+    n: usize,
+}
+
+impl SlotPool {
+    pub fn new(n: usize) -> SlotPool {
+        SlotPool {
+            free: (0..n).rev().collect(),
+            n,
+        }
+    }
+
+    pub fn acquire(&mut self) -> Result<usize, EngineError> {
+        self.free.pop().ok_or(EngineError::NoFreeSlot(self.n))
+    }
+
+    pub fn release(&mut self, slot: usize) {
+        if slot < self.n && !self.free.contains(&slot) {
+            self.free.push(slot);
+        }
+    }
+
+    pub fn n_busy(&self) -> usize {
+        self.n - self.free.len()
+    }
+}
+
+/// A chain of stages covering all layers, driven step by step. Activations cross
+/// from stage to stage as bytes, exactly as they would over the network.
+pub struct Pipeline {
+    links: Vec<Box<dyn StageLink>>,
+    hp: HParams,
+    n_ctx: usize,
+    pub slots: SlotPool,
+}
+
+/// How to build a local pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub n_ctx: usize,
+    pub n_slots: usize,
+    pub n_threads: usize,
+    pub repack: bool,
+    /// Layer ranges, in order, covering `0..n_layer`.
+    pub ranges: Vec<LayerRange>,
+}
+
+impl Pipeline {
+    /// Loads every range as a local stage.
+    pub fn local(mf: &ModelFile, cfg: &PipelineConfig) -> Result<Pipeline, EngineError> {
+        let mut links: Vec<Box<dyn StageLink>> = Vec::new();
+        for r in &cfg.ranges {
+            links.push(Box::new(Stage::load(
+                mf,
+                StageConfig {
+                    range: *r,
+                    n_ctx: cfg.n_ctx,
+                    n_slots: cfg.n_slots,
+                    n_threads: cfg.n_threads,
+                    repack: cfg.repack,
+                },
+            )?));
+        }
+        Pipeline::new(links, mf.hparams.clone(), cfg.n_ctx, cfg.n_slots)
+    }
+
+    /// A pipeline over given links, which must cover all layers in order.
+    pub fn new(links: Vec<Box<dyn StageLink>>, hp: HParams, n_ctx: usize, n_slots: usize) -> Result<Pipeline, EngineError> {
+        let mut expect = 0;
+        for l in &links {
+            let r = l.range();
+            if r.start != expect {
+                return Err(EngineError::Pipeline(format!("stage {r} does not start at layer {expect}")));
+            }
+            expect = r.end;
+        }
+        if expect != hp.n_layer || links.is_empty() {
+            return Err(EngineError::Pipeline(format!("stages end at layer {expect}, the model has {}", hp.n_layer)));
+        }
+        Ok(Pipeline {
+            links,
+            hp,
+            n_ctx,
+            slots: SlotPool::new(n_slots),
+        })
+    }
+
+    pub fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Runs one step through all stages; returns logits of the requested rows.
+    pub fn step(&mut self, seqs: &[BatchSeq], tokens: &[i32]) -> Result<Vec<f32>, EngineError> {
+        let mut wire: Option<Vec<u8>> = None;
+        let n = self.links.len();
+        for (i, link) in self.links.iter_mut().enumerate() {
+            let hidden;
+            let input = match &wire {
+                None => StageInput::Tokens(tokens),
+                Some(bytes) => {
+                    hidden = decode_activations(bytes)?;
+                    StageInput::Hidden(&hidden)
+                }
+            };
+            match link.forward(seqs, input)? {
+                StageOutput::Hidden(h) if i + 1 < n => wire = Some(encode_activations(&h)),
+                StageOutput::Logits(l) if i + 1 == n => return Ok(l),
+                _ => return Err(EngineError::Pipeline(format!("stage {} returned the wrong kind of output", link.range()))),
+            }
+        }
+        Err(EngineError::Pipeline("no stage produced logits".into()))
+    }
+}

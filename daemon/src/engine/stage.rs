@@ -1,0 +1,156 @@
+//! A stage: one contiguous layer range of a model with its weights, KV cache and
+//! CPU backend, computing one batched step at a time.
+
+use ggml_shim::{Allocator, CpuBackend, GraphBuilder};
+
+use crate::model::{BatchSeq, GraphInputs, HParams, LayerRange, ModelFile, StageGraph, StageWeights};
+use crate::model::graph::KvCache;
+
+use super::EngineError;
+
+/// What a stage is asked to hold and how to run it.
+#[derive(Debug, Clone)]
+pub struct StageConfig {
+    pub range: LayerRange,
+    /// Context length (positions) per sequence slot.
+    pub n_ctx: usize,
+    /// Sequences that can be in flight at once.
+    pub n_slots: usize,
+    pub n_threads: usize,
+    /// Let ggml repack matmul weights for its fastest CPU kernels (as llama.cpp does).
+    pub repack: bool,
+}
+
+/// The input of one step.
+#[derive(Debug, Clone, Copy)]
+pub enum StageInput<'a> {
+    /// Token ids (first stage).
+    Tokens(&'a [i32]),
+    /// The previous stage's activations, `n_embd` values per token, token-major.
+    Hidden(&'a [f32]),
+}
+
+/// The output of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageOutput {
+    /// Activations for the next stage, `n_embd` values per token.
+    Hidden(Vec<f32>),
+    /// Logits of the requested rows, `n_vocab` values per row.
+    Logits(Vec<f32>),
+}
+
+/// Pipeline stage running locally on this machine.
+pub struct Stage {
+    hp: HParams,
+    first: bool,
+    last: bool,
+    cfg: StageConfig,
+    weights: StageWeights,
+    kv: KvCache,
+    backend: CpuBackend,
+    alloc: Allocator,
+    inputs: GraphInputs,
+}
+
+impl Stage {
+    /// Loads the weights of `cfg.range` (embedding if it starts at layer 0, output
+    /// head if it ends at the last layer) and allocates the KV cache.
+    pub fn load(mf: &ModelFile, cfg: StageConfig) -> Result<Stage, EngineError> {
+        let hp = mf.hparams.clone();
+        cfg.range.validate(hp.n_layer)?;
+        if cfg.n_ctx == 0 || cfg.n_slots == 0 {
+            return Err(EngineError::Config("context length and slots must be positive".into()));
+        }
+        let first = cfg.range.start == 0;
+        let last = cfg.range.end == hp.n_layer;
+        let weights = StageWeights::load(mf, cfg.range, first, last, cfg.repack)?;
+        let kv = KvCache::new(&hp, cfg.range, cfg.n_ctx, cfg.n_slots)?;
+        let backend = CpuBackend::new(cfg.n_threads)?;
+        let alloc = Allocator::new()?;
+        Ok(Stage {
+            hp,
+            first,
+            last,
+            cfg,
+            weights,
+            kv,
+            backend,
+            alloc,
+            inputs: GraphInputs::default(),
+        })
+    }
+
+    pub fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    pub fn config(&self) -> &StageConfig {
+        &self.cfg
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.first
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.last
+    }
+
+    /// Bytes of weights, KV cache and compute buffer held by this stage.
+    pub fn memory_bytes(&self) -> (usize, usize, usize) {
+        (self.weights.buffer_bytes(), self.kv.size_bytes(), self.alloc.buffer_size())
+    }
+
+    /// Runs one step for a batch of sequences.
+    pub fn forward(&mut self, seqs: &[BatchSeq], input: StageInput<'_>) -> Result<StageOutput, EngineError> {
+        let n_tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        match input {
+            StageInput::Tokens(t) => {
+                if !self.first {
+                    return Err(EngineError::Input("token ids sent to a stage that expects activations".into()));
+                }
+                if t.len() != n_tokens {
+                    return Err(EngineError::Input(format!("{} token ids for a batch of {n_tokens} tokens", t.len())));
+                }
+                if let Some(bad) = t.iter().find(|&&id| id < 0 || id as usize >= self.hp.n_vocab) {
+                    return Err(EngineError::Input(format!("token id {bad} is outside the vocabulary of {}", self.hp.n_vocab)));
+                }
+                self.inputs.tokens.clear();
+                self.inputs.tokens.extend_from_slice(t);
+            }
+            StageInput::Hidden(h) => {
+                if self.first {
+                    return Err(EngineError::Input("activations sent to the first stage, which expects token ids".into()));
+                }
+                if h.len() != n_tokens * self.hp.n_embd {
+                    return Err(EngineError::Input(format!(
+                        "activation of {} values for {n_tokens} tokens of width {}",
+                        h.len(),
+                        self.hp.n_embd
+                    )));
+                }
+                if h.iter().any(|v| !v.is_finite()) {
+                    return Err(EngineError::Input("activation contains NaN or infinity".into()));
+                }
+                self.inputs.hidden.clear();
+                self.inputs.hidden.extend_from_slice(h);
+            }
+        }
+        let n_seq = seqs.len().max(1);
+        let max_nodes = 256 + self.cfg.range.len() * (64 + 24 * n_seq) + 8 * n_seq;
+        let g = GraphBuilder::new(max_nodes)?;
+        let sg = StageGraph::new(&g, &self.hp, &self.weights, &self.kv, self.first, self.last, seqs, &mut self.inputs)?;
+        let out = self.hp.arch.build(&sg)?;
+        g.output(out);
+        self.alloc.alloc(&g)?;
+        sg.fill(&self.inputs)?;
+        self.backend.compute(&g)?;
+        let mut values = Vec::new();
+        ggml_shim::get_tensor_f32(out, &mut values)?;
+        Ok(if self.last {
+            StageOutput::Logits(values)
+        } else {
+            StageOutput::Hidden(values)
+        })
+    }
+}

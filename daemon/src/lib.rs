@@ -1,0 +1,9 @@
+//! exo: a pipeline-parallel LLM inference appliance.
+//!
+//! Layering, top to bottom: cli (`main.rs`) → api → engine (scheduler → stage →
+//! model) → ggml-shim. All `unsafe` and FFI live in `ggml-shim`.
+#![forbid(unsafe_code)]
+
+pub mod engine;
+pub mod model;
+pub mod tokenizer;

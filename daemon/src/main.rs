@@ -1,0 +1,252 @@
+//! The `exo` command line.
+#![forbid(unsafe_code)]
+
+mod bench;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use exo::engine::{generate, split_ranges, GenerateParams, Pipeline, PipelineConfig, StopReason};
+use exo::model::{LayerRange, ModelFile};
+use exo::tokenizer::{Message, Tokenizer};
+use ggml_shim::llama::{SamplingParams, DEFAULT_SEED};
+
+#[derive(Parser)]
+#[command(name = "exo", version, about = "Pipeline-parallel LLM inference on everyday machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion for a prompt and print it.
+    Run(RunArgs),
+    /// Print a model's architecture, layers, tensor types, sizes and per-layer memory.
+    Inspect {
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Measure prefill and decode speed against llama.cpp on the same machine.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Path to a GGUF model.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: i32,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed (same seed, same output).
+    #[arg(long)]
+    seed: Option<u32>,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Hold layers A..B in this engine instance and the rest in other local stage
+    /// instances, handing activations over as bytes (a split pipeline on one machine).
+    #[arg(long)]
+    layers: Option<LayerRange>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// Context length (default: prompt + n, at most the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Print timing figures to stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Inspect { model } => inspect(&model),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("exo: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub(crate) fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let mf = ModelFile::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let tok = Tokenizer::load(&args.model, mf.hparams.arch.name()).with_context(|| format!("loading the vocabulary of {}", args.model.display()))?;
+    let hp = &mf.hparams;
+    let prompt = if args.chat {
+        let text = tok.apply_chat_template(&[Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }])?;
+        tok.encode_templated(&text)?
+    } else {
+        tok.encode(&args.prompt)?
+    };
+    let n_ctx = match args.ctx {
+        Some(c) => c,
+        None => (prompt.len() + args.n).min(hp.n_ctx_train).max(1),
+    };
+    if prompt.len() + args.n > n_ctx {
+        bail!(
+            "the prompt has {} tokens and {} more were requested, but the context holds {} (model maximum {})",
+            prompt.len(),
+            args.n,
+            n_ctx,
+            hp.n_ctx_train
+        );
+    }
+    let ranges = match args.layers {
+        Some(r) => {
+            r.validate(hp.n_layer)?;
+            split_ranges(hp.n_layer, &[r.start, r.end])?
+        }
+        None => vec![LayerRange::new(0, hp.n_layer)],
+    };
+    let cfg = PipelineConfig {
+        n_ctx,
+        n_slots: 1,
+        n_threads: args.threads.unwrap_or_else(default_threads),
+        repack: true,
+        ranges,
+    };
+    let mut pipeline = Pipeline::local(&mf, &cfg)?;
+    let params = GenerateParams {
+        max_tokens: args.n,
+        sampling: SamplingParams {
+            temperature: args.temp,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repeat_penalty: args.repeat_penalty,
+            seed: args.seed.unwrap_or(DEFAULT_SEED),
+            ..SamplingParams::default()
+        },
+        chunk: 512,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut pending: Vec<u8> = Vec::new();
+    let g = generate(&mut pipeline, &prompt, &params, |t| tok.is_eog(t), |t| {
+        if let Ok(bytes) = tok.piece(t) {
+            pending.extend_from_slice(&bytes);
+            // Print whole UTF-8 characters only.
+            let valid = match std::str::from_utf8(&pending) {
+                Ok(_) => pending.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            let _ = out.write_all(&pending[..valid]);
+            let _ = out.flush();
+            pending.drain(..valid);
+        }
+        true
+    })?;
+    let _ = out.write_all(&pending);
+    let _ = writeln!(out);
+    if args.verbose {
+        eprintln!(
+            "exo: prompt {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens in {:.3}s ({:.1} tok/s); stop: {}",
+            prompt.len(),
+            g.prefill_secs,
+            prompt.len() as f64 / g.prefill_secs.max(1e-9),
+            g.tokens.len(),
+            g.decode_secs,
+            g.tokens.len() as f64 / g.decode_secs.max(1e-9),
+            match g.stop {
+                StopReason::Length => "length",
+                StopReason::EndOfGeneration => "end of generation",
+                StopReason::Stopped => "stopped",
+            }
+        );
+    }
+    Ok(())
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    let mf = ModelFile::open(path).with_context(|| format!("loading {}", path.display()))?;
+    let hp = &mf.hparams;
+    println!("model        {}", path.display());
+    println!("architecture {}", hp.arch);
+    println!("file size    {}", human(mf.gguf.file_size()));
+    println!("layers       {}", hp.n_layer);
+    println!("embedding    {}", hp.n_embd);
+    println!("ffn          {}", hp.n_ff);
+    println!("heads        {} (kv {}), head size {}", hp.n_head, hp.n_head_kv, hp.head_dim_k);
+    println!("vocabulary   {}", hp.n_vocab);
+    println!("context      {}", hp.n_ctx_train);
+    println!("rope         base {} scale {} ({:?})", hp.rope_freq_base, hp.rope_freq_scale, hp.rope_scaling);
+    if hp.n_swa > 0 {
+        let n = hp.swa_layers.iter().filter(|&&s| s).count();
+        println!("sliding      window {} on {} of {} layers (local rope base {})", hp.n_swa, n, hp.n_layer, hp.rope_freq_base_swa);
+    }
+    let mut types: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    for t in mf.gguf.tensors() {
+        let e = types.entry(t.dtype.name()).or_default();
+        e.0 += 1;
+        e.1 += t.size;
+    }
+    println!("tensor types");
+    for (name, (n, bytes)) in &types {
+        println!("  {name:<8} {n:>5} tensors {:>10}", human(*bytes));
+    }
+    let kv_per_token = 2 * hp.n_embd_kv() * 2;
+    println!("per-layer memory (weights; KV cache f16 per 1k tokens: {})", human((kv_per_token * 1024) as u64));
+    let mut layer_bytes = vec![0u64; hp.n_layer];
+    let mut other = Vec::new();
+    for t in mf.gguf.tensors() {
+        match t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok()) {
+            Some(i) if i < hp.n_layer => layer_bytes[i] += t.size,
+            _ => other.push(t),
+        }
+    }
+    for (i, b) in layer_bytes.iter().enumerate() {
+        println!("  layer {i:>3}  {:>10}", human(*b));
+    }
+    for t in other {
+        println!("  {:<28} {:<6} {:?} {:>10}", t.name, t.dtype.name(), t.shape, human(t.size));
+    }
+    if mf.gguf.tensor("output.weight").is_none() {
+        println!("output head  tied to token_embd.weight (read for every generated token)");
+    }
+    println!("ggml cpu     {}", ggml_shim::cpu_features());
+    Ok(())
+}
+
+pub(crate) fn human(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{b} B")
+    }
+}

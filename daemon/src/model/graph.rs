@@ -1,0 +1,409 @@
+//! The building blocks every architecture file shares: stage inputs, the KV cache,
+//! attention over several sequences in one batch, norms and the output head.
+
+use ggml_shim::{DType, GraphBuilder, RopeParams, Tensor, TensorSpec, TensorStore, Placement};
+
+use super::hparams::{HParams, RopeScaling};
+use super::weights::{StageWeights, TIED_HEAD};
+use super::{LayerRange, ModelError};
+
+/// Which rows of a sequence's chunk produce output (logits on the last stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputRows {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's part of a batch: `n_tokens` new tokens at positions `pos0..`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSeq {
+    /// KV cache slot of the sequence.
+    pub slot: usize,
+    pub pos0: usize,
+    pub n_tokens: usize,
+    pub output: OutputRows,
+}
+
+/// Per-layer F16 key/value caches for `n_slots` sequences of `n_ctx` positions each.
+pub struct KvCache {
+    store: TensorStore,
+    range: LayerRange,
+    pub n_ctx: usize,
+    pub n_slots: usize,
+}
+
+impl KvCache {
+    pub fn new(hp: &HParams, range: LayerRange, n_ctx: usize, n_slots: usize) -> Result<KvCache, ModelError> {
+        let kv = hp.n_embd_kv() as i64;
+        let mut specs = Vec::new();
+        for il in range.start..range.end {
+            for kind in ["k", "v"] {
+                specs.push(TensorSpec {
+                    name: format!("cache_{kind}_l{il}"),
+                    dtype: DType::F16,
+                    ne: vec![kv, n_ctx as i64, n_slots as i64],
+                    placement: Placement::Plain,
+                });
+            }
+        }
+        let mut store = TensorStore::new(&specs, false)?;
+        store.clear();
+        Ok(KvCache { store, range, n_ctx, n_slots })
+    }
+
+    fn k(&self, il: usize) -> Result<Tensor<'_>, ModelError> {
+        self.store.get(&format!("cache_k_l{il}")).ok_or_else(|| ModelError::MissingTensor(format!("cache_k_l{il}")))
+    }
+
+    fn v(&self, il: usize) -> Result<Tensor<'_>, ModelError> {
+        self.store.get(&format!("cache_v_l{il}")).ok_or_else(|| ModelError::MissingTensor(format!("cache_v_l{il}")))
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.store.size_bytes()
+    }
+
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+}
+
+/// Host data for a step's input tensors.
+#[derive(Debug, Default)]
+pub struct GraphInputs {
+    pub tokens: Vec<i32>,
+    pub hidden: Vec<f32>,
+    pub positions: Vec<i32>,
+    pub masks: Vec<Vec<u16>>,
+    pub masks_swa: Vec<Vec<u16>>,
+    pub out_ids: Vec<i32>,
+}
+
+const F16_NEG_INF: u16 = 0xFC00;
+
+/// Everything an architecture file needs to build one step's graph for one stage.
+pub struct StageGraph<'a> {
+    pub g: &'a GraphBuilder,
+    pub hp: &'a HParams,
+    w: &'a StageWeights,
+    kv: &'a KvCache,
+    pub range: LayerRange,
+    pub first: bool,
+    pub last: bool,
+    pub seqs: &'a [BatchSeq],
+    pub n_tokens: usize,
+    inp_tokens: Option<Tensor<'a>>,
+    inp_hidden: Option<Tensor<'a>>,
+    pub pos: Tensor<'a>,
+    masks: Vec<Tensor<'a>>,
+    masks_swa: Vec<Tensor<'a>>,
+    out_ids: Option<Tensor<'a>>,
+    n_out: usize,
+}
+
+impl<'a> StageGraph<'a> {
+    /// Declares the step's inputs and computes their host data.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        g: &'a GraphBuilder,
+        hp: &'a HParams,
+        w: &'a StageWeights,
+        kv: &'a KvCache,
+        first: bool,
+        last: bool,
+        seqs: &'a [BatchSeq],
+        data: &mut GraphInputs,
+    ) -> Result<StageGraph<'a>, ModelError> {
+        let range = kv.range();
+        let n_tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        if n_tokens == 0 {
+            return Err(ModelError::BadBatch("empty batch".into()));
+        }
+        for s in seqs {
+            if s.n_tokens == 0 || s.slot >= kv.n_slots || s.pos0 + s.n_tokens > kv.n_ctx {
+                return Err(ModelError::BadBatch(format!(
+                    "sequence slot {} positions {}..{} do not fit {} slots of {} positions",
+                    s.slot,
+                    s.pos0,
+                    s.pos0 + s.n_tokens,
+                    kv.n_slots,
+                    kv.n_ctx
+                )));
+            }
+        }
+        let t = n_tokens as i64;
+        let (inp_tokens, inp_hidden) = if first {
+            (Some(g.input(DType::I32, &[t])), None)
+        } else {
+            (None, Some(g.input(DType::F32, &[hp.n_embd as i64, t])))
+        };
+        let pos = g.input(DType::I32, &[t]);
+        data.positions.clear();
+        data.masks.clear();
+        data.masks_swa.clear();
+        data.out_ids.clear();
+        let has_swa = hp.n_swa > 0 && hp.swa_layers[range.start..range.end].iter().any(|&s| s);
+        let has_global = hp.n_swa == 0 || hp.swa_layers[range.start..range.end].iter().any(|&s| !s);
+        let mut masks = Vec::new();
+        let mut masks_swa = Vec::new();
+        let mut row = 0usize;
+        for s in seqs {
+            let n_kv = s.pos0 + s.n_tokens;
+            for i in 0..s.n_tokens {
+                data.positions.push((s.pos0 + i) as i32);
+            }
+            let build_mask = |window: usize| {
+                let mut m = vec![F16_NEG_INF; n_kv * s.n_tokens];
+                for i in 0..s.n_tokens {
+                    let p = s.pos0 + i;
+                    for kp in 0..=p {
+                        if window == 0 || p - kp < window {
+                            m[i * n_kv + kp] = 0;
+                        }
+                    }
+                }
+                m
+            };
+            if has_global {
+                masks.push(g.input(DType::F16, &[n_kv as i64, s.n_tokens as i64]));
+                data.masks.push(build_mask(0));
+            }
+            if has_swa {
+                masks_swa.push(g.input(DType::F16, &[n_kv as i64, s.n_tokens as i64]));
+                data.masks_swa.push(build_mask(hp.n_swa));
+            }
+            if last {
+                match s.output {
+                    OutputRows::None => {}
+                    OutputRows::Last => data.out_ids.push((row + s.n_tokens - 1) as i32),
+                    OutputRows::All => data.out_ids.extend((row..row + s.n_tokens).map(|r| r as i32)),
+                }
+            }
+            row += s.n_tokens;
+        }
+        let n_out = data.out_ids.len();
+        if last && n_out == 0 {
+            return Err(ModelError::BadBatch("the last stage needs at least one output row".into()));
+        }
+        let out_ids = (last && n_out < n_tokens).then(|| g.input(DType::I32, &[n_out as i64]));
+        Ok(StageGraph {
+            g,
+            hp,
+            w,
+            kv,
+            range,
+            first,
+            last,
+            seqs,
+            n_tokens,
+            inp_tokens,
+            inp_hidden,
+            pos,
+            masks,
+            masks_swa,
+            out_ids,
+            n_out,
+        })
+    }
+
+    /// Copies the host input data into the allocated input tensors.
+    pub fn fill(&self, data: &GraphInputs) -> Result<(), ModelError> {
+        if let Some(t) = self.inp_tokens {
+            if data.tokens.len() != self.n_tokens {
+                return Err(ModelError::BadBatch(format!("{} token ids for {} positions", data.tokens.len(), self.n_tokens)));
+            }
+            ggml_shim::set_tensor_data(t, &data.tokens)?;
+        }
+        if let Some(t) = self.inp_hidden {
+            if data.hidden.len() != self.n_tokens * self.hp.n_embd {
+                return Err(ModelError::BadBatch(format!(
+                    "activation of {} values, expected {} tokens x {}",
+                    data.hidden.len(),
+                    self.n_tokens,
+                    self.hp.n_embd
+                )));
+            }
+            ggml_shim::set_tensor_data(t, &data.hidden)?;
+        }
+        ggml_shim::set_tensor_data(self.pos, &data.positions)?;
+        for (t, m) in self.masks.iter().zip(&data.masks) {
+            ggml_shim::set_tensor_data(*t, m)?;
+        }
+        for (t, m) in self.masks_swa.iter().zip(&data.masks_swa) {
+            ggml_shim::set_tensor_data(*t, m)?;
+        }
+        if let Some(t) = self.out_ids {
+            ggml_shim::set_tensor_data(t, &data.out_ids)?;
+        }
+        Ok(())
+    }
+
+    /// Number of output rows on the last stage.
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// A weight of layer `il` (e.g. `attn_q.weight`).
+    pub fn lw(&self, il: usize, name: &str) -> Result<Tensor<'a>, ModelError> {
+        let full = format!("blk.{il}.{name}");
+        self.w.get(&full).ok_or(ModelError::MissingTensor(full))
+    }
+
+    /// An optional weight of layer `il` (biases).
+    pub fn lw_opt(&self, il: usize, name: &str) -> Option<Tensor<'a>> {
+        self.w.get(&format!("blk.{il}.{name}"))
+    }
+
+    /// A global weight (`token_embd.weight`, `output_norm.weight`, ...).
+    pub fn gw(&self, name: &str) -> Result<Tensor<'a>, ModelError> {
+        self.w.get(name).ok_or_else(|| ModelError::MissingTensor(name.into()))
+    }
+
+    pub fn gw_opt(&self, name: &str) -> Option<Tensor<'a>> {
+        self.w.get(name)
+    }
+
+    /// The stage input: token embeddings (times `scale`) on the first stage, the
+    /// previous stage's activations otherwise. Shape `[n_embd, n_tokens]`.
+    pub fn input(&self, embd_scale: Option<f32>) -> Result<Tensor<'a>, ModelError> {
+        if let (Some(tok), true) = (self.inp_tokens, self.first) {
+            let x = self.g.get_rows(self.gw("token_embd.weight")?, tok);
+            return Ok(match embd_scale {
+                Some(s) => self.g.scale(x, s),
+                None => x,
+            });
+        }
+        self.inp_hidden.ok_or_else(|| ModelError::BadBatch("stage has no input".into()))
+    }
+
+    /// RMS norm times a weight.
+    pub fn rms_norm(&self, x: Tensor<'a>, w: Tensor<'a>) -> Tensor<'a> {
+        let n = self.g.rms_norm(x, self.hp.rms_eps);
+        self.g.mul(n, w)
+    }
+
+    /// `w · x (+ b)`.
+    pub fn linear(&self, w: Tensor<'a>, x: Tensor<'a>, b: Option<Tensor<'a>>) -> Tensor<'a> {
+        let y = self.g.mul_mat(w, x);
+        match b {
+            Some(b) => self.g.add(y, b),
+            None => y,
+        }
+    }
+
+    /// Q, K, V projections of layer `il`, shaped `[head_dim, heads, n_tokens]`.
+    pub fn qkv(&self, il: usize, x: Tensor<'a>) -> Result<(Tensor<'a>, Tensor<'a>, Tensor<'a>), ModelError> {
+        let (d, t) = (self.hp.head_dim_k as i64, self.n_tokens as i64);
+        let q = self.linear(self.lw(il, "attn_q.weight")?, x, self.lw_opt(il, "attn_q.bias"));
+        let k = self.linear(self.lw(il, "attn_k.weight")?, x, self.lw_opt(il, "attn_k.bias"));
+        let v = self.linear(self.lw(il, "attn_v.weight")?, x, self.lw_opt(il, "attn_v.bias"));
+        let q = self.g.reshape(q, &[d, self.hp.n_head as i64, t]);
+        let k = self.g.reshape(k, &[d, self.hp.n_head_kv as i64, t]);
+        let v = self.g.reshape(v, &[d, self.hp.n_head_kv as i64, t]);
+        Ok((q, k, v))
+    }
+
+    /// RoPE parameters of layer `il`.
+    pub fn rope_params(&self, il: usize) -> RopeParams {
+        let hp = self.hp;
+        let swa = hp.n_swa > 0 && hp.swa_layers[il];
+        let (freq_base, freq_scale) = if swa { (hp.rope_freq_base_swa, 1.0) } else { (hp.rope_freq_base, hp.rope_freq_scale) };
+        let yarn = hp.rope_scaling == RopeScaling::Yarn && !swa;
+        RopeParams {
+            n_dims: hp.n_rot as i32,
+            mode: hp.arch.rope_mode(),
+            n_ctx_orig: hp.n_ctx_orig as i32,
+            freq_base,
+            freq_scale,
+            ext_factor: if yarn { 1.0 } else { 0.0 },
+            attn_factor: hp.rope_attn_factor,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        }
+    }
+
+    /// Applies RoPE to `[head_dim, heads, n_tokens]`.
+    pub fn rope(&self, il: usize, x: Tensor<'a>) -> Tensor<'a> {
+        let ff = self.gw_opt("rope_freqs.weight");
+        self.g.rope(x, self.pos, ff, &self.rope_params(il))
+    }
+
+    /// Stores K and V of layer `il` in the cache and attends each sequence to its own
+    /// past. Returns `[head_dim * n_head, n_tokens]` (before the output projection).
+    pub fn attention(&self, il: usize, q: Tensor<'a>, k: Tensor<'a>, v: Tensor<'a>, scale: f32) -> Result<Tensor<'a>, ModelError> {
+        let g = self.g;
+        let hp = self.hp;
+        let (d, hq, hkv) = (hp.head_dim_k as i64, hp.n_head as i64, hp.n_head_kv as i64);
+        let kc = self.kv.k(il)?;
+        let vc = self.kv.v(il)?;
+        let swa = hp.n_swa > 0 && hp.swa_layers[il];
+        let masks = if swa { &self.masks_swa } else { &self.masks };
+        let kv_row = kc.nb()[1];
+        let slot_bytes = kc.nb()[2];
+        let elt = 2usize; // F16 cache
+        // 1. store the new keys and values
+        let mut t0 = 0usize;
+        for s in self.seqs {
+            let n = s.n_tokens as i64;
+            for (src, cache) in [(k, kc), (v, vc)] {
+                let cur = g.view(src, &[d * hkv, n], &[src.nb()[2]], t0 * src.nb()[2]);
+                let dst = g.view(cache, &[d * hkv, n], &[kv_row], s.slot * slot_bytes + s.pos0 * kv_row);
+                g.expand(g.cpy(cur, dst));
+            }
+            t0 += s.n_tokens;
+        }
+        // 2. attend, one sequence at a time
+        let mut out: Option<Tensor<'a>> = None;
+        let mut t0 = 0usize;
+        for (i, s) in self.seqs.iter().enumerate() {
+            let n = s.n_tokens as i64;
+            let n_kv = (s.pos0 + s.n_tokens) as i64;
+            let mask = *masks.get(i).ok_or_else(|| ModelError::BadBatch("missing attention mask".into()))?;
+            let qs = g.view(q, &[d, hq, n], &[q.nb()[1], q.nb()[2]], t0 * q.nb()[2]);
+            let qs = g.permute(qs, [0, 2, 1, 3]);
+            let ks = g.view(kc, &[d, hkv, n_kv], &[d as usize * elt, kv_row], s.slot * slot_bytes);
+            let ks = g.permute(ks, [0, 2, 1, 3]);
+            let vs = g.view(vc, &[d, hkv, n_kv], &[d as usize * elt, kv_row], s.slot * slot_bytes);
+            let vs = g.permute(vs, [0, 2, 1, 3]);
+            let o = g.flash_attn(qs, ks, vs, mask, scale, 0.0);
+            let o = g.reshape(o, &[d * hq, n]);
+            out = Some(match out {
+                None => o,
+                Some(prev) => g.concat(prev, o, 1),
+            });
+            t0 += s.n_tokens;
+        }
+        out.ok_or_else(|| ModelError::BadBatch("empty batch".into()))
+    }
+
+    /// SiLU-gated feed-forward of layer `il`: `down(silu(gate(x)) * up(x))`, with
+    /// optional biases.
+    pub fn ffn_silu(&self, il: usize, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
+        let up = self.linear(self.lw(il, "ffn_up.weight")?, x, self.lw_opt(il, "ffn_up.bias"));
+        let gate = self.linear(self.lw(il, "ffn_gate.weight")?, x, self.lw_opt(il, "ffn_gate.bias"));
+        let h = self.g.swiglu_split(gate, up);
+        Ok(self.linear(self.lw(il, "ffn_down.weight")?, h, self.lw_opt(il, "ffn_down.bias")))
+    }
+
+    /// On the last stage's final model layer, keeps only the rows that produce output.
+    pub fn select_rows(&self, il: usize, x: Tensor<'a>) -> Tensor<'a> {
+        match self.out_ids {
+            Some(ids) if self.last && il + 1 == self.hp.n_layer => self.g.get_rows(x, ids),
+            _ => x,
+        }
+    }
+
+    /// Final norm and output head (last stage): logits `[n_vocab, n_out]`.
+    pub fn head(&self, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
+        let x = self.rms_norm(x, self.gw("output_norm.weight")?);
+        let mut logits = self.linear(self.gw(TIED_HEAD)?, x, self.gw_opt("output.bias"));
+        let cap = self.hp.final_logit_softcap;
+        if cap != 0.0 {
+            logits = self.g.scale(logits, 1.0 / cap);
+            logits = self.g.tanh(logits);
+            logits = self.g.scale(logits, cap);
+        }
+        Ok(logits)
+    }
+}

@@ -1,0 +1,232 @@
+//! Which tensors a stage needs, checked against the GGUF tensor table, and loading
+//! exactly those (a node never reads another stage's weights).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use ggml_shim::{Placement, Tensor, TensorInfo, TensorSpec, TensorStore};
+
+use super::{Arch, LayerRange, ModelError, ModelFile};
+
+/// The GGUF name of the output head when it is tied to the token embedding.
+pub const TIED_HEAD: &str = "output.weight";
+
+/// One tensor a stage loads.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    /// Name inside the stage's store.
+    pub name: String,
+    /// Where its bytes come from in the file.
+    pub source: TensorInfo,
+    pub placement: Placement,
+    /// Layer index, or None for embedding / output tensors.
+    pub layer: Option<usize>,
+}
+
+struct Want<'a> {
+    name: String,
+    shape: Vec<usize>,
+    required: bool,
+    placement: Placement,
+    layer: Option<usize>,
+    _arch: &'a Arch,
+}
+
+/// Lists and validates the tensors for layers `range` (plus the embedding when
+/// `first`, the final norm and head when `last`).
+pub fn plan(mf: &ModelFile, range: LayerRange, first: bool, last: bool) -> Result<Vec<PlannedTensor>, ModelError> {
+    let hp = &mf.hparams;
+    range.validate(hp.n_layer)?;
+    let (e, v, f, d) = (hp.n_embd, hp.n_vocab, hp.n_ff, hp.head_dim_k);
+    let (nq, nkv) = (hp.n_embd_q(), hp.n_embd_kv());
+    let arch = &hp.arch;
+    let mut wants: Vec<Want> = Vec::new();
+    let mut want = |name: String, shape: Vec<usize>, required: bool, placement: Placement, layer: Option<usize>| {
+        wants.push(Want { name, shape, required, placement, layer, _arch: arch });
+    };
+    use Placement::{MatmulWeight as M, Plain as P};
+    if first {
+        want("token_embd.weight".into(), vec![e, v], true, P, None);
+    }
+    for il in range.start..range.end {
+        let b = |s: &str| format!("blk.{il}.{s}");
+        let l = Some(il);
+        want(b("attn_norm.weight"), vec![e], true, P, l);
+        want(b("attn_q.weight"), vec![e, nq], true, M, l);
+        want(b("attn_k.weight"), vec![e, nkv], true, M, l);
+        want(b("attn_v.weight"), vec![e, nkv], true, M, l);
+        want(b("attn_output.weight"), vec![nq, e], true, M, l);
+        want(b("attn_q.bias"), vec![nq], false, P, l);
+        want(b("attn_k.bias"), vec![nkv], false, P, l);
+        want(b("attn_v.bias"), vec![nkv], false, P, l);
+        want(b("attn_output.bias"), vec![e], false, P, l);
+        want(b("ffn_norm.weight"), vec![e], true, P, l);
+        want(b("ffn_gate.weight"), vec![e, f], true, M, l);
+        want(b("ffn_up.weight"), vec![e, f], true, M, l);
+        want(b("ffn_down.weight"), vec![f, e], true, M, l);
+        if *arch == Arch::Llama {
+            want(b("ffn_gate.bias"), vec![f], false, P, l);
+            want(b("ffn_up.bias"), vec![f], false, P, l);
+            want(b("ffn_down.bias"), vec![e], false, P, l);
+        }
+        if matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
+            want(b("attn_q_norm.weight"), vec![d], true, P, l);
+            want(b("attn_k_norm.weight"), vec![d], true, P, l);
+        }
+        if *arch == Arch::Gemma3 {
+            want(b("post_attention_norm.weight"), vec![e], true, P, l);
+            want(b("post_ffw_norm.weight"), vec![e], true, P, l);
+        }
+    }
+    if *arch == Arch::Llama {
+        want("rope_freqs.weight".into(), vec![hp.n_rot / 2], false, P, None);
+    }
+    if last {
+        want("output_norm.weight".into(), vec![e], true, P, None);
+        if *arch == Arch::Qwen2 {
+            want("output.bias".into(), vec![v], false, P, None);
+        }
+    }
+    if mf.gguf.tensor("blk.0.attn_qkv.weight").is_some() {
+        return Err(ModelError::BadKey {
+            key: "blk.0.attn_qkv.weight".into(),
+            why: "fused QKV weights are not supported".into(),
+        });
+    }
+
+    let mut out = Vec::new();
+    for w in wants {
+        let Some(info) = mf.gguf.tensor(&w.name) else {
+            if w.required {
+                return Err(ModelError::MissingTensor(w.name));
+            }
+            continue;
+        };
+        check(info, &w.name, &w.shape)?;
+        out.push(PlannedTensor {
+            name: w.name,
+            source: info.clone(),
+            placement: w.placement,
+            layer: w.layer,
+        });
+    }
+    if last {
+        // The head: `output.weight`, or the token embedding when tied.
+        let (info, name) = match mf.gguf.tensor("output.weight") {
+            Some(i) => (i, "output.weight"),
+            None => match mf.gguf.tensor("token_embd.weight") {
+                Some(i) => (i, "token_embd.weight"),
+                None => return Err(ModelError::MissingTensor("token_embd.weight".into())),
+            },
+        };
+        check(info, name, &[e, v])?;
+        out.push(PlannedTensor {
+            name: TIED_HEAD.into(),
+            source: info.clone(),
+            placement: M,
+            layer: None,
+        });
+    }
+    Ok(out)
+}
+
+fn check(info: &TensorInfo, name: &str, want: &[usize]) -> Result<(), ModelError> {
+    if info.shape != want {
+        return Err(ModelError::BadShape {
+            name: name.into(),
+            got: info.shape.clone(),
+            want: want.to_vec(),
+        });
+    }
+    if !info.dtype.is_supported_weight() {
+        return Err(ModelError::UnsupportedType {
+            name: name.into(),
+            dtype: info.dtype.name(),
+        });
+    }
+    let bs = info.dtype.block_size();
+    if bs == 0 || info.shape[0] % bs != 0 {
+        return Err(ModelError::BadShape {
+            name: name.into(),
+            got: info.shape.clone(),
+            want: want.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// The weights of one stage, loaded into ggml buffers.
+pub struct StageWeights {
+    store: TensorStore,
+    /// When the tied head shares the embedding's memory, the head name maps to it.
+    head_alias: Option<String>,
+    bytes: u64,
+}
+
+impl StageWeights {
+    pub fn load(mf: &ModelFile, range: LayerRange, first: bool, last: bool, allow_repack: bool) -> Result<StageWeights, ModelError> {
+        let planned = plan(mf, range, first, last)?;
+        // A tied head that would not be repacked shares the embedding tensor.
+        let mut head_alias = None;
+        let mut specs = Vec::new();
+        for p in &planned {
+            let spec = TensorSpec {
+                name: p.name.clone(),
+                dtype: p.source.dtype,
+                ne: p.source.shape.iter().map(|&d| d as i64).collect(),
+                placement: p.placement,
+            };
+            if p.name == TIED_HEAD
+                && p.source.name == "token_embd.weight"
+                && first
+                && !(allow_repack && ggml_shim::backend::repack_supported(&spec))
+            {
+                head_alias = Some("token_embd.weight".to_string());
+                continue;
+            }
+            specs.push(spec);
+        }
+        let mut store = TensorStore::new(&specs, allow_repack)?;
+        let file = File::open(mf.gguf.path()).map_err(|source| ModelError::Read {
+            name: "(open)".into(),
+            path: mf.gguf.path().display().to_string(),
+            source,
+        })?;
+        let mut buf = Vec::new();
+        let mut bytes = 0u64;
+        for p in &planned {
+            if p.name == TIED_HEAD && head_alias.is_some() {
+                continue;
+            }
+            buf.resize(p.source.size as usize, 0);
+            file.read_exact_at(&mut buf, p.source.offset).map_err(|source| ModelError::Read {
+                name: p.source.name.clone(),
+                path: mf.gguf.path().display().to_string(),
+                source,
+            })?;
+            store.set(&p.name, &buf)?;
+            bytes += p.source.size;
+        }
+        Ok(StageWeights { store, head_alias, bytes })
+    }
+
+    /// A weight by its GGUF name.
+    pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
+        if name == TIED_HEAD {
+            if let Some(a) = &self.head_alias {
+                return self.store.get(a);
+            }
+        }
+        self.store.get(name)
+    }
+
+    /// Bytes of weights read from the file.
+    pub fn file_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Bytes of the ggml buffers holding them.
+    pub fn buffer_bytes(&self) -> usize {
+        self.store.size_bytes()
+    }
+}

@@ -1,0 +1,58 @@
+//! Thin safe layer over ggml, gguf and llama.cpp (through `llama-cpp-sys-2`).
+//!
+//! Every `unsafe` block of the project lives in this crate, each with a one-line
+//! `SAFETY:` reason. The crate knows nothing of exo: it offers RAII contexts,
+//! graphs, CPU backend and buffers, a GGUF reader and writer, and llama.cpp's
+//! vocabulary, samplers and full model (the oracle).
+
+pub mod backend;
+pub mod ggml;
+pub mod gguf;
+pub mod llama;
+pub mod writer;
+
+pub use backend::{
+    get_tensor_bytes, get_tensor_f32, set_tensor_data, Allocator, BackendError, CpuBackend, Placement,
+    TensorSpec, TensorStore,
+};
+pub use ggml::{DType, GraphBuilder, RopeParams, Tensor};
+pub use gguf::{Gguf, GgufError, TensorInfo, Value};
+
+pub use ggml_sys as sys;
+
+/// Converts f32 values to IEEE half precision bits, as ggml does.
+pub fn f32_to_f16_bits(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    // SAFETY: both slices have at least n elements; ggml_fp16_t is u16.
+    unsafe { sys::ggml_fp32_to_fp16_row(src.as_ptr(), dst.as_mut_ptr(), n as i64) };
+}
+
+/// Converts half precision bits to f32.
+pub fn f16_bits_to_f32(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    // SAFETY: both slices have at least n elements.
+    unsafe { sys::ggml_fp16_to_fp32_row(src.as_ptr(), dst.as_mut_ptr(), n as i64) };
+}
+
+/// What the CPU build of ggml uses, e.g. "AVX2 FMA F16C" (for logs and `exo inspect`).
+pub fn cpu_features() -> String {
+    let mut f = Vec::new();
+    // SAFETY: pure feature queries.
+    unsafe {
+        for (on, name) in [
+            (sys::ggml_cpu_has_avx2(), "AVX2"),
+            (sys::ggml_cpu_has_fma(), "FMA"),
+            (sys::ggml_cpu_has_f16c(), "F16C"),
+            (sys::ggml_cpu_has_avx512(), "AVX512"),
+            (sys::ggml_cpu_has_avx_vnni(), "AVX_VNNI"),
+            (sys::ggml_cpu_has_neon(), "NEON"),
+            (sys::ggml_cpu_has_dotprod(), "DOTPROD"),
+            (sys::ggml_cpu_has_matmul_int8(), "I8MM"),
+        ] {
+            if on != 0 {
+                f.push(name);
+            }
+        }
+    }
+    f.join(" ")
+}
