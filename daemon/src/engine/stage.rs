@@ -146,6 +146,9 @@ impl Stage {
         sg.fill(&self.inputs)?;
         self.backend.compute(&g)?;
         let mut values = Vec::new();
+        if self.last && sg.n_out() == 0 {
+            return Ok(StageOutput::Logits(values));
+        }
         ggml_shim::get_tensor_f32(out, &mut values)?;
         Ok(if self.last {
             StageOutput::Logits(values)

@@ -33,9 +33,5 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let cur = sg.rms_norm(cur, sg.lw(il, "post_ffw_norm.weight")?);
         x = sg.g.add(cur, sa_out);
     }
-    if sg.last {
-        sg.head(x)
-    } else {
-        Ok(x)
-    }
+    sg.finish(x)
 }

@@ -182,11 +182,10 @@ impl<'a> StageGraph<'a> {
             }
             row += s.n_tokens;
         }
+        // With no output rows (a prompt chunk before the last one) the last stage only
+        // fills its KV cache: no head, no row selection.
         let n_out = data.out_ids.len();
-        if last && n_out == 0 {
-            return Err(ModelError::BadBatch("the last stage needs at least one output row".into()));
-        }
-        let out_ids = (last && n_out < n_tokens).then(|| g.input(DType::I32, &[n_out as i64]));
+        let out_ids = (last && n_out > 0 && n_out < n_tokens).then(|| g.input(DType::I32, &[n_out as i64]));
         Ok(StageGraph {
             g,
             hp,
@@ -391,6 +390,16 @@ impl<'a> StageGraph<'a> {
         match self.out_ids {
             Some(ids) if self.last && il + 1 == self.hp.n_layer => self.g.get_rows(x, ids),
             _ => x,
+        }
+    }
+
+    /// Ends the stage: logits on the last stage when rows are wanted, the
+    /// activations otherwise.
+    pub fn finish(&self, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
+        if self.last && self.n_out > 0 {
+            self.head(x)
+        } else {
+            Ok(x)
         }
     }
 

@@ -21,9 +21,5 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let cur = sg.ffn_silu(il, cur)?;
         x = sg.g.add(cur, ffn_in);
     }
-    if sg.last {
-        sg.head(x)
-    } else {
-        Ok(x)
-    }
+    sg.finish(x)
 }

@@ -18,9 +18,5 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let ffn = sg.ffn_silu(il, sg.rms_norm(residual, sg.lw(il, "ffn_norm.weight")?))?;
         x = sg.g.add(ffn, residual);
     }
-    if sg.last {
-        sg.head(x)
-    } else {
-        Ok(x)
-    }
+    sg.finish(x)
 }

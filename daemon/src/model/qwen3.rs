@@ -19,9 +19,5 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let h = sg.rms_norm(after_attn, sg.lw(il, "ffn_norm.weight")?);
         x = sg.g.add(sg.ffn_silu(il, h)?, after_attn);
     }
-    if sg.last {
-        sg.head(x)
-    } else {
-        Ok(x)
-    }
+    sg.finish(x)
 }
