@@ -26,7 +26,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
-MODEL=models/gemma-3-270m-it-Q4_K_M.gguf
+MODEL=models/gemma-3-270m-Q4_K_M.gguf
 SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 if [ -f "$MODEL" ] && echo "$SHA  $MODEL" | sha256sum -c --status; then
     exit 0

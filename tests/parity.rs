@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use exo::engine::{
-    generate, prompt_logits, split_ranges, BatchSeq, GenerateParams, OutputRows, Pipeline, PipelineConfig,
+    generate, prompt_logits, split_ranges, BatchSeq, GenerateParams, OutputRows, Pipeline,
+    PipelineConfig,
 };
 use exo::model::{LayerRange, ModelFile};
 use exo::tokenizer::{Message, Tokenizer};
@@ -39,7 +40,10 @@ fn whole(mf: &ModelFile) -> Vec<LayerRange> {
 fn rel_max_diff(ours: &[f32], oracle: &[f32]) -> f32 {
     assert_eq!(ours.len(), oracle.len(), "logit rows differ in length");
     let scale = oracle.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let diff = ours.iter().zip(oracle).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = ours
+        .iter()
+        .zip(oracle)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
 }
 
@@ -77,7 +81,9 @@ fn check_model(path: &Path, prompts: &[Vec<i32>], tol: &Tolerance, n_generate: u
     let oracle = OracleModel::load(path, 1).expect("oracle load");
     let n_ctx = prompts.iter().map(|p| p.len()).max().unwrap_or(0) + n_generate + 8;
     // llama.cpp decodes the prompt in micro-batches of the same size as exo's chunks.
-    let mut octx = oracle.context(n_ctx as u32, CHUNK as u32, 1).expect("oracle context");
+    let mut octx = oracle
+        .context(n_ctx as u32, CHUNK as u32, 1)
+        .expect("oracle context");
     let mut exo = pipeline(&mf, whole(&mf), n_ctx, 1);
     for prompt in prompts {
         // logits at every position
@@ -85,8 +91,16 @@ fn check_model(path: &Path, prompts: &[Vec<i32>], tol: &Tolerance, n_generate: u
         let theirs = octx.prompt_logits(prompt).expect("oracle logits");
         assert_eq!(ours.len(), prompt.len());
         assert_eq!(theirs.len(), prompt.len());
-        let worst = ours.iter().zip(&theirs).map(|(a, b)| rel_max_diff(a, b)).fold(0f32, f32::max);
-        eprintln!("{}: prompt of {} tokens: worst relative logit difference {worst:.2e}", path.display(), prompt.len());
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| rel_max_diff(a, b))
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{}: prompt of {} tokens: worst relative logit difference {worst:.2e}",
+            path.display(),
+            prompt.len()
+        );
         for (pos, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             let d = rel_max_diff(a, b);
             assert!(
@@ -101,10 +115,21 @@ fn check_model(path: &Path, prompts: &[Vec<i32>], tol: &Tolerance, n_generate: u
         let mut params = greedy();
         params.max_tokens = n_generate;
         let g = generate(&mut exo, prompt, &params, |_| false, |_| true).expect("exo generate");
-        let want = octx.greedy_generate(prompt, n_generate).expect("oracle generate");
-        assert_eq!(g.tokens, want, "{}: greedy continuation of a {}-token prompt", path.display(), prompt.len());
+        let want = octx
+            .greedy_generate(prompt, n_generate)
+            .expect("oracle generate");
+        assert_eq!(
+            g.tokens,
+            want,
+            "{}: greedy continuation of a {}-token prompt",
+            path.display(),
+            prompt.len()
+        );
         let distinct: std::collections::HashSet<_> = want.iter().collect();
-        assert!(distinct.len() > 1, "degenerate continuation: the check would prove little");
+        assert!(
+            distinct.len() > 1,
+            "degenerate continuation: the check would prove little"
+        );
     }
 }
 
@@ -119,7 +144,10 @@ fn check_splits(path: &Path, prompt: &[i32]) {
         let got = prompt_logits(&mut split, prompt, CHUNK).expect("split logits");
         for (pos, (a, b)) in got.iter().zip(&reference).enumerate() {
             let d = rel_max_diff(a, b);
-            assert!(d <= 1e-6, "split at layer {k}, position {pos}: logits differ by {d:.2e}");
+            assert!(
+                d <= 1e-6,
+                "split at layer {k}, position {pos}: logits differ by {d:.2e}"
+            );
         }
     }
     // three stages too
@@ -140,7 +168,11 @@ fn tiny(arch: TinyArch, dir: &TempDir) -> std::path::PathBuf {
 
 fn tiny_prompts(path: &Path) -> Vec<Vec<i32>> {
     let n_vocab = ModelFile::open(path).expect("open").hparams.n_vocab;
-    vec![prompt_ids(1, n_vocab, 1), prompt_ids(7, n_vocab, 2), prompt_ids(40, n_vocab, 3)]
+    vec![
+        prompt_ids(1, n_vocab, 1),
+        prompt_ids(7, n_vocab, 2),
+        prompt_ids(40, n_vocab, 3),
+    ]
 }
 
 const TINY_TOL: Tolerance = Tolerance { logits: 1e-4 };
@@ -175,10 +207,16 @@ fn gemma3_matches_llama_cpp() {
 fn quantized_weights_match_llama_cpp() {
     use ggml_shim::writer::WriterType;
     let dir = TempDir::new("quant").expect("tempdir");
-    for (arch, ty) in [(TinyArch::Llama, WriterType::Q8_0), (TinyArch::Gemma3, WriterType::Q4_0), (TinyArch::Qwen3, WriterType::F16)] {
+    for (arch, ty) in [
+        (TinyArch::Llama, WriterType::Q8_0),
+        (TinyArch::Gemma3, WriterType::Q4_0),
+        (TinyArch::Qwen3, WriterType::F16),
+    ] {
         let mut spec = TinySpec::new(arch);
         spec.weight_type = ty;
-        let path = dir.path().join(format!("{}-{}.gguf", arch.name(), ty.name()));
+        let path = dir
+            .path()
+            .join(format!("{}-{}.gguf", arch.name(), ty.name()));
         write_tiny_model(&path, &spec).expect("write");
         check_model(&path, &tiny_prompts(&path), &TINY_TOL, 32);
     }
@@ -213,7 +251,9 @@ fn batched_sequences_match_solo_runs() {
         let path = tiny(arch, &dir);
         let mf = ModelFile::open(&path).expect("open");
         let n_vocab = mf.hparams.n_vocab;
-        let prompts: Vec<Vec<i32>> = (0..4).map(|i| prompt_ids(3 + 5 * i, n_vocab, 20 + i as u64)).collect();
+        let prompts: Vec<Vec<i32>> = (0..4)
+            .map(|i| prompt_ids(3 + 5 * i, n_vocab, 20 + i as u64))
+            .collect();
         let steps = 12;
         // solo: each sequence alone through greedy generation
         let mut solo = pipeline(&mf, whole(&mf), N_CTX, 1);
@@ -221,14 +261,28 @@ fn batched_sequences_match_solo_runs() {
         for p in &prompts {
             let mut params = greedy();
             params.max_tokens = steps;
-            want.push(generate(&mut solo, p, &params, |_| false, |_| true).expect("solo").tokens);
+            want.push(
+                generate(&mut solo, p, &params, |_| false, |_| true)
+                    .expect("solo")
+                    .tokens,
+            );
         }
         // batched: prefill all four in one step, then decode them together
-        let mut batched = pipeline(&mf, split_ranges(mf.hparams.n_layer, &[2]).expect("ranges"), N_CTX, 4);
+        let mut batched = pipeline(
+            &mf,
+            split_ranges(mf.hparams.n_layer, &[2]).expect("ranges"),
+            N_CTX,
+            4,
+        );
         let seqs: Vec<BatchSeq> = prompts
             .iter()
             .enumerate()
-            .map(|(i, p)| BatchSeq { slot: i, pos0: 0, n_tokens: p.len(), output: OutputRows::Last })
+            .map(|(i, p)| BatchSeq {
+                slot: i,
+                pos0: 0,
+                n_tokens: p.len(),
+                output: OutputRows::Last,
+            })
             .collect();
         let flat: Vec<i32> = prompts.concat();
         let mut logits = batched.step(&seqs, &flat).expect("batched prefill");
@@ -243,14 +297,24 @@ fn batched_sequences_match_solo_runs() {
                 g.push(*t);
             }
             let seqs: Vec<BatchSeq> = (0..prompts.len())
-                .map(|i| BatchSeq { slot: i, pos0: pos[i], n_tokens: 1, output: OutputRows::Last })
+                .map(|i| BatchSeq {
+                    slot: i,
+                    pos0: pos[i],
+                    n_tokens: 1,
+                    output: OutputRows::Last,
+                })
                 .collect();
             logits = batched.step(&seqs, &next).expect("batched decode");
             for p in pos.iter_mut() {
                 *p += 1;
             }
         }
-        assert_eq!(got, want, "{}: batched decoding differs from solo runs", arch.name());
+        assert_eq!(
+            got,
+            want,
+            "{}: batched decoding differs from solo runs",
+            arch.name()
+        );
     }
 }
 
@@ -259,6 +323,10 @@ fn batched_sequences_match_solo_runs() {
 fn real() -> Option<std::path::PathBuf> {
     let p = real_model_path();
     if p.is_none() {
+        assert!(
+            std::env::var_os("EXO_REQUIRE_REAL_MODEL").is_none(),
+            "the real model is missing: run scripts/setup.sh"
+        );
         eprintln!("note: real model absent (run scripts/setup.sh); skipping");
     }
     p
@@ -273,9 +341,16 @@ fn real_gemma3_matches_llama_cpp() {
         tok.encode("The capital of France is").expect("tokenize"),
         tok.encode("a").expect("tokenize"),
     ];
-    for q in ["Write a haiku about the sea.", "What is 12 times 7?", "Name three colours of the rainbow."] {
+    for q in [
+        "Write a haiku about the sea.",
+        "What is 12 times 7?",
+        "Name three colours of the rainbow.",
+    ] {
         let text = tok
-            .apply_chat_template(&[Message { role: "user".into(), content: q.into() }])
+            .apply_chat_template(&[Message {
+                role: "user".into(),
+                content: q.into(),
+            }])
             .expect("template");
         prompts.push(tok.encode_templated(&text).expect("tokenize"));
     }
@@ -291,7 +366,9 @@ fn real_gemma3_split_matches_whole() {
     let Some(path) = real() else { return };
     let mf = ModelFile::open(&path).expect("open");
     let tok = Tokenizer::load(&path, mf.hparams.arch.name()).expect("tokenizer");
-    let prompt = tok.encode("The quick brown fox jumps over the lazy dog because").expect("tokenize");
+    let prompt = tok
+        .encode("The quick brown fox jumps over the lazy dog because")
+        .expect("tokenize");
     check_splits(&path, &prompt);
     // and the greedy text of a 2-node split equals one node
     let n = mf.hparams.n_layer;

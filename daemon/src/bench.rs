@@ -106,7 +106,8 @@ fn llama_decode(ctx: &mut OracleContext, first: i32, pos0: usize, n: usize) -> R
 pub fn run(args: BenchArgs) -> Result<()> {
     init_backend();
     let threads = args.threads.unwrap_or_else(crate::default_threads);
-    let mf = ModelFile::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let mf = ModelFile::open(&args.model)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let hp = mf.hparams.clone();
     let n_ctx = args.prompt + args.generate + 8;
     let rss0 = rss_kb().unwrap_or(0);
@@ -163,10 +164,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    let (pe, pl, te, tl) = (median(&mut pp_exo), median(&mut pp_llama), median(&mut tg_exo), median(&mut tg_llama));
-    println!("{:<10} {:>12} {:>12} {:>8}", "", "exo tok/s", "llama tok/s", "ratio");
-    println!("{:<10} {:>12.1} {:>12.1} {:>7.2}x", format!("pp{}", args.prompt), pe, pl, pe / pl);
-    println!("{:<10} {:>12.1} {:>12.1} {:>7.2}x", format!("tg{}", args.generate), te, tl, te / tl);
+    let (pe, pl, te, tl) = (
+        median(&mut pp_exo),
+        median(&mut pp_llama),
+        median(&mut tg_exo),
+        median(&mut tg_llama),
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>8}",
+        "", "exo tok/s", "llama tok/s", "ratio"
+    );
+    println!(
+        "{:<10} {:>12.1} {:>12.1} {:>7.2}x",
+        format!("pp{}", args.prompt),
+        pe,
+        pl,
+        pe / pl
+    );
+    println!(
+        "{:<10} {:>12.1} {:>12.1} {:>7.2}x",
+        format!("tg{}", args.generate),
+        te,
+        tl,
+        te / tl
+    );
     println!(
         "memory: exo stage {} MB resident after load, llama.cpp {} MB; process peak RSS {} MB",
         rss_exo / 1024,

@@ -15,7 +15,11 @@ use exo::tokenizer::{Message, Tokenizer};
 use ggml_shim::llama::{SamplingParams, DEFAULT_SEED};
 
 #[derive(Parser)]
-#[command(name = "exo", version, about = "Pipeline-parallel LLM inference on everyday machines")]
+#[command(
+    name = "exo",
+    version,
+    about = "Pipeline-parallel LLM inference on everyday machines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,6 +83,8 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Route llama.cpp/ggml logging through exo (silent unless EXO_LLAMA_LOG=1).
+    ggml_shim::llama::init_backend();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect { model } => inspect(&model),
@@ -94,12 +100,16 @@ fn main() -> ExitCode {
 }
 
 pub(crate) fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let mf = ModelFile::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-    let tok = Tokenizer::load(&args.model, mf.hparams.arch.name()).with_context(|| format!("loading the vocabulary of {}", args.model.display()))?;
+    let mf = ModelFile::open(&args.model)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let tok = Tokenizer::load(&args.model, mf.hparams.arch.name())
+        .with_context(|| format!("loading the vocabulary of {}", args.model.display()))?;
     let hp = &mf.hparams;
     let prompt = if args.chat {
         let text = tok.apply_chat_template(&[Message {
@@ -153,20 +163,26 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let mut pending: Vec<u8> = Vec::new();
-    let g = generate(&mut pipeline, &prompt, &params, |t| tok.is_eog(t), |t| {
-        if let Ok(bytes) = tok.piece(t) {
-            pending.extend_from_slice(&bytes);
-            // Print whole UTF-8 characters only.
-            let valid = match std::str::from_utf8(&pending) {
-                Ok(_) => pending.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            let _ = out.write_all(&pending[..valid]);
-            let _ = out.flush();
-            pending.drain(..valid);
-        }
-        true
-    })?;
+    let g = generate(
+        &mut pipeline,
+        &prompt,
+        &params,
+        |t| tok.is_eog(t),
+        |t| {
+            if let Ok(bytes) = tok.piece(t) {
+                pending.extend_from_slice(&bytes);
+                // Print whole UTF-8 characters only.
+                let valid = match std::str::from_utf8(&pending) {
+                    Ok(_) => pending.len(),
+                    Err(e) => e.valid_up_to(),
+                };
+                let _ = out.write_all(&pending[..valid]);
+                let _ = out.flush();
+                pending.drain(..valid);
+            }
+            true
+        },
+    )?;
     let _ = out.write_all(&pending);
     let _ = writeln!(out);
     if args.verbose {
@@ -197,13 +213,22 @@ fn inspect(path: &Path) -> Result<()> {
     println!("layers       {}", hp.n_layer);
     println!("embedding    {}", hp.n_embd);
     println!("ffn          {}", hp.n_ff);
-    println!("heads        {} (kv {}), head size {}", hp.n_head, hp.n_head_kv, hp.head_dim_k);
+    println!(
+        "heads        {} (kv {}), head size {}",
+        hp.n_head, hp.n_head_kv, hp.head_dim_k
+    );
     println!("vocabulary   {}", hp.n_vocab);
     println!("context      {}", hp.n_ctx_train);
-    println!("rope         base {} scale {} ({:?})", hp.rope_freq_base, hp.rope_freq_scale, hp.rope_scaling);
+    println!(
+        "rope         base {} scale {} ({:?})",
+        hp.rope_freq_base, hp.rope_freq_scale, hp.rope_scaling
+    );
     if hp.n_swa > 0 {
         let n = hp.swa_layers.iter().filter(|&&s| s).count();
-        println!("sliding      window {} on {} of {} layers (local rope base {})", hp.n_swa, n, hp.n_layer, hp.rope_freq_base_swa);
+        println!(
+            "sliding      window {} on {} of {} layers (local rope base {})",
+            hp.n_swa, n, hp.n_layer, hp.rope_freq_base_swa
+        );
     }
     let mut types: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
     for t in mf.gguf.tensors() {
@@ -216,11 +241,19 @@ fn inspect(path: &Path) -> Result<()> {
         println!("  {name:<8} {n:>5} tensors {:>10}", human(*bytes));
     }
     let kv_per_token = 2 * hp.n_embd_kv() * 2;
-    println!("per-layer memory (weights; KV cache f16 per 1k tokens: {})", human((kv_per_token * 1024) as u64));
+    println!(
+        "per-layer memory (weights; KV cache f16 per 1k tokens: {})",
+        human((kv_per_token * 1024) as u64)
+    );
     let mut layer_bytes = vec![0u64; hp.n_layer];
     let mut other = Vec::new();
     for t in mf.gguf.tensors() {
-        match t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok()) {
+        match t
+            .name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+        {
             Some(i) if i < hp.n_layer => layer_bytes[i] += t.size,
             _ => other.push(t),
         }
@@ -229,7 +262,13 @@ fn inspect(path: &Path) -> Result<()> {
         println!("  layer {i:>3}  {:>10}", human(*b));
     }
     for t in other {
-        println!("  {:<28} {:<6} {:?} {:>10}", t.name, t.dtype.name(), t.shape, human(t.size));
+        println!(
+            "  {:<28} {:<6} {:?} {:>10}",
+            t.name,
+            t.dtype.name(),
+            t.shape,
+            human(t.size)
+        );
     }
     if mf.gguf.tensor("output.weight").is_none() {
         println!("output head  tied to token_embd.weight (read for every generated token)");

@@ -98,12 +98,25 @@ impl Tokenizer {
         let source = self.template.as_deref().ok_or(TokenizerError::NoTemplate)?;
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", source).map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let piece = |t: Option<i32>| t.and_then(|t| self.vocab.token_to_piece(t, true).ok()).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", source)
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let piece = |t: Option<i32>| {
+            t.and_then(|t| self.vocab.token_to_piece(t, true).ok())
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => true,

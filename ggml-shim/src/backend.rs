@@ -45,7 +45,8 @@ impl CpuBackend {
     pub fn new(n_threads: usize) -> Result<CpuBackend, BackendError> {
         let n_threads = n_threads.max(1);
         // SAFETY: plain constructor; null on failure.
-        let backend = NonNull::new(unsafe { sys::ggml_backend_cpu_init() }).ok_or(BackendError::Init)?;
+        let backend =
+            NonNull::new(unsafe { sys::ggml_backend_cpu_init() }).ok_or(BackendError::Init)?;
         // SAFETY: returns a params struct by value.
         let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
         // SAFETY: params is a valid, initialised struct.
@@ -75,7 +76,8 @@ impl CpuBackend {
     pub fn compute(&mut self, builder: &GraphBuilder) -> Result<(), BackendError> {
         // SAFETY: the graph's tensors were placed by an Allocator; weights live in stores
         // borrowed by the builder's tensors; the backend is valid.
-        let status = unsafe { sys::ggml_backend_graph_compute(self.backend.as_ptr(), builder.graph_ptr()) };
+        let status =
+            unsafe { sys::ggml_backend_graph_compute(self.backend.as_ptr(), builder.graph_ptr()) };
         if status != sys::GGML_STATUS_SUCCESS {
             return Err(BackendError::Compute(status));
         }
@@ -113,7 +115,8 @@ impl Allocator {
     /// Allocates every non-persistent tensor of the graph (growing the buffer if needed).
     pub fn alloc(&mut self, builder: &GraphBuilder) -> Result<(), BackendError> {
         // SAFETY: galloc and graph valid; the graph's weights already have buffers.
-        let ok = unsafe { sys::ggml_gallocr_alloc_graph(self.galloc.as_ptr(), builder.graph_ptr()) };
+        let ok =
+            unsafe { sys::ggml_gallocr_alloc_graph(self.galloc.as_ptr(), builder.graph_ptr()) };
         if ok {
             Ok(())
         } else {
@@ -220,7 +223,11 @@ impl TensorStore {
     /// Creates and allocates all tensors; matmul weights go to the CPU repack buffer
     /// type where ggml supports them there.
     pub fn new(specs: &[TensorSpec], allow_repack: bool) -> Result<TensorStore, BackendError> {
-        let repack_buft = if allow_repack { cpu_repack_buffer_type() } else { None };
+        let repack_buft = if allow_repack {
+            cpu_repack_buffer_type()
+        } else {
+            None
+        };
         let mut plain = Vec::new();
         let mut packed = Vec::new();
         for s in specs {
@@ -261,9 +268,11 @@ impl TensorStore {
             no_alloc: true,
         };
         // SAFETY: metadata-only context; null on failure.
-        let ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| BackendError::OutOfMemory {
-            what: "tensor metadata".into(),
-            bytes: params.mem_size,
+        let ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| {
+            BackendError::OutOfMemory {
+                what: "tensor metadata".into(),
+                bytes: params.mem_size,
+            }
         })?;
         let part_id = self.parts.len();
         self.parts.push(StorePart {
@@ -272,14 +281,22 @@ impl TensorStore {
             repacked,
         });
         for s in specs {
-            let cname = CString::new(s.name.as_str()).map_err(|_| BackendError::BadName(s.name.clone()))?;
+            let cname =
+                CString::new(s.name.as_str()).map_err(|_| BackendError::BadName(s.name.clone()))?;
             if s.name.len() >= 64 {
                 return Err(BackendError::BadName(s.name.clone()));
             }
             let mut ne = [1i64; 4];
             ne[..s.ne.len().min(4)].copy_from_slice(&s.ne[..s.ne.len().min(4)]);
             // SAFETY: ctx has room for every spec (sized above); ne has 4 entries.
-            let t = unsafe { sys::ggml_new_tensor(ctx.as_ptr(), s.dtype.raw(), s.ne.len().clamp(1, 4) as i32, ne.as_ptr()) };
+            let t = unsafe {
+                sys::ggml_new_tensor(
+                    ctx.as_ptr(),
+                    s.dtype.raw(),
+                    s.ne.len().clamp(1, 4) as i32,
+                    ne.as_ptr(),
+                )
+            };
             let t = NonNull::new(t).ok_or_else(|| BackendError::OutOfMemory {
                 what: s.name.clone(),
                 bytes: 0,
@@ -290,7 +307,12 @@ impl TensorStore {
         }
         // SAFETY: ctx holds only unallocated tensors; buft is a valid buffer type.
         let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.as_ptr(), buft) };
-        let total: usize = specs.iter().map(|s| s.dtype.row_size(s.ne[0] as usize) * s.ne[1..].iter().product::<i64>() as usize).sum();
+        let total: usize = specs
+            .iter()
+            .map(|s| {
+                s.dtype.row_size(s.ne[0] as usize) * s.ne[1..].iter().product::<i64>() as usize
+            })
+            .sum();
         let buf = NonNull::new(buf).ok_or_else(|| BackendError::OutOfMemory {
             what: "tensor buffer".into(),
             bytes: total,
@@ -316,7 +338,10 @@ impl TensorStore {
 
     /// Writes the whole content of a tensor (repacking it if its buffer does).
     pub fn set(&mut self, name: &str, data: &[u8]) -> Result<(), BackendError> {
-        let (_, t) = self.index.get(name).ok_or_else(|| BackendError::Missing(name.into()))?;
+        let (_, t) = self
+            .index
+            .get(name)
+            .ok_or_else(|| BackendError::Missing(name.into()))?;
         // SAFETY: t is live.
         let want = unsafe { sys::ggml_nbytes(t.as_ptr()) };
         if data.len() != want {
@@ -368,7 +393,8 @@ impl Drop for TensorStore {
 
 /// Whether a matmul weight described by `spec` would be repacked on this CPU.
 pub fn repack_supported(spec: &TensorSpec) -> bool {
-    spec.placement == Placement::MatmulWeight && cpu_repack_buffer_type().is_some_and(|b| repack_supports(b, spec))
+    spec.placement == Placement::MatmulWeight
+        && cpu_repack_buffer_type().is_some_and(|b| repack_supports(b, spec))
 }
 
 /// The CPU "repack" extra buffer type, if ggml offers one on this CPU.

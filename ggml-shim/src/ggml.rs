@@ -186,8 +186,8 @@ impl GraphBuilder {
             no_alloc: true,
         };
         // SAFETY: ggml allocates mem_size bytes of metadata; null on failure.
-        let ctx = NonNull::new(unsafe { sys::ggml_init(params) })
-            .ok_or(GraphAllocError(mem_size))?;
+        let ctx =
+            NonNull::new(unsafe { sys::ggml_init(params) }).ok_or(GraphAllocError(mem_size))?;
         // SAFETY: ctx is valid and sized for a graph of max_nodes nodes.
         let graph = unsafe { sys::ggml_new_graph_custom(ctx.as_ptr(), max_nodes, false) };
         let Some(graph) = NonNull::new(graph) else {
@@ -221,7 +221,14 @@ impl GraphBuilder {
         let mut dims = [1i64; 4];
         dims[..ne.len().min(4)].copy_from_slice(&ne[..ne.len().min(4)]);
         // SAFETY: ctx valid; dims has 4 entries and n_dims ≤ 4.
-        let t = unsafe { sys::ggml_new_tensor(self.c(), dtype.0, ne.len().clamp(1, 4) as i32, dims.as_ptr()) };
+        let t = unsafe {
+            sys::ggml_new_tensor(
+                self.c(),
+                dtype.0,
+                ne.len().clamp(1, 4) as i32,
+                dims.as_ptr(),
+            )
+        };
         // SAFETY: t is a fresh tensor of this context.
         unsafe { sys::ggml_set_input(t) };
         self.wrap(t)
@@ -318,13 +325,21 @@ impl GraphBuilder {
     }
 
     /// A strided view: `ne` sizes (up to 3 dims), `nb` strides for dims 1.., byte offset.
-    pub fn view<'a>(&'a self, a: Tensor<'a>, ne: &[i64], nb: &[usize], offset: usize) -> Tensor<'a> {
+    pub fn view<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        ne: &[i64],
+        nb: &[usize],
+        offset: usize,
+    ) -> Tensor<'a> {
         // SAFETY: a is live; callers keep the view inside a's data.
         let t = unsafe {
             match ne.len() {
                 1 => sys::ggml_view_1d(self.c(), a.raw(), ne[0], offset),
                 2 => sys::ggml_view_2d(self.c(), a.raw(), ne[0], ne[1], nb[0], offset),
-                _ => sys::ggml_view_3d(self.c(), a.raw(), ne[0], ne[1], ne[2], nb[0], nb[1], offset),
+                _ => {
+                    sys::ggml_view_3d(self.c(), a.raw(), ne[0], ne[1], ne[2], nb[0], nb[1], offset)
+                }
             }
         };
         self.wrap(t)
@@ -332,7 +347,9 @@ impl GraphBuilder {
 
     pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
         // SAFETY: a is live; axes is a permutation of 0..4.
-        self.wrap(unsafe { sys::ggml_permute(self.c(), a.raw(), axes[0], axes[1], axes[2], axes[3]) })
+        self.wrap(unsafe {
+            sys::ggml_permute(self.c(), a.raw(), axes[0], axes[1], axes[2], axes[3])
+        })
     }
 
     pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
@@ -392,7 +409,16 @@ impl GraphBuilder {
     ) -> Tensor<'a> {
         // SAFETY: all live; shapes checked by the model before building.
         let t = unsafe {
-            sys::ggml_flash_attn_ext(self.c(), q.raw(), k.raw(), v.raw(), mask.raw(), scale, 0.0, softcap)
+            sys::ggml_flash_attn_ext(
+                self.c(),
+                q.raw(),
+                k.raw(),
+                v.raw(),
+                mask.raw(),
+                scale,
+                0.0,
+                softcap,
+            )
         };
         // SAFETY: t is a FLASH_ATTN_EXT node.
         unsafe { sys::ggml_flash_attn_ext_set_prec(t, sys::GGML_PREC_F32) };

@@ -12,10 +12,10 @@ use crate::DType;
 /// What can go wrong when opening a GGUF file.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: cannot open: {source}")]
+    #[error("{path}: cannot open: {error}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a GGUF file (bad magic)")]
     NotGguf { path: PathBuf },
@@ -144,15 +144,15 @@ impl Gguf {
     /// Opens and validates a GGUF file: magic, header, and that every tensor's data
     /// lies within the file.
     pub fn open(path: &Path) -> Result<Gguf, GgufError> {
-        let mut file = File::open(path).map_err(|source| GgufError::Open {
+        let mut file = File::open(path).map_err(|error| GgufError::Open {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let file_size = file
             .metadata()
-            .map_err(|source| GgufError::Open {
+            .map_err(|error| GgufError::Open {
                 path: path.to_owned(),
-                source,
+                error,
             })?
             .len();
         let mut magic = [0u8; 4];
@@ -205,7 +205,8 @@ impl Gguf {
                 type_id,
             })?;
             // SAFETY: id < n_tensors; ne points to GGML_MAX_DIMS (4) int64 values.
-            let ne = unsafe { std::slice::from_raw_parts(sys::gguf_get_tensor_ne(self.ctx, id), 4) };
+            let ne =
+                unsafe { std::slice::from_raw_parts(sys::gguf_get_tensor_ne(self.ctx, id), 4) };
             let mut shape: Vec<usize> = ne.iter().map(|&d| d.max(0) as usize).collect();
             while shape.len() > 1 && shape.last() == Some(&1) {
                 shape.pop();
@@ -292,13 +293,19 @@ impl Gguf {
             // SAFETY: type checked above.
             sys::GGUF_TYPE_BOOL => Value::Bool(unsafe { sys::gguf_get_val_bool(self.ctx, id) }),
             // SAFETY: type checked above.
-            sys::GGUF_TYPE_UINT8 => Value::Int(unsafe { sys::gguf_get_val_u8(self.ctx, id) }.into()),
+            sys::GGUF_TYPE_UINT8 => {
+                Value::Int(unsafe { sys::gguf_get_val_u8(self.ctx, id) }.into())
+            }
             // SAFETY: type checked above.
             sys::GGUF_TYPE_INT8 => Value::Int(unsafe { sys::gguf_get_val_i8(self.ctx, id) }.into()),
             // SAFETY: type checked above.
-            sys::GGUF_TYPE_UINT16 => Value::Int(unsafe { sys::gguf_get_val_u16(self.ctx, id) }.into()),
+            sys::GGUF_TYPE_UINT16 => {
+                Value::Int(unsafe { sys::gguf_get_val_u16(self.ctx, id) }.into())
+            }
             // SAFETY: type checked above.
-            sys::GGUF_TYPE_INT16 => Value::Int(unsafe { sys::gguf_get_val_i16(self.ctx, id) }.into()),
+            sys::GGUF_TYPE_INT16 => {
+                Value::Int(unsafe { sys::gguf_get_val_i16(self.ctx, id) }.into())
+            }
             sys::GGUF_TYPE_STRING => {
                 // SAFETY: type checked above; the string is NUL-terminated and owned by ctx.
                 let s = unsafe { CStr::from_ptr(sys::gguf_get_val_str(self.ctx, id)) };
@@ -329,7 +336,10 @@ impl Gguf {
             sys::GGUF_TYPE_INT32 | sys::GGUF_TYPE_UINT32 | sys::GGUF_TYPE_FLOAT32 => {
                 // SAFETY: a non-string array's data holds n elements of 4 bytes each.
                 let raw = unsafe {
-                    std::slice::from_raw_parts(sys::gguf_get_arr_data(self.ctx, id) as *const u32, n)
+                    std::slice::from_raw_parts(
+                        sys::gguf_get_arr_data(self.ctx, id) as *const u32,
+                        n,
+                    )
                 };
                 match ety {
                     sys::GGUF_TYPE_INT32 => Value::ArrI32(raw.iter().map(|&v| v as i32).collect()),

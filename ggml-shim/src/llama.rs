@@ -1414,10 +1414,23 @@ mod tests {
         assert!(matches!(res, Err(LlamaError::Load { .. })));
     }
 
-    /// Model-dependent checks run only when `EXO_LLAMA_TEST_MODEL` names a GGUF file (a tiny
-    /// fixture or a real model); otherwise they return early.
+    /// The model for model-dependent checks: `EXO_LLAMA_TEST_MODEL`, else the real model
+    /// fetched by `scripts/setup.sh`. Absent, the checks are skipped with a note, unless
+    /// `EXO_REQUIRE_REAL_MODEL` is set (as `scripts/test.sh` and CI do): then they fail.
     fn test_model() -> Option<PathBuf> {
-        std::env::var_os("EXO_LLAMA_TEST_MODEL").map(PathBuf::from)
+        if let Some(p) = std::env::var_os("EXO_LLAMA_TEST_MODEL") {
+            return Some(PathBuf::from(p));
+        }
+        let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/gemma-3-270m-Q4_K_M.gguf");
+        if real.is_file() {
+            return Some(real);
+        }
+        assert!(
+            std::env::var_os("EXO_REQUIRE_REAL_MODEL").is_none(),
+            "the real model is missing: run scripts/setup.sh"
+        );
+        eprintln!("note: no test model (run scripts/setup.sh); skipping");
+        None
     }
 
     #[test]
@@ -1510,9 +1523,14 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-4);
         }
+        // A batch of two takes other kernels than a 19-token prompt (gemv vs repacked
+        // gemm, vector vs tiled flash attention); on a quantized Gemma 3 the logits then
+        // differ by up to ~10% of their scale, so only the winner is compared exactly.
+        let scale = rows[0].iter().fold(1e-6f32, |m, v| m.max(v.abs()));
         for (x, y) in a.iter().zip(&rows[0]) {
-            assert!((x - y).abs() < 1e-3);
+            assert!((x - y).abs() / scale < 0.25, "{x} vs {y} (scale {scale})");
         }
+        assert_eq!(argmax(&a), argmax(&rows[0]));
         ctx.remove_seq(1).expect("remove");
         assert!(ctx.remove_seq(5).is_err());
 

@@ -72,7 +72,13 @@ fn check_context(p: &Pipeline, prompt: usize, generate: usize) -> Result<(), Eng
 
 /// Feeds the prompt in chunks; returns the logits of the last prompt position, or
 /// of every position when `all` is set.
-fn prefill(p: &mut Pipeline, slot: usize, prompt: &[i32], chunk: usize, all: bool) -> Result<Vec<f32>, EngineError> {
+fn prefill(
+    p: &mut Pipeline,
+    slot: usize,
+    prompt: &[i32],
+    chunk: usize,
+    all: bool,
+) -> Result<Vec<f32>, EngineError> {
     let chunk = chunk.max(1);
     let mut out = Vec::new();
     let n_chunks = prompt.len().div_ceil(chunk);
@@ -110,7 +116,8 @@ pub fn generate(
     for &t in prompt {
         sampler.accept(t);
     }
-    let greedy = params.sampling.temperature <= 0.0 && params.sampling.repeat_penalty == 1.0
+    let greedy = params.sampling.temperature <= 0.0
+        && params.sampling.repeat_penalty == 1.0
         && params.sampling.frequency_penalty == 0.0
         && params.sampling.presence_penalty == 0.0;
     let slot = p.slots.acquire()?;
@@ -124,7 +131,9 @@ pub fn generate(
     let mut pos = prompt.len();
     while tokens.len() < params.max_tokens {
         let next = if greedy {
-            argmax(&logits).map(|i| i as i32).ok_or_else(|| EngineError::Input("empty logits".into()))?
+            argmax(&logits)
+                .map(|i| i as i32)
+                .ok_or_else(|| EngineError::Input("empty logits".into()))?
         } else {
             let t = sampler.sample(&logits)?;
             sampler.accept(t);
@@ -160,7 +169,11 @@ pub fn generate(
 }
 
 /// Logits for every position of `prompt` (`n_vocab` values per position).
-pub fn prompt_logits(p: &mut Pipeline, prompt: &[i32], chunk: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+pub fn prompt_logits(
+    p: &mut Pipeline,
+    prompt: &[i32],
+    chunk: usize,
+) -> Result<Vec<Vec<f32>>, EngineError> {
     check_context(p, prompt.len(), 0)?;
     let n_vocab = p.hparams().n_vocab;
     let slot = p.slots.acquire()?;

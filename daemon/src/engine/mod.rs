@@ -40,12 +40,20 @@ pub enum EngineError {
 /// One stage of a pipeline, local or remote: the scheduler drives every stage
 /// through this trait and never sees where it runs.
 pub trait StageLink: Send {
-    fn forward(&mut self, seqs: &[BatchSeq], input: StageInput<'_>) -> Result<StageOutput, EngineError>;
+    fn forward(
+        &mut self,
+        seqs: &[BatchSeq],
+        input: StageInput<'_>,
+    ) -> Result<StageOutput, EngineError>;
     fn range(&self) -> LayerRange;
 }
 
 impl StageLink for Stage {
-    fn forward(&mut self, seqs: &[BatchSeq], input: StageInput<'_>) -> Result<StageOutput, EngineError> {
+    fn forward(
+        &mut self,
+        seqs: &[BatchSeq],
+        input: StageInput<'_>,
+    ) -> Result<StageOutput, EngineError> {
         Stage::forward(self, seqs, input)
     }
 
@@ -61,8 +69,11 @@ pub fn encode_activations(h: &[f32]) -> Vec<u8> {
 
 /// Decodes activations received from another stage.
 pub fn decode_activations(bytes: &[u8]) -> Result<Vec<f32>, EngineError> {
-    if bytes.len() % 4 != 0 {
-        return Err(EngineError::Input(format!("activation of {} bytes is not whole f32 values", bytes.len())));
+    if !bytes.len().is_multiple_of(4) {
+        return Err(EngineError::Input(format!(
+            "activation of {} bytes is not whole f32 values",
+            bytes.len()
+        )));
     }
     Ok(bytes
         .chunks_exact(4)
@@ -72,7 +83,11 @@ pub fn decode_activations(bytes: &[u8]) -> Result<Vec<f32>, EngineError> {
 
 /// Splits `n_layer` layers at the given cut points into contiguous ranges.
 pub fn split_ranges(n_layer: usize, cuts: &[usize]) -> Result<Vec<LayerRange>, EngineError> {
-    let mut points: Vec<usize> = cuts.iter().copied().filter(|&c| c > 0 && c < n_layer).collect();
+    let mut points: Vec<usize> = cuts
+        .iter()
+        .copied()
+        .filter(|&c| c > 0 && c < n_layer)
+        .collect();
     if cuts.iter().any(|&c| c > n_layer) {
         return Err(ModelError::BadRange {
             start: 0,
@@ -162,17 +177,27 @@ impl Pipeline {
     }
 
     /// A pipeline over given links, which must cover all layers in order.
-    pub fn new(links: Vec<Box<dyn StageLink>>, hp: HParams, n_ctx: usize, n_slots: usize) -> Result<Pipeline, EngineError> {
+    pub fn new(
+        links: Vec<Box<dyn StageLink>>,
+        hp: HParams,
+        n_ctx: usize,
+        n_slots: usize,
+    ) -> Result<Pipeline, EngineError> {
         let mut expect = 0;
         for l in &links {
             let r = l.range();
             if r.start != expect {
-                return Err(EngineError::Pipeline(format!("stage {r} does not start at layer {expect}")));
+                return Err(EngineError::Pipeline(format!(
+                    "stage {r} does not start at layer {expect}"
+                )));
             }
             expect = r.end;
         }
         if expect != hp.n_layer || links.is_empty() {
-            return Err(EngineError::Pipeline(format!("stages end at layer {expect}, the model has {}", hp.n_layer)));
+            return Err(EngineError::Pipeline(format!(
+                "stages end at layer {expect}, the model has {}",
+                hp.n_layer
+            )));
         }
         Ok(Pipeline {
             links,
@@ -206,7 +231,12 @@ impl Pipeline {
             match link.forward(seqs, input)? {
                 StageOutput::Hidden(h) if i + 1 < n => wire = Some(encode_activations(&h)),
                 StageOutput::Logits(l) if i + 1 == n => return Ok(l),
-                _ => return Err(EngineError::Pipeline(format!("stage {} returned the wrong kind of output", link.range()))),
+                _ => {
+                    return Err(EngineError::Pipeline(format!(
+                        "stage {} returned the wrong kind of output",
+                        link.range()
+                    )))
+                }
             }
         }
         Err(EngineError::Pipeline("no stage produced logits".into()))

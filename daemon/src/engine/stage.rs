@@ -3,8 +3,10 @@
 
 use ggml_shim::{Allocator, CpuBackend, GraphBuilder};
 
-use crate::model::{BatchSeq, GraphInputs, HParams, LayerRange, ModelFile, StageGraph, StageWeights};
 use crate::model::graph::KvCache;
+use crate::model::{
+    BatchSeq, GraphInputs, HParams, LayerRange, ModelFile, StageGraph, StageWeights,
+};
 
 use super::EngineError;
 
@@ -59,7 +61,9 @@ impl Stage {
         let hp = mf.hparams.clone();
         cfg.range.validate(hp.n_layer)?;
         if cfg.n_ctx == 0 || cfg.n_slots == 0 {
-            return Err(EngineError::Config("context length and slots must be positive".into()));
+            return Err(EngineError::Config(
+                "context length and slots must be positive".into(),
+            ));
         }
         let first = cfg.range.start == 0;
         let last = cfg.range.end == hp.n_layer;
@@ -98,29 +102,50 @@ impl Stage {
 
     /// Bytes of weights, KV cache and compute buffer held by this stage.
     pub fn memory_bytes(&self) -> (usize, usize, usize) {
-        (self.weights.buffer_bytes(), self.kv.size_bytes(), self.alloc.buffer_size())
+        (
+            self.weights.buffer_bytes(),
+            self.kv.size_bytes(),
+            self.alloc.buffer_size(),
+        )
     }
 
     /// Runs one step for a batch of sequences.
-    pub fn forward(&mut self, seqs: &[BatchSeq], input: StageInput<'_>) -> Result<StageOutput, EngineError> {
+    pub fn forward(
+        &mut self,
+        seqs: &[BatchSeq],
+        input: StageInput<'_>,
+    ) -> Result<StageOutput, EngineError> {
         let n_tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
         match input {
             StageInput::Tokens(t) => {
                 if !self.first {
-                    return Err(EngineError::Input("token ids sent to a stage that expects activations".into()));
+                    return Err(EngineError::Input(
+                        "token ids sent to a stage that expects activations".into(),
+                    ));
                 }
                 if t.len() != n_tokens {
-                    return Err(EngineError::Input(format!("{} token ids for a batch of {n_tokens} tokens", t.len())));
+                    return Err(EngineError::Input(format!(
+                        "{} token ids for a batch of {n_tokens} tokens",
+                        t.len()
+                    )));
                 }
-                if let Some(bad) = t.iter().find(|&&id| id < 0 || id as usize >= self.hp.n_vocab) {
-                    return Err(EngineError::Input(format!("token id {bad} is outside the vocabulary of {}", self.hp.n_vocab)));
+                if let Some(bad) = t
+                    .iter()
+                    .find(|&&id| id < 0 || id as usize >= self.hp.n_vocab)
+                {
+                    return Err(EngineError::Input(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.hp.n_vocab
+                    )));
                 }
                 self.inputs.tokens.clear();
                 self.inputs.tokens.extend_from_slice(t);
             }
             StageInput::Hidden(h) => {
                 if self.first {
-                    return Err(EngineError::Input("activations sent to the first stage, which expects token ids".into()));
+                    return Err(EngineError::Input(
+                        "activations sent to the first stage, which expects token ids".into(),
+                    ));
                 }
                 if h.len() != n_tokens * self.hp.n_embd {
                     return Err(EngineError::Input(format!(
@@ -130,7 +155,9 @@ impl Stage {
                     )));
                 }
                 if h.iter().any(|v| !v.is_finite()) {
-                    return Err(EngineError::Input("activation contains NaN or infinity".into()));
+                    return Err(EngineError::Input(
+                        "activation contains NaN or infinity".into(),
+                    ));
                 }
                 self.inputs.hidden.clear();
                 self.inputs.hidden.extend_from_slice(h);
@@ -139,7 +166,16 @@ impl Stage {
         let n_seq = seqs.len().max(1);
         let max_nodes = 256 + self.cfg.range.len() * (64 + 24 * n_seq) + 8 * n_seq;
         let g = GraphBuilder::new(max_nodes)?;
-        let sg = StageGraph::new(&g, &self.hp, &self.weights, &self.kv, self.first, self.last, seqs, &mut self.inputs)?;
+        let sg = StageGraph::new(
+            &g,
+            &self.hp,
+            &self.weights,
+            &self.kv,
+            self.first,
+            self.last,
+            seqs,
+            &mut self.inputs,
+        )?;
         let out = self.hp.arch.build(&sg)?;
         g.output(out);
         self.alloc.alloc(&g)?;

@@ -22,14 +22,19 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let k = sg.rope(il, sg.rms_norm(k, sg.lw(il, "attn_k_norm.weight")?));
         let q = sg.g.scale(q, q_scale);
         let cur = sg.attention(il, q, k, v, 1.0)?;
-        let cur = sg.linear(sg.lw(il, "attn_output.weight")?, cur, sg.lw_opt(il, "attn_output.bias"));
+        let cur = sg.linear(
+            sg.lw(il, "attn_output.weight")?,
+            cur,
+            sg.lw_opt(il, "attn_output.bias"),
+        );
         let cur = sg.select_rows(il, cur);
         let cur = sg.rms_norm(cur, sg.lw(il, "post_attention_norm.weight")?);
         let sa_out = sg.g.add(cur, sg.select_rows(il, x));
         let cur = sg.rms_norm(sa_out, sg.lw(il, "ffn_norm.weight")?);
         let gate = sg.g.mul_mat(sg.lw(il, "ffn_gate.weight")?, cur);
         let up = sg.g.mul_mat(sg.lw(il, "ffn_up.weight")?, cur);
-        let cur = sg.g.mul_mat(sg.lw(il, "ffn_down.weight")?, sg.g.geglu_split(gate, up));
+        let cur =
+            sg.g.mul_mat(sg.lw(il, "ffn_down.weight")?, sg.g.geglu_split(gate, up));
         let cur = sg.rms_norm(cur, sg.lw(il, "post_ffw_norm.weight")?);
         x = sg.g.add(cur, sa_out);
     }

@@ -1,7 +1,7 @@
 //! The building blocks every architecture file shares: stage inputs, the KV cache,
 //! attention over several sequences in one batch, norms and the output head.
 
-use ggml_shim::{DType, GraphBuilder, RopeParams, Tensor, TensorSpec, TensorStore, Placement};
+use ggml_shim::{DType, GraphBuilder, Placement, RopeParams, Tensor, TensorSpec, TensorStore};
 
 use super::hparams::{HParams, RopeScaling};
 use super::weights::{StageWeights, TIED_HEAD};
@@ -34,7 +34,12 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(hp: &HParams, range: LayerRange, n_ctx: usize, n_slots: usize) -> Result<KvCache, ModelError> {
+    pub fn new(
+        hp: &HParams,
+        range: LayerRange,
+        n_ctx: usize,
+        n_slots: usize,
+    ) -> Result<KvCache, ModelError> {
         let kv = hp.n_embd_kv() as i64;
         let mut specs = Vec::new();
         for il in range.start..range.end {
@@ -49,15 +54,24 @@ impl KvCache {
         }
         let mut store = TensorStore::new(&specs, false)?;
         store.clear();
-        Ok(KvCache { store, range, n_ctx, n_slots })
+        Ok(KvCache {
+            store,
+            range,
+            n_ctx,
+            n_slots,
+        })
     }
 
     fn k(&self, il: usize) -> Result<Tensor<'_>, ModelError> {
-        self.store.get(&format!("cache_k_l{il}")).ok_or_else(|| ModelError::MissingTensor(format!("cache_k_l{il}")))
+        self.store
+            .get(&format!("cache_k_l{il}"))
+            .ok_or_else(|| ModelError::MissingTensor(format!("cache_k_l{il}")))
     }
 
     fn v(&self, il: usize) -> Result<Tensor<'_>, ModelError> {
-        self.store.get(&format!("cache_v_l{il}")).ok_or_else(|| ModelError::MissingTensor(format!("cache_v_l{il}")))
+        self.store
+            .get(&format!("cache_v_l{il}"))
+            .ok_or_else(|| ModelError::MissingTensor(format!("cache_v_l{il}")))
     }
 
     pub fn size_bytes(&self) -> usize {
@@ -177,7 +191,9 @@ impl<'a> StageGraph<'a> {
                 match s.output {
                     OutputRows::None => {}
                     OutputRows::Last => data.out_ids.push((row + s.n_tokens - 1) as i32),
-                    OutputRows::All => data.out_ids.extend((row..row + s.n_tokens).map(|r| r as i32)),
+                    OutputRows::All => data
+                        .out_ids
+                        .extend((row..row + s.n_tokens).map(|r| r as i32)),
                 }
             }
             row += s.n_tokens;
@@ -185,7 +201,8 @@ impl<'a> StageGraph<'a> {
         // With no output rows (a prompt chunk before the last one) the last stage only
         // fills its KV cache: no head, no row selection.
         let n_out = data.out_ids.len();
-        let out_ids = (last && n_out > 0 && n_out < n_tokens).then(|| g.input(DType::I32, &[n_out as i64]));
+        let out_ids =
+            (last && n_out > 0 && n_out < n_tokens).then(|| g.input(DType::I32, &[n_out as i64]));
         Ok(StageGraph {
             g,
             hp,
@@ -210,7 +227,11 @@ impl<'a> StageGraph<'a> {
     pub fn fill(&self, data: &GraphInputs) -> Result<(), ModelError> {
         if let Some(t) = self.inp_tokens {
             if data.tokens.len() != self.n_tokens {
-                return Err(ModelError::BadBatch(format!("{} token ids for {} positions", data.tokens.len(), self.n_tokens)));
+                return Err(ModelError::BadBatch(format!(
+                    "{} token ids for {} positions",
+                    data.tokens.len(),
+                    self.n_tokens
+                )));
             }
             ggml_shim::set_tensor_data(t, &data.tokens)?;
         }
@@ -256,7 +277,9 @@ impl<'a> StageGraph<'a> {
 
     /// A global weight (`token_embd.weight`, `output_norm.weight`, ...).
     pub fn gw(&self, name: &str) -> Result<Tensor<'a>, ModelError> {
-        self.w.get(name).ok_or_else(|| ModelError::MissingTensor(name.into()))
+        self.w
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.into()))
     }
 
     pub fn gw_opt(&self, name: &str) -> Option<Tensor<'a>> {
@@ -273,7 +296,8 @@ impl<'a> StageGraph<'a> {
                 None => x,
             });
         }
-        self.inp_hidden.ok_or_else(|| ModelError::BadBatch("stage has no input".into()))
+        self.inp_hidden
+            .ok_or_else(|| ModelError::BadBatch("stage has no input".into()))
     }
 
     /// RMS norm times a weight.
@@ -292,11 +316,27 @@ impl<'a> StageGraph<'a> {
     }
 
     /// Q, K, V projections of layer `il`, shaped `[head_dim, heads, n_tokens]`.
-    pub fn qkv(&self, il: usize, x: Tensor<'a>) -> Result<(Tensor<'a>, Tensor<'a>, Tensor<'a>), ModelError> {
+    pub fn qkv(
+        &self,
+        il: usize,
+        x: Tensor<'a>,
+    ) -> Result<(Tensor<'a>, Tensor<'a>, Tensor<'a>), ModelError> {
         let (d, t) = (self.hp.head_dim_k as i64, self.n_tokens as i64);
-        let q = self.linear(self.lw(il, "attn_q.weight")?, x, self.lw_opt(il, "attn_q.bias"));
-        let k = self.linear(self.lw(il, "attn_k.weight")?, x, self.lw_opt(il, "attn_k.bias"));
-        let v = self.linear(self.lw(il, "attn_v.weight")?, x, self.lw_opt(il, "attn_v.bias"));
+        let q = self.linear(
+            self.lw(il, "attn_q.weight")?,
+            x,
+            self.lw_opt(il, "attn_q.bias"),
+        );
+        let k = self.linear(
+            self.lw(il, "attn_k.weight")?,
+            x,
+            self.lw_opt(il, "attn_k.bias"),
+        );
+        let v = self.linear(
+            self.lw(il, "attn_v.weight")?,
+            x,
+            self.lw_opt(il, "attn_v.bias"),
+        );
         let q = self.g.reshape(q, &[d, self.hp.n_head as i64, t]);
         let k = self.g.reshape(k, &[d, self.hp.n_head_kv as i64, t]);
         let v = self.g.reshape(v, &[d, self.hp.n_head_kv as i64, t]);
@@ -307,7 +347,11 @@ impl<'a> StageGraph<'a> {
     pub fn rope_params(&self, il: usize) -> RopeParams {
         let hp = self.hp;
         let swa = hp.n_swa > 0 && hp.swa_layers[il];
-        let (freq_base, freq_scale) = if swa { (hp.rope_freq_base_swa, 1.0) } else { (hp.rope_freq_base, hp.rope_freq_scale) };
+        let (freq_base, freq_scale) = if swa {
+            (hp.rope_freq_base_swa, 1.0)
+        } else {
+            (hp.rope_freq_base, hp.rope_freq_scale)
+        };
         let yarn = hp.rope_scaling == RopeScaling::Yarn && !swa;
         RopeParams {
             n_dims: hp.n_rot as i32,
@@ -330,7 +374,14 @@ impl<'a> StageGraph<'a> {
 
     /// Stores K and V of layer `il` in the cache and attends each sequence to its own
     /// past. Returns `[head_dim * n_head, n_tokens]` (before the output projection).
-    pub fn attention(&self, il: usize, q: Tensor<'a>, k: Tensor<'a>, v: Tensor<'a>, scale: f32) -> Result<Tensor<'a>, ModelError> {
+    pub fn attention(
+        &self,
+        il: usize,
+        q: Tensor<'a>,
+        k: Tensor<'a>,
+        v: Tensor<'a>,
+        scale: f32,
+    ) -> Result<Tensor<'a>, ModelError> {
         let g = self.g;
         let hp = self.hp;
         let (d, hq, hkv) = (hp.head_dim_k as i64, hp.n_head as i64, hp.n_head_kv as i64);
@@ -341,13 +392,18 @@ impl<'a> StageGraph<'a> {
         let kv_row = kc.nb()[1];
         let slot_bytes = kc.nb()[2];
         let elt = 2usize; // F16 cache
-        // 1. store the new keys and values
+                          // 1. store the new keys and values
         let mut t0 = 0usize;
         for s in self.seqs {
             let n = s.n_tokens as i64;
             for (src, cache) in [(k, kc), (v, vc)] {
                 let cur = g.view(src, &[d * hkv, n], &[src.nb()[2]], t0 * src.nb()[2]);
-                let dst = g.view(cache, &[d * hkv, n], &[kv_row], s.slot * slot_bytes + s.pos0 * kv_row);
+                let dst = g.view(
+                    cache,
+                    &[d * hkv, n],
+                    &[kv_row],
+                    s.slot * slot_bytes + s.pos0 * kv_row,
+                );
                 g.expand(g.cpy(cur, dst));
             }
             t0 += s.n_tokens;
@@ -358,12 +414,24 @@ impl<'a> StageGraph<'a> {
         for (i, s) in self.seqs.iter().enumerate() {
             let n = s.n_tokens as i64;
             let n_kv = (s.pos0 + s.n_tokens) as i64;
-            let mask = *masks.get(i).ok_or_else(|| ModelError::BadBatch("missing attention mask".into()))?;
+            let mask = *masks
+                .get(i)
+                .ok_or_else(|| ModelError::BadBatch("missing attention mask".into()))?;
             let qs = g.view(q, &[d, hq, n], &[q.nb()[1], q.nb()[2]], t0 * q.nb()[2]);
             let qs = g.permute(qs, [0, 2, 1, 3]);
-            let ks = g.view(kc, &[d, hkv, n_kv], &[d as usize * elt, kv_row], s.slot * slot_bytes);
+            let ks = g.view(
+                kc,
+                &[d, hkv, n_kv],
+                &[d as usize * elt, kv_row],
+                s.slot * slot_bytes,
+            );
             let ks = g.permute(ks, [0, 2, 1, 3]);
-            let vs = g.view(vc, &[d, hkv, n_kv], &[d as usize * elt, kv_row], s.slot * slot_bytes);
+            let vs = g.view(
+                vc,
+                &[d, hkv, n_kv],
+                &[d as usize * elt, kv_row],
+                s.slot * slot_bytes,
+            );
             let vs = g.permute(vs, [0, 2, 1, 3]);
             let o = g.flash_attn(qs, ks, vs, mask, scale, 0.0);
             let o = g.reshape(o, &[d * hq, n]);
@@ -379,10 +447,22 @@ impl<'a> StageGraph<'a> {
     /// SiLU-gated feed-forward of layer `il`: `down(silu(gate(x)) * up(x))`, with
     /// optional biases.
     pub fn ffn_silu(&self, il: usize, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
-        let up = self.linear(self.lw(il, "ffn_up.weight")?, x, self.lw_opt(il, "ffn_up.bias"));
-        let gate = self.linear(self.lw(il, "ffn_gate.weight")?, x, self.lw_opt(il, "ffn_gate.bias"));
+        let up = self.linear(
+            self.lw(il, "ffn_up.weight")?,
+            x,
+            self.lw_opt(il, "ffn_up.bias"),
+        );
+        let gate = self.linear(
+            self.lw(il, "ffn_gate.weight")?,
+            x,
+            self.lw_opt(il, "ffn_gate.bias"),
+        );
         let h = self.g.swiglu_split(gate, up);
-        Ok(self.linear(self.lw(il, "ffn_down.weight")?, h, self.lw_opt(il, "ffn_down.bias")))
+        Ok(self.linear(
+            self.lw(il, "ffn_down.weight")?,
+            h,
+            self.lw_opt(il, "ffn_down.bias"),
+        ))
     }
 
     /// On the last stage's final model layer, keeps only the rows that produce output.

@@ -52,7 +52,8 @@ impl HParams {
             }
             None => return Err(ModelError::MissingKey("general.architecture".into())),
         };
-        let arch = Arch::from_name(&arch_name).ok_or_else(|| ModelError::UnsupportedArch(arch_name.clone()))?;
+        let arch = Arch::from_name(&arch_name)
+            .ok_or_else(|| ModelError::UnsupportedArch(arch_name.clone()))?;
         let a = arch_name.as_str();
         let k = |s: &str| format!("{a}.{s}");
 
@@ -63,9 +64,19 @@ impl HParams {
         let n_head_kv = opt_usize(g, &k("attention.head_count_kv"))?.unwrap_or(n_head);
         let n_ctx_train = req_usize(g, &k("context_length"))?;
         let rms_eps = req_f32(g, &k("attention.layer_norm_rms_epsilon"))?;
-        for (name, v) in [("embedding_length", n_embd), ("block_count", n_layer), ("feed_forward_length", n_ff), ("attention.head_count", n_head), ("attention.head_count_kv", n_head_kv), ("context_length", n_ctx_train)] {
+        for (name, v) in [
+            ("embedding_length", n_embd),
+            ("block_count", n_layer),
+            ("feed_forward_length", n_ff),
+            ("attention.head_count", n_head),
+            ("attention.head_count_kv", n_head_kv),
+            ("context_length", n_ctx_train),
+        ] {
             if v == 0 {
-                return Err(ModelError::BadKey { key: k(name), why: "must be positive".into() });
+                return Err(ModelError::BadKey {
+                    key: k(name),
+                    why: "must be positive".into(),
+                });
             }
         }
         if n_head % n_head_kv != 0 {
@@ -84,7 +95,10 @@ impl HParams {
         }
         let n_rot = opt_usize(g, &k("rope.dimension_count"))?.unwrap_or(head_dim_k);
         if n_rot > head_dim_k || n_rot % 2 != 0 {
-            return Err(ModelError::BadKey { key: k("rope.dimension_count"), why: format!("{n_rot} does not fit head size {head_dim_k}") });
+            return Err(ModelError::BadKey {
+                key: k("rope.dimension_count"),
+                why: format!("{n_rot} does not fit head size {head_dim_k}"),
+            });
         }
         let n_vocab = match g.get("tokenizer.ggml.tokens") {
             Some(Value::ArrStr(t)) => t.len(),
@@ -97,14 +111,24 @@ impl HParams {
         let rope_freq_base = opt_f32(g, &k("rope.freq_base"))?.unwrap_or(10000.0);
         let scaling_name = match g.get(&k("rope.scaling.type")) {
             Some(Value::Str(s)) => s,
-            Some(v) => return Err(ModelError::BadKey { key: k("rope.scaling.type"), why: format!("expected a string, found {}", v.type_name()) }),
+            Some(v) => {
+                return Err(ModelError::BadKey {
+                    key: k("rope.scaling.type"),
+                    why: format!("expected a string, found {}", v.type_name()),
+                })
+            }
             None => "linear".into(),
         };
         let rope_scaling = match scaling_name.as_str() {
             "none" => RopeScaling::None,
             "linear" => RopeScaling::Linear,
             "yarn" => RopeScaling::Yarn,
-            other => return Err(ModelError::BadKey { key: k("rope.scaling.type"), why: format!("unsupported rope scaling '{other}'") }),
+            other => {
+                return Err(ModelError::BadKey {
+                    key: k("rope.scaling.type"),
+                    why: format!("unsupported rope scaling '{other}'"),
+                })
+            }
         };
         let factor = match opt_f32(g, &k("rope.scaling.factor"))? {
             Some(f) => f,
@@ -114,11 +138,17 @@ impl HParams {
         if rope_scaling == RopeScaling::None {
             rope_freq_scale = 1.0;
         }
-        if rope_scaling == RopeScaling::Yarn && opt_f32(g, &k("rope.scaling.yarn_log_multiplier"))?.is_some_and(|v| v != 0.0) {
-            return Err(ModelError::BadKey { key: k("rope.scaling.yarn_log_multiplier"), why: "YaRN log multiplier is not supported".into() });
+        if rope_scaling == RopeScaling::Yarn
+            && opt_f32(g, &k("rope.scaling.yarn_log_multiplier"))?.is_some_and(|v| v != 0.0)
+        {
+            return Err(ModelError::BadKey {
+                key: k("rope.scaling.yarn_log_multiplier"),
+                why: "YaRN log multiplier is not supported".into(),
+            });
         }
         let rope_attn_factor = opt_f32(g, &k("rope.scaling.attn_factor"))?.unwrap_or(1.0);
-        let n_ctx_orig = opt_usize(g, &k("rope.scaling.original_context_length"))?.unwrap_or(n_ctx_train);
+        let n_ctx_orig =
+            opt_usize(g, &k("rope.scaling.original_context_length"))?.unwrap_or(n_ctx_train);
 
         let mut n_swa = 0;
         let mut swa_layers = vec![false; n_layer];
@@ -129,7 +159,10 @@ impl HParams {
             if n_swa > 0 {
                 match g.get(&k("attention.sliding_window_pattern")) {
                     Some(Value::ArrOther(_)) | Some(Value::ArrI32(_)) | Some(Value::ArrU32(_)) => {
-                        return Err(ModelError::BadKey { key: k("attention.sliding_window_pattern"), why: "per-layer pattern arrays are not supported".into() });
+                        return Err(ModelError::BadKey {
+                            key: k("attention.sliding_window_pattern"),
+                            why: "per-layer pattern arrays are not supported".into(),
+                        });
                     }
                     _ => {}
                 }

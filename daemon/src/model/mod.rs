@@ -56,7 +56,10 @@ impl Arch {
     }
 
     /// Builds the graph of this architecture for one stage.
-    pub(crate) fn build<'a>(self, sg: &StageGraph<'a>) -> Result<ggml_shim::Tensor<'a>, ModelError> {
+    pub(crate) fn build<'a>(
+        self,
+        sg: &StageGraph<'a>,
+    ) -> Result<ggml_shim::Tensor<'a>, ModelError> {
         match self {
             Arch::Llama => llama::build(sg),
             Arch::Qwen2 => qwen2::build(sg),
@@ -98,11 +101,11 @@ pub enum ModelError {
         end: usize,
         n_layer: usize,
     },
-    #[error("reading tensor '{name}' from {path}: {source}")]
+    #[error("reading tensor '{name}' from {path}: {error}")]
     Read {
         name: String,
         path: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("ggml: {0}")]
     Backend(#[from] ggml_shim::BackendError),
@@ -163,8 +166,14 @@ impl std::str::FromStr for LayerRange {
             .split_once("..")
             .or_else(|| s.split_once('-'))
             .ok_or_else(|| format!("layer range '{s}' must look like A..B"))?;
-        let a: usize = a.trim().parse().map_err(|_| format!("bad layer range start '{a}'"))?;
-        let b: usize = b.trim().parse().map_err(|_| format!("bad layer range end '{b}'"))?;
+        let a: usize = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad layer range start '{a}'"))?;
+        let b: usize = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad layer range end '{b}'"))?;
         if a >= b {
             return Err(format!("layer range '{s}' is empty"));
         }

@@ -34,15 +34,31 @@ struct Want<'a> {
 
 /// Lists and validates the tensors for layers `range` (plus the embedding when
 /// `first`, the final norm and head when `last`).
-pub fn plan(mf: &ModelFile, range: LayerRange, first: bool, last: bool) -> Result<Vec<PlannedTensor>, ModelError> {
+pub fn plan(
+    mf: &ModelFile,
+    range: LayerRange,
+    first: bool,
+    last: bool,
+) -> Result<Vec<PlannedTensor>, ModelError> {
     let hp = &mf.hparams;
     range.validate(hp.n_layer)?;
     let (e, v, f, d) = (hp.n_embd, hp.n_vocab, hp.n_ff, hp.head_dim_k);
     let (nq, nkv) = (hp.n_embd_q(), hp.n_embd_kv());
     let arch = &hp.arch;
     let mut wants: Vec<Want> = Vec::new();
-    let mut want = |name: String, shape: Vec<usize>, required: bool, placement: Placement, layer: Option<usize>| {
-        wants.push(Want { name, shape, required, placement, layer, _arch: arch });
+    let mut want = |name: String,
+                    shape: Vec<usize>,
+                    required: bool,
+                    placement: Placement,
+                    layer: Option<usize>| {
+        wants.push(Want {
+            name,
+            shape,
+            required,
+            placement,
+            layer,
+            _arch: arch,
+        });
     };
     use Placement::{MatmulWeight as M, Plain as P};
     if first {
@@ -79,7 +95,13 @@ pub fn plan(mf: &ModelFile, range: LayerRange, first: bool, last: bool) -> Resul
         }
     }
     if *arch == Arch::Llama {
-        want("rope_freqs.weight".into(), vec![hp.n_rot / 2], false, P, None);
+        want(
+            "rope_freqs.weight".into(),
+            vec![hp.n_rot / 2],
+            false,
+            P,
+            None,
+        );
     }
     if last {
         want("output_norm.weight".into(), vec![e], true, P, None);
@@ -145,7 +167,7 @@ fn check(info: &TensorInfo, name: &str, want: &[usize]) -> Result<(), ModelError
         });
     }
     let bs = info.dtype.block_size();
-    if bs == 0 || info.shape[0] % bs != 0 {
+    if bs == 0 || !info.shape[0].is_multiple_of(bs) {
         return Err(ModelError::BadShape {
             name: name.into(),
             got: info.shape.clone(),
@@ -164,7 +186,13 @@ pub struct StageWeights {
 }
 
 impl StageWeights {
-    pub fn load(mf: &ModelFile, range: LayerRange, first: bool, last: bool, allow_repack: bool) -> Result<StageWeights, ModelError> {
+    pub fn load(
+        mf: &ModelFile,
+        range: LayerRange,
+        first: bool,
+        last: bool,
+        allow_repack: bool,
+    ) -> Result<StageWeights, ModelError> {
         let planned = plan(mf, range, first, last)?;
         // A tied head that would not be repacked shares the embedding tensor.
         let mut head_alias = None;
@@ -187,10 +215,10 @@ impl StageWeights {
             specs.push(spec);
         }
         let mut store = TensorStore::new(&specs, allow_repack)?;
-        let file = File::open(mf.gguf.path()).map_err(|source| ModelError::Read {
+        let file = File::open(mf.gguf.path()).map_err(|error| ModelError::Read {
             name: "(open)".into(),
             path: mf.gguf.path().display().to_string(),
-            source,
+            error,
         })?;
         let mut buf = Vec::new();
         let mut bytes = 0u64;
@@ -199,15 +227,20 @@ impl StageWeights {
                 continue;
             }
             buf.resize(p.source.size as usize, 0);
-            file.read_exact_at(&mut buf, p.source.offset).map_err(|source| ModelError::Read {
-                name: p.source.name.clone(),
-                path: mf.gguf.path().display().to_string(),
-                source,
-            })?;
+            file.read_exact_at(&mut buf, p.source.offset)
+                .map_err(|error| ModelError::Read {
+                    name: p.source.name.clone(),
+                    path: mf.gguf.path().display().to_string(),
+                    error,
+                })?;
             store.set(&p.name, &buf)?;
             bytes += p.source.size;
         }
-        Ok(StageWeights { store, head_alias, bytes })
+        Ok(StageWeights {
+            store,
+            head_alias,
+            bytes,
+        })
     }
 
     /// A weight by its GGUF name.

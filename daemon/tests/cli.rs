@@ -1,0 +1,266 @@
+//! The `exo` binary on good and bad input: every failure is one clear error line
+//! and a non-zero exit, never a panic or an abort inside ggml.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use exo_tests::{write_tiny_model, TempDir, TinyArch, TinySpec};
+use ggml_shim::writer::GgufWriter;
+
+fn exo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_exo"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run exo")
+}
+
+/// Asserts a clean failure whose single error line mentions `needle`.
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code (a signal means a crash); stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    assert!(
+        lines[0].starts_with("exo: error:"),
+        "unexpected stderr: {stderr}"
+    );
+    assert!(
+        lines[0].contains(needle),
+        "error line lacks '{needle}': {stderr}"
+    );
+}
+
+fn tiny(dir: &TempDir, arch: TinyArch) -> String {
+    let path = dir.path().join(format!("{}.gguf", arch.name()));
+    write_tiny_model(&path, &TinySpec::new(arch)).expect("fixture");
+    path.display().to_string()
+}
+
+fn run_greedy(model: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "--model",
+        model,
+        "--prompt",
+        "hello the",
+        "-n",
+        "24",
+        "--temp",
+        "0",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    exo(&args)
+}
+
+#[test]
+fn run_prints_a_completion_and_layers_split_changes_nothing() {
+    let dir = TempDir::new("cli-run").expect("tempdir");
+    for arch in TinyArch::ALL {
+        let model = tiny(&dir, arch);
+        let whole = run_greedy(&model, &[]);
+        assert!(
+            whole.status.success(),
+            "{}",
+            String::from_utf8_lossy(&whole.stderr)
+        );
+        let text = String::from_utf8_lossy(&whole.stdout);
+        assert!(
+            text.trim().len() > 3,
+            "{}: empty completion: {text:?}",
+            arch.name()
+        );
+        let split = run_greedy(&model, &["--layers", "2..4"]);
+        assert!(
+            split.status.success(),
+            "{}",
+            String::from_utf8_lossy(&split.stderr)
+        );
+        assert_eq!(
+            whole.stdout,
+            split.stdout,
+            "{}: --layers 2..4 changed the output",
+            arch.name()
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_output() {
+    let dir = TempDir::new("cli-seed").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Llama);
+    let args = [
+        "run",
+        "--model",
+        model.as_str(),
+        "--prompt",
+        "the",
+        "-n",
+        "24",
+        "--temp",
+        "1.0",
+        "--seed",
+        "42",
+        "--threads",
+        "1",
+    ];
+    let a = exo(&args);
+    let b = exo(&args);
+    assert!(a.status.success());
+    assert_eq!(a.stdout, b.stdout);
+    let mut other = args;
+    other[10] = "43";
+    let c = exo(&other);
+    assert!(c.status.success());
+    assert_ne!(
+        a.stdout, c.stdout,
+        "different seeds gave the same 24 sampled tokens"
+    );
+}
+
+#[test]
+fn inspect_describes_the_model() {
+    let dir = TempDir::new("cli-inspect").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Gemma3);
+    let out = exo(&["inspect", "--model", &model]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "architecture gemma3",
+        "layers       6",
+        "layer   5",
+        "sliding",
+        "f32",
+    ] {
+        assert!(
+            text.contains(needle),
+            "inspect output lacks '{needle}':\n{text}"
+        );
+    }
+}
+
+#[test]
+fn missing_file() {
+    assert_clean_failure(
+        &exo(&[
+            "run",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--prompt",
+            "hi",
+        ]),
+        "cannot open",
+    );
+    assert_clean_failure(
+        &exo(&["inspect", "--model", "/nonexistent/model.gguf"]),
+        "cannot open",
+    );
+}
+
+#[test]
+fn not_a_gguf() {
+    let dir = TempDir::new("cli-notgguf").expect("tempdir");
+    let p = dir.path().join("text.gguf");
+    std::fs::write(&p, "this is not a model\n").expect("write");
+    assert_clean_failure(
+        &exo(&["run", "--model", &p.display().to_string(), "--prompt", "hi"]),
+        "not a GGUF",
+    );
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = TempDir::new("cli-trunc").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Llama);
+    let bytes = std::fs::read(&model).expect("read");
+    // cut in the tensor data: the header parses, the table points past the end
+    let cut = dir.path().join("cut-data.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).expect("write");
+    assert_clean_failure(
+        &exo(&[
+            "run",
+            "--model",
+            &cut.display().to_string(),
+            "--prompt",
+            "hi",
+        ]),
+        "truncated",
+    );
+    // cut in the header
+    let cut = dir.path().join("cut-header.gguf");
+    std::fs::write(&cut, &bytes[..200]).expect("write");
+    assert_clean_failure(
+        &exo(&[
+            "run",
+            "--model",
+            &cut.display().to_string(),
+            "--prompt",
+            "hi",
+        ]),
+        "GGUF header",
+    );
+}
+
+#[test]
+fn wrong_architecture() {
+    let dir = TempDir::new("cli-arch").expect("tempdir");
+    let p = dir.path().join("mamba.gguf");
+    let mut w = GgufWriter::new();
+    w.set_str("general.architecture", "mamba").expect("key");
+    w.write(Path::new(&p)).expect("write");
+    assert_clean_failure(
+        &exo(&["run", "--model", &p.display().to_string(), "--prompt", "hi"]),
+        "unsupported architecture 'mamba'",
+    );
+}
+
+#[test]
+fn layer_range_out_of_bounds() {
+    let dir = TempDir::new("cli-range").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Qwen3);
+    assert_clean_failure(&run_greedy(&model, &["--layers", "3..9"]), "out of bounds");
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let dir = TempDir::new("cli-ctx").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Qwen2);
+    let long = "hello the ".repeat(400);
+    let out = exo(&[
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        &long,
+        "-n",
+        "8",
+        "--threads",
+        "1",
+    ]);
+    assert_clean_failure(&out, "context holds");
+    let out = exo(&[
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        "hello",
+        "-n",
+        "100",
+        "--ctx",
+        "16",
+        "--threads",
+        "1",
+    ]);
+    assert_clean_failure(&out, "context holds 16");
+}
