@@ -285,7 +285,10 @@ fn batched_sequences_match_solo_runs() {
             })
             .collect();
         let flat: Vec<i32> = prompts.concat();
-        let mut logits = batched.step(&seqs, &flat).expect("batched prefill");
+        let mut logits = batched
+            .step(&seqs, &flat)
+            .expect("batched prefill")
+            .to_vec();
         let mut got: Vec<Vec<i32>> = vec![Vec::new(); prompts.len()];
         let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         for _ in 0..steps {
@@ -304,7 +307,7 @@ fn batched_sequences_match_solo_runs() {
                     output: OutputRows::Last,
                 })
                 .collect();
-            logits = batched.step(&seqs, &next).expect("batched decode");
+            logits = batched.step(&seqs, &next).expect("batched decode").to_vec();
             for p in pos.iter_mut() {
                 *p += 1;
             }

@@ -36,10 +36,11 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn peak_rss_kb() -> Option<u64> {
+/// A `/proc/self/status` memory field (e.g. "VmRSS", "VmHWM") in kB.
+fn proc_status_kb(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -47,13 +48,11 @@ fn peak_rss_kb() -> Option<u64> {
 }
 
 fn rss_kb() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    proc_status_kb("VmRSS")
+}
+
+fn peak_rss_kb() -> Option<u64> {
+    proc_status_kb("VmHWM")
 }
 
 /// Deterministic token ids spread over the vocabulary (skipping the first 256 special/byte ids).
@@ -76,7 +75,7 @@ fn exo_prefill(p: &mut Pipeline, toks: &[i32]) -> Result<Vec<f32>> {
         n_tokens: toks.len(),
         output: OutputRows::Last,
     };
-    Ok(p.step(&[seq], toks)?)
+    Ok(p.step(&[seq], toks)?.to_vec())
 }
 
 fn exo_decode(p: &mut Pipeline, first: i32, pos0: usize, n: usize) -> Result<()> {
@@ -88,8 +87,7 @@ fn exo_decode(p: &mut Pipeline, first: i32, pos0: usize, n: usize) -> Result<()>
             n_tokens: 1,
             output: OutputRows::Last,
         };
-        let logits = p.step(&[seq], &[t])?;
-        t = argmax(&logits).unwrap_or(0) as i32;
+        t = argmax(p.step(&[seq], &[t])?).unwrap_or(0) as i32;
     }
     Ok(())
 }

@@ -96,8 +96,7 @@ fn prefill(
             n_tokens: part.len(),
             output,
         };
-        let logits = p.step(&[seq], part)?;
-        out.extend_from_slice(&logits);
+        out.extend_from_slice(p.step(&[seq], part)?);
     }
     Ok(out)
 }
@@ -123,22 +122,25 @@ pub fn generate(
     let slot = p.slots.acquire()?;
     let guard = SlotGuard { pipeline: p, slot };
     let t0 = Instant::now();
-    let mut logits = prefill(guard.pipeline, slot, prompt, params.chunk, false)?;
+    let logits = prefill(guard.pipeline, slot, prompt, params.chunk, false)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut tokens = Vec::new();
     let mut stop = StopReason::Length;
     let mut pos = prompt.len();
-    while tokens.len() < params.max_tokens {
-        let next = if greedy {
-            argmax(&logits)
+    let mut pick = |logits: &[f32]| -> Result<i32, EngineError> {
+        if greedy {
+            return argmax(logits)
                 .map(|i| i as i32)
-                .ok_or_else(|| EngineError::Input("empty logits".into()))?
-        } else {
-            let t = sampler.sample(&logits)?;
-            sampler.accept(t);
-            t
-        };
+                .ok_or_else(|| EngineError::Input("empty logits".into()));
+        }
+        let t = sampler.sample(logits)?;
+        sampler.accept(t);
+        Ok(t)
+    };
+    let mut next = pick(&logits)?;
+    drop(logits);
+    while tokens.len() < params.max_tokens {
         if is_eog(next) {
             stop = StopReason::EndOfGeneration;
             break;
@@ -157,7 +159,7 @@ pub fn generate(
             n_tokens: 1,
             output: OutputRows::Last,
         };
-        logits = guard.pipeline.step(&[seq], &[next])?;
+        next = pick(guard.pipeline.step(&[seq], &[next])?)?;
         pos += 1;
     }
     Ok(Generation {

@@ -40,10 +40,12 @@ pub enum EngineError {
 /// One stage of a pipeline, local or remote: the scheduler drives every stage
 /// through this trait and never sees where it runs.
 pub trait StageLink: Send {
+    /// Runs one step; writes activations (or, on the last stage, logits) into `out`.
     fn forward(
         &mut self,
         seqs: &[BatchSeq],
         input: StageInput<'_>,
+        out: &mut Vec<f32>,
     ) -> Result<StageOutput, EngineError>;
     fn range(&self) -> LayerRange;
 }
@@ -53,8 +55,9 @@ impl StageLink for Stage {
         &mut self,
         seqs: &[BatchSeq],
         input: StageInput<'_>,
+        out: &mut Vec<f32>,
     ) -> Result<StageOutput, EngineError> {
-        Stage::forward(self, seqs, input)
+        Stage::forward(self, seqs, input, out)
     }
 
     fn range(&self) -> LayerRange {
@@ -62,23 +65,27 @@ impl StageLink for Stage {
     }
 }
 
-/// Encodes activations for another stage (little-endian f32).
-pub fn encode_activations(h: &[f32]) -> Vec<u8> {
-    h.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// Encodes activations for another stage (little-endian f32) into `out`.
+pub fn encode_activations(h: &[f32], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend(h.iter().flat_map(|v| v.to_le_bytes()));
 }
 
-/// Decodes activations received from another stage.
-pub fn decode_activations(bytes: &[u8]) -> Result<Vec<f32>, EngineError> {
+/// Decodes activations received from another stage into `out`.
+pub fn decode_activations(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), EngineError> {
     if !bytes.len().is_multiple_of(4) {
         return Err(EngineError::Input(format!(
             "activation of {} bytes is not whole f32 values",
             bytes.len()
         )));
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    out.clear();
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
+    Ok(())
 }
 
 /// Splits `n_layer` layers at the given cut points into contiguous ranges.
@@ -144,6 +151,10 @@ pub struct Pipeline {
     hp: HParams,
     n_ctx: usize,
     pub slots: SlotPool,
+    /// Reused buffers: a stage's output, the bytes on the "wire", the next input.
+    out: Vec<f32>,
+    wire: Vec<u8>,
+    hidden: Vec<f32>,
 }
 
 /// How to build a local pipeline.
@@ -204,6 +215,9 @@ impl Pipeline {
             hp,
             n_ctx,
             slots: SlotPool::new(n_slots),
+            out: Vec::new(),
+            wire: Vec::new(),
+            hidden: Vec::new(),
         })
     }
 
@@ -215,22 +229,23 @@ impl Pipeline {
         self.n_ctx
     }
 
-    /// Runs one step through all stages; returns logits of the requested rows.
-    pub fn step(&mut self, seqs: &[BatchSeq], tokens: &[i32]) -> Result<Vec<f32>, EngineError> {
-        let mut wire: Option<Vec<u8>> = None;
+    /// Runs one step through all stages; returns logits of the requested rows
+    /// (`n_vocab` values per row), valid until the next step.
+    pub fn step(&mut self, seqs: &[BatchSeq], tokens: &[i32]) -> Result<&[f32], EngineError> {
         let n = self.links.len();
-        for (i, link) in self.links.iter_mut().enumerate() {
-            let hidden;
-            let input = match &wire {
-                None => StageInput::Tokens(tokens),
-                Some(bytes) => {
-                    hidden = decode_activations(bytes)?;
-                    StageInput::Hidden(&hidden)
-                }
+        for i in 0..n {
+            if i > 0 {
+                decode_activations(&self.wire, &mut self.hidden)?;
+            }
+            let input = if i == 0 {
+                StageInput::Tokens(tokens)
+            } else {
+                StageInput::Hidden(&self.hidden)
             };
-            match link.forward(seqs, input)? {
-                StageOutput::Hidden(h) if i + 1 < n => wire = Some(encode_activations(&h)),
-                StageOutput::Logits(l) if i + 1 == n => return Ok(l),
+            let link = &mut self.links[i];
+            match link.forward(seqs, input, &mut self.out)? {
+                StageOutput::Hidden if i + 1 < n => encode_activations(&self.out, &mut self.wire),
+                StageOutput::Logits if i + 1 == n => return Ok(&self.out),
                 _ => {
                     return Err(EngineError::Pipeline(format!(
                         "stage {} returned the wrong kind of output",

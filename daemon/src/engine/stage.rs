@@ -32,13 +32,13 @@ pub enum StageInput<'a> {
     Hidden(&'a [f32]),
 }
 
-/// The output of one step.
-#[derive(Debug, Clone, PartialEq)]
+/// What one step wrote into the output buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StageOutput {
     /// Activations for the next stage, `n_embd` values per token.
-    Hidden(Vec<f32>),
+    Hidden,
     /// Logits of the requested rows, `n_vocab` values per row.
-    Logits(Vec<f32>),
+    Logits,
 }
 
 /// Pipeline stage running locally on this machine.
@@ -109,11 +109,13 @@ impl Stage {
         )
     }
 
-    /// Runs one step for a batch of sequences.
+    /// Runs one step for a batch of sequences, writing activations or logits into
+    /// `out` (reused across steps, so a decode step allocates nothing large).
     pub fn forward(
         &mut self,
         seqs: &[BatchSeq],
         input: StageInput<'_>,
+        out: &mut Vec<f32>,
     ) -> Result<StageOutput, EngineError> {
         let n_tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
         match input {
@@ -176,20 +178,20 @@ impl Stage {
             seqs,
             &mut self.inputs,
         )?;
-        let out = self.hp.arch.build(&sg)?;
-        g.output(out);
+        let result = self.hp.arch.build(&sg)?;
+        g.output(result);
         self.alloc.alloc(&g)?;
         sg.fill(&self.inputs)?;
         self.backend.compute(&g)?;
-        let mut values = Vec::new();
         if self.last && sg.n_out() == 0 {
-            return Ok(StageOutput::Logits(values));
+            out.clear();
+            return Ok(StageOutput::Logits);
         }
-        ggml_shim::get_tensor_f32(out, &mut values)?;
+        ggml_shim::get_tensor_f32(result, out)?;
         Ok(if self.last {
-            StageOutput::Logits(values)
+            StageOutput::Logits
         } else {
-            StageOutput::Hidden(values)
+            StageOutput::Hidden
         })
     }
 }

@@ -22,11 +22,7 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let k = sg.rope(il, sg.rms_norm(k, sg.lw(il, "attn_k_norm.weight")?));
         let q = sg.g.scale(q, q_scale);
         let cur = sg.attention(il, q, k, v, 1.0)?;
-        let cur = sg.linear(
-            sg.lw(il, "attn_output.weight")?,
-            cur,
-            sg.lw_opt(il, "attn_output.bias"),
-        );
+        let cur = sg.proj(il, "attn_output", cur)?;
         let cur = sg.select_rows(il, cur);
         let cur = sg.rms_norm(cur, sg.lw(il, "post_attention_norm.weight")?);
         let sa_out = sg.g.add(cur, sg.select_rows(il, x));

@@ -315,6 +315,12 @@ impl<'a> StageGraph<'a> {
         }
     }
 
+    /// `blk.{il}.{name}.weight · x (+ blk.{il}.{name}.bias)`.
+    pub fn proj(&self, il: usize, name: &str, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
+        let w = self.lw(il, &format!("{name}.weight"))?;
+        Ok(self.linear(w, x, self.lw_opt(il, &format!("{name}.bias"))))
+    }
+
     /// Q, K, V projections of layer `il`, shaped `[head_dim, heads, n_tokens]`.
     pub fn qkv(
         &self,
@@ -322,21 +328,9 @@ impl<'a> StageGraph<'a> {
         x: Tensor<'a>,
     ) -> Result<(Tensor<'a>, Tensor<'a>, Tensor<'a>), ModelError> {
         let (d, t) = (self.hp.head_dim_k as i64, self.n_tokens as i64);
-        let q = self.linear(
-            self.lw(il, "attn_q.weight")?,
-            x,
-            self.lw_opt(il, "attn_q.bias"),
-        );
-        let k = self.linear(
-            self.lw(il, "attn_k.weight")?,
-            x,
-            self.lw_opt(il, "attn_k.bias"),
-        );
-        let v = self.linear(
-            self.lw(il, "attn_v.weight")?,
-            x,
-            self.lw_opt(il, "attn_v.bias"),
-        );
+        let q = self.proj(il, "attn_q", x)?;
+        let k = self.proj(il, "attn_k", x)?;
+        let v = self.proj(il, "attn_v", x)?;
         let q = self.g.reshape(q, &[d, self.hp.n_head as i64, t]);
         let k = self.g.reshape(k, &[d, self.hp.n_head_kv as i64, t]);
         let v = self.g.reshape(v, &[d, self.hp.n_head_kv as i64, t]);
@@ -447,22 +441,10 @@ impl<'a> StageGraph<'a> {
     /// SiLU-gated feed-forward of layer `il`: `down(silu(gate(x)) * up(x))`, with
     /// optional biases.
     pub fn ffn_silu(&self, il: usize, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
-        let up = self.linear(
-            self.lw(il, "ffn_up.weight")?,
-            x,
-            self.lw_opt(il, "ffn_up.bias"),
-        );
-        let gate = self.linear(
-            self.lw(il, "ffn_gate.weight")?,
-            x,
-            self.lw_opt(il, "ffn_gate.bias"),
-        );
+        let up = self.proj(il, "ffn_up", x)?;
+        let gate = self.proj(il, "ffn_gate", x)?;
         let h = self.g.swiglu_split(gate, up);
-        Ok(self.linear(
-            self.lw(il, "ffn_down.weight")?,
-            h,
-            self.lw_opt(il, "ffn_down.bias"),
-        ))
+        self.proj(il, "ffn_down", h)
     }
 
     /// On the last stage's final model layer, keeps only the rows that produce output.

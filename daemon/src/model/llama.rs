@@ -14,11 +14,7 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let q = sg.rope(il, q);
         let k = sg.rope(il, k);
         let cur = sg.attention(il, q, k, v, kq_scale)?;
-        let cur = sg.linear(
-            sg.lw(il, "attn_output.weight")?,
-            cur,
-            sg.lw_opt(il, "attn_output.bias"),
-        );
+        let cur = sg.proj(il, "attn_output", cur)?;
         let cur = sg.select_rows(il, cur);
         let ffn_in = sg.g.add(cur, sg.select_rows(il, x));
         let cur = sg.rms_norm(ffn_in, sg.lw(il, "ffn_norm.weight")?);

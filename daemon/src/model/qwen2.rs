@@ -13,11 +13,7 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let (q, k, v) = sg.qkv(il, normed)?;
         let (q, k) = (sg.rope(il, q), sg.rope(il, k));
         let attn = sg.attention(il, q, k, v, kq_scale)?;
-        let attn = sg.linear(
-            sg.lw(il, "attn_output.weight")?,
-            attn,
-            sg.lw_opt(il, "attn_output.bias"),
-        );
+        let attn = sg.proj(il, "attn_output", attn)?;
         let residual = sg.g.add(sg.select_rows(il, attn), sg.select_rows(il, x));
         let ffn = sg.ffn_silu(il, sg.rms_norm(residual, sg.lw(il, "ffn_norm.weight")?))?;
         x = sg.g.add(ffn, residual);
