@@ -19,6 +19,7 @@ impl DType {
     pub const F16: DType = DType(sys::GGML_TYPE_F16);
     pub const BF16: DType = DType(sys::GGML_TYPE_BF16);
     pub const I32: DType = DType(sys::GGML_TYPE_I32);
+    pub const I64: DType = DType(sys::GGML_TYPE_I64);
     pub const Q8_0: DType = DType(sys::GGML_TYPE_Q8_0);
     pub const Q4_0: DType = DType(sys::GGML_TYPE_Q4_0);
     pub const Q4_K: DType = DType(sys::GGML_TYPE_Q4_K);
@@ -242,6 +243,13 @@ impl GraphBuilder {
         }
     }
 
+    /// A tensor of the graph (an input or a node) by name.
+    pub fn find(&self, name: &str) -> Option<Tensor<'_>> {
+        let c = CString::new(name).ok()?;
+        // SAFETY: graph valid; c is NUL-terminated; the result lives in self.ctx.
+        unsafe { Tensor::from_raw(sys::ggml_graph_get_tensor(self.graph.as_ptr(), c.as_ptr())) }
+    }
+
     /// Marks `t` as a graph output and adds it (and its dependencies) to the graph.
     pub fn output(&self, t: Tensor<'_>) {
         // SAFETY: t is live; graph belongs to this context.
@@ -361,6 +369,12 @@ impl GraphBuilder {
     pub fn cpy<'a>(&'a self, src: Tensor<'a>, dst: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: both live; element counts are equal by construction of the caller.
         self.wrap(unsafe { sys::ggml_cpy(self.c(), src.raw(), dst.raw()) })
+    }
+
+    /// Writes the rows of `src` into rows `idx` (I64) of `dst`, converting the type.
+    pub fn set_rows<'a>(&'a self, dst: Tensor<'a>, src: Tensor<'a>, idx: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: all live; the caller keeps indices within dst's rows.
+        self.wrap(unsafe { sys::ggml_set_rows(self.c(), dst.raw(), src.raw(), idx.raw()) })
     }
 
     pub fn concat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, dim: i32) -> Tensor<'a> {

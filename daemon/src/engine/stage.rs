@@ -3,7 +3,7 @@
 
 use ggml_shim::{Allocator, CpuBackend, GraphBuilder};
 
-use crate::model::graph::KvCache;
+use crate::model::graph::{KvCache, StepShape};
 use crate::model::{
     BatchSeq, GraphInputs, HParams, LayerRange, ModelFile, StageGraph, StageWeights,
 };
@@ -41,6 +41,15 @@ pub enum StageOutput {
     Logits,
 }
 
+/// Name of the output tensor of every stage graph.
+const RESULT: &str = "stage_result";
+
+/// The last step's graph, kept while steps keep the same shape.
+struct CachedGraph {
+    shape: StepShape,
+    builder: GraphBuilder,
+}
+
 /// Pipeline stage running locally on this machine.
 pub struct Stage {
     hp: HParams,
@@ -52,6 +61,7 @@ pub struct Stage {
     backend: CpuBackend,
     alloc: Allocator,
     inputs: GraphInputs,
+    graph: Option<CachedGraph>,
 }
 
 impl Stage {
@@ -81,6 +91,7 @@ impl Stage {
             backend,
             alloc,
             inputs: GraphInputs::default(),
+            graph: None,
         })
     }
 
@@ -165,28 +176,51 @@ impl Stage {
                 self.inputs.hidden.extend_from_slice(h);
             }
         }
-        let n_seq = seqs.len().max(1);
-        let max_nodes = 256 + self.cfg.range.len() * (64 + 24 * n_seq) + 8 * n_seq;
-        let g = GraphBuilder::new(max_nodes)?;
-        let sg = StageGraph::new(
-            &g,
-            &self.hp,
-            &self.weights,
-            &self.kv,
-            self.first,
-            self.last,
-            seqs,
-            &mut self.inputs,
-        )?;
-        let result = self.hp.arch.build(&sg)?;
-        g.output(result);
-        self.alloc.alloc(&g)?;
-        sg.fill(&self.inputs)?;
-        self.backend.compute(&g)?;
-        if self.last && sg.n_out() == 0 {
+        self.inputs.prepare(&self.hp, &self.kv, self.last, seqs)?;
+        let reuse = self
+            .graph
+            .as_ref()
+            .is_some_and(|c| c.shape == self.inputs.shape);
+        if !reuse {
+            // Drop the old graph first: the allocator's buffer is about to be reused.
+            self.graph = None;
+            let n_seq = seqs.len().max(1);
+            let max_nodes = 256 + self.cfg.range.len() * (64 + 24 * n_seq) + 8 * n_seq;
+            let g = GraphBuilder::new(max_nodes)?;
+            {
+                let sg = StageGraph::new(
+                    &g,
+                    &self.hp,
+                    &self.weights,
+                    &self.kv,
+                    self.first,
+                    self.last,
+                    &self.inputs,
+                )?;
+                let result = self.hp.arch.build(&sg)?;
+                g.name(result, RESULT);
+                g.output(result);
+            }
+            self.alloc.alloc(&g)?;
+            self.graph = Some(CachedGraph {
+                shape: self.inputs.shape.clone(),
+                builder: g,
+            });
+        }
+        let Some(cached) = self.graph.as_ref() else {
+            return Err(EngineError::Pipeline("no graph".into()));
+        };
+        self.inputs
+            .fill(&cached.builder, self.first, self.hp.n_embd)?;
+        self.backend.compute(&cached.builder)?;
+        if self.last && self.inputs.shape.n_out == 0 {
             out.clear();
             return Ok(StageOutput::Logits);
         }
+        let result = cached
+            .builder
+            .find(RESULT)
+            .ok_or_else(|| EngineError::Pipeline("graph lost its result".into()))?;
         ggml_shim::get_tensor_f32(result, out)?;
         Ok(if self.last {
             StageOutput::Logits

@@ -1,5 +1,11 @@
 //! The building blocks every architecture file shares: stage inputs, the KV cache,
 //! attention over several sequences in one batch, norms and the output head.
+//!
+//! A step's graph depends only on its *shape* (which slots, how many tokens, which
+//! rows give output, how far each sequence's padded attention window reaches), never
+//! on token ids or positions: those arrive through named input tensors, and the KV
+//! cache is written through row indices. So consecutive decode steps reuse one graph,
+//! as llama.cpp does, and skip building and allocating it.
 
 use ggml_shim::{DType, GraphBuilder, Placement, RopeParams, Tensor, TensorSpec, TensorStore};
 
@@ -7,8 +13,12 @@ use super::hparams::{HParams, RopeScaling};
 use super::weights::{StageWeights, TIED_HEAD};
 use super::{LayerRange, ModelError};
 
+/// Attention windows are padded to this many positions (masked), so the graph of a
+/// decoding sequence changes only every `KV_PAD` tokens.
+pub const KV_PAD: usize = 256;
+
 /// Which rows of a sequence's chunk produce output (logits on the last stage).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutputRows {
     None,
     Last,
@@ -25,11 +35,13 @@ pub struct BatchSeq {
     pub output: OutputRows,
 }
 
-/// Per-layer F16 key/value caches for `n_slots` sequences of `n_ctx` positions each.
+/// Per-layer F16 key/value caches for `n_slots` sequences of `n_ctx` positions each
+/// (allocated rounded up to `KV_PAD`).
 pub struct KvCache {
     store: TensorStore,
     range: LayerRange,
     pub n_ctx: usize,
+    n_ctx_alloc: usize,
     pub n_slots: usize,
 }
 
@@ -41,13 +53,14 @@ impl KvCache {
         n_slots: usize,
     ) -> Result<KvCache, ModelError> {
         let kv = hp.n_embd_kv() as i64;
+        let n_ctx_alloc = n_ctx.div_ceil(KV_PAD) * KV_PAD;
         let mut specs = Vec::new();
         for il in range.start..range.end {
             for kind in ["k", "v"] {
                 specs.push(TensorSpec {
                     name: format!("cache_{kind}_l{il}"),
                     dtype: DType::F16,
-                    ne: vec![kv, n_ctx as i64, n_slots as i64],
+                    ne: vec![kv, n_ctx_alloc as i64, n_slots as i64],
                     placement: Placement::Plain,
                 });
             }
@@ -58,6 +71,7 @@ impl KvCache {
             store,
             range,
             n_ctx,
+            n_ctx_alloc,
             n_slots,
         })
     }
@@ -83,58 +97,47 @@ impl KvCache {
     }
 }
 
-/// Host data for a step's input tensors.
+/// The shape of a step: equal shapes share one graph.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct StepShape {
+    /// Per sequence: slot, new tokens, output rows, padded attention window.
+    pub seqs: Vec<(usize, usize, OutputRows, usize)>,
+    pub n_out: usize,
+}
+
+/// Host data for a step's input tensors, and the step's shape.
 #[derive(Debug, Default)]
 pub struct GraphInputs {
     pub tokens: Vec<i32>,
     pub hidden: Vec<f32>,
     pub positions: Vec<i32>,
+    /// Cache row of every new token: `slot * n_ctx_alloc + position`.
+    pub kv_rows: Vec<i64>,
     pub masks: Vec<Vec<u16>>,
     pub masks_swa: Vec<Vec<u16>>,
     pub out_ids: Vec<i32>,
+    pub shape: StepShape,
+    has_global: bool,
+    has_swa: bool,
 }
 
 const F16_NEG_INF: u16 = 0xFC00;
 
-/// Everything an architecture file needs to build one step's graph for one stage.
-pub struct StageGraph<'a> {
-    pub g: &'a GraphBuilder,
-    pub hp: &'a HParams,
-    w: &'a StageWeights,
-    kv: &'a KvCache,
-    pub range: LayerRange,
-    pub first: bool,
-    pub last: bool,
-    pub seqs: &'a [BatchSeq],
-    pub n_tokens: usize,
-    inp_tokens: Option<Tensor<'a>>,
-    inp_hidden: Option<Tensor<'a>>,
-    pub pos: Tensor<'a>,
-    masks: Vec<Tensor<'a>>,
-    masks_swa: Vec<Tensor<'a>>,
-    out_ids: Option<Tensor<'a>>,
-    n_out: usize,
-}
-
-impl<'a> StageGraph<'a> {
-    /// Declares the step's inputs and computes their host data.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        g: &'a GraphBuilder,
-        hp: &'a HParams,
-        w: &'a StageWeights,
-        kv: &'a KvCache,
-        first: bool,
+impl GraphInputs {
+    /// Validates the batch against the cache and computes positions, cache rows,
+    /// attention masks and output rows (token ids / activations are set by the caller).
+    pub fn prepare(
+        &mut self,
+        hp: &HParams,
+        kv: &KvCache,
         last: bool,
-        seqs: &'a [BatchSeq],
-        data: &mut GraphInputs,
-    ) -> Result<StageGraph<'a>, ModelError> {
+        seqs: &[BatchSeq],
+    ) -> Result<(), ModelError> {
         let range = kv.range();
-        let n_tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
-        if n_tokens == 0 {
+        if seqs.iter().map(|s| s.n_tokens).sum::<usize>() == 0 {
             return Err(ModelError::BadBatch("empty batch".into()));
         }
-        for s in seqs {
+        for (i, s) in seqs.iter().enumerate() {
             if s.n_tokens == 0 || s.slot >= kv.n_slots || s.pos0 + s.n_tokens > kv.n_ctx {
                 return Err(ModelError::BadBatch(format!(
                     "sequence slot {} positions {}..{} do not fit {} slots of {} positions",
@@ -145,118 +148,196 @@ impl<'a> StageGraph<'a> {
                     kv.n_ctx
                 )));
             }
+            if seqs[..i].iter().any(|o| o.slot == s.slot) {
+                return Err(ModelError::BadBatch(format!(
+                    "slot {} appears twice in one batch",
+                    s.slot
+                )));
+            }
         }
-        let t = n_tokens as i64;
-        let (inp_tokens, inp_hidden) = if first {
-            (Some(g.input(DType::I32, &[t])), None)
-        } else {
-            (None, Some(g.input(DType::F32, &[hp.n_embd as i64, t])))
-        };
-        let pos = g.input(DType::I32, &[t]);
-        data.positions.clear();
-        data.masks.clear();
-        data.masks_swa.clear();
-        data.out_ids.clear();
-        let has_swa = hp.n_swa > 0 && hp.swa_layers[range.start..range.end].iter().any(|&s| s);
-        let has_global = hp.n_swa == 0 || hp.swa_layers[range.start..range.end].iter().any(|&s| !s);
-        let mut masks = Vec::new();
-        let mut masks_swa = Vec::new();
+        self.has_swa = hp.n_swa > 0 && hp.swa_layers[range.start..range.end].iter().any(|&s| s);
+        self.has_global =
+            hp.n_swa == 0 || hp.swa_layers[range.start..range.end].iter().any(|&s| !s);
+        self.positions.clear();
+        self.kv_rows.clear();
+        self.masks.clear();
+        self.masks_swa.clear();
+        self.out_ids.clear();
+        self.shape.seqs.clear();
         let mut row = 0usize;
         for s in seqs {
             let n_kv = s.pos0 + s.n_tokens;
+            let n_kv_pad = (n_kv.div_ceil(KV_PAD) * KV_PAD).min(kv.n_ctx_alloc);
             for i in 0..s.n_tokens {
-                data.positions.push((s.pos0 + i) as i32);
+                self.positions.push((s.pos0 + i) as i32);
+                self.kv_rows
+                    .push((s.slot * kv.n_ctx_alloc + s.pos0 + i) as i64);
             }
             let build_mask = |window: usize| {
-                let mut m = vec![F16_NEG_INF; n_kv * s.n_tokens];
+                let mut m = vec![F16_NEG_INF; n_kv_pad * s.n_tokens];
                 for i in 0..s.n_tokens {
                     let p = s.pos0 + i;
-                    for kp in 0..=p {
-                        if window == 0 || p - kp < window {
-                            m[i * n_kv + kp] = 0;
-                        }
-                    }
+                    let lo = if window == 0 {
+                        0
+                    } else {
+                        (p + 1).saturating_sub(window)
+                    };
+                    m[i * n_kv_pad + lo..=i * n_kv_pad + p].fill(0);
                 }
                 m
             };
-            if has_global {
-                masks.push(g.input(DType::F16, &[n_kv as i64, s.n_tokens as i64]));
-                data.masks.push(build_mask(0));
+            if self.has_global {
+                self.masks.push(build_mask(0));
             }
-            if has_swa {
-                masks_swa.push(g.input(DType::F16, &[n_kv as i64, s.n_tokens as i64]));
-                data.masks_swa.push(build_mask(hp.n_swa));
+            if self.has_swa {
+                self.masks_swa.push(build_mask(hp.n_swa));
             }
             if last {
                 match s.output {
                     OutputRows::None => {}
-                    OutputRows::Last => data.out_ids.push((row + s.n_tokens - 1) as i32),
-                    OutputRows::All => data
+                    OutputRows::Last => self.out_ids.push((row + s.n_tokens - 1) as i32),
+                    OutputRows::All => self
                         .out_ids
                         .extend((row..row + s.n_tokens).map(|r| r as i32)),
                 }
             }
+            self.shape
+                .seqs
+                .push((s.slot, s.n_tokens, s.output, n_kv_pad));
             row += s.n_tokens;
+        }
+        self.shape.n_out = self.out_ids.len();
+        Ok(())
+    }
+
+    fn n_tokens(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Copies the host data into the named inputs of an allocated graph.
+    pub fn fill(&self, g: &GraphBuilder, first: bool, n_embd: usize) -> Result<(), ModelError> {
+        let n_tokens = self.n_tokens();
+        let find = |name: &str| {
+            g.find(name)
+                .ok_or_else(|| ModelError::BadBatch(format!("graph lacks input '{name}'")))
+        };
+        if first {
+            if self.tokens.len() != n_tokens {
+                return Err(ModelError::BadBatch(format!(
+                    "{} token ids for {n_tokens} positions",
+                    self.tokens.len()
+                )));
+            }
+            ggml_shim::set_tensor_data(find("inp_tokens")?, &self.tokens)?;
+        } else {
+            if self.hidden.len() != n_tokens * n_embd {
+                return Err(ModelError::BadBatch(format!(
+                    "activation of {} values, expected {n_tokens} tokens x {n_embd}",
+                    self.hidden.len()
+                )));
+            }
+            ggml_shim::set_tensor_data(find("inp_hidden")?, &self.hidden)?;
+        }
+        ggml_shim::set_tensor_data(find("inp_pos")?, &self.positions)?;
+        ggml_shim::set_tensor_data(find("inp_kv_rows")?, &self.kv_rows)?;
+        for (i, m) in self.masks.iter().enumerate() {
+            ggml_shim::set_tensor_data(find(&format!("inp_mask_{i}"))?, m)?;
+        }
+        for (i, m) in self.masks_swa.iter().enumerate() {
+            ggml_shim::set_tensor_data(find(&format!("inp_mask_swa_{i}"))?, m)?;
+        }
+        if let Some(t) = g.find("inp_out_ids") {
+            ggml_shim::set_tensor_data(t, &self.out_ids)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything an architecture file needs to build one step's graph for one stage.
+pub struct StageGraph<'a> {
+    pub g: &'a GraphBuilder,
+    pub hp: &'a HParams,
+    w: &'a StageWeights,
+    kv: &'a KvCache,
+    pub range: LayerRange,
+    pub first: bool,
+    pub last: bool,
+    pub n_tokens: usize,
+    shape: &'a StepShape,
+    inp_tokens: Option<Tensor<'a>>,
+    inp_hidden: Option<Tensor<'a>>,
+    pub pos: Tensor<'a>,
+    kv_rows: Tensor<'a>,
+    masks: Vec<Tensor<'a>>,
+    masks_swa: Vec<Tensor<'a>>,
+    out_ids: Option<Tensor<'a>>,
+    n_out: usize,
+}
+
+impl<'a> StageGraph<'a> {
+    /// Declares the (named) inputs of a step of the shape `data` was prepared for.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        g: &'a GraphBuilder,
+        hp: &'a HParams,
+        w: &'a StageWeights,
+        kv: &'a KvCache,
+        first: bool,
+        last: bool,
+        data: &'a GraphInputs,
+    ) -> Result<StageGraph<'a>, ModelError> {
+        let n_tokens = data.n_tokens();
+        let t = n_tokens as i64;
+        let named = |dtype: DType, ne: &[i64], name: &str| {
+            let x = g.input(dtype, ne);
+            g.name(x, name);
+            x
+        };
+        let (inp_tokens, inp_hidden) = if first {
+            (Some(named(DType::I32, &[t], "inp_tokens")), None)
+        } else {
+            (
+                None,
+                Some(named(DType::F32, &[hp.n_embd as i64, t], "inp_hidden")),
+            )
+        };
+        let pos = named(DType::I32, &[t], "inp_pos");
+        let kv_rows = named(DType::I64, &[t], "inp_kv_rows");
+        let mut masks = Vec::new();
+        let mut masks_swa = Vec::new();
+        for (i, &(_, n, _, n_kv_pad)) in data.shape.seqs.iter().enumerate() {
+            let ne = [n_kv_pad as i64, n as i64];
+            if data.has_global {
+                masks.push(named(DType::F16, &ne, &format!("inp_mask_{i}")));
+            }
+            if data.has_swa {
+                masks_swa.push(named(DType::F16, &ne, &format!("inp_mask_swa_{i}")));
+            }
         }
         // With no output rows (a prompt chunk before the last one) the last stage only
         // fills its KV cache: no head, no row selection.
-        let n_out = data.out_ids.len();
-        let out_ids =
-            (last && n_out > 0 && n_out < n_tokens).then(|| g.input(DType::I32, &[n_out as i64]));
+        let n_out = data.shape.n_out;
+        let out_ids = (last && n_out > 0 && n_out < n_tokens)
+            .then(|| named(DType::I32, &[n_out as i64], "inp_out_ids"));
         Ok(StageGraph {
             g,
             hp,
             w,
             kv,
-            range,
+            range: kv.range(),
             first,
             last,
-            seqs,
             n_tokens,
+            shape: &data.shape,
             inp_tokens,
             inp_hidden,
             pos,
+            kv_rows,
             masks,
             masks_swa,
             out_ids,
             n_out,
         })
-    }
-
-    /// Copies the host input data into the allocated input tensors.
-    pub fn fill(&self, data: &GraphInputs) -> Result<(), ModelError> {
-        if let Some(t) = self.inp_tokens {
-            if data.tokens.len() != self.n_tokens {
-                return Err(ModelError::BadBatch(format!(
-                    "{} token ids for {} positions",
-                    data.tokens.len(),
-                    self.n_tokens
-                )));
-            }
-            ggml_shim::set_tensor_data(t, &data.tokens)?;
-        }
-        if let Some(t) = self.inp_hidden {
-            if data.hidden.len() != self.n_tokens * self.hp.n_embd {
-                return Err(ModelError::BadBatch(format!(
-                    "activation of {} values, expected {} tokens x {}",
-                    data.hidden.len(),
-                    self.n_tokens,
-                    self.hp.n_embd
-                )));
-            }
-            ggml_shim::set_tensor_data(t, &data.hidden)?;
-        }
-        ggml_shim::set_tensor_data(self.pos, &data.positions)?;
-        for (t, m) in self.masks.iter().zip(&data.masks) {
-            ggml_shim::set_tensor_data(*t, m)?;
-        }
-        for (t, m) in self.masks_swa.iter().zip(&data.masks_swa) {
-            ggml_shim::set_tensor_data(*t, m)?;
-        }
-        if let Some(t) = self.out_ids {
-            ggml_shim::set_tensor_data(t, &data.out_ids)?;
-        }
-        Ok(())
     }
 
     /// Number of output rows on the last stage.
@@ -386,46 +467,30 @@ impl<'a> StageGraph<'a> {
         let kv_row = kc.nb()[1];
         let slot_bytes = kc.nb()[2];
         let elt = 2usize; // F16 cache
-                          // 1. store the new keys and values
-        let mut t0 = 0usize;
-        for s in self.seqs {
-            let n = s.n_tokens as i64;
-            for (src, cache) in [(k, kc), (v, vc)] {
-                let cur = g.view(src, &[d * hkv, n], &[src.nb()[2]], t0 * src.nb()[2]);
-                let dst = g.view(
-                    cache,
-                    &[d * hkv, n],
-                    &[kv_row],
-                    s.slot * slot_bytes + s.pos0 * kv_row,
-                );
-                g.expand(g.cpy(cur, dst));
-            }
-            t0 += s.n_tokens;
+                          // 1. store the new keys and values of all sequences at their cache rows
+        let kv_dim = d * hkv;
+        let all_rows = self.kv.n_ctx_alloc as i64 * self.kv.n_slots as i64;
+        let t = self.n_tokens as i64;
+        for (src, cache) in [(k, kc), (v, vc)] {
+            let dst = g.reshape(cache, &[kv_dim, all_rows]);
+            let cur = g.reshape(src, &[kv_dim, t]);
+            g.expand(g.set_rows(dst, cur, self.kv_rows));
         }
-        // 2. attend, one sequence at a time
+        // 2. attend, one sequence at a time, over its padded window
         let mut out: Option<Tensor<'a>> = None;
         let mut t0 = 0usize;
-        for (i, s) in self.seqs.iter().enumerate() {
-            let n = s.n_tokens as i64;
-            let n_kv = (s.pos0 + s.n_tokens) as i64;
+        for (i, &(slot, n_tokens, _, n_kv_pad)) in self.shape.seqs.iter().enumerate() {
+            let n = n_tokens as i64;
+            let n_kv = n_kv_pad as i64;
             let mask = *masks
                 .get(i)
                 .ok_or_else(|| ModelError::BadBatch("missing attention mask".into()))?;
             let qs = g.view(q, &[d, hq, n], &[q.nb()[1], q.nb()[2]], t0 * q.nb()[2]);
             let qs = g.permute(qs, [0, 2, 1, 3]);
-            let ks = g.view(
-                kc,
-                &[d, hkv, n_kv],
-                &[d as usize * elt, kv_row],
-                s.slot * slot_bytes,
-            );
+            let window = [d as usize * elt, kv_row];
+            let ks = g.view(kc, &[d, hkv, n_kv], &window, slot * slot_bytes);
             let ks = g.permute(ks, [0, 2, 1, 3]);
-            let vs = g.view(
-                vc,
-                &[d, hkv, n_kv],
-                &[d as usize * elt, kv_row],
-                s.slot * slot_bytes,
-            );
+            let vs = g.view(vc, &[d, hkv, n_kv], &window, slot * slot_bytes);
             let vs = g.permute(vs, [0, 2, 1, 3]);
             let o = g.flash_attn(qs, ks, vs, mask, scale, 0.0);
             let o = g.reshape(o, &[d * hq, n]);
@@ -433,7 +498,7 @@ impl<'a> StageGraph<'a> {
                 None => o,
                 Some(prev) => g.concat(prev, o, 1),
             });
-            t0 += s.n_tokens;
+            t0 += n_tokens;
         }
         out.ok_or_else(|| ModelError::BadBatch("empty batch".into()))
     }
