@@ -4,6 +4,10 @@
 //! model) → ggml-shim. All `unsafe` and FFI live in `ggml-shim`.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
 pub mod engine;
 pub mod model;
+pub mod serve;
+pub mod system;
 pub mod tokenizer;

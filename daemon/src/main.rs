@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_serve;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,7 +37,21 @@ enum Command {
     },
     /// Measure prefill and decode speed against llama.cpp on the same machine.
     Bench(bench::BenchArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print the effective configuration (exit 0/1).
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Measure `exo serve` at several concurrent streams against llama.cpp batched decode.
+    BenchServe(bench_serve::BenchServeArgs),
 }
+
+const DEFAULT_CONFIG: &str = "/etc/exo/exo.toml";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -89,6 +104,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Inspect { model } => inspect(&model),
         Command::Bench(args) => bench::run(args),
+        Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::BenchServe(args) => bench_serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -201,6 +219,47 @@ fn run(args: RunArgs) -> Result<()> {
             }
         );
     }
+    Ok(())
+}
+
+fn check_config(path: &Path) -> Result<()> {
+    let cfg = exo::config::Config::load(path)?;
+    print!("{}", cfg.effective_toml());
+    Ok(())
+}
+
+fn serve(path: &Path) -> Result<()> {
+    let cfg = exo::config::Config::load(path)?;
+    exo::system::init_logging();
+    let settings = exo::serve::ServeSettings {
+        model: cfg.model.path.clone(),
+        n_ctx: cfg.engine.ctx,
+        max_slots: cfg.engine.max_slots,
+        max_queue: cfg.engine.max_queue,
+        batch: cfg.engine.batch,
+        threads: cfg.engine.threads,
+        api_key: cfg.api.key.as_ref().map(|k| k.expose().to_string()),
+        max_body_bytes: cfg.api.max_body_bytes,
+        shutdown_timeout: std::time::Duration::from_secs(cfg.api.shutdown_timeout_secs),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+            .await
+            .with_context(|| format!("listening on {}", cfg.api.listen))?;
+        tracing::info!(
+            "node {} listening on http://{} (model {})",
+            cfg.node.name,
+            listener.local_addr()?,
+            cfg.model.path.display()
+        );
+        exo::serve::serve(listener, settings, exo::system::shutdown_signal()).await
+    })?;
+    tracing::info!("stopped");
     Ok(())
 }
 

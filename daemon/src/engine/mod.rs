@@ -2,6 +2,7 @@
 //! slots, chunked prefill and batched decode.
 
 mod generate;
+pub mod scheduler;
 mod stage;
 
 pub use generate::{generate, prompt_logits, GenerateParams, Generation, StopReason};

@@ -1,0 +1,395 @@
+//! The HTTP API on hyper 1: OpenAI-compatible completions (plain and SSE), models,
+//! health and metrics. `run(listener, app, shutdown)` serves until `shutdown`
+//! resolves, then stops accepting and lets open connections finish.
+
+pub mod metrics;
+mod openai;
+pub mod text;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::engine::scheduler::SchedulerHandle;
+use crate::tokenizer::Tokenizer;
+use metrics::Metrics;
+
+/// A loaded model being served.
+pub struct Served {
+    pub tokenizer: Arc<Tokenizer>,
+    pub scheduler: SchedulerHandle,
+    pub n_ctx: usize,
+    pub n_vocab: usize,
+    pub arch: String,
+    pub n_layer: usize,
+    pub max_slots: usize,
+}
+
+/// Shared state of the server.
+pub struct App {
+    /// The model's id as clients name it (the file stem).
+    pub model_id: String,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub metrics: Arc<Metrics>,
+    /// Set once the model is loaded.
+    pub served: OnceLock<Served>,
+    /// Why loading failed, if it did.
+    pub load_error: Mutex<Option<String>>,
+    /// After shutdown, how long open connections may take to finish.
+    pub drain_timeout: Duration,
+}
+
+impl App {
+    pub fn new(model_id: String, api_key: Option<String>, max_body_bytes: usize) -> App {
+        App {
+            model_id,
+            api_key,
+            max_body_bytes,
+            metrics: Arc::new(Metrics::default()),
+            served: OnceLock::new(),
+            load_error: Mutex::new(None),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Whether `name` refers to the served model.
+    fn knows_model(&self, name: &str) -> bool {
+        name.is_empty()
+            || name == self.model_id
+            || name == "default"
+            || name == format!("{}.gguf", self.model_id)
+    }
+}
+
+/// The response body: a whole buffer or a stream of SSE events.
+pub enum ApiBody {
+    Full(Full<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl Body for ApiBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ApiBody::Full(f) => Pin::new(f).poll_frame(cx),
+            ApiBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+}
+
+pub type ApiResponse = Response<ApiBody>;
+
+/// An OpenAI-shaped error.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            code,
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            message,
+        )
+    }
+
+    pub fn body_json(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}})
+    }
+
+    fn into_response(self) -> ApiResponse {
+        let mut r = json_response(self.status, &self.body_json());
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+pub fn json_response(status: StatusCode, v: &serde_json::Value) -> ApiResponse {
+    let mut r = Response::new(ApiBody::Full(Full::new(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn text_response(status: StatusCode, content_type: &'static str, body: String) -> ApiResponse {
+    let mut r = Response::new(ApiBody::Full(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// Serves HTTP on `listener` until `shutdown` completes; then stops accepting and
+/// waits for open connections to finish (the caller bounds that wait).
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // e.g. out of file descriptors: keep serving
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let svc = service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(handle(app, req).await) }
+                });
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("connection from {peer}: {e}");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(app.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open after {:?}; closing",
+            app.drain_timeout
+        );
+    }
+    Ok(())
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> ApiResponse {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let endpoint = match path.as_str() {
+        "/v1/completions" | "/v1/chat/completions" | "/v1/models" | "/health" | "/metrics" => {
+            path.as_str()
+        }
+        _ => "other",
+    }
+    .to_string();
+    let resp = route(&app, req, &path, &method)
+        .await
+        .unwrap_or_else(ApiError::into_response);
+    app.metrics.request(&endpoint, resp.status().as_u16());
+    tracing::info!(target: "exo::http", "{method} {path} {}", resp.status().as_u16());
+    resp
+}
+
+fn method_not_allowed(allowed: &'static str) -> ApiResponse {
+    let e = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("method not allowed; use {allowed}"),
+    );
+    let mut r = e.into_response();
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allowed));
+    r
+}
+
+async fn route(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    path: &str,
+    method: &Method,
+) -> Result<ApiResponse, ApiError> {
+    match path {
+        "/health" => {
+            if method != Method::GET {
+                return Ok(method_not_allowed("GET"));
+            }
+            Ok(health(app))
+        }
+        "/metrics" => {
+            if method != Method::GET {
+                return Ok(method_not_allowed("GET"));
+            }
+            let served = app.served.get();
+            let body = app.metrics.render(
+                served.map(|s| s.scheduler.stats()),
+                served.map_or(0, |s| s.max_slots),
+            );
+            Ok(text_response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                body,
+            ))
+        }
+        "/v1/models" | "/v1/completions" | "/v1/chat/completions" => {
+            let allowed = if path == "/v1/models" { "GET" } else { "POST" };
+            if method.as_str() != allowed {
+                return Ok(method_not_allowed(allowed));
+            }
+            authorize(app, &req)?;
+            if path == "/v1/models" {
+                return Ok(openai::models(app));
+            }
+            let body = read_body(app, req).await?;
+            let served = ready(app)?;
+            if path == "/v1/completions" {
+                openai::completions(app, served, &body).await
+            } else {
+                openai::chat_completions(app, served, &body).await
+            }
+        }
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            format!("unknown path {path}"),
+        )),
+    }
+}
+
+fn health(app: &App) -> ApiResponse {
+    if app.served.get().is_some() {
+        return json_response(StatusCode::OK, &json!({"status": "ok"}));
+    }
+    let why = app.load_error.lock().ok().and_then(|e| e.clone());
+    let (code, message) = match why {
+        Some(e) => ("load_failed", format!("the model failed to load: {e}")),
+        None => ("loading", "the model is loading".to_string()),
+    };
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        code,
+        message,
+    )
+    .into_response()
+}
+
+fn ready(app: &App) -> Result<&Served, ApiError> {
+    app.served.get().ok_or_else(|| {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "loading",
+            "the model is still loading",
+        );
+        e.retry_after = Some(1);
+        e
+    })
+}
+
+/// Constant-time comparison of the bearer token.
+fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(key) = &app.api_key else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), key.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in b.iter().enumerate() {
+        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
+    }
+    if diff == 0 {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            "missing or wrong API key (send 'Authorization: Bearer <key>')",
+        ))
+    }
+}
+
+async fn read_body(app: &App, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            format!("the request body exceeds {} bytes", app.max_body_bytes),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > app.max_body_bytes {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(req.into_body(), app.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}

@@ -1,0 +1,239 @@
+//! `exo bench-serve`: aggregate generated tok/s and median time-to-first-token of
+//! `exo serve` (in-process, through real HTTP on 127.0.0.1) at several stream counts,
+//! beside llama.cpp's own batched decode (`llama_decode` with the same number of
+//! sequences, same threads), runs interleaved, medians reported as ratios.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use exo::serve::{serve, ServeSettings};
+use exo::tokenizer::Tokenizer;
+use ggml_shim::llama::{argmax, init_backend, LogitsWanted, OracleModel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(clap::Args)]
+pub struct BenchServeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Concurrent streams to measure, comma-separated.
+    #[arg(long, default_value = "1,4,8", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Tokens generated per stream.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+}
+
+const PROMPTS: &[&str] = &[
+    "The history of the printing press begins",
+    "In a quiet village by the sea, an old fisherman",
+    "The main ingredients of bread are",
+    "Photosynthesis is the process by which",
+    "The first computers were built",
+    "A good night's sleep helps",
+    "The river flowed through the valley and",
+    "Mathematics is the study of",
+];
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One streamed completion over a raw HTTP/1.1 connection: (ttft, completion tokens).
+async fn stream_one(
+    addr: std::net::SocketAddr,
+    prompt: &str,
+    tokens: usize,
+) -> Result<(f64, usize)> {
+    let body = serde_json::json!({
+        "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": true,
+        "stream_options": {"include_usage": true}
+    })
+    .to_string();
+    let t0 = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let mut ttft = None;
+    loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if ttft.is_none() && buf.windows(6).any(|w| w == b"data: ") {
+            ttft = Some(t0.elapsed().as_secs_f64());
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    if !text.starts_with("HTTP/1.1 200") {
+        bail!("server answered: {}", text.lines().next().unwrap_or(""));
+    }
+    let usage = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            v.get("usage")
+                .and_then(|u| u.get("completion_tokens"))
+                .and_then(|c| c.as_u64())
+        })
+        .last()
+        .context("no usage in the stream")?;
+    Ok((ttft.unwrap_or(0.0), usage as usize))
+}
+
+async fn exo_round(addr: std::net::SocketAddr, n: usize, tokens: usize) -> Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let p = PROMPTS[i % PROMPTS.len()];
+        tasks.push(tokio::spawn(stream_one(addr, p, tokens)));
+    }
+    let mut total = 0;
+    let mut ttfts = Vec::new();
+    for t in tasks {
+        let (ttft, k) = t.await??;
+        total += k;
+        ttfts.push(ttft);
+    }
+    Ok((
+        total as f64 / t0.elapsed().as_secs_f64(),
+        median(&mut ttfts),
+    ))
+}
+
+fn llama_round(
+    ctx: &mut ggml_shim::llama::OracleContext,
+    prompts: &[Vec<i32>],
+    tokens: usize,
+) -> Result<(f64, f64)> {
+    ctx.clear_kv()?;
+    let t0 = Instant::now();
+    let mut next = Vec::new();
+    let mut pos = Vec::new();
+    for (s, p) in prompts.iter().enumerate() {
+        ctx.decode(p, 0, s as i32, LogitsWanted::Last)?;
+        next.push(argmax(ctx.logits_ith(-1)?).unwrap_or(0) as i32);
+        pos.push(p.len() as i32);
+    }
+    let ttft = t0.elapsed().as_secs_f64();
+    for _ in 1..tokens {
+        let entries: Vec<(i32, i32, i32)> = (0..prompts.len())
+            .map(|s| (next[s], pos[s], s as i32))
+            .collect();
+        ctx.decode_multi(&entries)?;
+        for s in 0..prompts.len() {
+            next[s] = argmax(ctx.logits_ith(s as i32)?).unwrap_or(0) as i32;
+            pos[s] += 1;
+        }
+    }
+    Ok((
+        (prompts.len() * tokens) as f64 / t0.elapsed().as_secs_f64(),
+        ttft,
+    ))
+}
+
+pub fn run(args: BenchServeArgs) -> Result<()> {
+    init_backend();
+    let threads = args.threads.unwrap_or_else(crate::default_threads);
+    let max_n = args.concurrency.iter().copied().max().unwrap_or(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let settings = ServeSettings {
+        model: args.model.clone(),
+        n_ctx: 512,
+        max_slots: max_n,
+        max_queue: 64,
+        batch: 512,
+        threads,
+        api_key: None,
+        max_body_bytes: 1 << 20,
+        shutdown_timeout: Duration::from_secs(2),
+    };
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(serve(listener, settings, async move {
+        let _ = stop_rx.await;
+    }));
+    // wait until the model is loaded
+    rt.block_on(async {
+        for _ in 0..600 {
+            if stream_one(addr, "warm", 1).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the server did not come up")
+    })?;
+    let tok = Tokenizer::load(&args.model, "gemma3")?;
+    let oracle = OracleModel::load(&args.model, threads as i32)?;
+    let mut ctx = oracle.context((512 * max_n) as u32, 512, max_n as u32)?;
+    println!(
+        "model {}, {} threads, {} tokens per stream, {} interleaved repetitions",
+        args.model.display(),
+        threads,
+        args.tokens,
+        args.reps
+    );
+    println!(
+        "{:>8} {:>12} {:>12} {:>7} {:>12} {:>14}",
+        "streams", "exo tok/s", "llama tok/s", "ratio", "exo ttft ms", "llama ttft ms"
+    );
+    let mut single = None;
+    for &n in &args.concurrency {
+        let prompts: Vec<Vec<i32>> = (0..n)
+            .map(|i| tok.encode(PROMPTS[i % PROMPTS.len()]))
+            .collect::<Result<_, _>>()?;
+        let (mut e_tps, mut e_ttft, mut l_tps, mut l_ttft) = (vec![], vec![], vec![], vec![]);
+        for rep in 0..args.reps {
+            for which in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
+                if which == 0 {
+                    let (tps, ttft) = rt.block_on(exo_round(addr, n, args.tokens))?;
+                    e_tps.push(tps);
+                    e_ttft.push(ttft);
+                } else {
+                    let (tps, ttft) = llama_round(&mut ctx, &prompts, args.tokens)?;
+                    l_tps.push(tps);
+                    l_ttft.push(ttft);
+                }
+            }
+        }
+        let (et, lt) = (median(&mut e_tps), median(&mut l_tps));
+        if n == 1 {
+            single = Some(et);
+        }
+        println!(
+            "{:>8} {:>12.1} {:>12.1} {:>6.2}x {:>12.1} {:>14.1}",
+            n,
+            et,
+            lt,
+            et / lt,
+            median(&mut e_ttft) * 1e3,
+            median(&mut l_ttft) * 1e3
+        );
+        if let (Some(s), true) = (single, n > 1) {
+            println!(
+                "{:>8} exo {n} streams = {:.2}x its single-stream rate",
+                "",
+                et / s
+            );
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    Ok(())
+}
