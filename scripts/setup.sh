@@ -26,6 +26,17 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
+# A throwaway venv with the official `openai` package, for the SDK end-to-end test.
+if [ ! -x .venv-test/bin/python ] || ! .venv-test/bin/python -c "import openai" >/dev/null 2>&1; then
+    echo "setup: creating .venv-test with the openai package"
+    python3 -m venv .venv-test 2>/dev/null || {
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv .venv-test
+    }
+    .venv-test/bin/python -m pip install --quiet openai
+fi
+
 MODEL=models/gemma-3-270m-Q4_K_M.gguf
 SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 if [ -f "$MODEL" ] && echo "$SHA  $MODEL" | sha256sum -c --status; then

@@ -81,14 +81,14 @@ async fn stream_one(
     }
     let usage = text
         .lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| {
+        .find_map(|v| {
             v.get("usage")
                 .and_then(|u| u.get("completion_tokens"))
                 .and_then(|c| c.as_u64())
         })
-        .last()
         .context("no usage in the stream")?;
     Ok((ttft.unwrap_or(0.0), usage as usize))
 }
