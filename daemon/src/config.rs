@@ -13,14 +13,21 @@
 //!    checked into a [`Config`].
 //!
 //! The known keys of a section are the fields of its `Raw*` struct, as serde sees them.
-//! Adding a section (`[cluster]`, `[[peer]]`): a `Raw*` struct and a field of
-//! `RawFile`, an arm in `section_keys`, a public struct and a field of [`Config`], its
-//! defaults and checks in `resolve`, and its variables (if any) in `ENV_OVERRIDES`.
-//! A section may be a table (`[api]`) or an array of tables (`[[peer]]`).
+//! Adding a section: a `Raw*` struct and a field of `RawFile`, an arm in
+//! `section_keys`, a public struct and a field of [`Config`], its defaults and checks in
+//! `resolve`, and its variables (if any) in `ENV_OVERRIDES`. A section may be a table
+//! (`[api]`) or an array of tables (`[[peer]]`, listed in `ARRAY_SECTIONS`; the key
+//! sites of its entries carry the entry's index, so that errors name the right line).
+//!
+//! A file without `[[peer]]` entries is a single node. With peers it is a cluster: the
+//! peers in pipeline order (the same list on every node, the first one the head that
+//! serves HTTP), this node's `[node] listen` URL for the data plane (the control plane
+//! listens on the same host, port + 1) and the shared `[cluster]` key; the rules across
+//! those keys are checked in `check_cluster`.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +57,10 @@ pub const MAX_SLOTS_LIMIT: usize = 64;
 pub const DEFAULT_MAX_QUEUE: usize = 64;
 /// `[engine] batch` by default.
 pub const DEFAULT_BATCH: usize = 512;
+/// `[cluster] key` at least this many characters.
+pub const MIN_CLUSTER_KEY_LEN: usize = 16;
+/// A node's control plane listens on the port of its data-plane URL plus this.
+pub const CONTROL_PORT_OFFSET: u16 = 1;
 
 // ---------------------------------------------------------------------------------------
 // The effective configuration
@@ -63,13 +74,51 @@ pub struct Config {
     pub model: ModelConfig,
     pub api: ApiConfig,
     pub engine: EngineConfig,
+    /// `[cluster]`: printed only when a key is set.
+    #[serde(skip_serializing_if = "ClusterConfig::is_empty")]
+    pub cluster: ClusterConfig,
+    /// `[[peer]]`, in pipeline order; empty: a single node.
+    #[serde(rename = "peer", skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
 }
 
 /// `[node]`: this machine.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeConfig {
-    /// Name in logs (and in the cluster later). Default: the hostname, or "exo".
+    /// Name in logs and in the cluster (its `[[peer]] name`). Default: the hostname, or
+    /// "exo".
     pub name: String,
+    /// This node's nng URL for the cluster data plane, such as "tcp://0.0.0.0:5555"
+    /// (checked: `tcp://`, a host, a port in 1..=65534). The control plane listens on the
+    /// same host, port + 1 ([`NodeConfig::control_listen`]). Required when peers are
+    /// listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+}
+
+/// `[cluster]`: what every node of a cluster shares.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterConfig {
+    /// The shared secret, from `key` or read from `key_file` (at least
+    /// [`MIN_CLUSTER_KEY_LEN`] visible ASCII characters). Required when peers are listed.
+    pub key: Option<ClusterKey>,
+    /// The file the key was read from, when it came from one.
+    pub key_file: Option<PathBuf>,
+}
+
+/// One `[[peer]]`: a node of the cluster, in pipeline order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Its `[node] name` (unique in the list).
+    pub name: String,
+    /// The nng URL other nodes dial to reach its data plane, such as
+    /// "tcp://192.168.1.20:5555" (unique in the list); its control plane is the same
+    /// host, port + 1 ([`PeerConfig::control_address`]).
+    pub address: String,
+    /// Its layers `start..end` (end exclusive), when the file gives them; then every
+    /// peer has them, contiguous from 0 in peer order. `None`: the cluster splits the
+    /// layers itself.
+    pub layers: Option<(usize, usize)>,
 }
 
 /// `[model]`: the model to serve.
@@ -114,6 +163,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             name: default_node_name(),
+            listen: None,
         }
     }
 }
@@ -139,6 +189,95 @@ impl Default for EngineConfig {
             max_queue: DEFAULT_MAX_QUEUE,
             batch: DEFAULT_BATCH,
         }
+    }
+}
+
+impl NodeConfig {
+    /// The nng URL of this node's control plane: `listen` with its port + 1; `None`
+    /// without `listen`.
+    pub fn control_listen(&self) -> Option<String> {
+        control_url(self.listen.as_deref()?).ok()
+    }
+}
+
+impl PeerConfig {
+    /// The nng URL of this peer's control plane: `address` with its port + 1 (`None`
+    /// only for an address that loading would have refused).
+    pub fn control_address(&self) -> Option<String> {
+        control_url(&self.address).ok()
+    }
+}
+
+impl ClusterConfig {
+    /// Neither `key` nor `key_file` is set.
+    pub fn is_empty(&self) -> bool {
+        self.key.is_none() && self.key_file.is_none()
+    }
+}
+
+impl Config {
+    /// Whether peers are listed (a cluster), rather than a single node.
+    pub fn is_cluster(&self) -> bool {
+        !self.peers.is_empty()
+    }
+
+    /// This node's place in the peer list: the peer named `[node] name` (loading checks
+    /// that there is one whenever peers are listed). `None` for a single node.
+    pub fn own_peer_index(&self) -> Option<usize> {
+        self.peers.iter().position(|p| p.name == self.node.name)
+    }
+
+    /// Whether this node serves the HTTP API: a single node, or the first peer.
+    pub fn is_head(&self) -> bool {
+        !self.is_cluster() || self.own_peer_index() == Some(0)
+    }
+}
+
+/// The control-plane URL of a data-plane nng URL: the same host, port + 1.
+pub fn control_url(data_url: &str) -> Result<String, String> {
+    let (host, port) = parse_tcp_url(data_url)?;
+    Ok(format!("tcp://{host}:{}", port + CONTROL_PORT_OFFSET))
+}
+
+/// Splits an nng TCP URL (`tcp://HOST:PORT`) into its host (an IPv6 address keeps its
+/// brackets) and port, checking that the port leaves room for the control plane.
+pub fn parse_tcp_url(url: &str) -> Result<(&str, u16), String> {
+    const EXAMPLE: &str = "such as tcp://192.168.1.20:5555";
+    let Some(rest) = url.strip_prefix("tcp://") else {
+        return Err(format!(
+            "'{url}' is not an nng TCP URL {EXAMPLE}: it must start with tcp://"
+        ));
+    };
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(format!("'{url}' has no port ({EXAMPLE})"));
+    };
+    if host.is_empty() {
+        return Err(format!("'{url}' has no host ({EXAMPLE})"));
+    }
+    let host_ok = match host.strip_prefix('[') {
+        Some(inner) => inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<Ipv6Addr>().is_ok()),
+        None => host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_'),
+    };
+    if !host_ok {
+        return Err(format!(
+            "'{url}': '{host}' is not a host name or an IP address \
+             (an IPv6 address goes in brackets, such as tcp://[fd00::20]:5555)"
+        ));
+    }
+    let max = u16::MAX - CONTROL_PORT_OFFSET;
+    match port.parse::<u16>() {
+        Ok(port) if (1..=max).contains(&port) => Ok((host, port)),
+        Ok(port) => Err(format!(
+            "'{url}': the port must be in 1..={max} (the control plane listens on the \
+             port + {CONTROL_PORT_OFFSET}), got {port}"
+        )),
+        Err(_) => Err(format!(
+            "'{url}': '{port}' is not a port number ({EXAMPLE})"
+        )),
     }
 }
 
@@ -214,6 +353,72 @@ impl Serialize for ApiKey {
     }
 }
 
+/// Printed as `key = "***"`, or only as `key_file` when the key came from a file.
+impl Serialize for ClusterConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            key: Option<&'a ClusterKey>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            key_file: Option<&'a Path>,
+        }
+        View {
+            key: self.key.as_ref().filter(|_| self.key_file.is_none()),
+            key_file: self.key_file.as_deref(),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Printed as in the file: `layers = "A-B"`.
+impl Serialize for PeerConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            name: &'a str,
+            address: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            layers: Option<String>,
+        }
+        View {
+            name: &self.name,
+            address: &self.address,
+            layers: self.layers.map(|(a, b)| format!("{a}-{b}")),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// The secret the nodes of a cluster share. Its `Debug` and `Serialize` forms are
+/// `***`; it has no `Display`.
+#[derive(Clone)]
+pub struct ClusterKey(String);
+
+impl ClusterKey {
+    /// A key, as given (loading trims and checks it).
+    pub fn new(key: impl Into<String>) -> Self {
+        ClusterKey(key.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterKey(***)")
+    }
+}
+
+impl Serialize for ClusterKey {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("***")
+    }
+}
+
 /// The default `[node] name`: the first line of `/etc/hostname`, or "exo".
 pub fn default_node_name() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -278,10 +483,27 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
-    #[error("'api.key' ({key_at}) and 'api.key_file' ({key_file_at}) are both set: set only one")]
-    KeyConflict { key_at: String, key_file_at: String },
-    #[error("api.key_file {}: {message}", path.display())]
-    KeyFile { path: PathBuf, message: String },
+    /// `section` is "api" or "cluster".
+    #[error(
+        "'{section}.key' ({key_at}) and '{section}.key_file' ({key_file_at}) are both set: \
+         set only one"
+    )]
+    KeyConflict {
+        section: &'static str,
+        key_at: String,
+        key_file_at: String,
+    },
+    /// `key` is "api.key_file" or "cluster.key_file".
+    #[error("{key} {}: {message}", path.display())]
+    KeyFile {
+        key: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    /// A rule across keys (the peer list, the cluster keys): `at` is "FILE line N",
+    /// "environment variable EXO_…" or "FILE".
+    #[error("{at}: {message}")]
+    Cluster { at: String, message: String },
     #[error("{}: {error}", path.display())]
     Load {
         path: PathBuf,
@@ -301,12 +523,15 @@ struct RawFile {
     model: RawModel,
     api: RawApi,
     engine: RawEngine,
+    cluster: RawCluster,
+    peer: Vec<RawPeer>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a table")]
 struct RawNode {
     name: Option<String>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -335,6 +560,21 @@ struct RawEngine {
     batch: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+struct RawCluster {
+    key: Option<String>,
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+struct RawPeer {
+    name: Option<String>,
+    address: Option<String>,
+    layers: Option<String>,
+}
+
 /// The sections of the file, in order.
 fn sections() -> &'static [&'static str] {
     struct_fields::<RawFile>()
@@ -347,12 +587,23 @@ fn section_keys(section: &str) -> Option<&'static [&'static str]> {
         "model" => struct_fields::<RawModel>(),
         "api" => struct_fields::<RawApi>(),
         "engine" => struct_fields::<RawEngine>(),
+        "cluster" => struct_fields::<RawCluster>(),
+        "peer" => struct_fields::<RawPeer>(),
         _ => return None,
     })
 }
 
 /// The sections written as arrays of tables (`[[peer]]`); the others are tables.
-const ARRAY_SECTIONS: &[&str] = &[];
+const ARRAY_SECTIONS: &[&str] = &["peer"];
+
+/// A section as written in the file: `[api]`, `[[peer]]`.
+fn section_header(section: &str) -> String {
+    if ARRAY_SECTIONS.contains(&section) {
+        format!("[[{section}]]")
+    } else {
+        format!("[{section}]")
+    }
+}
 
 /// The field names of a `#[derive(Deserialize)]` struct as serde sees them (renames
 /// applied), so that the known keys never drift from the structs: the derived code
@@ -389,11 +640,14 @@ fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
     fields
 }
 
-/// One key of the file: its dotted name, the line it stands on, the bytes of its value.
+/// One key of the file: its dotted name, the line it stands on, the bytes of its value,
+/// and for a key of an array section the index of its entry (for an entry itself, `key`
+/// is the section's name).
 struct KeySite {
     key: String,
     line: usize,
     value: Range<usize>,
+    entry: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -420,6 +674,7 @@ const fn env(var: &'static str, key: &'static str, kind: Kind) -> EnvOverride {
 /// as unset.
 const ENV_OVERRIDES: &[EnvOverride] = &[
     env("EXO_NODE_NAME", "node.name", Kind::Text),
+    env("EXO_NODE_LISTEN", "node.listen", Kind::Text),
     env("EXO_MODEL_PATH", "model.path", Kind::Text),
     env("EXO_API_LISTEN", "api.listen", Kind::Text),
     env("EXO_API_KEY", "api.key", Kind::Text),
@@ -433,6 +688,8 @@ const ENV_OVERRIDES: &[EnvOverride] = &[
     env("EXO_ENGINE_CTX", "engine.ctx", Kind::Count),
     env("EXO_ENGINE_MAX_SLOTS", "engine.max_slots", Kind::Count),
     env("EXO_ENGINE_MAX_QUEUE", "engine.max_queue", Kind::Count),
+    env("EXO_CLUSTER_KEY", "cluster.key", Kind::Text),
+    env("EXO_CLUSTER_KEY_FILE", "cluster.key_file", Kind::Text),
 ];
 
 /// The environment variables that override the file, with the key each sets.
@@ -530,11 +787,13 @@ impl Config {
             model: ModelConfig { path: path.into() },
             api: ApiConfig::default(),
             engine: EngineConfig::default(),
+            cluster: ClusterConfig::default(),
+            peers: Vec::new(),
         }
     }
 
-    /// The effective configuration as TOML, the API key shown as `"***"` (for
-    /// `exo check-config`).
+    /// The effective configuration as TOML, the API and cluster keys shown as `"***"`
+    /// (for `exo check-config`).
     pub fn effective_toml(&self) -> String {
         toml::to_string(self)
             .unwrap_or_else(|e| format!("# the configuration cannot be printed as TOML: {e}\n"))
@@ -575,6 +834,7 @@ fn check_keys(path: &Path, text: &str) -> Result<Vec<KeySite>, ConfigError> {
             key: section_name.to_owned(),
             line,
             value: value.span(),
+            entry: None,
         });
         // A section is a table, or an array of tables; any other value is left to the
         // typed pass, which reports it as a wrong type.
@@ -593,14 +853,30 @@ fn check_keys(path: &Path, text: &str) -> Result<Vec<KeySite>, ConfigError> {
                 message: format!("found {found}, expected {expected}"),
             });
         }
-        let tables: Vec<&DeTable> = match value.get_ref().as_array() {
+        // (entry index for an array section, the table).
+        let tables: Vec<(Option<usize>, &DeTable)> = match value.get_ref().as_array() {
             Some(array) => array
                 .iter()
-                .filter_map(|v| v.get_ref().as_table())
+                .enumerate()
+                .filter_map(|(i, v)| {
+                    let table = v.get_ref().as_table()?;
+                    sites.push(KeySite {
+                        key: section_name.to_owned(),
+                        line: line_col(text, v.span().start).0,
+                        value: v.span(),
+                        entry: Some(i),
+                    });
+                    Some((Some(i), table))
+                })
                 .collect(),
-            None => value.get_ref().as_table().into_iter().collect(),
+            None => value
+                .get_ref()
+                .as_table()
+                .into_iter()
+                .map(|t| (None, t))
+                .collect(),
         };
-        for table in tables {
+        for (entry, table) in tables {
             for (key, value) in table {
                 let key_name: &str = key.get_ref();
                 let dotted = format!("{section_name}.{key_name}");
@@ -613,6 +889,7 @@ fn check_keys(path: &Path, text: &str) -> Result<Vec<KeySite>, ConfigError> {
                     key: dotted,
                     line,
                     value: value.span(),
+                    entry,
                 });
             }
         }
@@ -625,7 +902,7 @@ fn check_keys(path: &Path, text: &str) -> Result<Vec<KeySite>, ConfigError> {
             let belongs: Vec<String> = sections()
                 .iter()
                 .filter(|s| section_keys(s).is_some_and(|keys| keys.contains(&name)))
-                .map(|s| format!("[{s}]"))
+                .map(|s| section_header(s))
                 .collect();
             let hint = if belongs.is_empty() {
                 String::new()
@@ -699,10 +976,46 @@ impl Origins<'_> {
         }
     }
 
+    /// Where `key` of entry `entry` of an array section stands ("FILE line N"); for an
+    /// entry without that key, where the entry starts.
+    fn at_entry(&self, key: &str, entry: usize) -> String {
+        let section = key.split('.').next().unwrap_or(key);
+        let site = [key, section].into_iter().find_map(|k| {
+            self.sites
+                .iter()
+                .find(|s| s.key == k && s.entry == Some(entry))
+        });
+        match site {
+            Some(site) => format!("{} line {}", self.path.display(), site.line),
+            None => self.path.display().to_string(),
+        }
+    }
+
     fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             at: self.at(key),
             key,
+            message: message.into(),
+        }
+    }
+
+    fn invalid_entry(
+        &self,
+        key: &'static str,
+        entry: usize,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            at: self.at_entry(key, entry),
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// An error across keys, reported at `at`.
+    fn cluster(&self, at: String, message: impl Into<String>) -> ConfigError {
+        ConfigError::Cluster {
+            at,
             message: message.into(),
         }
     }
@@ -726,21 +1039,95 @@ impl Origins<'_> {
         }
     }
 
-    /// A bearer token must fit an `Authorization` header as one word.
-    fn api_key(&self, key: &str) -> Result<ApiKey, &'static str> {
-        let key = key.trim();
-        if key.is_empty() {
-            Err("the key is empty")
-        } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
-            Err("the key may hold visible ASCII characters only (no spaces)")
-        } else {
-            Ok(ApiKey::new(key))
+    /// A key given inline (`key`) or read from a file (`key_file`), not both; `check`
+    /// trims and checks its text. `section` is "api" or "cluster".
+    fn secret<K>(
+        &self,
+        section: &'static str,
+        keys: (&'static str, &'static str),
+        key: Option<String>,
+        key_file: Option<PathBuf>,
+        check: impl Fn(&str) -> Result<K, String>,
+    ) -> Result<(Option<K>, Option<PathBuf>), ConfigError> {
+        let (key_name, key_file_name) = keys;
+        match (key, key_file) {
+            (Some(_), Some(_)) => Err(ConfigError::KeyConflict {
+                section,
+                key_at: self.at(key_name),
+                key_file_at: self.at(key_file_name),
+            }),
+            (Some(key), None) => Ok((
+                Some(check(&key).map_err(|m| self.invalid(key_name, m))?),
+                None,
+            )),
+            (None, Some(file)) => {
+                let key_file_error = |message: String| ConfigError::KeyFile {
+                    key: key_file_name,
+                    path: file.clone(),
+                    message,
+                };
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| key_file_error(format!("cannot read the key: {e}")))?;
+                let key = check(&text)
+                    .map_err(|m| key_file_error(format!("{m} (the file holds the key alone)")))?;
+                Ok((Some(key), Some(file)))
+            }
+            (None, None) => Ok((None, None)),
         }
+    }
+}
+
+/// A key as one word of visible ASCII, trimmed.
+fn key_text(key: &str) -> Result<&str, String> {
+    let key = key.trim();
+    if key.is_empty() {
+        Err("the key is empty".into())
+    } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        Err("the key may hold visible ASCII characters only (no spaces)".into())
+    } else {
+        Ok(key)
+    }
+}
+
+/// A bearer token must fit an `Authorization` header as one word.
+fn api_key(key: &str) -> Result<ApiKey, String> {
+    key_text(key).map(ApiKey::new)
+}
+
+/// The cluster secret: one word, long enough not to be guessed.
+fn cluster_key(key: &str) -> Result<ClusterKey, String> {
+    let key = key_text(key)?;
+    if key.len() < MIN_CLUSTER_KEY_LEN {
+        return Err(format!(
+            "the cluster key must be at least {MIN_CLUSTER_KEY_LEN} characters long, got {} \
+             (generate one with `openssl rand -hex 32`)",
+            key.len()
+        ));
+    }
+    Ok(ClusterKey::new(key))
+}
+
+/// `[[peer]] layers`: "A-B" or "A..B", end exclusive, A < B.
+fn parse_layers(text: &str) -> Result<(usize, usize), String> {
+    let usage = "a layer range such as \"0-8\" (layers 0 to 7: the end is exclusive)";
+    let s = text.trim();
+    let (a, b) = s
+        .split_once("..")
+        .or_else(|| s.split_once('-'))
+        .ok_or_else(|| format!("'{text}' is not {usage}"))?;
+    let parse = |n: &str| n.trim().parse::<usize>().ok();
+    match (parse(a), parse(b)) {
+        (Some(a), Some(b)) if a < b => Ok((a, b)),
+        (Some(a), Some(b)) => Err(format!(
+            "'{text}': the start ({a}) must be below the end ({b}); it is {usage}"
+        )),
+        _ => Err(format!("'{text}' is not {usage}")),
     }
 }
 
 /// Pass 3: defaults and checks.
 fn resolve(raw: RawFile, origins: &Origins<'_>) -> Result<Config, ConfigError> {
+    let name_is_default = raw.node.name.is_none();
     let node = NodeConfig {
         name: match raw.node.name {
             Some(name) if name.trim().is_empty() => {
@@ -748,6 +1135,14 @@ fn resolve(raw: RawFile, origins: &Origins<'_>) -> Result<Config, ConfigError> {
             }
             Some(name) => name.trim().to_owned(),
             None => default_node_name(),
+        },
+        listen: match raw.node.listen {
+            None => None,
+            Some(url) => {
+                let url = url.trim();
+                parse_tcp_url(url).map_err(|m| origins.invalid("node.listen", m))?;
+                Some(url.to_owned())
+            }
         },
     };
 
@@ -778,35 +1173,13 @@ fn resolve(raw: RawFile, origins: &Origins<'_>) -> Result<Config, ConfigError> {
             )
         })?,
     };
-    let (key, key_file) = match (raw.api.key, raw.api.key_file) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::KeyConflict {
-                key_at: origins.at("api.key"),
-                key_file_at: origins.at("api.key_file"),
-            })
-        }
-        (Some(key), None) => (
-            Some(
-                origins
-                    .api_key(&key)
-                    .map_err(|m| origins.invalid("api.key", m))?,
-            ),
-            None,
-        ),
-        (None, Some(file)) => {
-            let key_file_error = |message: String| ConfigError::KeyFile {
-                path: file.clone(),
-                message,
-            };
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| key_file_error(format!("cannot read the key: {e}")))?;
-            let key = origins
-                .api_key(&text)
-                .map_err(|m| key_file_error(format!("{m} (the file holds the key alone)")))?;
-            (Some(key), Some(file))
-        }
-        (None, None) => (None, None),
-    };
+    let (key, key_file) = origins.secret(
+        "api",
+        ("api.key", "api.key_file"),
+        raw.api.key,
+        raw.api.key_file,
+        api_key,
+    )?;
     let api = ApiConfig {
         listen,
         key,
@@ -843,12 +1216,205 @@ fn resolve(raw: RawFile, origins: &Origins<'_>) -> Result<Config, ConfigError> {
         batch: origins.count("engine.batch", e.batch, defaults.batch, 1..=usize::MAX)?,
     };
 
-    Ok(Config {
+    let (key, key_file) = origins.secret(
+        "cluster",
+        ("cluster.key", "cluster.key_file"),
+        raw.cluster.key,
+        raw.cluster.key_file,
+        cluster_key,
+    )?;
+    let cluster = ClusterConfig { key, key_file };
+    let peers = resolve_peers(raw.peer, origins)?;
+
+    let config = Config {
         node,
         model,
         api,
         engine,
-    })
+        cluster,
+        peers,
+    };
+    check_cluster(&config, name_is_default, origins)?;
+    Ok(config)
+}
+
+/// Each `[[peer]]` on its own: a name, an address, maybe layers.
+fn resolve_peers(raw: Vec<RawPeer>, origins: &Origins<'_>) -> Result<Vec<PeerConfig>, ConfigError> {
+    let mut peers = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
+        let missing = |key: &str| {
+            origins.cluster(
+                origins.at_entry("peer", i),
+                format!("[[peer]] number {} has no '{key}' (required)", i + 1),
+            )
+        };
+        let name = match p.name {
+            None => return Err(missing("name")),
+            Some(name) if name.trim().is_empty() => {
+                return Err(origins.invalid_entry("peer.name", i, "must not be empty"))
+            }
+            Some(name) => name.trim().to_owned(),
+        };
+        let address = match p.address {
+            None => return Err(missing("address")),
+            Some(address) => address.trim().to_owned(),
+        };
+        let (host, _) =
+            parse_tcp_url(&address).map_err(|m| origins.invalid_entry("peer.address", i, m))?;
+        let unspecified = host == "0.0.0.0"
+            || host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse::<IpAddr>().ok())
+                .is_some_and(|ip| ip.is_unspecified());
+        if unspecified {
+            return Err(origins.invalid_entry(
+                "peer.address",
+                i,
+                format!(
+                    "'{address}': other nodes cannot dial {host}; give this peer's LAN \
+                     address or host name (0.0.0.0 belongs in its [node] listen)"
+                ),
+            ));
+        }
+        let layers = match p.layers {
+            None => None,
+            Some(text) => {
+                Some(parse_layers(&text).map_err(|m| origins.invalid_entry("peer.layers", i, m))?)
+            }
+        };
+        peers.push(PeerConfig {
+            name,
+            address,
+            layers,
+        });
+    }
+    Ok(peers)
+}
+
+/// The rules across keys of a cluster; nothing to check for a single node.
+fn check_cluster(
+    config: &Config,
+    name_is_default: bool,
+    origins: &Origins<'_>,
+) -> Result<(), ConfigError> {
+    let peers = &config.peers;
+    if peers.is_empty() {
+        return Ok(());
+    }
+
+    for (i, p) in peers.iter().enumerate() {
+        if let Some(first) = peers[..i].iter().position(|q| q.name == p.name) {
+            return Err(origins.cluster(
+                origins.at_entry("peer.name", i),
+                format!(
+                    "duplicate peer name '{}' (already given at {})",
+                    p.name,
+                    line_of(&origins.at_entry("peer.name", first)),
+                ),
+            ));
+        }
+        if let Some(first) = peers[..i].iter().position(|q| q.address == p.address) {
+            return Err(origins.cluster(
+                origins.at_entry("peer.address", i),
+                format!(
+                    "duplicate peer address '{}': peer '{}' and peer '{}' both have it",
+                    p.address, peers[first].name, p.name
+                ),
+            ));
+        }
+    }
+
+    // Explicit layer ranges: all or none, contiguous from 0 in peer order.
+    if let Some(with) = peers.iter().find(|p| p.layers.is_some()) {
+        if let Some(i) = peers.iter().position(|p| p.layers.is_none()) {
+            return Err(origins.cluster(
+                origins.at_entry("peer", i),
+                format!(
+                    "peer '{}' has no layers but peer '{}' has: give every peer layers, \
+                     or none (to let exo split the layers)",
+                    peers[i].name, with.name
+                ),
+            ));
+        }
+        let mut end = 0;
+        for (i, p) in peers.iter().enumerate() {
+            let Some((a, b)) = p.layers else { continue };
+            let at = || origins.at_entry("peer.layers", i);
+            if i == 0 && a != 0 {
+                return Err(origins.cluster(
+                    at(),
+                    format!(
+                        "gap before peer '{}' (starts at {a}): the first peer's layers must \
+                         start at 0",
+                        p.name
+                    ),
+                ));
+            }
+            if i > 0 {
+                let prev = &peers[i - 1];
+                let (pa, pb) = prev.layers.unwrap_or((0, end));
+                if a < end {
+                    return Err(origins.cluster(
+                        at(),
+                        format!(
+                            "peer '{}' layers {a}-{b} overlap peer '{}' layers {pa}-{pb}",
+                            p.name, prev.name
+                        ),
+                    ));
+                }
+                if a > end {
+                    return Err(origins.cluster(
+                        at(),
+                        format!(
+                            "gap between peer '{}' (ends at {end}) and peer '{}' (starts at {a})",
+                            prev.name, p.name
+                        ),
+                    ));
+                }
+            }
+            end = b;
+        }
+    }
+
+    let first_peer_at = origins.at_entry("peer", 0);
+    if config.node.listen.is_none() {
+        return Err(origins.cluster(
+            first_peer_at,
+            "peers are listed but [node] listen is not set: set it to this node's nng URL \
+             for the cluster, such as \"tcp://0.0.0.0:5555\" (or set EXO_NODE_LISTEN)",
+        ));
+    }
+    if config.cluster.key.is_none() {
+        return Err(origins.cluster(
+            first_peer_at,
+            "peers are listed but there is no cluster key: set [cluster] key_file or key \
+             (or EXO_CLUSTER_KEY_FILE / EXO_CLUSTER_KEY), the same on every node",
+        ));
+    }
+    if config.own_peer_index().is_none() {
+        let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        let source = if name_is_default {
+            " (the hostname: [node] name is not set)"
+        } else {
+            ""
+        };
+        return Err(origins.cluster(
+            origins.at("node.name"),
+            format!(
+                "this node's name '{}'{source} is not one of the peers ({}): set [node] name \
+                 (or EXO_NODE_NAME) to this node's [[peer]] name",
+                config.node.name,
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// "line N" of "FILE line N" (or the whole of it).
+fn line_of(at: &str) -> &str {
+    at.rfind(" line ").map_or(at, |i| &at[i + 1..])
 }
 
 #[cfg(test)]
@@ -1010,9 +1576,17 @@ batch = 32
             )
         );
 
+        let e = error(&format!("{MODEL}[clusters]\nsize = 2\n"), &[]);
+        assert!(
+            e.ends_with(
+                "line 3: unknown key 'clusters' \
+                 (known: node, model, api, engine, cluster, peer)"
+            ),
+            "{e}"
+        );
         let e = error(&format!("{MODEL}[cluster]\nsize = 2\n"), &[]);
         assert!(
-            e.ends_with("line 3: unknown key 'cluster' (known: node, model, api, engine)"),
+            e.ends_with("line 4: unknown key 'cluster.size' (known: key, key_file)"),
             "{e}"
         );
         // The first of several, in file order.
@@ -1025,6 +1599,13 @@ batch = 32
         let e = error(&format!("{MODEL}[api]\nctx = 2\n"), &[]);
         assert!(e.contains("line 4: unknown key 'api.ctx'"), "{e}");
         assert!(e.ends_with("; 'ctx' belongs in [engine]"), "{e}");
+        let e = error(&format!("{MODEL}[api]\nname = \"x\"\n"), &[]);
+        assert!(e.ends_with("; 'name' belongs in [node] or [[peer]]"), "{e}");
+        let e = error(&format!("{MODEL}[engine]\nkey_file = \"/k\"\n"), &[]);
+        assert!(
+            e.ends_with("; 'key_file' belongs in [api] or [cluster]"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1279,7 +1860,18 @@ batch = 32
 
     #[test]
     fn every_section_has_its_keys() {
-        assert_eq!(sections(), ["node", "model", "api", "engine"]);
+        assert_eq!(
+            sections(),
+            ["node", "model", "api", "engine", "cluster", "peer"]
+        );
+        assert_eq!(section_keys("node"), Some(&["name", "listen"][..]));
+        assert_eq!(section_keys("cluster"), Some(&["key", "key_file"][..]));
+        assert_eq!(
+            section_keys("peer"),
+            Some(&["name", "address", "layers"][..])
+        );
+        assert_eq!(section_header("peer"), "[[peer]]");
+        assert_eq!(section_header("api"), "[api]");
         for s in sections() {
             assert!(section_keys(s).is_some_and(|k| !k.is_empty()), "{s}");
         }
@@ -1304,6 +1896,673 @@ batch = 32
         }
     }
 
+    /// A cluster file up to its peers (7 lines: the peers start at line 8).
+    const CLUSTER: &str = "[model]\npath = \"/m.gguf\"\n[node]\nname = \"a\"\n\
+                           listen = \"tcp://0.0.0.0:5555\"\n[cluster]\nkey = \"0123456789abcdef\"\n";
+
+    /// `[[peer]]` entries (4 lines each, 3 without layers): (name, address, layers).
+    fn peers(list: &[(&str, &str, Option<&str>)]) -> String {
+        list.iter()
+            .map(|(name, address, layers)| {
+                let layers = layers.map_or(String::new(), |l| format!("layers = \"{l}\"\n"));
+                format!("[[peer]]\nname = \"{name}\"\naddress = \"{address}\"\n{layers}")
+            })
+            .collect()
+    }
+
+    fn three_peers(layers: [Option<&str>; 3]) -> String {
+        let [x, y, z] = layers;
+        peers(&[
+            ("a", "tcp://192.168.1.20:5555", x),
+            ("b", "tcp://192.168.1.21:5555", y),
+            ("c", "tcp://pi-c.lan:6000", z),
+        ])
+    }
+
+    #[test]
+    fn single_node_is_not_a_cluster() {
+        let c = load(MODEL, &[]).expect("load");
+        assert!(!c.is_cluster() && c.is_head());
+        assert_eq!(c.own_peer_index(), None);
+        assert!(c.peers.is_empty() && c.cluster.is_empty() && c.node.listen.is_none());
+        assert_eq!(c.node.control_listen(), None);
+        let toml = c.effective_toml();
+        assert!(
+            !toml.contains("peer")
+                && !toml.contains("[cluster]")
+                && !toml.contains("listen = \"tcp"),
+            "{toml}"
+        );
+        // A listen URL or a cluster key alone do not make a cluster.
+        let c = load(
+            &format!("{MODEL}[node]\nlisten = \"tcp://0.0.0.0:5555\"\n[cluster]\nkey = \"0123456789abcdef\"\n"),
+            &[],
+        )
+        .expect("load");
+        assert!(!c.is_cluster() && c.is_head());
+        assert_eq!(
+            c.node.control_listen().as_deref(),
+            Some("tcp://0.0.0.0:5556")
+        );
+    }
+
+    #[test]
+    fn three_peers_with_layers_load() {
+        let text = format!(
+            "{CLUSTER}{}",
+            three_peers([Some("0-6"), Some("6..12"), Some(" 12 - 18 ")])
+        );
+        let c = load(&text, &[]).expect("load");
+        assert!(c.is_cluster() && c.is_head());
+        assert_eq!(c.own_peer_index(), Some(0));
+        assert_eq!(c.node.listen.as_deref(), Some("tcp://0.0.0.0:5555"));
+        assert_eq!(
+            c.node.control_listen().as_deref(),
+            Some("tcp://0.0.0.0:5556")
+        );
+        assert_eq!(
+            c.cluster.key.as_ref().map(ClusterKey::expose),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(
+            c.peers,
+            [
+                PeerConfig {
+                    name: "a".into(),
+                    address: "tcp://192.168.1.20:5555".into(),
+                    layers: Some((0, 6)),
+                },
+                PeerConfig {
+                    name: "b".into(),
+                    address: "tcp://192.168.1.21:5555".into(),
+                    layers: Some((6, 12)),
+                },
+                PeerConfig {
+                    name: "c".into(),
+                    address: "tcp://pi-c.lan:6000".into(),
+                    layers: Some((12, 18)),
+                },
+            ]
+        );
+        assert_eq!(
+            c.peers[2].control_address().as_deref(),
+            Some("tcp://pi-c.lan:6001")
+        );
+        // The end is not checked: the model is not read.
+        let text = format!(
+            "{CLUSTER}{}",
+            three_peers([Some("0-1"), Some("1-2"), Some("2-100000")])
+        );
+        assert!(load(&text, &[]).is_ok());
+
+        // Another node of the same cluster.
+        let text = format!(
+            "{}{}",
+            CLUSTER.replace("name = \"a\"", "name = \"c\""),
+            three_peers([Some("0-6"), Some("6-12"), Some("12-18")])
+        );
+        let c = load(&text, &[]).expect("load");
+        assert!(c.is_cluster() && !c.is_head());
+        assert_eq!(c.own_peer_index(), Some(2));
+        let c = load(&text, &[("EXO_NODE_NAME", "b")]).expect("load");
+        assert_eq!(c.own_peer_index(), Some(1));
+    }
+
+    #[test]
+    fn two_peers_without_layers_load() {
+        let text = format!(
+            "{CLUSTER}{}",
+            peers(&[
+                ("a", "tcp://192.168.1.20:5555", None),
+                ("b", "tcp://[fd00::21]:5555", None)
+            ])
+        );
+        let c = load(&text, &[]).expect("load");
+        assert!(c.is_cluster() && c.is_head());
+        assert_eq!(c.peers.len(), 2);
+        assert!(c.peers.iter().all(|p| p.layers.is_none()));
+        assert_eq!(
+            c.peers[1].control_address().as_deref(),
+            Some("tcp://[fd00::21]:5556")
+        );
+        // Inline tables are the same list.
+        let text = format!(
+            "peer = [{{ name = \"a\", address = \"tcp://h1:1\" }}, \
+             {{ name = \"b\", address = \"tcp://h2:1\" }}]\n{CLUSTER}"
+        );
+        let c = load(&text, &[]).expect("load");
+        assert_eq!(c.peers[1].name, "b");
+    }
+
+    #[test]
+    fn cluster_effective_toml_loads_back() {
+        let key = Temp::new("fedcba9876543210-from-a-file\n");
+        let text = format!(
+            "{}{}",
+            CLUSTER.replace(
+                "key = \"0123456789abcdef\"",
+                &format!("key_file = {:?}", key.0.display().to_string())
+            ),
+            three_peers([Some("0-6"), Some("6-12"), Some("12-18")])
+        );
+        let c = load(&text, &[]).expect("load");
+        let toml = c.effective_toml();
+        assert!(
+            toml.contains("[[peer]]")
+                && toml.contains("layers = \"6-12\"")
+                && toml.contains("listen = \"tcp://0.0.0.0:5555\"")
+                && toml.contains("key_file = ")
+                && !toml.contains("from-a-file"),
+            "{toml}"
+        );
+        let again = load(&toml, &[]).expect("load the effective config");
+        assert_eq!(again.peers, c.peers);
+        assert_eq!(again.effective_toml(), toml);
+
+        // Without layers, with the key inline: printed as "***", the rest loads back.
+        let text = format!(
+            "{CLUSTER}{}",
+            peers(&[("a", "tcp://h1:1", None), ("b", "tcp://h2:1", None)])
+        );
+        let c = load(&text, &[]).expect("load");
+        let toml = c.effective_toml();
+        assert!(
+            toml.contains("key = \"***\"") && !toml.contains("0123456789abcdef"),
+            "{toml}"
+        );
+        assert!(!toml.contains("layers"), "{toml}");
+        let restored = toml.replace("\"***\"", "\"0123456789abcdef\"");
+        let again = load(&restored, &[]).expect("load the effective config");
+        assert_eq!(again.effective_toml(), toml);
+    }
+
+    #[test]
+    fn cluster_key_is_redacted() {
+        let text = format!(
+            "{}{}",
+            CLUSTER.replace("0123456789abcdef", "very-secret-cluster-key"),
+            peers(&[("a", "tcp://h1:1", None)])
+        );
+        let c = load(&text, &[]).expect("load");
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("very-secret") && debug.contains("ClusterKey(***)"),
+            "{debug}"
+        );
+        assert!(!c.effective_toml().contains("very-secret"));
+        assert_eq!(
+            c.cluster.key.as_ref().map(ClusterKey::expose),
+            Some("very-secret-cluster-key")
+        );
+    }
+
+    #[test]
+    fn node_listen_checked() {
+        for (url, why) in [
+            ("0.0.0.0:5555", "it must start with tcp://"),
+            ("udp://0.0.0.0:5555", "it must start with tcp://"),
+            ("tcp://0.0.0.0", "has no port"),
+            ("tcp://:5555", "has no host"),
+            ("tcp://0.0.0.0:", "'' is not a port number"),
+            ("tcp://0.0.0.0:http", "'http' is not a port number"),
+            ("tcp://0.0.0.0:70000", "'70000' is not a port number"),
+            ("tcp://0.0.0.0:5555/x", "'5555/x' is not a port number"),
+            ("tcp://0.0.0.0:0", "must be in 1..=65534"),
+            (
+                "tcp://0.0.0.0:65535",
+                "control plane listens on the port + 1), got 65535",
+            ),
+            ("tcp://:::5555", "is not a host name or an IP address"),
+            (
+                "tcp://[fd00::zz]:5555",
+                "is not a host name or an IP address",
+            ),
+            ("tcp://my host:5555", "is not a host name or an IP address"),
+            ("", "it must start with tcp://"),
+        ] {
+            let e = error(&format!("{MODEL}[node]\nlisten = \"{url}\"\n"), &[]);
+            assert!(
+                e.contains("line 4: invalid value for 'node.listen'"),
+                "{url}: {e}"
+            );
+            assert!(e.contains(why), "{url}: {e}");
+        }
+        for url in [
+            "tcp://0.0.0.0:65534",
+            "tcp://[::]:5555",
+            "tcp://pi-1.lan:1",
+            " tcp://10.0.0.1:5555 ",
+        ] {
+            let c = load(&format!("{MODEL}[node]\nlisten = \"{url}\"\n"), &[]).expect(url);
+            assert_eq!(c.node.listen.as_deref(), Some(url.trim()));
+        }
+        assert_eq!(
+            control_url("tcp://[::]:65534").as_deref(),
+            Ok("tcp://[::]:65535")
+        );
+        let e = error(&format!("{MODEL}[node]\nlisten = 5555\n"), &[]);
+        assert!(e.contains("line 4: wrong type for 'node.listen'"), "{e}");
+    }
+
+    #[test]
+    fn peer_keys_checked() {
+        // Each with its line: the peers start at line 8, 4 lines each with layers.
+        let with = |b: &str| {
+            format!(
+                "{CLUSTER}{}",
+                peers(&[("a", "tcp://h1:1", Some("0-4")), ("b", b, Some("4-8")),])
+            )
+        };
+        let e = error(&with("tcp://h2:65535"), &[]);
+        assert!(
+            e.contains("line 14: invalid value for 'peer.address'"),
+            "{e}"
+        );
+        assert!(e.contains("got 65535"), "{e}");
+        let e = error(&with("h2:5555"), &[]);
+        assert!(
+            e.contains("line 14: invalid value for 'peer.address'"),
+            "{e}"
+        );
+        assert!(e.contains("must start with tcp://"), "{e}");
+        for unspecified in ["tcp://0.0.0.0:5555", "tcp://[::]:5555"] {
+            let e = error(&with(unspecified), &[]);
+            assert!(
+                e.contains("line 14: invalid value for 'peer.address'"),
+                "{e}"
+            );
+            assert!(e.contains("other nodes cannot dial"), "{e}");
+        }
+
+        for (layers, why) in [
+            ("4", "is not a layer range"),
+            ("4-", "is not a layer range"),
+            ("a-b", "is not a layer range"),
+            ("-4-8", "is not a layer range"),
+            ("4..=8", "is not a layer range"),
+            ("8-4", "the start (8) must be below the end (4)"),
+            ("4-4", "the start (4) must be below the end (4)"),
+        ] {
+            let text = format!(
+                "{CLUSTER}{}",
+                peers(&[
+                    ("a", "tcp://h1:1", Some("0-4")),
+                    ("b", "tcp://h2:1", Some(layers))
+                ])
+            );
+            let e = error(&text, &[]);
+            assert!(
+                e.contains("line 15: invalid value for 'peer.layers'"),
+                "{layers}: {e}"
+            );
+            assert!(e.contains(why), "{layers}: {e}");
+        }
+        let text = format!(
+            "{CLUSTER}{}",
+            peers(&[("a", "tcp://h1:1", None), ("b", "tcp://h2:1", None)])
+        )
+        .replace("name = \"b\"", "name = \" \"");
+        let e = error(&text, &[]);
+        assert!(e.contains("line 12: invalid value for 'peer.name'"), "{e}");
+
+        // Unknown keys and wrong types in the second entry.
+        let text = format!(
+            "{CLUSTER}{}port = 1\n",
+            peers(&[("a", "tcp://h1:1", None), ("b", "tcp://h2:1", None)])
+        );
+        let e = error(&text, &[]);
+        assert!(
+            e.ends_with("line 14: unknown key 'peer.port' (known: name, address, layers)"),
+            "{e}"
+        );
+        let text = format!(
+            "{CLUSTER}{}layers = 4\n",
+            peers(&[("a", "tcp://h1:1", None), ("b", "tcp://h2:1", None)])
+        );
+        let e = error(&text, &[]);
+        assert!(e.contains("line 14: wrong type for 'peer.layers'"), "{e}");
+        let e = error(&format!("{CLUSTER}[peer]\nname = \"a\"\n"), &[]);
+        assert!(
+            e.ends_with("line 8: wrong type for 'peer': found [peer], expected [[peer]]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn peer_name_and_address_required() {
+        let text = format!(
+            "{CLUSTER}{}[[peer]]\naddress = \"tcp://h2:1\"\n",
+            peers(&[("a", "tcp://h1:1", None)])
+        );
+        let e = error(&text, &[]);
+        assert!(
+            e.ends_with("line 11: [[peer]] number 2 has no 'name' (required)"),
+            "{e}"
+        );
+        let text = format!("{CLUSTER}[[peer]]\nname = \"a\"\n");
+        let e = error(&text, &[]);
+        assert!(
+            e.ends_with("line 8: [[peer]] number 1 has no 'address' (required)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_peers_rejected() {
+        let text = format!(
+            "{CLUSTER}{}",
+            peers(&[
+                ("a", "tcp://h1:1", None),
+                ("b", "tcp://h2:1", None),
+                ("a", "tcp://h3:1", None)
+            ])
+        );
+        let e = error(&text, &[]);
+        assert!(
+            e.ends_with("line 15: duplicate peer name 'a' (already given at line 9)"),
+            "{e}"
+        );
+        let text = format!(
+            "{CLUSTER}{}",
+            peers(&[
+                ("a", "tcp://h1:1", None),
+                ("b", "tcp://h2:1", None),
+                ("c", "tcp://h2:1", None)
+            ])
+        );
+        let e = error(&text, &[]);
+        assert!(
+            e.ends_with(
+                "line 16: duplicate peer address 'tcp://h2:1': peer 'b' and peer 'c' both have it"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn own_name_must_be_a_peer() {
+        let list = peers(&[("a", "tcp://h1:1", None), ("b", "tcp://h2:1", None)]);
+        let text = format!("{}{list}", CLUSTER.replace("name = \"a\"", "name = \"z\""));
+        let e = error(&text, &[]);
+        assert!(
+            e.ends_with(
+                "line 4: this node's name 'z' is not one of the peers (a, b): set [node] name \
+                 (or EXO_NODE_NAME) to this node's [[peer]] name"
+            ),
+            "{e}"
+        );
+        let e = error(&format!("{CLUSTER}{list}"), &[("EXO_NODE_NAME", "y")]);
+        assert!(
+            e.starts_with("environment variable EXO_NODE_NAME: this node's name 'y'"),
+            "{e}"
+        );
+        // The hostname, when [node] name is not set.
+        let text = format!("{}{list}", CLUSTER.replace("name = \"a\"\n", ""));
+        let e = error(&text, &[]);
+        assert!(
+            e.contains(&format!(
+                ": this node's name '{}' (the hostname: [node] name is not set) is not one of",
+                default_node_name()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn peers_need_a_key_and_listen() {
+        let list = peers(&[("a", "tcp://h1:1", None), ("b", "tcp://h2:1", None)]);
+        let text = format!(
+            "{}{list}",
+            CLUSTER.replace("key = \"0123456789abcdef\"\n", "")
+        );
+        let e = error(&text, &[]);
+        assert!(
+            e.contains(
+                "line 7: peers are listed but there is no cluster key: set [cluster] key_file"
+            ),
+            "{e}"
+        );
+        let text = format!(
+            "{}{list}",
+            CLUSTER.replace("listen = \"tcp://0.0.0.0:5555\"\n", "")
+        );
+        let e = error(&text, &[]);
+        assert!(
+            e.contains("line 7: peers are listed but [node] listen is not set"),
+            "{e}"
+        );
+        assert!(e.contains("EXO_NODE_LISTEN"), "{e}");
+        // Both from the environment.
+        let text = format!(
+            "{}{list}",
+            CLUSTER
+                .replace("listen = \"tcp://0.0.0.0:5555\"\n", "")
+                .replace("key = \"0123456789abcdef\"\n", "")
+        );
+        let c = load(
+            &text,
+            &[
+                ("EXO_NODE_LISTEN", "tcp://10.0.0.1:7000"),
+                ("EXO_CLUSTER_KEY", "0123456789abcdef"),
+            ],
+        )
+        .expect("load");
+        assert!(c.is_cluster() && c.is_head());
+    }
+
+    #[test]
+    fn layers_all_or_none() {
+        let text = format!(
+            "{CLUSTER}{}",
+            three_peers([Some("0-6"), None, Some("6-12")])
+        );
+        let e = error(&text, &[]);
+        assert!(
+            e.ends_with(
+                "line 12: peer 'b' has no layers but peer 'a' has: give every peer layers, \
+                 or none (to let exo split the layers)"
+            ),
+            "{e}"
+        );
+        let text = format!("{CLUSTER}{}", three_peers([None, None, Some("0-6")]));
+        let e = error(&text, &[]);
+        assert!(
+            e.ends_with("line 8: peer 'a' has no layers but peer 'c' has: give every peer layers, or none (to let exo split the layers)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn layers_contiguous_from_zero() {
+        // The peers' layers lines: 11, 15, 19.
+        let e = error(
+            &format!(
+                "{CLUSTER}{}",
+                three_peers([Some("0-6"), Some("4-8"), Some("8-9")])
+            ),
+            &[],
+        );
+        assert!(
+            e.ends_with("line 15: peer 'b' layers 4-8 overlap peer 'a' layers 0-6"),
+            "{e}"
+        );
+        let e = error(
+            &format!(
+                "{CLUSTER}{}",
+                three_peers([Some("0-6"), Some("7-8"), Some("8-9")])
+            ),
+            &[],
+        );
+        assert!(
+            e.ends_with("line 15: gap between peer 'a' (ends at 6) and peer 'b' (starts at 7)"),
+            "{e}"
+        );
+        let e = error(
+            &format!(
+                "{CLUSTER}{}",
+                three_peers([Some("0-6"), Some("6-8"), Some("2-4")])
+            ),
+            &[],
+        );
+        assert!(
+            e.ends_with("line 19: peer 'c' layers 2-4 overlap peer 'b' layers 6-8"),
+            "{e}"
+        );
+        let e = error(
+            &format!(
+                "{CLUSTER}{}",
+                three_peers([Some("1-6"), Some("6-8"), Some("8-9")])
+            ),
+            &[],
+        );
+        assert!(
+            e.ends_with(
+                "line 11: gap before peer 'a' (starts at 1): the first peer's layers must start at 0"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cluster_key_rules() {
+        let list = peers(&[("a", "tcp://h1:1", None)]);
+        let e = error(&format!("{CLUSTER}key_file = \"/k\"\n{list}"), &[]);
+        assert!(e.starts_with("'cluster.key' ("), "{e}");
+        assert!(e.contains(" line 7) and 'cluster.key_file' ("), "{e}");
+        assert!(e.ends_with(" line 8) are both set: set only one"), "{e}");
+        let e = error(
+            &format!("{CLUSTER}{list}"),
+            &[("EXO_CLUSTER_KEY_FILE", "/k")],
+        );
+        assert!(
+            e.contains("line 7) and 'cluster.key_file' (environment variable EXO_CLUSTER_KEY_FILE) are both set"),
+            "{e}"
+        );
+
+        let short = CLUSTER.replace("0123456789abcdef", "0123456789abcde");
+        let e = error(&format!("{short}{list}"), &[]);
+        assert!(e.contains("line 7: invalid value for 'cluster.key'"), "{e}");
+        assert!(
+            e.contains("the cluster key must be at least 16 characters long, got 15"),
+            "{e}"
+        );
+        assert!(!e.contains("0123456789abcde"), "{e}");
+        for bad in ["", "two words but long enough"] {
+            let text = CLUSTER.replace("0123456789abcdef", bad);
+            let e = error(&format!("{text}{list}"), &[]);
+            assert!(e.contains("line 7: invalid value for 'cluster.key'"), "{e}");
+        }
+        let e = error(&format!("{CLUSTER}{list}"), &[("EXO_CLUSTER_KEY", "short")]);
+        assert!(
+            e.starts_with("environment variable EXO_CLUSTER_KEY: invalid value for 'cluster.key'"),
+            "{e}"
+        );
+        assert!(!e.contains("short"), "{e}");
+        // A key without peers is still checked.
+        let e = error(&format!("{MODEL}[cluster]\nkey = \"short\"\n"), &[]);
+        assert!(e.contains("line 4: invalid value for 'cluster.key'"), "{e}");
+    }
+
+    #[test]
+    fn cluster_key_file_read_and_trimmed() {
+        let list = peers(&[("a", "tcp://h1:1", None)]);
+        let key = Temp::new("\n  0123456789abcdef-in-a-file \n");
+        let with_file = |path: &Path| {
+            format!(
+                "{}{list}",
+                CLUSTER.replace(
+                    "key = \"0123456789abcdef\"",
+                    &format!("key_file = {:?}", path.display().to_string())
+                )
+            )
+        };
+        let c = load(&with_file(&key.0), &[]).expect("load");
+        assert_eq!(
+            c.cluster.key.as_ref().map(ClusterKey::expose),
+            Some("0123456789abcdef-in-a-file")
+        );
+        assert_eq!(c.cluster.key_file.as_deref(), Some(key.0.as_path()));
+
+        let empty = Temp::new(" \n\n");
+        let e = error(&with_file(&empty.0), &[]);
+        assert!(
+            e.starts_with(&format!("cluster.key_file {}: ", empty.0.display())),
+            "{e}"
+        );
+        assert!(e.contains("empty"), "{e}");
+
+        let short = Temp::new("0123456789\n");
+        let e = error(&with_file(&short.0), &[]);
+        assert!(
+            e.starts_with(&format!("cluster.key_file {}: ", short.0.display())),
+            "{e}"
+        );
+        assert!(e.contains("at least 16 characters"), "{e}");
+        assert!(!e.contains("0123456789 "), "{e}");
+
+        let missing = std::env::temp_dir().join("exo-config-test-no-cluster-key-file");
+        let e = error(&with_file(&missing), &[]);
+        assert!(
+            e.starts_with(&format!(
+                "cluster.key_file {}: cannot read",
+                missing.display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cluster_env_overrides_applied() {
+        let key = Temp::new("0123456789abcdef-env-file\n");
+        let list = peers(&[("a", "tcp://h1:1", None), ("b", "tcp://h2:1", None)]);
+        let text = format!(
+            "{}{list}",
+            CLUSTER.replace("key = \"0123456789abcdef\"\n", "")
+        );
+        let c = load(
+            &text,
+            &[
+                ("EXO_NODE_LISTEN", "tcp://192.168.1.20:7000"),
+                ("EXO_CLUSTER_KEY_FILE", &key.0.display().to_string()),
+                ("EXO_NODE_NAME", "b"),
+            ],
+        )
+        .expect("load");
+        assert_eq!(c.node.listen.as_deref(), Some("tcp://192.168.1.20:7000"));
+        assert_eq!(c.cluster.key_file.as_deref(), Some(key.0.as_path()));
+        assert_eq!(
+            c.cluster.key.as_ref().map(ClusterKey::expose),
+            Some("0123456789abcdef-env-file")
+        );
+        assert_eq!(c.own_peer_index(), Some(1));
+        assert!(!c.is_head());
+        // EXO_CLUSTER_KEY replaces the file's key.
+        let c = load(
+            &format!("{CLUSTER}{list}"),
+            &[("EXO_CLUSTER_KEY", "fedcba9876543210")],
+        )
+        .expect("load");
+        assert_eq!(
+            c.cluster.key.as_ref().map(ClusterKey::expose),
+            Some("fedcba9876543210")
+        );
+        // Empty counts as unset.
+        let c = load(
+            &format!("{CLUSTER}{list}"),
+            &[("EXO_CLUSTER_KEY", ""), ("EXO_NODE_LISTEN", "")],
+        )
+        .expect("load");
+        assert_eq!(c.node.listen.as_deref(), Some("tcp://0.0.0.0:5555"));
+        let e = error(
+            &format!("{CLUSTER}{list}"),
+            &[("EXO_NODE_LISTEN", "tcp://0.0.0.0:65535")],
+        );
+        assert!(
+            e.starts_with("environment variable EXO_NODE_LISTEN: invalid value for 'node.listen'"),
+            "{e}"
+        );
+    }
+
     fn example_path() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/exo.toml")
     }
@@ -1318,11 +2577,61 @@ batch = 32
         );
         assert_eq!(c.api.listen.to_string(), "0.0.0.0:8080");
         assert!(c.api.key.is_none());
+        assert!(!c.is_cluster() && c.is_head() && c.node.listen.is_none());
+        assert!(c.cluster.is_empty());
         let defaults = Config::with_model(&c.model.path);
         assert_eq!(
             c.effective_toml().replace("0.0.0.0:8080", "127.0.0.1:8080"),
             defaults.effective_toml()
         );
+    }
+
+    /// The example's cluster, uncommented: `[node] listen` and everything from
+    /// `[cluster]` on but the inline `key` (shown as the alternative to `key_file`).
+    #[test]
+    fn example_cluster_loads_uncommented() {
+        let text = std::fs::read_to_string(example_path()).expect("read example");
+        let mut in_cluster = false;
+        let mut out = String::new();
+        for line in text.lines() {
+            let bare = line.trim_start_matches('#').trim();
+            let is_header = bare.starts_with('[')
+                && bare.ends_with(']')
+                && bare
+                    .trim_matches(['[', ']'])
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase());
+            in_cluster |= bare == "[cluster]";
+            let is_key = bare.split_once(" = ").is_some_and(|(k, _)| {
+                !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            });
+            let uncomment = (in_cluster && (is_header || (is_key && !bare.starts_with("key ="))))
+                || bare.starts_with("listen = \"tcp://");
+            out.push_str(if uncomment { bare } else { line });
+            out.push('\n');
+        }
+        assert_eq!(out.matches("\n[[peer]]\n").count(), 3, "{out}");
+        let key = Temp::new("0123456789abcdef0123456789abcdef\n");
+        let key_var = key.0.display().to_string();
+        let env = [
+            ("EXO_CLUSTER_KEY_FILE", key_var.as_str()),
+            ("EXO_NODE_NAME", "pi-1"),
+        ];
+        let c = load(&out, &env).expect("load the uncommented cluster");
+        assert!(c.is_cluster() && c.is_head());
+        assert_eq!(c.node.listen.as_deref(), Some("tcp://0.0.0.0:5555"));
+        let names: Vec<&str> = c.peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["pi-1", "pi-2", "mini-pc"]);
+        assert_eq!(c.peers[2].layers, Some((12, 18)));
+        // Without the layers lines, too.
+        let without: String = out
+            .lines()
+            .filter(|l| !l.starts_with("layers = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = load(&without, &[("EXO_NODE_NAME", "mini-pc"), env[0]]).expect("load");
+        assert!(c.peers.iter().all(|p| p.layers.is_none()));
+        assert_eq!(c.own_peer_index(), Some(2));
     }
 
     #[test]
@@ -1333,22 +2642,18 @@ batch = 32
             .map(|l| l.trim_start_matches('#').trim())
             .collect();
         for section in sections() {
-            let header = format!("[{section}]");
-            let start = lines
-                .iter()
-                .position(|l| *l == header)
-                .unwrap_or_else(|| panic!("{header} is missing"));
-            let end = lines[start + 1..]
-                .iter()
-                .position(|l| l.starts_with('['))
-                .map_or(lines.len(), |i| start + 1 + i);
+            // Every `[section]` (or `[[section]]` entry), to the next header.
+            let header = section_header(section);
+            let starts: Vec<usize> = (0..lines.len()).filter(|&i| lines[i] == header).collect();
+            assert!(!starts.is_empty(), "{header} is missing");
             for key in section_keys(section).expect("keys") {
-                assert!(
-                    lines[start..end]
+                let shown = starts.iter().any(|&start| {
+                    lines[start + 1..]
                         .iter()
-                        .any(|l| l.starts_with(&format!("{key} ="))),
-                    "{section}.{key} is not shown in the example"
-                );
+                        .take_while(|l| !l.starts_with('['))
+                        .any(|l| l.starts_with(&format!("{key} =")))
+                });
+                assert!(shown, "{section}.{key} is not shown in the example");
             }
         }
         for (var, _) in env_overrides() {

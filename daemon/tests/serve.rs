@@ -47,17 +47,30 @@ fn default_settings(model: PathBuf) -> ServeSettings {
 impl Server {
     /// Starts a server on the tiny model and waits until /health says 200.
     async fn start(tag: &str, tweak: impl FnOnce(&mut ServeSettings)) -> Server {
-        let server = Server::spawn(tag, true, tweak).await;
+        Server::start_with(tag, TinySpec::new(TinyArch::Gemma3), tweak).await
+    }
+
+    /// Starts a server on a model of this shape and waits until it is ready.
+    async fn start_with(
+        tag: &str,
+        spec: TinySpec,
+        tweak: impl FnOnce(&mut ServeSettings),
+    ) -> Server {
+        let server = Server::spawn(tag, Some(spec), tweak).await;
         server.wait_ready().await;
         server
     }
 
-    /// Starts a server; `write_model: false` points it at a file that does not exist.
-    async fn spawn(tag: &str, write_model: bool, tweak: impl FnOnce(&mut ServeSettings)) -> Server {
+    /// Starts a server; without a spec it points at a file that does not exist.
+    async fn spawn(
+        tag: &str,
+        spec: Option<TinySpec>,
+        tweak: impl FnOnce(&mut ServeSettings),
+    ) -> Server {
         let dir = TempDir::new(&format!("serve-{tag}")).expect("temp dir");
         let path = dir.path().join(format!("{MODEL_ID}.gguf"));
-        if write_model {
-            write_tiny_model(&path, &TinySpec::new(TinyArch::Gemma3)).expect("tiny model");
+        if let Some(spec) = spec {
+            write_tiny_model(&path, &spec).expect("tiny model");
         }
         let mut settings = default_settings(path);
         tweak(&mut settings);
@@ -299,11 +312,25 @@ async fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let body = text
+    let (head, mut body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+        .unwrap_or_else(|| panic!("no end of headers: {text:?}"));
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (status, body.to_string());
+    }
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return (status, out);
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").expect("chunk end");
+    }
 }
 
 const PROMPTS: &[&str] = &[
@@ -329,7 +356,7 @@ async fn health_is_ok_once_the_model_is_loaded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_that_fails_to_load_is_reported_as_unavailable() {
-    let s = Server::spawn("noload", false, |_| {}).await;
+    let s = Server::spawn("noload", None, |_| {}).await;
     assert!(!s.model_path().exists());
     // Loading fails quickly; until then /health says "loading" (also a 503).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -354,14 +381,13 @@ async fn a_model_that_fails_to_load_is_reported_as_unavailable() {
         .post_json("/v1/completions", &completion("hello", 4))
         .await;
     assert_error("completions", &r, 503, "unavailable", &[]);
-    let r = s.post_json("/v1/chat/completions", &chat("hello", 4)).await;
-    assert_error("chat", &r, 503, "unavailable", &[]);
-    // The model will never load: the API must not tell clients to retry because it
-    // is "still loading" (api/mod.rs `ready` ignores `load_error`).
+    let c = s.post_json("/v1/chat/completions", &chat("hello", 4)).await;
+    assert_error("chat", &c, 503, "unavailable", &[]);
+    // The model will never load, so the API must say so rather than "still loading"
+    // with Retry-After: 1 (api/mod.rs `ready` ignores `load_error`).
     assert_error(
         "completions after a failed load",
-        &s.post_json("/v1/completions", &completion("hello", 4))
-            .await,
+        &r,
         503,
         "unavailable",
         &["failed to load"],
@@ -377,7 +403,10 @@ async fn completion_is_greedy_deterministic_and_counts_usage() {
     let a = s.ok("/v1/completions", &req).await;
     assert_eq!(a["object"], "text_completion");
     assert_eq!(a["model"], MODEL_ID);
-    assert!(a["id"].as_str().is_some_and(|id| id.starts_with("cmpl-")), "{a}");
+    assert!(
+        a["id"].as_str().is_some_and(|id| id.starts_with("cmpl-")),
+        "{a}"
+    );
     let text = text_of(&a);
     assert!(!text.is_empty(), "{a}");
     assert_eq!(a["choices"][0]["finish_reason"], "length", "{a}");
@@ -397,7 +426,10 @@ async fn completion_is_greedy_deterministic_and_counts_usage() {
     let b = s.ok("/v1/completions", &req).await;
     assert_eq!(text_of(&b), text);
     let c = s
-        .ok("/v1/completions", &with(req.clone(), "model", json!("default")))
+        .ok(
+            "/v1/completions",
+            &with(req.clone(), "model", json!("default")),
+        )
         .await;
     assert_eq!(text_of(&c), text);
     let mut no_model = req.clone();
@@ -437,7 +469,10 @@ async fn streamed_completion_equals_the_plain_one() {
     for e in &events[..events.len() - 1] {
         assert!(e["choices"][0]["finish_reason"].is_null(), "{e}");
     }
-    assert!(last.get("usage").is_none(), "usage without include_usage: {last}");
+    assert!(
+        last.get("usage").is_none(),
+        "usage without include_usage: {last}"
+    );
 
     let req = with(req, "stream", json!(true));
     let events = s
@@ -467,7 +502,9 @@ async fn chat_completion_plain_and_streamed_agree() {
     assert_eq!(msg["role"], "assistant", "{plain}");
     let content = msg["content"].as_str().expect("content").to_string();
     assert!(!content.is_empty(), "{plain}");
-    let reason = plain["choices"][0]["finish_reason"].as_str().expect("reason");
+    let reason = plain["choices"][0]["finish_reason"]
+        .as_str()
+        .expect("reason");
     assert!(["length", "stop"].contains(&reason), "{plain}");
     let completion_tokens = plain["usage"]["completion_tokens"].as_u64().expect("usage");
     assert!((1..=10).contains(&completion_tokens), "{plain}");
@@ -539,7 +576,10 @@ async fn stop_strings_cut_the_text_and_are_never_emitted() {
 
     for stop_value in [json!(stop), json!(["zzzzqq", stop, "qqqqzz"])] {
         let r = s
-            .ok("/v1/completions", &with(req.clone(), "stop", stop_value.clone()))
+            .ok(
+                "/v1/completions",
+                &with(req.clone(), "stop", stop_value.clone()),
+            )
             .await;
         let text = text_of(&r);
         assert_eq!(text, expected, "stop {stop_value} in {full:?}");
@@ -559,12 +599,18 @@ async fn stop_strings_cut_the_text_and_are_never_emitted() {
             assert!(!t.contains(&stop), "chunk {t:?} holds the stop string");
         }
         assert_eq!(stream_text(&events), expected);
-        assert_eq!(events.last().expect("last")["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            events.last().expect("last")["choices"][0]["finish_reason"],
+            "stop"
+        );
     }
 
     // A stop string that never occurs changes nothing.
     let r = s
-        .ok("/v1/completions", &with(req.clone(), "stop", json!(["zzzzqq"])))
+        .ok(
+            "/v1/completions",
+            &with(req.clone(), "stop", json!(["zzzzqq"])),
+        )
         .await;
     assert_eq!(text_of(&r), full);
     assert_eq!(r["choices"][0]["finish_reason"], "length");
@@ -587,7 +633,7 @@ async fn models_lists_the_served_model() {
     let exo = m["exo"].as_object().expect("exo object");
     assert_eq!(exo["architecture"], "gemma3", "{m}");
     assert_eq!(exo["layers"], 6, "{m}");
-    assert_eq!(exo["vocabulary"], 607, "{m}");
+    assert_eq!(exo["vocabulary"], exo_tests::tiny_vocab().len(), "{m}");
     assert_eq!(exo["max_slots"], 4, "{m}");
 }
 
@@ -608,33 +654,50 @@ async fn metrics_count_requests_tokens_and_engine_state() {
     assert!(ct.starts_with("text/plain"), "{ct}");
     let m = r.text().await.expect("body");
     assert_eq!(
-        metric(&m, r#"exo_requests_total{endpoint="/v1/completions",status="200"}"#),
+        metric(
+            &m,
+            r#"exo_requests_total{endpoint="/v1/completions",status="200"}"#
+        ),
         Some(1.0),
         "{m}"
     );
     assert_eq!(
-        metric(&m, r#"exo_requests_total{endpoint="/v1/completions",status="400"}"#),
+        metric(
+            &m,
+            r#"exo_requests_total{endpoint="/v1/completions",status="400"}"#
+        ),
         Some(1.0),
         "{m}"
     );
     assert!(
-        metric(&m, r#"exo_requests_total{endpoint="/health",status="200"}"#).is_some_and(|n| n >= 1.0),
+        metric(&m, r#"exo_requests_total{endpoint="/health",status="200"}"#)
+            .is_some_and(|n| n >= 1.0),
         "{m}"
     );
     assert_eq!(metric(&m, "exo_generated_tokens_total"), Some(8.0), "{m}");
-    assert!(metric(&m, "exo_prompt_tokens_total").is_some_and(|n| n >= 2.0), "{m}");
+    assert!(
+        metric(&m, "exo_prompt_tokens_total").is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
     assert_eq!(
         metric(&m, r#"exo_time_to_first_token_seconds_bucket{le="+Inf"}"#),
         Some(1.0),
         "{m}"
     );
-    assert_eq!(metric(&m, "exo_time_to_first_token_seconds_count"), Some(1.0));
+    assert_eq!(
+        metric(&m, "exo_time_to_first_token_seconds_count"),
+        Some(1.0)
+    );
     assert!(
         m.lines()
             .any(|l| l.starts_with("exo_time_to_first_token_seconds_bucket{le=\"0.005\"}")),
         "{m}"
     );
-    assert_eq!(metric(&m, "exo_inter_token_seconds_count"), Some(7.0), "{m}");
+    assert_eq!(
+        metric(&m, "exo_inter_token_seconds_count"),
+        Some(7.0),
+        "{m}"
+    );
     assert_eq!(metric(&m, "exo_queue_depth"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "exo_active_slots"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "exo_batch_size"), Some(1.0), "{m}");
@@ -646,7 +709,11 @@ async fn metrics_count_requests_tokens_and_engine_state() {
     // The metrics request itself is counted too.
     let again = s.metrics().await;
     assert!(
-        metric(&again, r#"exo_requests_total{endpoint="/metrics",status="200"}"#).is_some_and(|n| n >= 2.0),
+        metric(
+            &again,
+            r#"exo_requests_total{endpoint="/metrics",status="200"}"#
+        )
+        .is_some_and(|n| n >= 2.0),
         "{again}"
     );
 }
@@ -662,7 +729,8 @@ async fn bad_requests_get_openai_shaped_errors() {
             .header(CONTENT_TYPE, "application/json")
             .body(body)
     };
-    let send = |b: reqwest::RequestBuilder| async move { json_of(b.send().await.expect("send")).await };
+    let send =
+        |b: reqwest::RequestBuilder| async move { json_of(b.send().await.expect("send")).await };
     let bad = "invalid_request_error";
 
     let r = send(raw("/v1/completions", b"{\"prompt\": \"hi\",".to_vec())).await;
@@ -680,30 +748,48 @@ async fn bad_requests_get_openai_shaped_errors() {
         .await;
     assert_error("temperature type", &r, 400, bad, &["temperature"]);
     let r = s
-        .post_json("/v1/completions", &with(completion("hi", 4), "max_tokens", json!("8")))
+        .post_json(
+            "/v1/completions",
+            &with(completion("hi", 4), "max_tokens", json!("8")),
+        )
         .await;
     assert_error("max_tokens type", &r, 400, bad, &["max_tokens"]);
     let r = s
-        .post_json("/v1/completions", &with(completion("hi", 4), "prompt", json!(42)))
+        .post_json(
+            "/v1/completions",
+            &with(completion("hi", 4), "prompt", json!(42)),
+        )
         .await;
     assert_error("prompt type", &r, 400, bad, &["prompt"]);
     let r = s
-        .post_json("/v1/chat/completions", &with(chat("hi", 4), "messages", json!("hi")))
+        .post_json(
+            "/v1/chat/completions",
+            &with(chat("hi", 4), "messages", json!("hi")),
+        )
         .await;
     assert_error("messages type", &r, 400, bad, &["messages"]);
 
     let r = s
-        .post_json("/v1/completions", &json!({"model": MODEL_ID, "max_tokens": 4}))
+        .post_json(
+            "/v1/completions",
+            &json!({"model": MODEL_ID, "max_tokens": 4}),
+        )
         .await;
     assert_error("missing prompt", &r, 400, bad, &["prompt", "required"]);
     let r = s
-        .post_json("/v1/chat/completions", &json!({"model": MODEL_ID, "max_tokens": 4}))
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": MODEL_ID, "max_tokens": 4}),
+        )
         .await;
     assert_error("missing messages", &r, 400, bad, &["messages", "required"]);
     let r = s.post_json("/v1/completions", &completion("", 4)).await;
     assert_error("empty prompt", &r, 400, bad, &["prompt", "empty"]);
     let r = s
-        .post_json("/v1/chat/completions", &with(chat("hi", 4), "messages", json!([])))
+        .post_json(
+            "/v1/chat/completions",
+            &with(chat("hi", 4), "messages", json!([])),
+        )
         .await;
     assert_error("empty messages", &r, 400, bad, &["messages", "empty"]);
 
@@ -719,10 +805,7 @@ async fn bad_requests_get_openai_shaped_errors() {
     let big = json!({"model": MODEL_ID, "prompt": "a ".repeat(limit), "max_tokens": 4});
     let r = s.post_json("/v1/completions", &big).await;
     assert_error("too large", &r, 413, bad, &[&limit.to_string()]);
-    let mut chunked = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    )
-    .into_bytes();
+    let mut chunked = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
     let piece = "a".repeat(8192);
     let head = "{\"prompt\": \"";
     chunked.extend_from_slice(format!("{:x}\r\n{head}\r\n", head.len()).as_bytes());
@@ -732,7 +815,13 @@ async fn bad_requests_get_openai_shaped_errors() {
     chunked.extend_from_slice(b"2\r\n\"}\r\n0\r\n\r\n");
     let (status, body) = raw_http(s.addr, &chunked).await;
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
-    assert_error("too large (chunked)", &(StatusCode::from_u16(status).expect("status"), v), 413, bad, &[&limit.to_string()]);
+    assert_error(
+        "too large (chunked)",
+        &(StatusCode::from_u16(status).expect("status"), v),
+        413,
+        bad,
+        &[&limit.to_string()],
+    );
 
     // Longer than the context: the message names the prompt's tokens and the context.
     let long = "hello world, tell me a story about the cat and the dog. ".repeat(30);
@@ -753,11 +842,17 @@ async fn bad_requests_get_openai_shaped_errors() {
 
     for n in [0, -1] {
         let r = s
-            .post_json("/v1/completions", &with(completion("hi", 4), "max_tokens", json!(n)))
+            .post_json(
+                "/v1/completions",
+                &with(completion("hi", 4), "max_tokens", json!(n)),
+            )
             .await;
         assert_error("max_tokens", &r, 400, bad, &["max_tokens", &n.to_string()]);
         let r = s
-            .post_json("/v1/chat/completions", &with(chat("hi", 4), "max_tokens", json!(n)))
+            .post_json(
+                "/v1/chat/completions",
+                &with(chat("hi", 4), "max_tokens", json!(n)),
+            )
             .await;
         assert_error("chat max_tokens", &r, 400, bad, &["max_tokens"]);
     }
@@ -767,17 +862,31 @@ async fn bad_requests_get_openai_shaped_errors() {
     assert_error("n", &r, 400, bad, &["'n'", "2"]);
 
     let r = s
-        .post_json("/v1/completions", &with(completion("hi", 4), "model", json!("gpt-4")))
+        .post_json(
+            "/v1/completions",
+            &with(completion("hi", 4), "model", json!("gpt-4")),
+        )
         .await;
     assert_error("unknown model", &r, 404, bad, &["gpt-4"]);
     assert_eq!(r.1["error"]["code"], "model_not_found");
     let r = s
-        .post_json("/v1/chat/completions", &with(chat("hi", 4), "model", json!("gpt-4")))
+        .post_json(
+            "/v1/chat/completions",
+            &with(chat("hi", 4), "model", json!("gpt-4")),
+        )
         .await;
     assert_error("unknown model (chat)", &r, 404, bad, &["gpt-4"]);
 
-    let resp = s.http.get(s.url("/v1/completions")).send().await.expect("GET");
-    let allow = resp.headers().get(ALLOW).map(|v| v.to_str().unwrap_or("").to_string());
+    let resp = s
+        .http
+        .get(s.url("/v1/completions"))
+        .send()
+        .await
+        .expect("GET");
+    let allow = resp
+        .headers()
+        .get(ALLOW)
+        .map(|v| v.to_str().unwrap_or("").to_string());
     let r = json_of(resp).await;
     assert_error("GET completions", &r, 405, bad, &["POST"]);
     assert_eq!(allow.as_deref(), Some("POST"));
@@ -786,7 +895,10 @@ async fn bad_requests_get_openai_shaped_errors() {
     assert_error("unknown path", &r, 404, bad, &["/v2/x"]);
 
     let resp = s.http.post(s.url("/health")).send().await.expect("POST");
-    let allow = resp.headers().get(ALLOW).map(|v| v.to_str().unwrap_or("").to_string());
+    let allow = resp
+        .headers()
+        .get(ALLOW)
+        .map(|v| v.to_str().unwrap_or("").to_string());
     let r = json_of(resp).await;
     assert_error("POST /health", &r, 405, bad, &["GET"]);
     assert_eq!(allow.as_deref(), Some("GET"));
@@ -811,7 +923,13 @@ async fn api_key_is_required_when_configured() {
     };
     let r = call(None).await;
     assert_error("no key", &r, 401, "authentication_error", &["key"]);
-    for wrong in ["Bearer nope", "Bearer sekri", "Bearer sekrit2", "sekrit", "Bearer "] {
+    for wrong in [
+        "Bearer nope",
+        "Bearer sekri",
+        "Bearer sekrit2",
+        "sekrit",
+        "Bearer ",
+    ] {
         let r = call(Some(wrong)).await;
         assert_error(wrong, &r, 401, "authentication_error", &["key"]);
     }
@@ -889,33 +1007,80 @@ async fn concurrent_streams_equal_solo_runs() {
 
 // ---------------------------------------------------------------- 11. disconnect
 
+/// A model some 30 times slower than the default tiny one (still tiny), so that a
+/// long generation is certainly still running when a test interferes with it.
+fn slow_spec() -> TinySpec {
+    let mut spec = TinySpec::new(TinyArch::Gemma3);
+    spec.n_layer = 8;
+    spec.n_embd = 256;
+    spec.n_ff = 1024;
+    spec.head_dim = Some(64);
+    spec
+}
+
+/// Reads the rest of a stream: (text, whether it ended cleanly rather than broke).
+fn read_rest(mut r: reqwest::Response, first: &[u8]) -> JoinHandle<(String, bool)> {
+    let mut text = String::from_utf8_lossy(first).into_owned();
+    tokio::spawn(async move {
+        loop {
+            match r.chunk().await {
+                Ok(Some(c)) => text.push_str(&String::from_utf8_lossy(&c)),
+                Ok(None) => return (text, true),
+                Err(_) => return (text, false),
+            }
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_frees_its_slot() {
-    let s = Server::start("gone", |c| c.n_ctx = 512).await;
+    let s = Server::start_with("gone", slow_spec(), |c| c.n_ctx = 512).await;
     let body = with(completion("once upon a time", 400), "stream", json!(true));
     let mut r = s.post("/v1/completions", &body).await;
     assert_eq!(r.status(), StatusCode::OK);
     let first = r.chunk().await.expect("read").expect("a first chunk");
     assert!(first.starts_with(b"data: "), "{first:?}");
-    let m = s.metrics().await;
-    assert_eq!(metric(&m, "exo_active_slots"), Some(1.0), "{m}");
     drop(r);
+    let t0 = Instant::now();
     assert!(
         s.wait_metric("exo_active_slots", 0.0, Duration::from_secs(2))
             .await,
         "the slot is still busy 2 s after the client left"
     );
-    // It was cancelled, not run to the end: 400 tokens need 400 steps.
-    let steps = metric(&s.metrics().await, "exo_step_seconds_count").expect("steps");
-    eprintln!("STEPS {steps} {}", metric(&s.metrics().await, "exo_step_seconds_sum").unwrap());
-    let t = Instant::now();
-    let full = s.ok("/v1/completions", &completion("once upon a time", 400)).await;
-    eprintln!("FULL {:?} {}", t.elapsed(), full["usage"]);
-    assert!(steps < 400.0, "{steps} steps: the generation was not cancelled");
+    let freed = t0.elapsed();
+    // Cancelled, not run to the end (400 tokens take 400 steps), and nothing runs on.
+    let m = s.metrics().await;
+    let steps = metric(&m, "exo_step_seconds_count").expect("steps");
+    let step_secs = metric(&m, "exo_step_seconds_sum").expect("step time") / steps;
+    eprintln!(
+        "slot freed {freed:?} after the client left, at step {steps} ({step_secs:.5} s/step)"
+    );
+    assert!(
+        steps < 200.0,
+        "{steps} steps: the generation was not cancelled"
+    );
+    assert_eq!(metric(&m, "exo_queue_depth"), Some(0.0));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        metric(&s.metrics().await, "exo_step_seconds_count"),
+        Some(steps)
+    );
 
-    let again = s.ok("/v1/completions", &completion("once upon a time", 6)).await;
-    assert_eq!(again["usage"]["completion_tokens"], 6);
-    assert_eq!(again["choices"][0]["finish_reason"], "length");
+    // A new request works, and the slot is clean: the same 400-token request, not
+    // streamed, runs to its full length (so the step count above means something).
+    let full = s
+        .ok("/v1/completions", &completion("once upon a time", 400))
+        .await;
+    assert_eq!(full["choices"][0]["finish_reason"], "length", "{full}");
+    assert_eq!(full["usage"]["completion_tokens"], 400);
+    let first: Value = serde_json::from_slice(
+        first
+            .strip_prefix(b"data: ")
+            .and_then(|d| d.split(|&b| b == b'\n').next())
+            .expect("event"),
+    )
+    .expect("JSON");
+    assert!(text_of(&full).starts_with(&text_of(&first)));
 }
 
 // ---------------------------------------------------------------- 12. load
@@ -937,7 +1102,11 @@ async fn overload_is_refused_with_429_and_everything_drains() {
         workers.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             for i in (w..TOTAL).step_by(CONCURRENT) {
-                let prompt = format!("{} {}", PROMPTS[i % PROMPTS.len()], ["cat", "dog", "mat"][i % 3]);
+                let prompt = format!(
+                    "{} {}",
+                    PROMPTS[i % PROMPTS.len()],
+                    ["cat", "dog", "mat"][i % 3]
+                );
                 let r = http
                     .post(&url)
                     .json(&completion(&prompt, 4))
@@ -986,12 +1155,22 @@ async fn overload_is_refused_with_429_and_everything_drains() {
     assert_eq!(metric(&m, "exo_active_slots"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "exo_queue_depth"), Some(0.0), "{m}");
     assert_eq!(
-        metric(&m, r#"exo_requests_total{endpoint="/v1/completions",status="200"}"#),
+        metric(
+            &m,
+            r#"exo_requests_total{endpoint="/v1/completions",status="200"}"#
+        ),
         Some(ok as f64)
     );
-    let counted_429 = metric(&m, r#"exo_requests_total{endpoint="/v1/completions",status="429"}"#).unwrap_or(0.0);
+    let counted_429 = metric(
+        &m,
+        r#"exo_requests_total{endpoint="/v1/completions",status="429"}"#,
+    )
+    .unwrap_or(0.0);
     assert_eq!(counted_429, refused as f64);
-    assert_eq!(metric(&m, "exo_generated_tokens_total"), Some(4.0 * ok as f64));
+    assert_eq!(
+        metric(&m, "exo_generated_tokens_total"),
+        Some(4.0 * ok as f64)
+    );
     // And the server is still fine.
     let r = s.ok("/v1/completions", &completion("hello world", 4)).await;
     assert_eq!(r["choices"][0]["finish_reason"], "length");
@@ -999,26 +1178,8 @@ async fn overload_is_refused_with_429_and_everything_drains() {
 
 // ---------------------------------------------------------------- 13. shutdown
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_lets_streams_end_and_closes_the_listener() {
-    let mut s = Server::start("shutdown", |_| {}).await;
-    let body = with(completion("tell me a story", 200), "stream", json!(true));
-    let mut r = s.post("/v1/completions", &body).await;
-    assert_eq!(r.status(), StatusCode::OK);
-    let first = r.chunk().await.expect("read").expect("a first chunk");
-    assert!(first.starts_with(b"data: "), "{first:?}");
-    // Keep reading the stream while the server shuts down.
-    let reader = tokio::spawn(async move {
-        let mut text = String::from_utf8_lossy(&first).into_owned();
-        loop {
-            match r.chunk().await {
-                Ok(Some(c)) => text.push_str(&String::from_utf8_lossy(&c)),
-                Ok(None) => return (text, true),
-                Err(_) => return (text, false),
-            }
-        }
-    });
-
+/// Sends the stop signal and waits for `serve` to return; returns how long it took.
+async fn stop_server(s: &mut Server) -> Duration {
     let t0 = Instant::now();
     s.stop.take().expect("stop").send(()).expect("signal");
     let task = s.task.take().expect("task");
@@ -1027,23 +1188,77 @@ async fn shutdown_lets_streams_end_and_closes_the_listener() {
         .await
         .unwrap_or_else(|_| panic!("serve did not return within {limit:?}"));
     res.expect("serve task panicked").expect("serve failed");
-    eprintln!("shutdown took {:?}", t0.elapsed());
+    t0.elapsed()
+}
 
-    let (text, clean) = tokio::time::timeout(Duration::from_secs(2), reader)
-        .await
-        .expect("the stream did not end")
-        .expect("reader");
-    if clean {
-        // A stream that ended cleanly ended properly.
-        let events = parse_sse(&text);
-        let last = events.last().expect("events");
-        assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
-    }
-    eprintln!("stream ended {}", if clean { "cleanly" } else { "abruptly" });
-
+async fn assert_listener_closed(s: &Server) {
     assert!(
         tokio::net::TcpStream::connect(s.addr).await.is_err(),
         "the listener still accepts connections"
     );
     assert!(s.http.get(s.url("/health")).send().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_running_streams_finish_and_closes_the_listener() {
+    let mut s = Server::start_with("shutdown", slow_spec(), |_| {}).await;
+    let body = with(completion("tell me a story", 200), "stream", json!(true));
+    let mut r = s.post("/v1/completions", &body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let first = r.chunk().await.expect("read").expect("a first chunk");
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    let reader = read_rest(r, &first);
+
+    let took = stop_server(&mut s).await;
+    let (text, clean) = tokio::time::timeout(Duration::from_secs(2), reader)
+        .await
+        .expect("the stream did not end")
+        .expect("reader");
+    eprintln!(
+        "shutdown took {took:?}; the stream ended {}",
+        if clean { "cleanly" } else { "abruptly" }
+    );
+    if clean {
+        let events = parse_sse(&text);
+        let last = events.last().expect("events");
+        assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    }
+    assert_listener_closed(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_streams_that_outlive_the_grace_period() {
+    let mut s = Server::start_with("shutdown-cut", slow_spec(), |c| {
+        c.n_ctx = 512;
+        c.shutdown_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let body = with(completion("tell me a story", 400), "stream", json!(true));
+    let mut r = s.post("/v1/completions", &body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let first = r.chunk().await.expect("read").expect("a first chunk");
+    let reader = read_rest(r, &first);
+
+    let took = stop_server(&mut s).await;
+    let (text, clean) = tokio::time::timeout(Duration::from_secs(2), reader)
+        .await
+        .expect("the stream did not end")
+        .expect("reader");
+    // The engine cancels at the deadline; the stream ends properly, with an OpenAI
+    // error event saying why, then [DONE].
+    assert!(clean, "the stream broke off: {text:?}");
+    let raw: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(raw.last(), Some(&"data: [DONE]"), "{text:?}");
+    let err_event = raw[raw.len() - 2]
+        .strip_prefix("data: ")
+        .expect("data line");
+    let last: Value = serde_json::from_str(err_event).expect("JSON event");
+    assert_eq!(last["error"]["code"], "shutting_down", "{last}");
+    assert!(last["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("shutting down")));
+    let n_events = raw.len();
+    eprintln!("cut after {took:?}: {n_events} events, last {last}");
+    assert!(n_events < 400, "the generation ran to its end");
+    assert_listener_closed(&s).await;
 }

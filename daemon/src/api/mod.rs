@@ -96,6 +96,20 @@ impl Body for ApiBody {
             ApiBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
         }
     }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ApiBody::Full(f) => f.is_end_stream(),
+            ApiBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ApiBody::Full(f) => f.size_hint(),
+            ApiBody::Stream(_) => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 pub type ApiResponse = Response<ApiBody>;
@@ -318,6 +332,14 @@ fn health(app: &App) -> ApiResponse {
 }
 
 fn ready(app: &App) -> Result<&Served, ApiError> {
+    if let Some(e) = app.load_error.lock().ok().and_then(|e| e.clone()) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "load_failed",
+            format!("the model failed to load: {e}"),
+        ));
+    }
     app.served.get().ok_or_else(|| {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

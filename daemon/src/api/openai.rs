@@ -465,7 +465,7 @@ struct Run {
 enum Step {
     Text(String),
     Done(FinishReason),
-    Failed(String),
+    Failed(ApiError),
 }
 
 impl Run {
@@ -505,11 +505,30 @@ impl Run {
                     }
                 }
                 Some(GenEvent::Done { reason, .. }) => return Step::Done(reason),
-                Some(GenEvent::Error(e)) => return Step::Failed(e),
-                None => return Step::Failed("the engine stopped".into()),
+                Some(GenEvent::Error(e)) => return Step::Failed(engine_error(e)),
+                Some(GenEvent::ShuttingDown) => return Step::Failed(shutting_down()),
+                None => return Step::Failed(engine_error("the engine stopped".into())),
             }
         }
     }
+}
+
+fn engine_error(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "engine_error",
+        message,
+    )
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "shutting_down",
+        "the server is shutting down",
+    )
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -530,14 +549,7 @@ async fn full_response(mut run: Run, id: String, kind: Kind) -> Result<ApiRespon
                 text.push_str(&run.text.finish());
                 break reason;
             }
-            Step::Failed(e) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "engine_error",
-                    e,
-                ));
-            }
+            Step::Failed(e) => return Err(e),
         }
     };
     let (prompt, completion) = (run.n_prompt, run.n_generated);
@@ -649,8 +661,7 @@ fn stream_response(mut run: Run, id: String, kind: Kind, include_usage: bool) ->
                 let _ = tx.send(sse(&last)).await;
             }
             Err(e) => {
-                let err = json!({"error": {"message": e, "type": "server_error", "code": "engine_error"}});
-                let _ = tx.send(sse(&err)).await;
+                let _ = tx.send(sse(&e.body_json())).await;
             }
         }
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;

@@ -49,6 +49,8 @@ pub enum GenEvent {
         completion_tokens: usize,
     },
     Error(String),
+    /// Refused or cut short because the server is shutting down.
+    ShuttingDown,
 }
 
 /// A generation request.
@@ -292,10 +294,13 @@ impl Engine {
         }
     }
 
+    /// At the shutdown deadline: what still runs is cut short.
     fn cancel_all(&mut self) {
-        while !self.active.is_empty() {
-            self.finish(self.active.len() - 1, FinishReason::Cancelled);
+        for a in self.active.drain(..) {
+            self.pipeline.slots.release(a.slot);
+            let _ = a.events.send(GenEvent::ShuttingDown);
         }
+        self.stats.active.store(0, Ordering::SeqCst);
     }
 
     fn fail_all(&mut self, msg: &str) {
