@@ -159,9 +159,99 @@ impl SchedulerHandle {
     }
 }
 
-/// Starts the engine thread.
+/// What a step produced: logits to sample here, or tokens a remote last stage
+/// already sampled (one per output row, in batch order).
+#[derive(Debug)]
+pub enum StepOutcome {
+    Logits(Vec<f32>),
+    Tokens(Vec<i32>),
+}
+
+/// What the scheduler drives: a local pipeline, or a cluster whose stages run on
+/// other machines. Several steps may be in flight at once (one per pipeline stage),
+/// so every stage computes at the same time.
+pub trait Stepper: Send {
+    fn n_ctx(&self) -> usize;
+    fn n_vocab(&self) -> usize;
+    /// Steps that may be in flight at once.
+    fn max_in_flight(&self) -> usize;
+    fn acquire_slot(&mut self) -> Result<usize, EngineError>;
+    fn release_slot(&mut self, slot: usize);
+    /// Whether this stepper samples remotely; then `setup_slot` carries each new
+    /// sequence's sampling parameters to where sampling happens.
+    fn samples_remotely(&self) -> bool {
+        false
+    }
+    fn setup_slot(
+        &mut self,
+        _slot: usize,
+        _sampling: &SamplingParams,
+        _prompt: &[i32],
+    ) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// Starts a step (the local part may run before this returns).
+    fn launch(&mut self, step: u64, seqs: &[BatchSeq], tokens: &[i32]) -> Result<(), EngineError>;
+    /// Waits for some launched step to complete.
+    fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError>;
+}
+
+/// The local pipeline runs a step to completion in `launch`.
+pub struct LocalStepper {
+    pipeline: Pipeline,
+    done: VecDeque<(u64, StepOutcome)>,
+}
+
+impl LocalStepper {
+    pub fn new(pipeline: Pipeline) -> LocalStepper {
+        LocalStepper {
+            pipeline,
+            done: VecDeque::new(),
+        }
+    }
+}
+
+impl Stepper for LocalStepper {
+    fn n_ctx(&self) -> usize {
+        self.pipeline.n_ctx()
+    }
+    fn n_vocab(&self) -> usize {
+        self.pipeline.hparams().n_vocab
+    }
+    fn max_in_flight(&self) -> usize {
+        1
+    }
+    fn acquire_slot(&mut self) -> Result<usize, EngineError> {
+        self.pipeline.slots.acquire()
+    }
+    fn release_slot(&mut self, slot: usize) {
+        self.pipeline.slots.release(slot);
+    }
+    fn launch(&mut self, step: u64, seqs: &[BatchSeq], tokens: &[i32]) -> Result<(), EngineError> {
+        let logits = self.pipeline.step(seqs, tokens)?.to_vec();
+        self.done.push_back((step, StepOutcome::Logits(logits)));
+        Ok(())
+    }
+    fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError> {
+        self.done
+            .pop_front()
+            .ok_or_else(|| EngineError::Pipeline("no step in flight".into()))
+    }
+}
+
+/// Starts the engine thread over a local pipeline.
 pub fn spawn(
     pipeline: Pipeline,
+    cfg: SchedulerConfig,
+    is_eog: Arc<dyn Fn(i32) -> bool + Send + Sync>,
+    observer: Option<Arc<dyn StepObserver>>,
+) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
+    spawn_with(Box::new(LocalStepper::new(pipeline)), cfg, is_eog, observer)
+}
+
+/// Starts the engine thread over any stepper.
+pub fn spawn_with(
+    stepper: Box<dyn Stepper>,
     cfg: SchedulerConfig,
     is_eog: Arc<dyn Fn(i32) -> bool + Send + Sync>,
     observer: Option<Arc<dyn StepObserver>>,
@@ -172,12 +262,12 @@ pub fn spawn(
         tx,
         stats: stats.clone(),
         max_queue: cfg.max_queue,
-        n_ctx: pipeline.n_ctx(),
-        n_vocab: pipeline.hparams().n_vocab,
+        n_ctx: stepper.n_ctx(),
+        n_vocab: stepper.n_vocab(),
         closing: Arc::new(AtomicBool::new(false)),
     };
     let mut engine = Engine {
-        pipeline,
+        stepper,
         cfg,
         is_eog,
         observer,
@@ -185,6 +275,8 @@ pub fn spawn(
         waiting: VecDeque::new(),
         active: Vec::new(),
         deadline: None,
+        in_flight: Vec::new(),
+        next_step: 1,
     };
     let join = std::thread::Builder::new()
         .name("exo-engine".into())
@@ -203,6 +295,10 @@ struct Active {
     max_tokens: usize,
     sampler: Option<SamplerChain>,
     events: UnboundedSender<GenEvent>,
+    /// Part of a step in flight: wait for its result before stepping it again.
+    busy: bool,
+    /// Cancelled while in flight: free the slot when its step returns.
+    cancelled: bool,
 }
 
 impl Active {
@@ -211,8 +307,17 @@ impl Active {
     }
 }
 
+/// A launched step: its sequences (by slot) and when it started.
+struct InFlight {
+    id: u64,
+    seqs: Vec<BatchSeq>,
+    slots: Vec<usize>,
+    n_tokens: usize,
+    started: Instant,
+}
+
 struct Engine {
-    pipeline: Pipeline,
+    stepper: Box<dyn Stepper>,
     cfg: SchedulerConfig,
     is_eog: Arc<dyn Fn(i32) -> bool + Send + Sync>,
     observer: Option<Arc<dyn StepObserver>>,
@@ -220,12 +325,14 @@ struct Engine {
     waiting: VecDeque<GenRequest>,
     active: Vec<Active>,
     deadline: Option<Instant>,
+    in_flight: Vec<InFlight>,
+    next_step: u64,
 }
 
 impl Engine {
     fn run(&mut self, rx: std_mpsc::Receiver<Command>) {
         loop {
-            if self.active.is_empty() && self.waiting.is_empty() {
+            if self.active.is_empty() && self.waiting.is_empty() && self.in_flight.is_empty() {
                 if self.deadline.is_some() {
                     return;
                 }
@@ -237,14 +344,28 @@ impl Engine {
             while let Ok(cmd) = rx.try_recv() {
                 self.command(cmd);
             }
-            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            if self.deadline.is_some_and(|d| Instant::now() >= d) && self.in_flight.is_empty() {
                 self.cancel_all();
                 return;
             }
             self.drop_cancelled();
             self.admit();
-            if let Err(e) = self.step() {
-                self.fail_all(&e.to_string());
+            // Launch while the pipeline has room and some sequence is ready; else wait.
+            let launched = if self.in_flight.len() < self.stepper.max_in_flight() {
+                match self.launch() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.fail_all(&e.to_string());
+                        continue;
+                    }
+                }
+            } else {
+                false
+            };
+            if !launched && !self.in_flight.is_empty() {
+                if let Err(e) = self.complete() {
+                    self.fail_all(&e.to_string());
+                }
             }
         }
     }
@@ -257,17 +378,19 @@ impl Engine {
                 // Requests that never started are refused at once.
                 for req in self.waiting.drain(..) {
                     self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                    let _ = req
-                        .events
-                        .send(GenEvent::Error("the server is shutting down".into()));
+                    let _ = req.events.send(GenEvent::ShuttingDown);
                 }
             }
         }
     }
 
+    fn index_of(&self, slot: usize) -> Option<usize> {
+        self.active.iter().position(|a| a.slot == slot)
+    }
+
     fn finish(&mut self, idx: usize, reason: FinishReason) {
         let a = self.active.swap_remove(idx);
-        self.pipeline.slots.release(a.slot);
+        self.stepper.release_slot(a.slot);
         self.stats.active.store(self.active.len(), Ordering::SeqCst);
         let _ = a.events.send(GenEvent::Done {
             reason,
@@ -276,12 +399,18 @@ impl Engine {
         });
     }
 
-    /// Frees the slots of requests whose owner has gone away.
+    /// Frees the slots of requests whose owner has gone away (at once when idle,
+    /// after their step returns when in flight).
     fn drop_cancelled(&mut self) {
         let mut i = 0;
         while i < self.active.len() {
             if self.active[i].events.is_closed() {
-                self.finish(i, FinishReason::Cancelled);
+                if self.active[i].busy {
+                    self.active[i].cancelled = true;
+                    i += 1;
+                } else {
+                    self.finish(i, FinishReason::Cancelled);
+                }
             } else {
                 i += 1;
             }
@@ -296,18 +425,20 @@ impl Engine {
 
     /// At the shutdown deadline: what still runs is cut short.
     fn cancel_all(&mut self) {
-        for a in self.active.drain(..) {
-            self.pipeline.slots.release(a.slot);
+        for a in std::mem::take(&mut self.active) {
+            self.stepper.release_slot(a.slot);
             let _ = a.events.send(GenEvent::ShuttingDown);
         }
         self.stats.active.store(0, Ordering::SeqCst);
     }
 
     fn fail_all(&mut self, msg: &str) {
-        for a in self.active.drain(..) {
-            self.pipeline.slots.release(a.slot);
+        tracing::error!("engine step failed: {msg}");
+        for a in std::mem::take(&mut self.active) {
+            self.stepper.release_slot(a.slot);
             let _ = a.events.send(GenEvent::Error(msg.to_string()));
         }
+        self.in_flight.clear();
         self.stats.active.store(0, Ordering::SeqCst);
     }
 
@@ -317,7 +448,7 @@ impl Engine {
                 break;
             };
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-            let slot = match self.pipeline.slots.acquire() {
+            let slot = match self.stepper.acquire_slot() {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = req.events.send(GenEvent::Error(e.to_string()));
@@ -328,23 +459,26 @@ impl Engine {
                 && req.sampling.repeat_penalty == 1.0
                 && req.sampling.frequency_penalty == 0.0
                 && req.sampling.presence_penalty == 0.0;
-            let sampler = if greedy {
-                None
+            let mut sampler = None;
+            let setup = if self.stepper.samples_remotely() {
+                self.stepper.setup_slot(slot, &req.sampling, &req.prompt)
+            } else if greedy {
+                Ok(())
             } else {
-                match SamplerChain::new(&req.sampling) {
-                    Ok(mut s) => {
+                SamplerChain::new(&req.sampling)
+                    .map_err(EngineError::from)
+                    .map(|mut s| {
                         for &t in &req.prompt {
                             s.accept(t);
                         }
-                        Some(s)
-                    }
-                    Err(e) => {
-                        self.pipeline.slots.release(slot);
-                        let _ = req.events.send(GenEvent::Error(e.to_string()));
-                        continue;
-                    }
-                }
+                        sampler = Some(s);
+                    })
             };
+            if let Err(e) = setup {
+                self.stepper.release_slot(slot);
+                let _ = req.events.send(GenEvent::Error(e.to_string()));
+                continue;
+            }
             self.active.push(Active {
                 slot,
                 prompt: req.prompt,
@@ -354,17 +488,48 @@ impl Engine {
                 max_tokens: req.max_tokens,
                 sampler,
                 events: req.events,
+                busy: false,
+                cancelled: false,
             });
         }
         self.stats.active.store(self.active.len(), Ordering::SeqCst);
     }
 
-    /// One batched step: a token for every decoding sequence, prompt chunks for the rest.
-    fn step(&mut self) -> Result<(), EngineError> {
+    /// Launches one step over ready sequences: a token for each decoding one, prompt
+    /// chunks for the rest within the token budget. With several steps in flight the
+    /// ready sequences are split so every stage has a micro-batch to work on.
+    fn launch(&mut self) -> Result<bool, EngineError> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(false);
+        }
+        let ready: Vec<usize> = (0..self.active.len())
+            .filter(|&i| !self.active[i].busy && !self.active[i].cancelled)
+            .collect();
+        if ready.is_empty() {
+            return Ok(false);
+        }
+        let room = self
+            .stepper
+            .max_in_flight()
+            .saturating_sub(self.in_flight.len())
+            .max(1);
+        // Spread the running sequences over the free pipeline places.
+        let share = if self.stepper.max_in_flight() > 1 {
+            let total = self.active.len();
+            total
+                .div_ceil(self.stepper.max_in_flight())
+                .max(1)
+                .min(ready.len())
+        } else {
+            ready.len()
+        };
+        let take = if room > 1 { share } else { ready.len() };
         let mut seqs = Vec::new();
         let mut tokens = Vec::new();
-        let mut owners = Vec::new();
-        for (i, a) in self.active.iter().enumerate() {
+        let mut slots = Vec::new();
+        let mut budget = self.cfg.batch.max(1);
+        for &i in ready.iter().take(take) {
+            let a = &self.active[i];
             if let Some(t) = a.next {
                 seqs.push(BatchSeq {
                     slot: a.slot,
@@ -373,15 +538,16 @@ impl Engine {
                     output: OutputRows::Last,
                 });
                 tokens.push(t);
-                owners.push(i);
+                slots.push(a.slot);
+                budget = budget.saturating_sub(1);
             }
         }
-        let mut budget = self.cfg.batch.saturating_sub(tokens.len()).max(1);
-        for (i, a) in self.active.iter().enumerate() {
+        for &i in ready.iter().take(take) {
+            let a = &self.active[i];
             if budget == 0 {
                 break;
             }
-            if a.fed < a.prompt.len() {
+            if a.next.is_none() && a.fed < a.prompt.len() {
                 let n = (a.prompt.len() - a.fed).min(budget);
                 let done = a.fed + n == a.prompt.len();
                 seqs.push(BatchSeq {
@@ -395,13 +561,15 @@ impl Engine {
                     },
                 });
                 tokens.extend_from_slice(&a.prompt[a.fed..a.fed + n]);
-                owners.push(i);
+                slots.push(a.slot);
                 budget -= n;
             }
         }
         if seqs.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
+        let id = self.next_step;
+        self.next_step += 1;
         self.stats
             .last_batch_seqs
             .store(seqs.len(), Ordering::Relaxed);
@@ -409,17 +577,48 @@ impl Engine {
             .last_batch_tokens
             .store(tokens.len(), Ordering::Relaxed);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        let t0 = Instant::now();
-        let n_vocab = self.pipeline.hparams().n_vocab;
-        let logits = self.pipeline.step(&seqs, &tokens)?;
-        if let Some(o) = &self.observer {
-            o.step(seqs.len(), tokens.len(), t0.elapsed().as_secs_f64());
+        for &slot in &slots {
+            if let Some(i) = self.index_of(slot) {
+                self.active[i].busy = true;
+            }
         }
-        // Rows come back in batch order, one per sequence with output.
+        let started = Instant::now();
+        self.in_flight.push(InFlight {
+            id,
+            seqs: seqs.clone(),
+            slots,
+            n_tokens: tokens.len(),
+            started,
+        });
+        self.stepper.launch(id, &seqs, &tokens)?;
+        Ok(true)
+    }
+
+    /// Waits for one step and hands its results to the sequences.
+    fn complete(&mut self) -> Result<(), EngineError> {
+        let (id, outcome) = self.stepper.wait()?;
+        let Some(pos) = self.in_flight.iter().position(|f| f.id == id) else {
+            return Err(EngineError::Pipeline(format!(
+                "unknown step {id} came back"
+            )));
+        };
+        let flight = self.in_flight.swap_remove(pos);
+        if let Some(o) = &self.observer {
+            o.step(
+                flight.seqs.len(),
+                flight.n_tokens,
+                flight.started.elapsed().as_secs_f64(),
+            );
+        }
+        let n_vocab = self.stepper.n_vocab();
         let mut finished = Vec::new();
         let mut row = 0;
-        for (seq, &i) in seqs.iter().zip(&owners) {
+        for (seq, &slot) in flight.seqs.iter().zip(&flight.slots) {
+            let Some(i) = self.index_of(slot) else {
+                continue;
+            };
             let a = &mut self.active[i];
+            a.busy = false;
             if a.fed < a.prompt.len() {
                 a.fed += seq.n_tokens;
                 if a.fed == a.prompt.len() {
@@ -429,38 +628,58 @@ impl Engine {
             if seq.output == OutputRows::None {
                 continue;
             }
-            let Some(l) = logits.get(row * n_vocab..(row + 1) * n_vocab) else {
-                return Err(EngineError::Pipeline(
-                    "fewer logit rows than outputs".into(),
-                ));
-            };
+            let r = row;
             row += 1;
-            let t = match a.sampler.as_mut() {
-                None => argmax(l).map(|t| t as i32).unwrap_or(0),
-                Some(s) => {
-                    let t = s.sample(l)?;
-                    s.accept(t);
-                    t
+            let t = match &outcome {
+                StepOutcome::Tokens(t) => *t.get(r).ok_or_else(|| {
+                    EngineError::Pipeline("fewer tokens than outputs came back".into())
+                })?,
+                StepOutcome::Logits(logits) => {
+                    let Some(l) = logits.get(r * n_vocab..(r + 1) * n_vocab) else {
+                        return Err(EngineError::Pipeline(
+                            "fewer logit rows than outputs".into(),
+                        ));
+                    };
+                    match a.sampler.as_mut() {
+                        None => argmax(l).map(|t| t as i32).unwrap_or(0),
+                        Some(s) => {
+                            let t = s.sample(l)?;
+                            s.accept(t);
+                            t
+                        }
+                    }
                 }
             };
+            if a.cancelled {
+                finished.push((slot, FinishReason::Cancelled));
+                continue;
+            }
             if (self.is_eog)(t) {
                 a.next = None;
-                finished.push((i, FinishReason::Stop));
+                finished.push((slot, FinishReason::Stop));
                 continue;
             }
             a.generated += 1;
             let _ = a.events.send(GenEvent::Token(t));
             if a.generated >= a.max_tokens {
                 a.next = None;
-                finished.push((i, FinishReason::Length));
+                finished.push((slot, FinishReason::Length));
             } else {
                 a.next = Some(t);
             }
         }
-        // Remove from the highest index down so swap_remove keeps the others valid.
-        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, reason) in finished {
-            self.finish(i, reason);
+        // sequences of this step that were cancelled without an output row
+        for &slot in &flight.slots {
+            if let Some(i) = self.index_of(slot) {
+                if self.active[i].cancelled && !finished.iter().any(|f| f.0 == slot) {
+                    finished.push((slot, FinishReason::Cancelled));
+                }
+            }
+        }
+        for (slot, reason) in finished {
+            if let Some(i) = self.index_of(slot) {
+                self.finish(i, reason);
+            }
         }
         Ok(())
     }
