@@ -162,6 +162,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         api_key: None,
         max_body_bytes: 1 << 20,
         shutdown_timeout: Duration::from_secs(2),
+        cluster: None,
     };
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;

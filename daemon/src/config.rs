@@ -104,6 +104,18 @@ pub struct ClusterConfig {
     pub key: Option<ClusterKey>,
     /// The file the key was read from, when it came from one.
     pub key_file: Option<PathBuf>,
+    /// Activations on the wire: "f16" (2 bytes a value; bf16 for a frame whose values
+    /// would overflow f16) or "f32" (exact).
+    pub activations: WireActivations,
+}
+
+/// How activations cross the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireActivations {
+    #[default]
+    F16,
+    F32,
 }
 
 /// One `[[peer]]`: a node of the cluster, in pipeline order.
@@ -362,10 +374,12 @@ impl Serialize for ClusterConfig {
             key: Option<&'a ClusterKey>,
             #[serde(skip_serializing_if = "Option::is_none")]
             key_file: Option<&'a Path>,
+            activations: WireActivations,
         }
         View {
             key: self.key.as_ref().filter(|_| self.key_file.is_none()),
             key_file: self.key_file.as_deref(),
+            activations: self.activations,
         }
         .serialize(serializer)
     }
@@ -565,6 +579,7 @@ struct RawEngine {
 struct RawCluster {
     key: Option<String>,
     key_file: Option<PathBuf>,
+    activations: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1223,7 +1238,22 @@ fn resolve(raw: RawFile, origins: &Origins<'_>) -> Result<Config, ConfigError> {
         raw.cluster.key_file,
         cluster_key,
     )?;
-    let cluster = ClusterConfig { key, key_file };
+    let activations = match raw.cluster.activations.as_deref() {
+        None | Some("f16") => WireActivations::F16,
+        Some("f32") => WireActivations::F32,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                at: origins.at("cluster.activations"),
+                key: "cluster.activations",
+                message: format!("'{other}' is not one of \"f16\", \"f32\""),
+            })
+        }
+    };
+    let cluster = ClusterConfig {
+        key,
+        key_file,
+        activations,
+    };
     let peers = resolve_peers(raw.peer, origins)?;
 
     let config = Config {
@@ -1586,7 +1616,7 @@ batch = 32
         );
         let e = error(&format!("{MODEL}[cluster]\nsize = 2\n"), &[]);
         assert!(
-            e.ends_with("line 4: unknown key 'cluster.size' (known: key, key_file)"),
+            e.ends_with("line 4: unknown key 'cluster.size' (known: key, key_file, activations)"),
             "{e}"
         );
         // The first of several, in file order.
@@ -1865,7 +1895,10 @@ batch = 32
             ["node", "model", "api", "engine", "cluster", "peer"]
         );
         assert_eq!(section_keys("node"), Some(&["name", "listen"][..]));
-        assert_eq!(section_keys("cluster"), Some(&["key", "key_file"][..]));
+        assert_eq!(
+            section_keys("cluster"),
+            Some(&["key", "key_file", "activations"][..])
+        );
         assert_eq!(
             section_keys("peer"),
             Some(&["name", "address", "layers"][..])

@@ -241,6 +241,7 @@ fn serve(path: &Path) -> Result<()> {
         api_key: cfg.api.key.as_ref().map(|k| k.expose().to_string()),
         max_body_bytes: cfg.api.max_body_bytes,
         shutdown_timeout: std::time::Duration::from_secs(cfg.api.shutdown_timeout_secs),
+        cluster: cluster_role(&cfg)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -261,6 +262,73 @@ fn serve(path: &Path) -> Result<()> {
     })?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// This node's part in the cluster the config describes (None: single node).
+fn cluster_role(cfg: &exo::config::Config) -> Result<Option<exo::serve::ClusterRole>> {
+    use exo::cluster::head::{HeadSettings, PeerSpec};
+    use exo::cluster::worker::WorkerSettings;
+    if !cfg.is_cluster() {
+        return Ok(None);
+    }
+    let me = cfg
+        .own_peer_index()
+        .context("this node's name is not in the peer list")?;
+    let listen = cfg
+        .node
+        .listen
+        .clone()
+        .context("[node] listen is required in a cluster")?;
+    let key = cfg
+        .cluster
+        .key
+        .as_ref()
+        .context("[cluster] key or key_file is required")?
+        .expose()
+        .as_bytes()
+        .to_vec();
+    let mut peers = Vec::new();
+    for p in &cfg.peers {
+        peers.push(PeerSpec {
+            name: p.name.clone(),
+            address: p.address.clone(),
+            control: p
+                .control_address()
+                .with_context(|| format!("peer {}: bad address {}", p.name, p.address))?,
+            layers: p.layers,
+        });
+    }
+    let f16 = cfg.cluster.activations == exo::config::WireActivations::F16;
+    if me == 0 {
+        let n_slots = cfg.engine.max_slots;
+        Ok(Some(exo::serve::ClusterRole::Head(HeadSettings {
+            name: cfg.node.name.clone(),
+            listen,
+            peers,
+            key,
+            threads: cfg.engine.threads,
+            n_ctx: cfg.engine.ctx,
+            n_slots,
+            batch: cfg.engine.batch,
+            f16,
+        })))
+    } else {
+        let control_listen = cfg
+            .node
+            .control_listen()
+            .context("[node] listen must be a tcp:// URL")?;
+        Ok(Some(exo::serve::ClusterRole::Worker {
+            settings: WorkerSettings {
+                name: cfg.node.name.clone(),
+                model: cfg.model.path.clone(),
+                listen,
+                control_listen,
+                key,
+                threads: cfg.engine.threads,
+            },
+            head: format!("{} ({})", cfg.peers[0].name, cfg.peers[0].address),
+        }))
+    }
 }
 
 fn inspect(path: &Path) -> Result<()> {

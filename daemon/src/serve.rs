@@ -9,9 +9,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::api::{self, App, Served};
+use crate::cluster::head::{self, HeadSettings};
+use crate::cluster::worker::{self, WorkerSettings};
 use crate::engine::scheduler::{self, SchedulerConfig, StepObserver};
 use crate::engine::{Pipeline, PipelineConfig};
 use crate::model::{LayerRange, ModelFile};
+
 use crate::tokenizer::Tokenizer;
 
 /// Everything `serve` needs (built from the config file by the binary, or by tests).
@@ -29,6 +32,20 @@ pub struct ServeSettings {
     pub max_body_bytes: usize,
     /// How long in-flight requests may run on after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// This node's part in a cluster (None: a single node).
+    pub cluster: Option<ClusterRole>,
+}
+
+/// A node's part in a cluster.
+#[derive(Debug, Clone)]
+pub enum ClusterRole {
+    /// The first peer: forms the cluster, runs the first stage, serves HTTP.
+    Head(HeadSettings),
+    /// Any other peer: runs its stage; its HTTP port points clients to the head.
+    Worker {
+        settings: WorkerSettings,
+        head: String,
+    },
 }
 
 /// The model id clients use: the file name without `.gguf`.
@@ -96,42 +113,114 @@ pub async fn serve(
     );
     app.drain_timeout = settings.shutdown_timeout + Duration::from_secs(2);
     let app = Arc::new(app);
-    let loading = {
-        let app = app.clone();
-        let settings = settings.clone();
-        tokio::task::spawn_blocking(move || {
-            let observer: Arc<dyn StepObserver> = app.metrics.clone();
-            match load(&settings, Some(observer)) {
-                Ok(served) => {
-                    tracing::info!(
-                        "model {} loaded: {} layers, context {}, {} slots; serving",
-                        app.model_id,
-                        served.n_layer,
-                        served.n_ctx,
-                        served.max_slots
-                    );
-                    let _ = app.served.set(served);
+    // Shutdown reaches the HTTP server, the scheduler and (on a worker) the stage.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let loading = match settings.cluster.clone() {
+        None => local_loading(app.clone(), settings.clone()),
+        Some(ClusterRole::Head(h)) => head_loading(app.clone(), settings.clone(), h),
+        Some(ClusterRole::Worker { settings: w, head }) => {
+            let _ = app.worker_of.set(head);
+            let stop = stopped();
+            tokio::spawn(async move {
+                if let Err(e) = worker::run(w, stop).await {
+                    tracing::error!("worker stopped: {e:#}");
                 }
-                Err(e) => {
-                    tracing::error!("model failed to load: {e:#}");
-                    if let Ok(mut slot) = app.load_error.lock() {
-                        *slot = Some(format!("{e:#}"));
-                    }
-                }
-            }
-        })
+            })
+        }
     };
     let grace = settings.shutdown_timeout;
     let app2 = app.clone();
     let stop = async move {
         shutdown.await;
+        let _ = stop_tx.send(true);
         if let Some(s) = app2.served.get() {
             s.scheduler.shutdown(grace);
         }
     };
     let served = api::run(listener, app.clone(), stop);
-    // Connections get the grace period plus a little to deliver their last bytes.
     served.await?;
-    drop(loading);
+    loading.abort();
     Ok(())
+}
+
+fn loaded(app: &App, r: anyhow::Result<Served>) {
+    match r {
+        Ok(served) => {
+            tracing::info!(
+                "model {} loaded: {} layers, context {}, {} slots; serving",
+                app.model_id,
+                served.n_layer,
+                served.n_ctx,
+                served.max_slots
+            );
+            let _ = app.served.set(served);
+        }
+        Err(e) => {
+            tracing::error!("model failed to load: {e:#}");
+            if let Ok(mut slot) = app.load_error.lock() {
+                *slot = Some(format!("{e:#}"));
+            }
+        }
+    }
+}
+
+fn local_loading(app: Arc<App>, settings: ServeSettings) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(move || {
+        let observer: Arc<dyn StepObserver> = app.metrics.clone();
+        loaded(&app, load(&settings, Some(observer)));
+    })
+}
+
+fn head_loading(
+    app: Arc<App>,
+    settings: ServeSettings,
+    h: HeadSettings,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let r = async {
+            use anyhow::Context;
+            let path = settings.model.clone();
+            let mf = tokio::task::spawn_blocking(move || ModelFile::open(&path))
+                .await?
+                .with_context(|| format!("loading {}", settings.model.display()))?;
+            let mf = Arc::new(mf);
+            let hp = mf.hparams.clone();
+            let tokenizer = Arc::new(
+                Tokenizer::load(&settings.model, hp.arch.name()).with_context(|| {
+                    format!("loading the vocabulary of {}", settings.model.display())
+                })?,
+            );
+            let (stepper, view) = head::form(mf, h.clone()).await?;
+            let _ = app.cluster.set(view);
+            let tok = tokenizer.clone();
+            let observer: Arc<dyn StepObserver> = app.metrics.clone();
+            let (scheduler, _join) = scheduler::spawn_with(
+                Box::new(stepper),
+                SchedulerConfig {
+                    max_slots: h.n_slots,
+                    max_queue: settings.max_queue,
+                    batch: h.batch,
+                },
+                Arc::new(move |t| tok.is_eog(t)),
+                Some(observer),
+            )?;
+            Ok(Served {
+                tokenizer,
+                scheduler,
+                n_ctx: h.n_ctx,
+                n_vocab: hp.n_vocab,
+                arch: hp.arch.name().to_string(),
+                n_layer: hp.n_layer,
+                max_slots: h.n_slots,
+            })
+        }
+        .await;
+        loaded(&app, r);
+    })
 }

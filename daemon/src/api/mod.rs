@@ -53,6 +53,10 @@ pub struct App {
     pub load_error: Mutex<Option<String>>,
     /// After shutdown, how long open connections may take to finish.
     pub drain_timeout: Duration,
+    /// On a cluster head: the peers, their ranges and liveness.
+    pub cluster: OnceLock<crate::cluster::head::ClusterView>,
+    /// On a worker node: the head's HTTP-serving peer name and data address.
+    pub worker_of: OnceLock<String>,
 }
 
 impl App {
@@ -65,6 +69,8 @@ impl App {
             served: OnceLock::new(),
             load_error: Mutex::new(None),
             drain_timeout: Duration::from_secs(30),
+            cluster: OnceLock::new(),
+            worker_of: OnceLock::new(),
         }
     }
 
@@ -232,9 +238,12 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> ApiResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let endpoint = match path.as_str() {
-        "/v1/completions" | "/v1/chat/completions" | "/v1/models" | "/health" | "/metrics" => {
-            path.as_str()
-        }
+        "/v1/completions"
+        | "/v1/chat/completions"
+        | "/v1/models"
+        | "/v1/cluster"
+        | "/health"
+        | "/metrics" => path.as_str(),
         _ => "other",
     }
     .to_string();
@@ -287,6 +296,17 @@ async fn route(
                 body,
             ))
         }
+        "/v1/cluster" => {
+            if method != Method::GET {
+                return Ok(method_not_allowed("GET"));
+            }
+            let peers = app
+                .cluster
+                .get()
+                .and_then(|v| v.lock().ok().map(|v| v.clone()))
+                .unwrap_or_default();
+            Ok(json_response(StatusCode::OK, &json!({"peers": peers})))
+        }
         "/v1/models" | "/v1/completions" | "/v1/chat/completions" => {
             let allowed = if path == "/v1/models" { "GET" } else { "POST" };
             if method.as_str() != allowed {
@@ -295,6 +315,14 @@ async fn route(
             authorize(app, &req)?;
             if path == "/v1/models" {
                 return Ok(openai::models(app));
+            }
+            if let Some(head) = app.worker_of.get() {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "not_head",
+                    format!("this node is a cluster worker: send requests to the head ({head})"),
+                ));
             }
             let body = read_body(app, req).await?;
             let served = ready(app)?;
@@ -314,6 +342,32 @@ async fn route(
 }
 
 fn health(app: &App) -> ApiResponse {
+    if let Some(head) = app.worker_of.get() {
+        return json_response(
+            StatusCode::OK,
+            &json!({"status": "ok", "role": "worker", "head": head}),
+        );
+    }
+    if let Some(view) = app.cluster.get() {
+        let missing: Vec<String> = view
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|p| !p.alive)
+                    .map(|p| p.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !missing.is_empty() {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "peer_missing",
+                format!("peer {} is missing", missing.join(", ")),
+            )
+            .into_response();
+        }
+    }
     if app.served.get().is_some() {
         return json_response(StatusCode::OK, &json!({"status": "ok"}));
     }

@@ -44,6 +44,16 @@ pub const SEQ_DESC_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 /// The shortest possible frame: a header and a MAC.
 pub const MIN_FRAME_LEN: usize = HEADER_LEN + MAC_LEN;
+/// Rounds an f32 to bfloat16 (nearest, ties to even; NaN stays NaN).
+fn f32_to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7FFF + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
 /// The BLAKE3 key-derivation context of the frame MAC key.
 const KEY_CONTEXT: &str = "exo cluster frame v1";
 
@@ -62,10 +72,13 @@ pub enum FrameType {
     Activations = 9,
     Tokens = 10,
     Error = 11,
+    /// A new sequence's sampling parameters, sent down the data pipeline ahead of its
+    /// first activations to the last stage, which samples.
+    Setup = 12,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 11] = [
+    pub const ALL: [FrameType; 12] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Capabilities,
@@ -77,6 +90,7 @@ impl FrameType {
         FrameType::Activations,
         FrameType::Tokens,
         FrameType::Error,
+        FrameType::Setup,
     ];
 
     pub fn from_u8(v: u8) -> Option<FrameType> {
@@ -101,6 +115,7 @@ impl FrameType {
             FrameType::Activations => "activations",
             FrameType::Tokens => "tokens",
             FrameType::Error => "error",
+            FrameType::Setup => "setup",
         }
     }
 }
@@ -118,6 +133,9 @@ pub enum Dtype {
     None = 0,
     F32 = 1,
     F16 = 2,
+    /// bfloat16: f32's range in 2 bytes; used instead of F16 for a frame whose values
+    /// would overflow f16 (Gemma's residual stream does).
+    BF16 = 3,
 }
 
 impl Dtype {
@@ -126,6 +144,7 @@ impl Dtype {
             0 => Some(Dtype::None),
             1 => Some(Dtype::F32),
             2 => Some(Dtype::F16),
+            3 => Some(Dtype::BF16),
             _ => None,
         }
     }
@@ -135,7 +154,7 @@ impl Dtype {
         match self {
             Dtype::None => 0,
             Dtype::F32 => 4,
-            Dtype::F16 => 2,
+            Dtype::F16 | Dtype::BF16 => 2,
         }
     }
 }
@@ -145,6 +164,7 @@ impl fmt::Display for Dtype {
         f.write_str(match self {
             Dtype::None => "none",
             Dtype::F32 => "f32",
+            Dtype::BF16 => "bf16",
             Dtype::F16 => "f16",
         })
     }
@@ -653,6 +673,12 @@ impl Sealer {
             value: width as u64,
             max: u32::MAX as u64,
         })?;
+        // f16 tops out at 65504: a frame with larger values goes as bf16 (same size).
+        let dtype = if dtype == Dtype::F16 && h.iter().any(|v| v.abs() > 65000.0) {
+            Dtype::BF16
+        } else {
+            dtype
+        };
         let meta = FrameMeta {
             frame_type: FrameType::Activations,
             dtype,
@@ -661,6 +687,9 @@ impl Sealer {
         };
         let n_bytes = h.len().saturating_mul(dtype.size());
         match dtype {
+            Dtype::BF16 => self.seal_with(&meta, seqs, n_bytes, out, |o| {
+                o.extend(h.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()))
+            }),
             Dtype::F16 => {
                 let mut half = std::mem::take(&mut self.half);
                 half.clear();
@@ -896,6 +925,11 @@ impl Frame<'_> {
                 self.payload
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            Dtype::BF16 => out.extend(
+                self.payload
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
             ),
             Dtype::F16 => {
                 let half: Vec<u16> = self
@@ -1357,7 +1391,10 @@ mod tests {
             let back: serde_json::Value = f.control().unwrap();
             assert_eq!(back, body);
         }
-        assert_eq!(opener.stats().snapshot().accepted, 9);
+        assert_eq!(
+            opener.stats().snapshot().accepted,
+            FrameType::ALL.iter().filter(|t| t.is_control()).count() as u64
+        );
     }
 
     #[test]

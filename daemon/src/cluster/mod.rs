@@ -2,7 +2,10 @@
 //! ([`transport`]).
 
 pub mod frame;
+pub mod head;
+pub mod plan;
 pub mod transport;
+pub mod worker;
 
 pub use frame::{
     random_sender_id, DropReason, Dtype, Frame, FrameError, FrameKey, FrameMeta, FrameType, Limits,

@@ -1,0 +1,521 @@
+//! The head node: forms the cluster (hello, capabilities, plan), runs the first
+//! stage itself, and drives the pipeline for the scheduler with one step in flight
+//! per stage. Heartbeats watch the peers: a missing one fails the steps in flight
+//! within about two seconds, and a peer that comes back is given the plan again.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ggml_shim::llama::SamplingParams;
+
+use super::frame::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer, SeqDesc};
+use super::plan::{
+    self, Capabilities, Hello, HelloAck, ModelCosts, NodeInfo, Plan, PlanAck, PlannedStage, Pong,
+    SlotSetup,
+};
+use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
+use crate::engine::scheduler::{StepOutcome, Stepper};
+use crate::engine::{BatchSeq, EngineError, SlotPool, Stage, StageConfig, StageInput, StageOutput};
+use crate::model::{LayerRange, ModelFile};
+
+/// One peer as the head sees it.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub name: String,
+    /// Data-plane URL.
+    pub address: String,
+    /// Control-plane URL.
+    pub control: String,
+    pub layers: Option<(usize, usize)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeadSettings {
+    pub name: String,
+    pub listen: String,
+    /// Peers in pipeline order; the first is this node.
+    pub peers: Vec<PeerSpec>,
+    pub key: Vec<u8>,
+    pub threads: usize,
+    pub n_ctx: usize,
+    pub n_slots: usize,
+    pub batch: usize,
+    pub f16: bool,
+}
+
+/// Liveness and figures of each peer, shared with /health, /metrics and `exo status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PeerState {
+    pub name: String,
+    pub address: String,
+    pub start: usize,
+    pub end: usize,
+    pub alive: bool,
+    pub rtt_ms: f64,
+    pub ms_per_token: f64,
+    #[serde(skip)]
+    pub last_seen: Option<Instant>,
+}
+
+pub type ClusterView = Arc<Mutex<Vec<PeerState>>>;
+
+/// Heartbeat period; a peer silent for `DEAD_AFTER` is missing.
+const HEARTBEAT: Duration = Duration::from_millis(300);
+const DEAD_AFTER: Duration = Duration::from_millis(1500);
+
+async fn request<T: serde::de::DeserializeOwned>(
+    client: &ControlClient,
+    sealer: &Mutex<Sealer>,
+    opener: &Mutex<Opener>,
+    ft: FrameType,
+    body: &impl serde::Serialize,
+    timeout: Duration,
+) -> anyhow::Result<T> {
+    let bytes = sealer
+        .lock()
+        .map_err(|_| anyhow::anyhow!("sealer poisoned"))?
+        .seal_control(ft, 0, body)?;
+    let reply = client.request(&bytes, timeout).await?;
+    let mut opener = opener
+        .lock()
+        .map_err(|_| anyhow::anyhow!("opener poisoned"))?;
+    let frame = opener.open(reply.as_bytes(), &Limits::control_only())?;
+    if frame.frame_type == FrameType::Error {
+        let e: plan::ErrorMsg = frame.control()?;
+        bail!("{}", e.message);
+    }
+    Ok(frame.control()?)
+}
+
+struct Control {
+    peers: Vec<(PeerSpec, ControlClient)>,
+    sealer: Mutex<Sealer>,
+    opener: Mutex<Opener>,
+}
+
+/// Forms the cluster and returns the stepper the scheduler drives.
+pub async fn form(
+    mf: Arc<ModelFile>,
+    s: HeadSettings,
+) -> anyhow::Result<(ClusterStepper, ClusterView)> {
+    let key = FrameKey::derive(&s.key);
+    let model_id = plan::model_id(&mf);
+    // our own data plane first: the last stage dials it
+    let rx = PipelineRx::listen(&s.listen)
+        .await
+        .with_context(|| format!("data plane on {}", s.listen))?;
+    let mut control = Control {
+        peers: Vec::new(),
+        sealer: Mutex::new(Sealer::with_random_id(key.clone())),
+        opener: Mutex::new(Opener::new(key.clone())),
+    };
+    let head_sender = control.sealer.lock().map(|s| s.sender_id()).unwrap_or(0);
+    for p in &s.peers[1..] {
+        tracing::info!("waiting for peer {} at {}", p.name, p.control);
+        let client = ControlClient::dial(
+            &p.control,
+            &DialOptions {
+                connect_timeout: Duration::from_secs(3600),
+                ..DialOptions::default()
+            },
+        )
+        .await
+        .with_context(|| format!("dialing peer {}", p.name))?;
+        control.peers.push((p.clone(), client));
+    }
+    // hello: identities and capabilities
+    let my_caps = {
+        let mf = mf.clone();
+        let threads = s.threads;
+        tokio::task::spawn_blocking(move || Capabilities::measure(&mf, threads)).await?
+    };
+    let mut nodes = vec![NodeInfo {
+        name: s.name.clone(),
+        caps: my_caps,
+    }];
+    let hello = Hello {
+        from: s.name.clone(),
+        protocol: plan::PROTOCOL,
+        model_id: model_id.clone(),
+    };
+    for (p, client) in &control.peers {
+        let ack: HelloAck = loop {
+            match request(
+                client,
+                &control.sealer,
+                &control.opener,
+                FrameType::Hello,
+                &hello,
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(a) => break a,
+                Err(e) => {
+                    tracing::info!("waiting for peer {}: {e:#}", p.name);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        };
+        if ack.model_id != model_id {
+            bail!(
+                "peer {} has a different model (id {}…, ours {}…): every node needs the same GGUF file",
+                p.name,
+                &ack.model_id[..12.min(ack.model_id.len())],
+                &model_id[..12]
+            );
+        }
+        if ack.name != p.name {
+            bail!(
+                "peer at {} calls itself '{}', the config says '{}'",
+                p.control,
+                ack.name,
+                p.name
+            );
+        }
+        tracing::info!(
+            "peer {}: {} MB free, {} cores, {:.2} ms/layer",
+            p.name,
+            ack.caps.free_memory / 1_000_000,
+            ack.caps.cores,
+            ack.caps.ms_per_layer
+        );
+        nodes.push(NodeInfo {
+            name: p.name.clone(),
+            caps: ack.caps,
+        });
+    }
+    // the plan: explicit ranges, or the planner's
+    let n_layer = mf.hparams.n_layer;
+    let ranges: Vec<LayerRange> = if s.peers.iter().all(|p| p.layers.is_some()) {
+        let r: Vec<LayerRange> = s
+            .peers
+            .iter()
+            .filter_map(|p| p.layers.map(|(a, b)| LayerRange::new(a, b)))
+            .collect();
+        if r.last().map(|l| l.end) != Some(n_layer) {
+            bail!(
+                "the configured layer ranges end at {:?}, the model has {n_layer} layers",
+                r.last().map(|l| l.end)
+            );
+        }
+        r
+    } else {
+        let costs = ModelCosts::of(&mf, s.n_ctx, s.n_slots);
+        plan::plan_ranges(&nodes, &costs)?
+    };
+    let plan = Plan {
+        epoch: rand_epoch(),
+        model_id: model_id.clone(),
+        stages: s
+            .peers
+            .iter()
+            .zip(&ranges)
+            .map(|(p, r)| PlannedStage {
+                name: p.name.clone(),
+                address: p.address.clone(),
+                start: r.start,
+                end: r.end,
+            })
+            .collect(),
+        n_ctx: s.n_ctx,
+        n_slots: s.n_slots,
+        batch: s.batch,
+        f16: s.f16,
+        head_sender,
+    };
+    for (p, client) in &control.peers {
+        let ack: PlanAck = request(
+            client,
+            &control.sealer,
+            &control.opener,
+            FrameType::Plan,
+            &plan,
+            Duration::from_secs(300),
+        )
+        .await
+        .with_context(|| format!("sending the plan to {}", p.name))?;
+        if !ack.ok {
+            bail!(
+                "peer {} refused the plan: {}",
+                p.name,
+                ack.error.unwrap_or_default()
+            );
+        }
+    }
+    let summary: Vec<String> = plan
+        .stages
+        .iter()
+        .map(|st| format!("{} {}..{}", st.name, st.start, st.end))
+        .collect();
+    tracing::info!("cluster formed: {}", summary.join(", "));
+    // our stage and the link to the next one
+    let local = {
+        let mf = mf.clone();
+        let cfg = StageConfig {
+            range: ranges[0],
+            n_ctx: s.n_ctx,
+            n_slots: s.n_slots,
+            n_threads: s.threads,
+            repack: true,
+        };
+        tokio::task::spawn_blocking(move || Stage::load(&mf, cfg)).await??
+    };
+    let tx = PipelineTx::dial(&s.peers[1].address, &DialOptions::default()).await?;
+    let view: ClusterView = Arc::new(Mutex::new(
+        plan.stages
+            .iter()
+            .map(|st| PeerState {
+                name: st.name.clone(),
+                address: st.address.clone(),
+                start: st.start,
+                end: st.end,
+                alive: true,
+                rtt_ms: 0.0,
+                ms_per_token: 0.0,
+                last_seen: Some(Instant::now()),
+            })
+            .collect(),
+    ));
+    tokio::spawn(heartbeats(Arc::new(control), plan.clone(), view.clone()));
+    let limits = Limits {
+        max_seqs: s.n_slots,
+        max_tokens: s.batch.max(1),
+        width: 0,
+        n_ctx: s.n_ctx,
+        n_slots: s.n_slots,
+        n_vocab: mf.hparams.n_vocab,
+        max_control_bytes: Limits::DEFAULT_MAX_CONTROL_BYTES,
+    };
+    let stepper = ClusterStepper {
+        rt: tokio::runtime::Handle::current(),
+        local,
+        tx,
+        rx,
+        sealer: Sealer::with_random_id(key.clone()),
+        opener: Opener::new(key),
+        limits,
+        width: mf.hparams.n_embd,
+        dtype: if s.f16 { Dtype::F16 } else { Dtype::F32 },
+        n_ctx: s.n_ctx,
+        n_vocab: mf.hparams.n_vocab,
+        n_stages: s.peers.len(),
+        slots: SlotPool::new(s.n_slots),
+        view: view.clone(),
+        hidden: Vec::new(),
+        toks: Vec::new(),
+    };
+    Ok((stepper, view))
+}
+
+fn rand_epoch() -> u64 {
+    super::frame::random_sender_id()
+}
+
+/// Pings every peer; marks the silent ones missing, and gives the plan again to
+/// one that comes back without it (restarted).
+async fn heartbeats(control: Arc<Control>, plan: Plan, view: ClusterView) {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+        for (i, (p, client)) in control.peers.iter().enumerate() {
+            let t0 = Instant::now();
+            let pong: anyhow::Result<Pong> = request(
+                client,
+                &control.sealer,
+                &control.opener,
+                FrameType::Ping,
+                &serde_json::json!({}),
+                DEAD_AFTER,
+            )
+            .await;
+            let now = Instant::now();
+            let mut replan = false;
+            if let Ok(mut v) = view.lock() {
+                let Some(st) = v.get_mut(i + 1) else { continue };
+                match &pong {
+                    Ok(pong) => {
+                        if !st.alive {
+                            tracing::info!("peer {} is back", p.name);
+                        }
+                        st.alive = true;
+                        st.last_seen = Some(now);
+                        st.rtt_ms = (now - t0).as_secs_f64() * 1e3;
+                        st.ms_per_token = pong.ms_per_token;
+                        replan = pong.epoch != plan.epoch;
+                    }
+                    Err(e) => {
+                        if st.alive && st.last_seen.is_none_or(|t| now - t > DEAD_AFTER) {
+                            tracing::warn!("peer {} is missing: {e:#}", p.name);
+                            st.alive = false;
+                        }
+                    }
+                }
+            }
+            if replan {
+                tracing::info!(
+                    "peer {} runs no plan (restarted?): sending it again",
+                    p.name
+                );
+                let r: anyhow::Result<PlanAck> = request(
+                    client,
+                    &control.sealer,
+                    &control.opener,
+                    FrameType::Plan,
+                    &plan,
+                    Duration::from_secs(300),
+                )
+                .await;
+                match r {
+                    Ok(a) if a.ok => tracing::info!("peer {} rejoined", p.name),
+                    Ok(a) => tracing::error!(
+                        "peer {} refused the plan: {}",
+                        p.name,
+                        a.error.unwrap_or_default()
+                    ),
+                    Err(e) => tracing::warn!("peer {}: {e:#}", p.name),
+                }
+            }
+        }
+    }
+}
+
+/// The scheduler's view of the cluster.
+pub struct ClusterStepper {
+    rt: tokio::runtime::Handle,
+    local: Stage,
+    tx: PipelineTx,
+    rx: PipelineRx,
+    sealer: Sealer,
+    opener: Opener,
+    limits: Limits,
+    width: usize,
+    dtype: Dtype,
+    n_ctx: usize,
+    n_vocab: usize,
+    n_stages: usize,
+    slots: SlotPool,
+    view: ClusterView,
+    hidden: Vec<f32>,
+    toks: Vec<i32>,
+}
+
+impl ClusterStepper {
+    fn missing_peer(&self) -> Option<String> {
+        let v = self.view.lock().ok()?;
+        v.iter().skip(1).find(|p| !p.alive).map(|p| p.name.clone())
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
+        self.rt
+            .block_on(self.tx.send_timeout(bytes, Some(DEAD_AFTER)))
+            .map_err(|e| EngineError::Pipeline(format!("sending to the next stage: {e}")))
+    }
+}
+
+impl Stepper for ClusterStepper {
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+    fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+    fn max_in_flight(&self) -> usize {
+        self.n_stages
+    }
+    fn acquire_slot(&mut self) -> Result<usize, EngineError> {
+        self.slots.acquire()
+    }
+    fn release_slot(&mut self, slot: usize) {
+        self.slots.release(slot);
+    }
+    fn samples_remotely(&self) -> bool {
+        true
+    }
+    fn setup_slot(
+        &mut self,
+        slot: usize,
+        p: &SamplingParams,
+        prompt: &[i32],
+    ) -> Result<(), EngineError> {
+        let setup = SlotSetup {
+            slot,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repeat_penalty: p.repeat_penalty,
+            repeat_last_n: p.repeat_last_n,
+            frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
+            seed: p.seed,
+            prompt: prompt.to_vec(),
+        };
+        let bytes = self
+            .sealer
+            .seal_control(FrameType::Setup, 0, &setup)
+            .map_err(|e| EngineError::Pipeline(e.to_string()))?;
+        self.send(&bytes)
+    }
+    fn launch(&mut self, step: u64, seqs: &[BatchSeq], tokens: &[i32]) -> Result<(), EngineError> {
+        if let Some(p) = self.missing_peer() {
+            return Err(EngineError::Pipeline(format!("peer {p} is missing")));
+        }
+        let kind = self
+            .local
+            .forward(seqs, StageInput::Tokens(tokens), &mut self.hidden)?;
+        if kind != StageOutput::Hidden {
+            return Err(EngineError::Pipeline(
+                "the head's stage must not be the last".into(),
+            ));
+        }
+        let descs = SeqDesc::from_batch(seqs).map_err(|e| EngineError::Pipeline(e.to_string()))?;
+        let bytes = self
+            .sealer
+            .seal_activations(step, &descs, &self.hidden, self.width, self.dtype)
+            .map_err(|e| EngineError::Pipeline(e.to_string()))?;
+        self.send(&bytes)
+    }
+    fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError> {
+        loop {
+            let r = self
+                .rt
+                .block_on(self.rx.recv(Some(Duration::from_millis(250))));
+            let pkt = match r {
+                Ok(p) => p,
+                Err(e) if e.is_timeout() => {
+                    if let Some(p) = self.missing_peer() {
+                        return Err(EngineError::Pipeline(format!("peer {p} is missing")));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(EngineError::Pipeline(format!("receiving tokens: {e}"))),
+            };
+            let frame = match self.opener.open(pkt.as_bytes(), &self.limits) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!("frame from the pipeline dropped: {e}");
+                    continue;
+                }
+            };
+            if frame.frame_type == FrameType::Error {
+                let msg = frame
+                    .control::<plan::ErrorMsg>()
+                    .map(|m| m.message)
+                    .unwrap_or_else(|_| "a stage failed".into());
+                return Err(EngineError::Pipeline(msg));
+            }
+            if frame.frame_type != FrameType::Tokens {
+                tracing::warn!(
+                    "unexpected {} frame on the head's data plane",
+                    frame.frame_type.name()
+                );
+                continue;
+            }
+            frame
+                .tokens(&mut self.toks)
+                .map_err(|e| EngineError::Pipeline(e.to_string()))?;
+            return Ok((frame.step_id, StepOutcome::Tokens(self.toks.clone())));
+        }
+    }
+}
