@@ -4,7 +4,7 @@
 mod bench;
 mod bench_serve;
 
-use std::io::Write;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -44,6 +44,11 @@ enum Command {
     },
     /// Validate a config file and print the effective configuration (exit 0/1).
     CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show the cluster: peers, layer ranges, link round-trip times, ms/token, state.
+    Status {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Status { config } => status(&config),
         Command::BenchServe(args) => bench_serve::run(args),
     };
     match result {
@@ -225,6 +231,74 @@ fn run(args: RunArgs) -> Result<()> {
 fn check_config(path: &Path) -> Result<()> {
     let cfg = exo::config::Config::load(path)?;
     print!("{}", cfg.effective_toml());
+    Ok(())
+}
+
+/// GET `path` from the local HTTP API; returns the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    use std::io::Read;
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+        .with_context(|| format!("connecting to exo serve at {addr} (is it running?)"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok(body)
+}
+
+fn status(path: &Path) -> Result<()> {
+    let cfg = exo::config::Config::load(path)?;
+    let health = http_get(cfg.api.listen, "/health")?;
+    let h: serde_json::Value = serde_json::from_str(&health).unwrap_or_default();
+    if h["role"] == "worker" {
+        println!(
+            "node {}: worker; the head is {}",
+            cfg.node.name,
+            h["head"].as_str().unwrap_or("?")
+        );
+        return Ok(());
+    }
+    let state = if h["status"] == "ok" {
+        "serving".to_string()
+    } else {
+        h["error"]["message"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string()
+    };
+    println!("node {} (head): {state}", cfg.node.name);
+    let v: serde_json::Value = serde_json::from_str(&http_get(cfg.api.listen, "/v1/cluster")?)?;
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    if peers.is_empty() {
+        println!("single node (no peers)");
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<28} {:>8} {:>8} {:>9} {:>11}",
+        "peer", "address", "layers", "state", "rtt ms", "ms/token"
+    );
+    for p in peers {
+        println!(
+            "{:<12} {:<28} {:>8} {:>8} {:>9.2} {:>11.2}",
+            p["name"].as_str().unwrap_or("?"),
+            p["address"].as_str().unwrap_or("?"),
+            format!("{}..{}", p["start"], p["end"]),
+            if p["alive"] == true { "up" } else { "MISSING" },
+            p["rtt_ms"].as_f64().unwrap_or(0.0),
+            p["ms_per_token"].as_f64().unwrap_or(0.0)
+        );
+    }
     Ok(())
 }
 

@@ -286,10 +286,13 @@ async fn route(
                 return Ok(method_not_allowed("GET"));
             }
             let served = app.served.get();
-            let body = app.metrics.render(
+            let mut body = app.metrics.render(
                 served.map(|s| s.scheduler.stats()),
                 served.map_or(0, |s| s.max_slots),
             );
+            if let Some(view) = app.cluster.get() {
+                body.push_str(&cluster_metrics(view));
+            }
             Ok(text_response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -339,6 +342,48 @@ async fn route(
             format!("unknown path {path}"),
         )),
     }
+}
+
+/// Per-peer figures of a cluster head, in Prometheus text.
+fn cluster_metrics(view: &crate::cluster::head::ClusterView) -> String {
+    use std::fmt::Write as _;
+    let Ok(v) = view.lock() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    type Figure = fn(&crate::cluster::head::PeerState) -> f64;
+    let gauges: [(&str, &str, Figure); 5] = [
+        (
+            "exo_peer_up",
+            "Whether the peer answers heartbeats and runs the plan.",
+            |p| f64::from(u8::from(p.alive)),
+        ),
+        (
+            "exo_peer_rtt_ms",
+            "Round-trip time of the last heartbeat.",
+            |p| p.rtt_ms,
+        ),
+        (
+            "exo_peer_ms_per_token",
+            "Compute time per token of the peer's stage.",
+            |p| p.ms_per_token,
+        ),
+        (
+            "exo_hop_bytes_total",
+            "Bytes sent from this node to the next stage.",
+            |p| p.bytes_sent as f64,
+        ),
+        ("exo_hop_tokens_total", "Tokens those bytes carried.", |p| {
+            p.tokens_sent as f64
+        }),
+    ];
+    for (name, help, f) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for p in v.iter() {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", p.name, f(p));
+        }
+    }
+    out
 }
 
 fn health(app: &App) -> ApiResponse {

@@ -54,6 +54,9 @@ pub struct PeerState {
     pub alive: bool,
     pub rtt_ms: f64,
     pub ms_per_token: f64,
+    /// Bytes this node sent to the next hop, and tokens they carried (head only).
+    pub bytes_sent: u64,
+    pub tokens_sent: u64,
     #[serde(skip)]
     pub last_seen: Option<Instant>,
 }
@@ -63,6 +66,8 @@ pub type ClusterView = Arc<Mutex<Vec<PeerState>>>;
 /// Heartbeat period; a peer silent for `DEAD_AFTER` is missing.
 const HEARTBEAT: Duration = Duration::from_millis(300);
 const DEAD_AFTER: Duration = Duration::from_millis(1500);
+/// A step that never comes back (a frame lost on the way) fails after this.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn request<T: serde::de::DeserializeOwned>(
     client: &ControlClient,
@@ -274,6 +279,8 @@ pub async fn form(
                 alive: true,
                 rtt_ms: 0.0,
                 ms_per_token: 0.0,
+                bytes_sent: 0,
+                tokens_sent: 0,
                 last_seen: Some(Instant::now()),
             })
             .collect(),
@@ -335,14 +342,15 @@ async fn heartbeats(control: Arc<Control>, plan: Plan, view: ClusterView) {
                 let Some(st) = v.get_mut(i + 1) else { continue };
                 match &pong {
                     Ok(pong) => {
-                        if !st.alive {
-                            tracing::info!("peer {} is back", p.name);
-                        }
-                        st.alive = true;
                         st.last_seen = Some(now);
                         st.rtt_ms = (now - t0).as_secs_f64() * 1e3;
                         st.ms_per_token = pong.ms_per_token;
+                        // alive again only once it runs our plan
                         replan = pong.epoch != plan.epoch;
+                        if replan && st.alive {
+                            tracing::warn!("peer {} lost its plan (restarted?)", p.name);
+                        }
+                        st.alive = !replan;
                     }
                     Err(e) => {
                         if st.alive && st.last_seen.is_none_or(|t| now - t > DEAD_AFTER) {
@@ -367,7 +375,14 @@ async fn heartbeats(control: Arc<Control>, plan: Plan, view: ClusterView) {
                 )
                 .await;
                 match r {
-                    Ok(a) if a.ok => tracing::info!("peer {} rejoined", p.name),
+                    Ok(a) if a.ok => {
+                        tracing::info!("peer {} rejoined", p.name);
+                        if let Ok(mut v) = view.lock() {
+                            if let Some(st) = v.get_mut(i + 1) {
+                                st.alive = true;
+                            }
+                        }
+                    }
                     Ok(a) => tracing::error!(
                         "peer {} refused the plan: {}",
                         p.name,
@@ -461,9 +476,11 @@ impl Stepper for ClusterStepper {
         if let Some(p) = self.missing_peer() {
             return Err(EngineError::Pipeline(format!("peer {p} is missing")));
         }
+        let t0 = Instant::now();
         let kind = self
             .local
             .forward(seqs, StageInput::Tokens(tokens), &mut self.hidden)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / tokens.len().max(1) as f64;
         if kind != StageOutput::Hidden {
             return Err(EngineError::Pipeline(
                 "the head's stage must not be the last".into(),
@@ -474,10 +491,28 @@ impl Stepper for ClusterStepper {
             .sealer
             .seal_activations(step, &descs, &self.hidden, self.width, self.dtype)
             .map_err(|e| EngineError::Pipeline(e.to_string()))?;
+        if let Ok(mut v) = self.view.lock() {
+            if let Some(me) = v.first_mut() {
+                me.ms_per_token = if me.ms_per_token == 0.0 {
+                    ms
+                } else {
+                    0.9 * me.ms_per_token + 0.1 * ms
+                };
+                me.bytes_sent += bytes.len() as u64;
+                me.tokens_sent += tokens.len() as u64;
+            }
+        }
         self.send(&bytes)
     }
     fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError> {
+        let started = Instant::now();
         loop {
+            if started.elapsed() > STEP_TIMEOUT {
+                return Err(EngineError::Pipeline(format!(
+                    "no answer from the pipeline in {} s",
+                    STEP_TIMEOUT.as_secs()
+                )));
+            }
             let r = self
                 .rt
                 .block_on(self.rx.recv(Some(Duration::from_millis(250))));

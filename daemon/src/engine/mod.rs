@@ -34,7 +34,7 @@ pub enum EngineError {
     },
     #[error("all {0} sequence slots are busy")]
     NoFreeSlot(usize),
-    #[error("stages disagree: {0}")]
+    #[error("pipeline: {0}")]
     Pipeline(String),
 }
 
