@@ -127,8 +127,9 @@ pub async fn serve(
         Some(ClusterRole::Worker { settings: w, head }) => {
             let _ = app.worker_of.set(head);
             let stop = stopped();
+            let stats = app.frames.clone();
             tokio::spawn(async move {
-                if let Err(e) = worker::run(w, stop).await {
+                if let Err(e) = worker::run(w, stats, stop).await {
                     tracing::error!("worker stopped: {e:#}");
                 }
             })
@@ -196,7 +197,7 @@ fn head_loading(
                     format!("loading the vocabulary of {}", settings.model.display())
                 })?,
             );
-            let (stepper, view) = head::form(mf, h.clone()).await?;
+            let (stepper, view) = head::form(mf, h.clone(), app.frames.clone()).await?;
             let _ = app.cluster.set(view);
             let tok = tokenizer.clone();
             let observer: Arc<dyn StepObserver> = app.metrics.clone();

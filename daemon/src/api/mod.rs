@@ -57,6 +57,8 @@ pub struct App {
     pub cluster: OnceLock<crate::cluster::head::ClusterView>,
     /// On a worker node: the head's HTTP-serving peer name and data address.
     pub worker_of: OnceLock<String>,
+    /// Frames this node opened or dropped (cluster nodes).
+    pub frames: Arc<crate::cluster::OpenerStats>,
 }
 
 impl App {
@@ -71,6 +73,7 @@ impl App {
             drain_timeout: Duration::from_secs(30),
             cluster: OnceLock::new(),
             worker_of: OnceLock::new(),
+            frames: Arc::new(crate::cluster::OpenerStats::default()),
         }
     }
 
@@ -292,6 +295,19 @@ async fn route(
             );
             if let Some(view) = app.cluster.get() {
                 body.push_str(&cluster_metrics(view));
+            }
+            if app.cluster.get().is_some() || app.worker_of.get().is_some() {
+                let f = app.frames.snapshot();
+                body.push_str("# HELP exo_frames_total Cluster frames by outcome.\n# TYPE exo_frames_total counter\n");
+                for (outcome, n) in [
+                    ("accepted", f.accepted),
+                    ("malformed", f.malformed),
+                    ("forged", f.forged),
+                    ("replayed", f.replayed),
+                    ("invalid", f.invalid),
+                ] {
+                    body.push_str(&format!("exo_frames_total{{outcome=\"{outcome}\"}} {n}\n"));
+                }
             }
             Ok(text_response(
                 StatusCode::OK,

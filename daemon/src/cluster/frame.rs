@@ -1008,6 +1008,12 @@ impl Opener {
         }
     }
 
+    /// Counts into shared statistics (kept across openers, e.g. for /metrics).
+    pub fn with_stats(mut self, stats: Arc<OpenerStats>) -> Opener {
+        self.stats = stats;
+        self
+    }
+
     /// Rejects frames carrying this node's own sender id (a frame of ours reflected
     /// back at us would otherwise look like a fresh sender).
     pub fn with_local_sender(mut self, sender_id: u64) -> Opener {

@@ -103,6 +103,7 @@ struct Control {
 pub async fn form(
     mf: Arc<ModelFile>,
     s: HeadSettings,
+    frame_stats: Arc<super::frame::OpenerStats>,
 ) -> anyhow::Result<(ClusterStepper, ClusterView)> {
     let key = FrameKey::derive(&s.key);
     let model_id = plan::model_id(&mf);
@@ -113,7 +114,7 @@ pub async fn form(
     let mut control = Control {
         peers: Vec::new(),
         sealer: Mutex::new(Sealer::with_random_id(key.clone())),
-        opener: Mutex::new(Opener::new(key.clone())),
+        opener: Mutex::new(Opener::new(key.clone()).with_stats(frame_stats.clone())),
     };
     let head_sender = control.sealer.lock().map(|s| s.sender_id()).unwrap_or(0);
     for p in &s.peers[1..] {
@@ -301,7 +302,7 @@ pub async fn form(
         tx,
         rx,
         sealer: Sealer::with_random_id(key.clone()),
-        opener: Opener::new(key),
+        opener: Opener::new(key).with_stats(frame_stats),
         limits,
         width: mf.hparams.n_embd,
         dtype: if s.f16 { Dtype::F16 } else { Dtype::F32 },

@@ -53,6 +53,7 @@ struct Status {
 /// Serves as a worker until `shutdown` resolves.
 pub async fn run(
     s: WorkerSettings,
+    frame_stats: Arc<super::frame::OpenerStats>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -88,13 +89,14 @@ pub async fn run(
     let status = Arc::new(Mutex::new(Status::default()));
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<DataCmd>();
     let rt = tokio::runtime::Handle::current();
+    let control_stats = frame_stats.clone();
     let data = {
         let key = key.clone();
         let status = status.clone();
         let rt = rt.clone();
         std::thread::Builder::new()
             .name("exo-stage".into())
-            .spawn(move || data_loop(rt, rx, cmd_rx, key, status))?
+            .spawn(move || data_loop(rt, rx, cmd_rx, key, status, frame_stats.clone()))?
     };
     let control_task = {
         let control = control.clone();
@@ -104,7 +106,7 @@ pub async fn run(
             caps,
             mf,
             threads: s.threads,
-            opener: Opener::new(key.clone()),
+            opener: Opener::new(key.clone()).with_stats(control_stats),
             sealer: Sealer::with_random_id(key.clone()),
             status,
             cmd_tx,
@@ -297,9 +299,10 @@ fn data_loop(
     cmds: std_mpsc::Receiver<DataCmd>,
     key: FrameKey,
     status: Arc<Mutex<Status>>,
+    stats: Arc<super::frame::OpenerStats>,
 ) {
     let mut run: Option<Box<RunningStage>> = None;
-    let mut opener = Opener::new(key.clone());
+    let mut opener = Opener::new(key.clone()).with_stats(stats.clone());
     let mut sealer = Sealer::with_random_id(key.clone());
     let mut samplers: HashMap<usize, Option<SamplerChain>> = HashMap::new();
     let (mut hidden, mut out, mut toks) = (Vec::new(), Vec::new(), Vec::new());
@@ -307,7 +310,7 @@ fn data_loop(
         match cmds.try_recv() {
             Ok(DataCmd::Run(r)) => {
                 // a new plan: fresh replay state and samplers
-                opener = Opener::new(key.clone());
+                opener = Opener::new(key.clone()).with_stats(stats.clone());
                 samplers.clear();
                 tracing::debug!("stage thread runs plan {}", r.epoch);
                 run = Some(r);
