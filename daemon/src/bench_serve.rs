@@ -144,6 +144,41 @@ fn llama_round(
     ))
 }
 
+#[derive(clap::Args)]
+pub struct BenchClientArgs {
+    /// A running `exo serve` (e.g. a cluster head): host:port.
+    #[arg(long)]
+    addr: std::net::SocketAddr,
+    #[arg(long, default_value = "1,8", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+}
+
+/// Measures an already running server: aggregate tok/s and median TTFT per concurrency.
+pub fn client(args: BenchClientArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        stream_one(args.addr, "warm up", 2).await?;
+        for &n in &args.concurrency {
+            let (mut tps, mut ttft) = (vec![], vec![]);
+            for _ in 0..args.reps {
+                let (t, f) = exo_round(args.addr, n, args.tokens).await?;
+                tps.push(t);
+                ttft.push(f);
+            }
+            println!(
+                "streams {n:>3}: {:>8.1} tok/s aggregate, median ttft {:>7.1} ms",
+                median(&mut tps),
+                median(&mut ttft) * 1e3
+            );
+        }
+        Ok(())
+    })
+}
+
 pub fn run(args: BenchServeArgs) -> Result<()> {
     init_backend();
     let threads = args.threads.unwrap_or_else(crate::default_threads);

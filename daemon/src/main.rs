@@ -54,6 +54,8 @@ enum Command {
     },
     /// Measure `exo serve` at several concurrent streams against llama.cpp batched decode.
     BenchServe(bench_serve::BenchServeArgs),
+    /// Measure a running `exo serve` (e.g. a cluster head) at several concurrent streams.
+    BenchClient(bench_serve::BenchClientArgs),
 }
 
 const DEFAULT_CONFIG: &str = "/etc/exo/exo.toml";
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Status { config } => status(&config),
         Command::BenchServe(args) => bench_serve::run(args),
+        Command::BenchClient(args) => bench_serve::client(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Cluster benchmark on one machine (not a test): Gemma 3 270M,
+#  (a) single-stream decode: 2 stages pinned to one core each vs 1 node on both cores
+#  (b) 8 concurrent streams: 2 stages pinned one core each vs 1 node pinned to one core
+#  (c) bytes per token per hop (from the head's /metrics)
+#  (d) (a)/(b) again with 1 ms and 5 ms of added link latency between the two stages,
+#      using network namespaces and tc netem (needs root and iproute2; skipped otherwise)
+# Nodes use activations = "f16" (the default wire format).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo build --release -p exo
+EXO=$PWD/target/release/exo
+MODEL=$PWD/models/gemma-3-270m-Q4_K_M.gguf
+TOKENS=${TOKENS:-64}
+REPS=${REPS:-3}
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
+    if [ -n "${NETNS:-}" ]; then ip netns del exo-a 2>/dev/null || true; ip netns del exo-b 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+single() { # name cpus threads port
+    cat > "$work/$1.toml" <<EOF
+[model]
+path = "$MODEL"
+[api]
+listen = "$5:$4"
+[engine]
+threads = $3
+ctx = 1024
+max_slots = 8
+EOF
+    taskset -c "$2" "$EXO" serve --config "$work/$1.toml" 2> "$work/$1.log" &
+    pids+=($!)
+}
+
+cluster_node() { # name cpu http_ip http_port data_ip data_port peer_a_ip peer_b_ip [netns]
+    local cmd=("$EXO" serve --config "$work/$1.toml")
+    cat > "$work/$1.toml" <<EOF
+[node]
+name = "$1"
+listen = "tcp://$5:$6"
+[model]
+path = "$MODEL"
+[api]
+listen = "$3:$4"
+[engine]
+threads = 1
+ctx = 1024
+max_slots = 8
+[cluster]
+key = "bench-cluster-secret-0123456789"
+[[peer]]
+name = "a"
+address = "tcp://$7:17100"
+[[peer]]
+name = "b"
+address = "tcp://$8:17110"
+EOF
+    if [ -n "${9:-}" ]; then
+        ip netns exec "$9" taskset -c "$2" "${cmd[@]}" 2> "$work/$1.log" &
+    else
+        taskset -c "$2" "${cmd[@]}" 2> "$work/$1.log" &
+    fi
+    pids+=($!)
+}
+
+wait_health() { # ip port [netns]
+    for _ in $(seq 1 240); do
+        if [ -n "${3:-}" ]; then
+            ip netns exec "$3" curl -sf "http://$1:$2/health" >/dev/null 2>&1 && return 0
+        else
+            curl -sf "http://$1:$2/health" >/dev/null 2>&1 && return 0
+        fi
+        sleep 0.25
+    done
+    echo "server at $1:$2 did not come up" >&2; cat "$work"/*.log >&2; return 1
+}
+
+measure() { # label ip port concurrency [netns]
+    local out
+    if [ -n "${5:-}" ]; then
+        out=$(ip netns exec "$5" "$EXO" bench-client --addr "$2:$3" --concurrency "$4" --tokens "$TOKENS" --reps "$REPS")
+    else
+        out=$("$EXO" bench-client --addr "$2:$3" --concurrency "$4" --tokens "$TOKENS" --reps "$REPS")
+    fi
+    local tps
+    tps=$(echo "$out" | awk '{print $3}')
+    printf "%-44s %8.1f tok/s\n" "$1" "$tps" >&2
+    echo "$tps"
+}
+
+stop_all() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; pids=(); sleep 0.5; }
+
+echo "== one machine, $(nproc) cores, $TOKENS tokens per stream, median of $REPS ==" >&2
+single one2 0,1 2 18200 127.0.0.1; wait_health 127.0.0.1 18200
+one_both_1=$(measure "1 node, both cores, 1 stream" 127.0.0.1 18200 1)
+stop_all
+single one1 0 1 18201 127.0.0.1; wait_health 127.0.0.1 18201
+one_core_8=$(measure "1 node, one core, 8 streams" 127.0.0.1 18201 8)
+one_core_1=$(measure "1 node, one core, 1 stream" 127.0.0.1 18201 1)
+stop_all
+
+cluster_node b 1 127.0.0.1 18211 127.0.0.1 17110 127.0.0.1 127.0.0.1
+cluster_node a 0 127.0.0.1 18210 127.0.0.1 17100 127.0.0.1 127.0.0.1
+wait_health 127.0.0.1 18210
+two_1=$(measure "2 stages, one core each, 1 stream" 127.0.0.1 18210 1)
+two_8=$(measure "2 stages, one core each, 8 streams" 127.0.0.1 18210 8)
+metrics=$(curl -s http://127.0.0.1:18210/metrics)
+bytes=$(echo "$metrics" | awk '/^exo_hop_bytes_total\{peer="a"\}/ {print $2}')
+toks=$(echo "$metrics" | awk '/^exo_hop_tokens_total\{peer="a"\}/ {print $2}')
+"$EXO" status --config "$work/a.toml" >&2 || true
+stop_all
+
+n_embd=640
+echo >&2
+echo "(a) single stream: 2 stages / 1 node on both cores = $(echo "$two_1 / $one_both_1" | bc -l | cut -c1-5)x" >&2
+echo "(b) 8 streams: 2 stages (1 core each) / 1 node (1 core) = $(echo "$two_8 / $one_core_8" | bc -l | cut -c1-5)x (aim >= 1.7x)" >&2
+echo "(c) bytes per token per hop: $(echo "$bytes / $toks" | bc -l | cut -c1-7) (aim <= 2*n_embd+64 = $((2*n_embd+64)))" >&2
+
+if [ "$(id -u)" -ne 0 ] || ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
+    echo "(d) skipped: needs root, ip and tc" >&2
+    exit 0
+fi
+NETNS=1
+ip netns add exo-a; ip netns add exo-b
+ip link add exo-va type veth peer name exo-vb
+ip link set exo-va netns exo-a; ip link set exo-vb netns exo-b
+ip -n exo-a addr add 10.77.0.1/24 dev exo-va; ip -n exo-b addr add 10.77.0.2/24 dev exo-vb
+ip -n exo-a link set exo-va up; ip -n exo-b link set exo-vb up
+ip -n exo-a link set lo up; ip -n exo-b link set lo up
+for delay in 1ms 5ms; do
+    if ! ip netns exec exo-a tc qdisc replace dev exo-va root netem delay "$delay" 2>/dev/null ||
+        ! ip netns exec exo-b tc qdisc replace dev exo-vb root netem delay "$delay" 2>/dev/null; then
+        echo "(d) skipped: this kernel has no netem qdisc (sch_netem)" >&2
+        break
+    fi
+    cluster_node b 1 127.0.0.1 18221 10.77.0.2 17110 10.77.0.1 10.77.0.2 exo-b
+    cluster_node a 0 127.0.0.1 18220 10.77.0.1 17100 10.77.0.1 10.77.0.2 exo-a
+    wait_health 127.0.0.1 18220 exo-a
+    d1=$(measure "2 stages, +$delay each way, 1 stream" 127.0.0.1 18220 1 exo-a)
+    d8=$(measure "2 stages, +$delay each way, 8 streams" 127.0.0.1 18220 8 exo-a)
+    echo "(d) +$delay: 1 stream $(echo "$d1 / $two_1" | bc -l | cut -c1-5)x of no delay; 8 streams $(echo "$d8 / $two_8" | bc -l | cut -c1-5)x of no delay" >&2
+    stop_all
+done
