@@ -159,7 +159,10 @@ pub struct BenchClientArgs {
 
 /// Measures an already running server: aggregate tok/s and median TTFT per concurrency.
 pub fn client(args: BenchClientArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         stream_one(args.addr, "warm up", 2).await?;
         for &n in &args.concurrency {

@@ -64,8 +64,8 @@ pub struct PeerState {
 pub type ClusterView = Arc<Mutex<Vec<PeerState>>>;
 
 /// Heartbeat period; a peer silent for `DEAD_AFTER` is missing.
-const HEARTBEAT: Duration = Duration::from_millis(300);
-const DEAD_AFTER: Duration = Duration::from_millis(1500);
+const HEARTBEAT: Duration = Duration::from_millis(250);
+const DEAD_AFTER: Duration = Duration::from_millis(1200);
 /// A step that never comes back (a frame lost on the way) fails after this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -158,6 +158,15 @@ pub async fn form(
             .await
             {
                 Ok(a) => break a,
+                Err(e)
+                    if e.downcast_ref::<super::frame::FrameError>()
+                        .is_some_and(|f| f.reason() == super::frame::DropReason::Forged) =>
+                {
+                    bail!(
+                        "peer {} does not share the cluster key: its reply fails authentication",
+                        p.name
+                    );
+                }
                 Err(e) => {
                     tracing::info!("waiting for peer {}: {e:#}", p.name);
                     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -30,7 +30,8 @@ pub struct WorkerSettings {
 
 /// What the control side tells the data side.
 enum DataCmd {
-    Run(Box<RunningStage>),
+    /// Run this stage from now on; the sender is told once it does.
+    Run(Box<RunningStage>, std_mpsc::SyncSender<()>),
 }
 
 struct RunningStage {
@@ -261,17 +262,26 @@ impl ControlHandler {
             p.epoch,
             self.mf.hparams.n_layer
         );
+        // Acknowledge the plan only once the stage thread runs it: a batch sent right
+        // after the ack must find the stage in place.
+        let (ack_tx, ack_rx) = std_mpsc::sync_channel(1);
         self.cmd_tx
-            .send(DataCmd::Run(Box::new(RunningStage {
-                epoch: p.epoch,
-                stage,
-                last,
-                tx,
-                limits,
-                width,
-                dtype: if p.f16 { Dtype::F16 } else { Dtype::F32 },
-            })))
+            .send(DataCmd::Run(
+                Box::new(RunningStage {
+                    epoch: p.epoch,
+                    stage,
+                    last,
+                    tx,
+                    limits,
+                    width,
+                    dtype: if p.f16 { Dtype::F16 } else { Dtype::F32 },
+                }),
+                ack_tx,
+            ))
             .map_err(|_| anyhow::anyhow!("the stage thread has stopped"))?;
+        tokio::task::spawn_blocking(move || ack_rx.recv_timeout(Duration::from_secs(30)))
+            .await?
+            .map_err(|_| anyhow::anyhow!("the stage thread did not take the plan"))?;
         if let Ok(mut s) = self.status.lock() {
             s.epoch = p.epoch;
         }
@@ -307,16 +317,26 @@ fn data_loop(
     let mut samplers: HashMap<usize, Option<SamplerChain>> = HashMap::new();
     let (mut hidden, mut out, mut toks) = (Vec::new(), Vec::new(), Vec::new());
     loop {
-        match cmds.try_recv() {
-            Ok(DataCmd::Run(r)) => {
-                // a new plan: fresh replay state and samplers
-                opener = Opener::new(key.clone()).with_stats(stats.clone());
-                samplers.clear();
-                tracing::debug!("stage thread runs plan {}", r.epoch);
-                run = Some(r);
+        // new plans first, also right after a packet arrived (it may belong to the plan
+        // that was acknowledged while we waited)
+        let mut take_cmds = |run: &mut Option<Box<RunningStage>>| -> bool {
+            loop {
+                match cmds.try_recv() {
+                    Ok(DataCmd::Run(r, ack)) => {
+                        // a new plan: fresh replay state and samplers
+                        opener = Opener::new(key.clone()).with_stats(stats.clone());
+                        samplers.clear();
+                        tracing::debug!("stage thread runs plan {}", r.epoch);
+                        *run = Some(r);
+                        let _ = ack.send(());
+                    }
+                    Err(std_mpsc::TryRecvError::Disconnected) => return false,
+                    Err(std_mpsc::TryRecvError::Empty) => return true,
+                }
             }
-            Err(std_mpsc::TryRecvError::Disconnected) => return,
-            Err(std_mpsc::TryRecvError::Empty) => {}
+        };
+        if !take_cmds(&mut run) {
+            return;
         }
         let pkt = match rt.block_on(rx.recv(Some(Duration::from_millis(200)))) {
             Ok(p) => p,
@@ -327,6 +347,9 @@ fn data_loop(
                 continue;
             }
         };
+        if !take_cmds(&mut run) {
+            return;
+        }
         let Some(r) = run.as_mut() else {
             tracing::debug!("batch before any plan: dropped");
             continue;
@@ -471,7 +494,8 @@ fn run_batch(
                                     c.accept(t);
                                     t
                                 }
-                                _ => argmax(l).map(|t| t as i32).unwrap_or(0),
+                                Some(None) => argmax(l).map(|t| t as i32).unwrap_or(0),
+                                None => anyhow::bail!("slot {} has no sampling set-up", s.slot),
                             };
                             toks.push(t);
                             row += 1;

@@ -92,6 +92,9 @@ enum Command {
     Shutdown(Instant),
 }
 
+/// A launched step that has not come back after this fails its sequences.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Handle to the engine thread; cheap to clone.
 #[derive(Clone)]
 pub struct SchedulerHandle {
@@ -362,6 +365,20 @@ impl Engine {
             } else {
                 false
             };
+            // a step lost on the way (a frame dropped) must not hold its slots forever
+            if let Some(f) = self
+                .in_flight
+                .iter()
+                .find(|f| f.started.elapsed() > STEP_TIMEOUT)
+            {
+                let msg = format!(
+                    "step {} got no answer in {} s",
+                    f.id,
+                    STEP_TIMEOUT.as_secs()
+                );
+                self.fail_all(&msg);
+                continue;
+            }
             if !launched && !self.in_flight.is_empty() {
                 if let Err(e) = self.complete() {
                     self.fail_all(&e.to_string());
@@ -598,9 +615,9 @@ impl Engine {
     fn complete(&mut self) -> Result<(), EngineError> {
         let (id, outcome) = self.stepper.wait()?;
         let Some(pos) = self.in_flight.iter().position(|f| f.id == id) else {
-            return Err(EngineError::Pipeline(format!(
-                "unknown step {id} came back"
-            )));
+            // a late or stray answer (a step that already failed): not ours any more
+            tracing::warn!("result of step {id}, which is not in flight, ignored");
+            return Ok(());
         };
         let flight = self.in_flight.swap_remove(pos);
         if let Some(o) = &self.observer {
