@@ -335,7 +335,9 @@ fn serve(path: &Path) -> Result<()> {
             listener.local_addr()?,
             cfg.model.path.display()
         );
-        exo::serve::serve(listener, settings, exo::system::shutdown_signal()).await
+        let app = exo::serve::new_app(&settings);
+        exo::system::reload::spawn(path.to_path_buf(), cfg.clone(), app.clone());
+        exo::serve::serve_app(app, listener, settings, exo::system::shutdown_signal()).await
     })?;
     tracing::info!("stopped");
     Ok(())

@@ -14,6 +14,7 @@ use crate::cluster::worker::{self, WorkerSettings};
 use crate::engine::scheduler::{self, SchedulerConfig, StepObserver};
 use crate::engine::{Pipeline, PipelineConfig};
 use crate::model::{LayerRange, ModelFile};
+use crate::system::notify;
 
 use crate::tokenizer::Tokenizer;
 
@@ -106,13 +107,29 @@ pub async fn serve(
     settings: ServeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let app = new_app(&settings);
+    serve_app(app, listener, settings, shutdown).await
+}
+
+/// The shared state `serve_app` serves (the caller may keep a handle, e.g. for SIGHUP).
+pub fn new_app(settings: &ServeSettings) -> Arc<App> {
     let mut app = App::new(
         model_id(&settings.model),
         settings.api_key.clone(),
         settings.max_body_bytes,
     );
     app.drain_timeout = settings.shutdown_timeout + Duration::from_secs(2);
-    let app = Arc::new(app);
+    Arc::new(app)
+}
+
+/// `serve` on an app made by [`new_app`]. Under systemd (`NOTIFY_SOCKET`), reports
+/// readiness, status and watchdog pings (see [`crate::system::notify`]).
+pub async fn serve_app(
+    app: Arc<App>,
+    listener: TcpListener,
+    settings: ServeSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // Shutdown reaches the HTTP server, the scheduler and (on a worker) the stage.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -135,10 +152,12 @@ pub async fn serve(
             })
         }
     };
+    let supervisor = notify::spawn(app.clone(), stop_tx.subscribe());
     let grace = settings.shutdown_timeout;
     let app2 = app.clone();
     let stop = async move {
         shutdown.await;
+        notify::stopping();
         let _ = stop_tx.send(true);
         if let Some(s) = app2.served.get() {
             s.scheduler.shutdown(grace);
@@ -147,6 +166,9 @@ pub async fn serve(
     let served = api::run(listener, app.clone(), stop);
     served.await?;
     loading.abort();
+    if let Some(s) = supervisor {
+        s.abort();
+    }
     Ok(())
 }
 

@@ -1,4 +1,8 @@
-//! Process glue: logging in a journald-friendly shape and shutdown signals.
+//! Process glue: logging in a journald-friendly shape, shutdown signals, systemd
+//! notifications and config reloads on SIGHUP.
+
+pub mod notify;
+pub mod reload;
 
 use std::io::IsTerminal;
 

@@ -9,7 +9,7 @@ pub mod text;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,7 +44,8 @@ pub struct Served {
 pub struct App {
     /// The model's id as clients name it (the file stem).
     pub model_id: String,
-    pub api_key: Option<String>,
+    /// The bearer token clients must send (None: open); SIGHUP may replace it.
+    pub api_key: RwLock<Option<String>>,
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     /// Set once the model is loaded.
@@ -65,7 +66,7 @@ impl App {
     pub fn new(model_id: String, api_key: Option<String>, max_body_bytes: usize) -> App {
         App {
             model_id,
-            api_key,
+            api_key: RwLock::new(api_key),
             max_body_bytes,
             metrics: Arc::new(Metrics::default()),
             served: OnceLock::new(),
@@ -75,6 +76,27 @@ impl App {
             worker_of: OnceLock::new(),
             frames: Arc::new(crate::cluster::OpenerStats::default()),
         }
+    }
+
+    /// Peers of a cluster head that are not alive (empty elsewhere).
+    pub fn missing_peers(&self) -> Vec<String> {
+        self.cluster
+            .get()
+            .and_then(|view| {
+                view.lock().ok().map(|v| {
+                    v.iter()
+                        .filter(|p| !p.alive)
+                        .map(|p| p.name.clone())
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether /health answers 200: a worker, or a loaded model with every peer alive.
+    pub fn is_ready(&self) -> bool {
+        self.worker_of.get().is_some()
+            || (self.served.get().is_some() && self.missing_peers().is_empty())
     }
 
     /// Whether `name` refers to the served model.
@@ -409,25 +431,15 @@ fn health(app: &App) -> ApiResponse {
             &json!({"status": "ok", "role": "worker", "head": head}),
         );
     }
-    if let Some(view) = app.cluster.get() {
-        let missing: Vec<String> = view
-            .lock()
-            .map(|v| {
-                v.iter()
-                    .filter(|p| !p.alive)
-                    .map(|p| p.name.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !missing.is_empty() {
-            return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "peer_missing",
-                format!("peer {} is missing", missing.join(", ")),
-            )
-            .into_response();
-        }
+    let missing = app.missing_peers();
+    if !missing.is_empty() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "peer_missing",
+            format!("peer {} is missing", missing.join(", ")),
+        )
+        .into_response();
     }
     if app.served.get().is_some() {
         return json_response(StatusCode::OK, &json!({"status": "ok"}));
@@ -469,7 +481,8 @@ fn ready(app: &App) -> Result<&Served, ApiError> {
 
 /// Constant-time comparison of the bearer token.
 fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
-    let Some(key) = &app.api_key else {
+    let guard = app.api_key.read().unwrap_or_else(|e| e.into_inner());
+    let Some(key) = guard.as_ref() else {
         return Ok(());
     };
     let given = req
