@@ -303,6 +303,21 @@ impl ControlHandler {
 }
 
 /// The data side: one thread owning the stage; receives batches, computes, forwards.
+struct DataPlane {
+    rt: tokio::runtime::Handle,
+    key: FrameKey,
+    stats: Arc<super::frame::OpenerStats>,
+    status: Arc<Mutex<Status>>,
+    run: Option<Box<RunningStage>>,
+    opener: Opener,
+    sealer: Sealer,
+    /// Per slot: the sampler chain, or None for greedy (last stage only).
+    samplers: HashMap<usize, Option<SamplerChain>>,
+    hidden: Vec<f32>,
+    out: Vec<f32>,
+    toks: Vec<i32>,
+}
+
 fn data_loop(
     rt: tokio::runtime::Handle,
     mut rx: PipelineRx,
@@ -311,34 +326,26 @@ fn data_loop(
     status: Arc<Mutex<Status>>,
     stats: Arc<super::frame::OpenerStats>,
 ) {
-    let mut run: Option<Box<RunningStage>> = None;
-    let mut opener = Opener::new(key.clone()).with_stats(stats.clone());
-    let mut sealer = Sealer::with_random_id(key.clone());
-    let mut samplers: HashMap<usize, Option<SamplerChain>> = HashMap::new();
-    let (mut hidden, mut out, mut toks) = (Vec::new(), Vec::new(), Vec::new());
+    let mut dp = DataPlane {
+        rt,
+        opener: Opener::new(key.clone()).with_stats(stats.clone()),
+        sealer: Sealer::with_random_id(key.clone()),
+        key,
+        stats,
+        status,
+        run: None,
+        samplers: HashMap::new(),
+        hidden: Vec::new(),
+        out: Vec::new(),
+        toks: Vec::new(),
+    };
     loop {
-        // new plans first, also right after a packet arrived (it may belong to the plan
-        // that was acknowledged while we waited)
-        let mut take_cmds = |run: &mut Option<Box<RunningStage>>| -> bool {
-            loop {
-                match cmds.try_recv() {
-                    Ok(DataCmd::Run(r, ack)) => {
-                        // a new plan: fresh replay state and samplers
-                        opener = Opener::new(key.clone()).with_stats(stats.clone());
-                        samplers.clear();
-                        tracing::debug!("stage thread runs plan {}", r.epoch);
-                        *run = Some(r);
-                        let _ = ack.send(());
-                    }
-                    Err(std_mpsc::TryRecvError::Disconnected) => return false,
-                    Err(std_mpsc::TryRecvError::Empty) => return true,
-                }
-            }
-        };
-        if !take_cmds(&mut run) {
+        // new plans first, and again right after a packet arrived (it may belong to
+        // a plan acknowledged while we waited)
+        if !dp.take_commands(&cmds) {
             return;
         }
-        let pkt = match rt.block_on(rx.recv(Some(Duration::from_millis(200)))) {
+        let pkt = match dp.rt.block_on(rx.recv(Some(Duration::from_millis(200)))) {
             Ok(p) => p,
             Err(e) if e.is_timeout() => continue,
             Err(e) => {
@@ -347,174 +354,167 @@ fn data_loop(
                 continue;
             }
         };
-        if !take_cmds(&mut run) {
+        if !dp.take_commands(&cmds) {
             return;
         }
-        let Some(r) = run.as_mut() else {
-            tracing::debug!("batch before any plan: dropped");
-            continue;
+        if let Err(e) = dp.handle(pkt.as_bytes()) {
+            tracing::warn!("batch dropped: {e:#}");
+        }
+    }
+}
+
+impl DataPlane {
+    /// Applies pending plans; false when the control side has gone.
+    fn take_commands(&mut self, cmds: &std_mpsc::Receiver<DataCmd>) -> bool {
+        loop {
+            match cmds.try_recv() {
+                Ok(DataCmd::Run(r, ack)) => {
+                    // a new plan: fresh replay state and samplers
+                    self.opener = Opener::new(self.key.clone()).with_stats(self.stats.clone());
+                    self.samplers.clear();
+                    tracing::debug!("stage thread runs plan {}", r.epoch);
+                    self.run = Some(r);
+                    let _ = ack.send(());
+                }
+                Err(std_mpsc::TryRecvError::Disconnected) => return false,
+                Err(std_mpsc::TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let Some(r) = self.run.as_mut() else {
+            anyhow::bail!("no plan")
         };
-        if let Err(e) = handle_packet(
-            &rt,
-            r,
-            &mut opener,
-            &mut sealer,
-            &mut samplers,
-            pkt.as_bytes(),
-            &mut hidden,
-            &mut out,
-            &mut toks,
-            &status,
-        ) {
-            tracing::warn!("batch dropped: {e}");
-        }
+        self.rt.block_on(r.tx.send(bytes))?;
+        Ok(())
     }
-}
 
-#[allow(clippy::too_many_arguments)]
-fn handle_packet(
-    rt: &tokio::runtime::Handle,
-    r: &mut RunningStage,
-    opener: &mut Opener,
-    sealer: &mut Sealer,
-    samplers: &mut HashMap<usize, Option<SamplerChain>>,
-    bytes: &[u8],
-    hidden: &mut Vec<f32>,
-    out: &mut Vec<f32>,
-    toks: &mut Vec<i32>,
-    status: &Arc<Mutex<Status>>,
-) -> anyhow::Result<()> {
-    let frame = opener.open(bytes, &r.limits)?;
-    match frame.frame_type {
-        FrameType::Setup => {
-            if r.last {
+    fn handle(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let Some(r) = self.run.as_ref() else {
+            anyhow::bail!("a frame arrived before any plan");
+        };
+        let (limits, last) = (r.limits, r.last);
+        let frame = self.opener.open(bytes, &limits)?;
+        let step = frame.step_id;
+        match frame.frame_type {
+            FrameType::Setup if last => {
                 let s: SlotSetup = frame.control()?;
-                let params = SamplingParams {
-                    temperature: s.temperature,
-                    top_k: s.top_k,
-                    top_p: s.top_p,
-                    min_p: s.min_p,
-                    repeat_penalty: s.repeat_penalty,
-                    repeat_last_n: s.repeat_last_n,
-                    frequency_penalty: s.frequency_penalty,
-                    presence_penalty: s.presence_penalty,
-                    seed: s.seed,
-                };
-                let greedy = params.temperature <= 0.0
-                    && params.repeat_penalty == 1.0
-                    && params.frequency_penalty == 0.0
-                    && params.presence_penalty == 0.0;
-                let chain = if greedy {
-                    None
-                } else {
-                    let mut c = SamplerChain::new(&params)?;
-                    for &t in &s.prompt {
-                        c.accept(t);
-                    }
-                    Some(c)
-                };
-                samplers.insert(s.slot, chain);
-            } else {
-                // pass it on, in order with the batches
+                self.setup_slot(s)
+            }
+            FrameType::Setup | FrameType::Error => {
+                // pass it on, in order with the batches: a Setup towards the last
+                // stage, an Error (a stage before us failed this step) towards the head
+                let ft = frame.frame_type;
                 let body: serde_json::Value = frame.control()?;
-                let sealed = sealer.seal_control(FrameType::Setup, frame.step_id, &body)?;
-                rt.block_on(r.tx.send(&sealed))?;
+                let sealed = self.sealer.seal_control(ft, step, &body)?;
+                self.send(&sealed)
             }
-            Ok(())
-        }
-        FrameType::Error => {
-            // a stage before us failed this step: pass the word on towards the head
-            let body: serde_json::Value = frame.control()?;
-            let sealed = sealer.seal_control(FrameType::Error, frame.step_id, &body)?;
-            rt.block_on(r.tx.send(&sealed))?;
-            Ok(())
-        }
-        FrameType::Activations => {
-            let step = frame.step_id;
-            let result = run_batch(rt, r, sealer, samplers, &frame, hidden, out, toks, status);
-            if let Err(e) = &result {
-                // tell the head at once instead of letting it wait
-                let msg = plan::ErrorMsg {
-                    message: format!("stage {}: {e:#}", r.stage.config().range),
-                };
-                if let Ok(sealed) = sealer.seal_control(FrameType::Error, step, &msg) {
-                    let _ = rt.block_on(r.tx.send(&sealed));
-                }
-            }
-            result
-        }
-        other => anyhow::bail!("unexpected {} frame on the data plane", other.name()),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_batch(
-    rt: &tokio::runtime::Handle,
-    r: &mut RunningStage,
-    sealer: &mut Sealer,
-    samplers: &mut HashMap<usize, Option<SamplerChain>>,
-    frame: &super::frame::Frame<'_>,
-    hidden: &mut Vec<f32>,
-    out: &mut Vec<f32>,
-    toks: &mut Vec<i32>,
-    status: &Arc<Mutex<Status>>,
-) -> anyhow::Result<()> {
-    {
-        {
-            frame.activations(hidden)?;
-            let seqs: Vec<BatchSeq> = frame.batch();
-            let step = frame.step_id;
-            let t0 = Instant::now();
-            let kind = r.stage.forward(&seqs, StageInput::Hidden(hidden), out)?;
-            let descs = SeqDesc::from_batch(&seqs)?;
-            let sealed = match kind {
-                StageOutput::Hidden => {
-                    sealer.seal_activations(step, &descs, out, r.width, r.dtype)?
-                }
-                StageOutput::Logits => {
-                    let n_vocab = r.stage.hparams().n_vocab;
-                    toks.clear();
-                    let mut row = 0;
-                    for s in &seqs {
-                        if s.output == OutputRows::None {
-                            continue;
-                        }
-                        let rows = if s.output == OutputRows::All {
-                            s.n_tokens
-                        } else {
-                            1
-                        };
-                        for _ in 0..rows {
-                            let l = out
-                                .get(row * n_vocab..(row + 1) * n_vocab)
-                                .ok_or_else(|| anyhow::anyhow!("missing logits row"))?;
-                            let t = match samplers.get_mut(&s.slot) {
-                                Some(Some(c)) => {
-                                    let t = c.sample(l)?;
-                                    c.accept(t);
-                                    t
-                                }
-                                Some(None) => argmax(l).map(|t| t as i32).unwrap_or(0),
-                                None => anyhow::bail!("slot {} has no sampling set-up", s.slot),
-                            };
-                            toks.push(t);
-                            row += 1;
-                        }
+            FrameType::Activations => {
+                let seqs: Vec<BatchSeq> = frame.batch();
+                frame.activations(&mut self.hidden)?;
+                let result = self.run_batch(step, &seqs);
+                if let Err(e) = &result {
+                    // tell the head at once instead of letting it wait
+                    let range = self.run.as_ref().map(|r| r.stage.config().range);
+                    let msg = plan::ErrorMsg {
+                        message: format!(
+                            "stage {}: {e:#}",
+                            range.map_or("?".into(), |r| r.to_string())
+                        ),
+                    };
+                    if let Ok(sealed) = self.sealer.seal_control(FrameType::Error, step, &msg) {
+                        let _ = self.send(&sealed);
                     }
-                    sealer.seal_tokens(step, &descs, toks)?
                 }
-            };
-            let ms = t0.elapsed().as_secs_f64() * 1e3
-                / seqs.iter().map(|s| s.n_tokens).sum::<usize>().max(1) as f64;
-            if let Ok(mut st) = status.lock() {
-                st.ms_per_token = if st.ms_per_token == 0.0 {
-                    ms
-                } else {
-                    0.9 * st.ms_per_token + 0.1 * ms
-                };
+                result
             }
-            rt.block_on(r.tx.send(&sealed))?;
-            Ok(())
+            other => anyhow::bail!("unexpected {} frame on the data plane", other.name()),
         }
+    }
+
+    fn setup_slot(&mut self, s: SlotSetup) -> anyhow::Result<()> {
+        let params = SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_last_n: s.repeat_last_n,
+            frequency_penalty: s.frequency_penalty,
+            presence_penalty: s.presence_penalty,
+            seed: s.seed,
+        };
+        let greedy = params.temperature <= 0.0
+            && params.repeat_penalty == 1.0
+            && params.frequency_penalty == 0.0
+            && params.presence_penalty == 0.0;
+        let chain = if greedy {
+            None
+        } else {
+            let mut c = SamplerChain::new(&params)?;
+            for &t in &s.prompt {
+                c.accept(t);
+            }
+            Some(c)
+        };
+        self.samplers.insert(s.slot, chain);
+        Ok(())
+    }
+
+    /// Computes the stage; sends activations on, or (last stage) sampled token ids.
+    fn run_batch(&mut self, step: u64, seqs: &[BatchSeq]) -> anyhow::Result<()> {
+        let Some(r) = self.run.as_mut() else {
+            anyhow::bail!("no plan")
+        };
+        let t0 = Instant::now();
+        let kind = r
+            .stage
+            .forward(seqs, StageInput::Hidden(&self.hidden), &mut self.out)?;
+        let descs = SeqDesc::from_batch(seqs)?;
+        let sealed = match kind {
+            StageOutput::Hidden => self
+                .sealer
+                .seal_activations(step, &descs, &self.out, r.width, r.dtype)?,
+            StageOutput::Logits => {
+                let n_vocab = r.stage.hparams().n_vocab;
+                self.toks.clear();
+                let mut rows = self.out.chunks_exact(n_vocab);
+                for s in seqs {
+                    let n_rows = match s.output {
+                        OutputRows::None => 0,
+                        OutputRows::Last => 1,
+                        OutputRows::All => s.n_tokens,
+                    };
+                    for _ in 0..n_rows {
+                        let l = rows
+                            .next()
+                            .ok_or_else(|| anyhow::anyhow!("missing logits row"))?;
+                        let t = match self.samplers.get_mut(&s.slot) {
+                            Some(Some(c)) => {
+                                let t = c.sample(l)?;
+                                c.accept(t);
+                                t
+                            }
+                            Some(None) => argmax(l).map_or(0, |t| t as i32),
+                            None => anyhow::bail!("slot {} has no sampling set-up", s.slot),
+                        };
+                        self.toks.push(t);
+                    }
+                }
+                self.sealer.seal_tokens(step, &descs, &self.toks)?
+            }
+        };
+        let n_tokens = seqs.iter().map(|s| s.n_tokens).sum::<usize>().max(1);
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / n_tokens as f64;
+        if let Ok(mut st) = self.status.lock() {
+            st.ms_per_token = if st.ms_per_token == 0.0 {
+                ms
+            } else {
+                0.9 * st.ms_per_token + 0.1 * ms
+            };
+        }
+        self.rt.block_on(r.tx.send(&sealed))?;
+        Ok(())
     }
 }
