@@ -116,7 +116,9 @@ pub async fn form(
         sealer: Mutex::new(Sealer::with_random_id(key.clone())),
         opener: Mutex::new(Opener::new(key.clone()).with_stats(frame_stats.clone())),
     };
-    let head_sender = control.sealer.lock().map(|s| s.sender_id()).unwrap_or(0);
+    // the head's data-plane sealer; every stage's data sender id goes into the plan
+    let data_sealer = Sealer::with_random_id(key.clone());
+    let mut senders = vec![data_sealer.sender_id()];
     for p in &s.peers[1..] {
         tracing::info!("waiting for peer {} at {}", p.name, p.control);
         let client = ControlClient::dial(
@@ -196,6 +198,7 @@ pub async fn form(
             ack.caps.cores,
             ack.caps.ms_per_layer
         );
+        senders.push(ack.data_sender);
         nodes.push(NodeInfo {
             name: p.name.clone(),
             caps: ack.caps,
@@ -238,7 +241,7 @@ pub async fn form(
         n_slots: s.n_slots,
         batch: s.batch,
         f16: s.f16,
-        head_sender,
+        senders,
     };
     for (p, client) in &control.peers {
         let ack: PlanAck = request(
@@ -295,7 +298,15 @@ pub async fn form(
             })
             .collect(),
     ));
-    tokio::spawn(heartbeats(Arc::new(control), plan.clone(), view.clone()));
+    let last_sender = Arc::new(std::sync::atomic::AtomicU64::new(
+        plan.senders.last().copied().unwrap_or(0),
+    ));
+    tokio::spawn(heartbeats(
+        Arc::new(control),
+        plan.clone(),
+        view.clone(),
+        last_sender.clone(),
+    ));
     let limits = Limits {
         max_seqs: s.n_slots,
         max_tokens: s.batch.max(1),
@@ -310,8 +321,10 @@ pub async fn form(
         local,
         tx,
         rx,
-        sealer: Sealer::with_random_id(key.clone()),
+        sealer: data_sealer,
         opener: Opener::new(key).with_stats(frame_stats),
+        last_sender,
+        allowed_last: 0,
         limits,
         width: mf.hparams.n_embd,
         dtype: if s.f16 { Dtype::F16 } else { Dtype::F32 },
@@ -330,9 +343,73 @@ fn rand_epoch() -> u64 {
     super::frame::random_sender_id()
 }
 
+/// Gives a restarted peer (index `i` among the workers) the plan again, with its new
+/// data sender id, and tells the stage after it (or the head) to accept that id.
+async fn rejoin(
+    control: &Control,
+    plan: &mut Plan,
+    i: usize,
+    last_sender: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<PlanAck> {
+    let (p, client) = &control.peers[i];
+    let hello = Hello {
+        from: plan.stages[0].name.clone(),
+        protocol: plan::PROTOCOL,
+        model_id: plan.model_id.clone(),
+    };
+    let ack: HelloAck = request(
+        client,
+        &control.sealer,
+        &control.opener,
+        FrameType::Hello,
+        &hello,
+        DEAD_AFTER,
+    )
+    .await?;
+    if ack.model_id != plan.model_id {
+        bail!("peer {} now has a different model", p.name);
+    }
+    plan.senders[i + 1] = ack.data_sender;
+    let r: PlanAck = request(
+        client,
+        &control.sealer,
+        &control.opener,
+        FrameType::Plan,
+        &*plan,
+        Duration::from_secs(300),
+    )
+    .await?;
+    if let Some((next, next_client)) = control.peers.get(i + 1) {
+        let a: PlanAck = request(
+            next_client,
+            &control.sealer,
+            &control.opener,
+            FrameType::Plan,
+            &*plan,
+            Duration::from_secs(300),
+        )
+        .await?;
+        if !a.ok {
+            bail!(
+                "peer {} refused the updated plan: {}",
+                next.name,
+                a.error.unwrap_or_default()
+            );
+        }
+    } else {
+        last_sender.store(ack.data_sender, std::sync::atomic::Ordering::SeqCst);
+    }
+    Ok(r)
+}
+
 /// Pings every peer; marks the silent ones missing, and gives the plan again to
 /// one that comes back without it (restarted).
-async fn heartbeats(control: Arc<Control>, plan: Plan, view: ClusterView) {
+async fn heartbeats(
+    control: Arc<Control>,
+    mut plan: Plan,
+    view: ClusterView,
+    last_sender: Arc<std::sync::atomic::AtomicU64>,
+) {
     loop {
         tokio::time::sleep(HEARTBEAT).await;
         for (i, (p, client)) in control.peers.iter().enumerate() {
@@ -375,15 +452,7 @@ async fn heartbeats(control: Arc<Control>, plan: Plan, view: ClusterView) {
                     "peer {} runs no plan (restarted?): sending it again",
                     p.name
                 );
-                let r: anyhow::Result<PlanAck> = request(
-                    client,
-                    &control.sealer,
-                    &control.opener,
-                    FrameType::Plan,
-                    &plan,
-                    Duration::from_secs(300),
-                )
-                .await;
+                let r = rejoin(&control, &mut plan, i, &last_sender).await;
                 match r {
                     Ok(a) if a.ok => {
                         tracing::info!("peer {} rejoined", p.name);
@@ -423,6 +492,9 @@ pub struct ClusterStepper {
     view: ClusterView,
     hidden: Vec<f32>,
     toks: Vec<i32>,
+    /// The last stage's data sender id (changes when it restarts) and the one allowed.
+    last_sender: Arc<std::sync::atomic::AtomicU64>,
+    allowed_last: u64,
 }
 
 impl ClusterStepper {
@@ -515,6 +587,11 @@ impl Stepper for ClusterStepper {
         self.send(&bytes)
     }
     fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError> {
+        let last = self.last_sender.load(std::sync::atomic::Ordering::SeqCst);
+        if last != self.allowed_last {
+            self.opener.allow_sender(last);
+            self.allowed_last = last;
+        }
         let started = Instant::now();
         loop {
             if started.elapsed() > STEP_TIMEOUT {

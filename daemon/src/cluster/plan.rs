@@ -93,6 +93,8 @@ pub struct HelloAck {
     pub caps: Capabilities,
     /// Whether the node currently runs a plan (false after a restart).
     pub planned: bool,
+    /// The sender id of this node's data-plane frames (random per process start).
+    pub data_sender: u64,
 }
 
 /// The agreed plan, sent by the head to every node.
@@ -109,8 +111,9 @@ pub struct Plan {
     pub batch: usize,
     /// Activations on the wire as f16 (else f32).
     pub f16: bool,
-    /// Sender id of the head (frames from others on the data pipe are refused).
-    pub head_sender: u64,
+    /// Data-plane sender id of every stage, in order: a node accepts batches only
+    /// from the stage before it (the head only from the last stage).
+    pub senders: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -32,6 +32,8 @@ pub struct WorkerSettings {
 enum DataCmd {
     /// Run this stage from now on; the sender is told once it does.
     Run(Box<RunningStage>, std_mpsc::SyncSender<()>),
+    /// Same stage, but the previous stage restarted: accept its new sender id.
+    Allow(u64, std_mpsc::SyncSender<()>),
 }
 
 struct RunningStage {
@@ -42,6 +44,8 @@ struct RunningStage {
     limits: Limits,
     width: usize,
     dtype: Dtype,
+    /// The previous stage's data sender id: the only one accepted.
+    prev_sender: u64,
 }
 
 /// Shared state between the control and data sides.
@@ -91,13 +95,24 @@ pub async fn run(
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<DataCmd>();
     let rt = tokio::runtime::Handle::current();
     let control_stats = frame_stats.clone();
+    let data_sender = super::frame::random_sender_id();
     let data = {
         let key = key.clone();
         let status = status.clone();
         let rt = rt.clone();
         std::thread::Builder::new()
             .name("exo-stage".into())
-            .spawn(move || data_loop(rt, rx, cmd_rx, key, status, frame_stats.clone()))?
+            .spawn(move || {
+                data_loop(
+                    rt,
+                    rx,
+                    cmd_rx,
+                    key,
+                    data_sender,
+                    status,
+                    frame_stats.clone(),
+                )
+            })?
     };
     let control_task = {
         let control = control.clone();
@@ -111,6 +126,8 @@ pub async fn run(
             sealer: Sealer::with_random_id(key.clone()),
             status,
             cmd_tx,
+            data_sender,
+            current: None,
         }));
         tokio::spawn(async move {
             let _ = control
@@ -137,6 +154,9 @@ struct ControlHandler {
     sealer: Sealer,
     status: Arc<Mutex<Status>>,
     cmd_tx: std_mpsc::Sender<DataCmd>,
+    data_sender: u64,
+    /// The plan the stage thread runs: (epoch, range, next hop).
+    current: Option<(u64, LayerRange, String)>,
 }
 
 impl ControlHandler {
@@ -169,6 +189,7 @@ impl ControlHandler {
                     model_id: self.model_id.clone(),
                     caps: self.caps.clone(),
                     planned: epoch != 0,
+                    data_sender: self.data_sender,
                 };
                 self.reply(FrameType::HelloAck, step, &ack)
             }
@@ -223,11 +244,27 @@ impl ControlHandler {
         let last = i + 1 == p.stages.len();
         // the next hop: the next stage, or the head for the last one
         let next = if last {
-            &p.stages[0].address
+            p.stages[0].address.clone()
         } else {
-            &p.stages[i + 1].address
+            p.stages[i + 1].address.clone()
         };
         let range = LayerRange::new(me.start, me.end);
+        // only the stage before us may feed us (the head feeds the first worker)
+        let prev_sender = *p
+            .senders
+            .get(i - 1)
+            .ok_or_else(|| anyhow::anyhow!("the plan lacks the sender of stage {}", i - 1))?;
+        if self.current.as_ref() == Some(&(p.epoch, range, next.clone())) {
+            // same plan (a neighbour restarted): keep the stage, accept its new id
+            let (ack_tx, ack_rx) = std_mpsc::sync_channel(1);
+            self.cmd_tx
+                .send(DataCmd::Allow(prev_sender, ack_tx))
+                .map_err(|_| anyhow::anyhow!("the stage thread has stopped"))?;
+            tokio::task::spawn_blocking(move || ack_rx.recv_timeout(Duration::from_secs(30)))
+                .await?
+                .map_err(|_| anyhow::anyhow!("the stage thread did not take the update"))?;
+            return Ok(());
+        }
         let mf = self.mf.clone();
         let (n_ctx, n_slots, threads) = (p.n_ctx, p.n_slots, self.threads);
         let stage = tokio::task::spawn_blocking(move || {
@@ -244,7 +281,7 @@ impl ControlHandler {
         })
         .await
         .context("loading the stage")??;
-        let tx = PipelineTx::dial(next, &DialOptions::default())
+        let tx = PipelineTx::dial(&next, &DialOptions::default())
             .await
             .with_context(|| format!("dialing the next hop {next}"))?;
         let width = self.mf.hparams.n_embd;
@@ -275,6 +312,7 @@ impl ControlHandler {
                     limits,
                     width,
                     dtype: if p.f16 { Dtype::F16 } else { Dtype::F32 },
+                    prev_sender,
                 }),
                 ack_tx,
             ))
@@ -282,6 +320,7 @@ impl ControlHandler {
         tokio::task::spawn_blocking(move || ack_rx.recv_timeout(Duration::from_secs(30)))
             .await?
             .map_err(|_| anyhow::anyhow!("the stage thread did not take the plan"))?;
+        self.current = Some((p.epoch, range, next.clone()));
         if let Ok(mut s) = self.status.lock() {
             s.epoch = p.epoch;
         }
@@ -323,13 +362,14 @@ fn data_loop(
     mut rx: PipelineRx,
     cmds: std_mpsc::Receiver<DataCmd>,
     key: FrameKey,
+    data_sender: u64,
     status: Arc<Mutex<Status>>,
     stats: Arc<super::frame::OpenerStats>,
 ) {
     let mut dp = DataPlane {
         rt,
         opener: Opener::new(key.clone()).with_stats(stats.clone()),
-        sealer: Sealer::with_random_id(key.clone()),
+        sealer: Sealer::new(key.clone(), data_sender),
         key,
         stats,
         status,
@@ -369,11 +409,16 @@ impl DataPlane {
         loop {
             match cmds.try_recv() {
                 Ok(DataCmd::Run(r, ack)) => {
-                    // a new plan: fresh replay state and samplers
+                    // a new plan: fresh replay state and samplers; one feeder
                     self.opener = Opener::new(self.key.clone()).with_stats(self.stats.clone());
+                    self.opener.allow_sender(r.prev_sender);
                     self.samplers.clear();
                     tracing::debug!("stage thread runs plan {}", r.epoch);
                     self.run = Some(r);
+                    let _ = ack.send(());
+                }
+                Ok(DataCmd::Allow(sender, ack)) => {
+                    self.opener.allow_sender(sender);
                     let _ = ack.send(());
                 }
                 Err(std_mpsc::TryRecvError::Disconnected) => return false,
