@@ -142,6 +142,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for rep in 0..args.reps {
         // alternate which engine goes first, so drift in machine load hits both alike
         for which in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
+            // only the engine being measured keeps its compute threads awake
+            exo.set_paused(which != 0);
             if which == 0 {
                 let t = Instant::now();
                 let logits = exo_prefill(&mut exo, &toks)?;

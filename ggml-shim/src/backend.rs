@@ -72,6 +72,18 @@ impl CpuBackend {
         self.n_threads
     }
 
+    /// Parks the pool's worker threads (no polling) until `resume` or the next compute.
+    pub fn pause(&mut self) {
+        // SAFETY: the pool is valid; pausing an idle pool only parks its workers.
+        unsafe { sys::ggml_threadpool_pause(self.threadpool.as_ptr()) };
+    }
+
+    /// Wakes the pool's worker threads.
+    pub fn resume(&mut self) {
+        // SAFETY: the pool is valid.
+        unsafe { sys::ggml_threadpool_resume(self.threadpool.as_ptr()) };
+    }
+
     /// Computes the graph of `builder` (already allocated by `alloc`).
     pub fn compute(&mut self, builder: &GraphBuilder) -> Result<(), BackendError> {
         // SAFETY: the graph's tensors were placed by an Allocator; weights live in stores

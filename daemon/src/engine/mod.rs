@@ -49,9 +49,15 @@ pub trait StageLink: Send {
         out: &mut Vec<f32>,
     ) -> Result<StageOutput, EngineError>;
     fn range(&self) -> LayerRange;
+    /// Parks or wakes local compute threads (a no-op for remote stages).
+    fn set_paused(&mut self, _paused: bool) {}
 }
 
 impl StageLink for Stage {
+    fn set_paused(&mut self, paused: bool) {
+        Stage::set_paused(self, paused)
+    }
+
     fn forward(
         &mut self,
         seqs: &[BatchSeq],
@@ -228,6 +234,13 @@ impl Pipeline {
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// Parks (or wakes) the compute threads of the local stages.
+    pub fn set_paused(&mut self, paused: bool) {
+        for l in &mut self.links {
+            l.set_paused(paused);
+        }
     }
 
     /// Runs one step through all stages; returns logits of the requested rows

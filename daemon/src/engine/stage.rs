@@ -111,6 +111,15 @@ impl Stage {
         self.last
     }
 
+    /// Parks (or wakes) the compute threads, e.g. while another engine measures.
+    pub fn set_paused(&mut self, paused: bool) {
+        if paused {
+            self.backend.pause();
+        } else {
+            self.backend.resume();
+        }
+    }
+
     /// Bytes of weights, KV cache and compute buffer held by this stage.
     pub fn memory_bytes(&self) -> (usize, usize, usize) {
         (
