@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Post-install test of the Debian package (run as root, on a machine the package may
+# change: it installs, runs and purges exo). Usage:
+#   packaging/test-deb.sh [path/to/exo_*.deb] [model.gguf]
+# Defaults: the newest target/deb-amd64/debian/exo_*.deb (scripts/build-deb.sh) and
+# models/gemma-3-270m-Q4_K_M.gguf. Checks the installed files, the conffile, the exo
+# user and /var/lib/exo/models, `exo check-config` on the shipped config, then runs
+# `exo serve` as the exo user (by hand: systemd need not be PID 1 here), answers one
+# completion, and checks that `apt-get purge` removes the binary, the user,
+# /var/lib/exo and /etc/exo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+deb=${1:-$(ls -t target/deb-amd64/debian/exo_*.deb 2>/dev/null | head -n 1)}
+model=${2:-models/gemma-3-270m-Q4_K_M.gguf}
+[ -n "$deb" ] && [ -f "$deb" ] || { echo "test-deb: no package (run scripts/build-deb.sh)" >&2; exit 1; }
+[ -f "$model" ] || { echo "test-deb: no model at $model" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || { echo "test-deb: run as root" >&2; exit 1; }
+deb=$(realpath "$deb")
+
+step() { echo "test-deb: $*"; }
+fail() { echo "test-deb: FAIL: $*" >&2; exit 1; }
+
+server=""
+tmp=$(mktemp -d)
+chmod 755 "$tmp"
+cleanup() {
+    [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+if dpkg-query -W -f='${Status}' exo 2>/dev/null | grep -q "ok installed"; then
+    fail "exo is already installed; purge it first (apt-get purge exo)"
+fi
+
+step "installing $(basename "$deb")"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb" >"$tmp/apt.log" 2>&1 ||
+    { cat "$tmp/apt.log"; fail "apt-get install"; }
+
+step "files"
+for f in /usr/bin/exo /usr/lib/sysusers.d/exo.conf /etc/exo/exo.toml \
+    /usr/share/doc/exo/README.md; do
+    [ -f "$f" ] || fail "missing $f"
+done
+unit=$(dpkg -L exo | grep '/systemd/system/exo.service$') || fail "no exo.service in the package"
+[ -f "$unit" ] || fail "missing $unit"
+[ "$(stat -c %a /usr/bin/exo)" = 755 ] || fail "/usr/bin/exo is not mode 755"
+grep -qx /etc/exo/exo.toml /var/lib/dpkg/info/exo.conffiles || fail "/etc/exo/exo.toml is not a conffile"
+# enable = true: deb-systemd-helper links the unit even when systemd is not running.
+[ -L /etc/systemd/system/multi-user.target.wants/exo.service ] || fail "exo.service is not enabled"
+echo "  $unit, enabled; /etc/exo/exo.toml is a conffile; $(/usr/bin/exo --version)"
+
+step "exo check-config --config /etc/exo/exo.toml"
+/usr/bin/exo check-config --config /etc/exo/exo.toml >"$tmp/check.out" || fail "check-config"
+sed 's/^/  /' "$tmp/check.out" | head -n 5
+
+step "user and state directory"
+getent passwd exo >/dev/null || fail "no exo user"
+getent group exo >/dev/null || fail "no exo group"
+[ -d /var/lib/exo/models ] || fail "no /var/lib/exo/models"
+[ "$(stat -c %U:%G /var/lib/exo/models)" = exo:exo ] || fail "/var/lib/exo/models is not owned by exo"
+echo "  $(getent passwd exo)"
+
+step "exo serve as the exo user"
+install -o exo -g exo -m 0644 "$model" /var/lib/exo/models/
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat >"$tmp/exo.toml" <<TOML
+[model]
+path = "/var/lib/exo/models/$(basename "$model")"
+[api]
+listen = "127.0.0.1:$port"
+[engine]
+ctx = 512
+max_slots = 1
+TOML
+chmod 644 "$tmp/exo.toml"
+runuser -u exo -- /usr/bin/exo serve --config "$tmp/exo.toml" >"$tmp/serve.log" 2>&1 &
+server=$!
+code=""
+for _ in $(seq 1 120); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health" || true)
+    [ "$code" = 200 ] && break
+    kill -0 "$server" 2>/dev/null || { cat "$tmp/serve.log"; fail "exo serve exited"; }
+    sleep 0.5
+done
+[ "$code" = 200 ] || { cat "$tmp/serve.log"; fail "/health never answered 200 (last: $code)"; }
+echo "  /health 200 on 127.0.0.1:$port (process owner: $(ps -o user= -p "$(pgrep -P "$server" -x exo || echo "$server")"))"
+body=$(curl -sf "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}') ||
+    { cat "$tmp/serve.log"; fail "completion request"; }
+echo "  completion: $body"
+text=$(printf '%s' "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])')
+[ -n "$text" ] || fail "empty completion"
+kill "$server"
+wait "$server" || true
+server=""
+
+step "apt-get purge exo"
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -q exo >"$tmp/apt.log" 2>&1 ||
+    { cat "$tmp/apt.log"; fail "apt-get purge"; }
+[ ! -e /usr/bin/exo ] || fail "/usr/bin/exo is still there"
+[ ! -e "$unit" ] || fail "$unit is still there"
+[ ! -e /etc/systemd/system/multi-user.target.wants/exo.service ] || fail "exo.service is still enabled"
+! getent passwd exo >/dev/null || fail "the exo user is still there"
+! getent group exo >/dev/null || fail "the exo group is still there"
+[ ! -e /var/lib/exo ] || fail "/var/lib/exo is still there"
+[ ! -e /etc/exo ] || fail "/etc/exo is still there"
+step "PASS"
