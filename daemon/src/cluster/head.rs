@@ -69,34 +69,39 @@ const DEAD_AFTER: Duration = Duration::from_millis(1200);
 /// A step that never comes back (a frame lost on the way) fails after this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn request<T: serde::de::DeserializeOwned>(
-    client: &ControlClient,
-    sealer: &Mutex<Sealer>,
-    opener: &Mutex<Opener>,
-    ft: FrameType,
-    body: &impl serde::Serialize,
-    timeout: Duration,
-) -> anyhow::Result<T> {
-    let bytes = sealer
-        .lock()
-        .map_err(|_| anyhow::anyhow!("sealer poisoned"))?
-        .seal_control(ft, 0, body)?;
-    let reply = client.request(&bytes, timeout).await?;
-    let mut opener = opener
-        .lock()
-        .map_err(|_| anyhow::anyhow!("opener poisoned"))?;
-    let frame = opener.open(reply.as_bytes(), &Limits::control_only())?;
-    if frame.frame_type == FrameType::Error {
-        let e: plan::ErrorMsg = frame.control()?;
-        bail!("{}", e.message);
-    }
-    Ok(frame.control()?)
-}
-
 struct Control {
     peers: Vec<(PeerSpec, ControlClient)>,
     sealer: Mutex<Sealer>,
     opener: Mutex<Opener>,
+}
+
+impl Control {
+    /// One control request to a peer: sealed, sent, and the reply opened (an Error
+    /// reply becomes an error).
+    async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        client: &ControlClient,
+        ft: FrameType,
+        body: &impl serde::Serialize,
+        timeout: Duration,
+    ) -> anyhow::Result<T> {
+        let bytes = self
+            .sealer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("sealer poisoned"))?
+            .seal_control(ft, 0, body)?;
+        let reply = client.request(&bytes, timeout).await?;
+        let mut opener = self
+            .opener
+            .lock()
+            .map_err(|_| anyhow::anyhow!("opener poisoned"))?;
+        let frame = opener.open(reply.as_bytes(), &Limits::control_only())?;
+        if frame.frame_type == FrameType::Error {
+            let e: plan::ErrorMsg = frame.control()?;
+            bail!("{}", e.message);
+        }
+        Ok(frame.control()?)
+    }
 }
 
 /// Forms the cluster and returns the stepper the scheduler drives.
@@ -149,15 +154,9 @@ pub async fn form(
     };
     for (p, client) in &control.peers {
         let ack: HelloAck = loop {
-            match request(
-                client,
-                &control.sealer,
-                &control.opener,
-                FrameType::Hello,
-                &hello,
-                Duration::from_secs(5),
-            )
-            .await
+            match control
+                .ask(client, FrameType::Hello, &hello, Duration::from_secs(5))
+                .await
             {
                 Ok(a) => break a,
                 Err(e)
@@ -244,16 +243,10 @@ pub async fn form(
         senders,
     };
     for (p, client) in &control.peers {
-        let ack: PlanAck = request(
-            client,
-            &control.sealer,
-            &control.opener,
-            FrameType::Plan,
-            &plan,
-            Duration::from_secs(300),
-        )
-        .await
-        .with_context(|| format!("sending the plan to {}", p.name))?;
+        let ack: PlanAck = control
+            .ask(client, FrameType::Plan, &plan, Duration::from_secs(300))
+            .await
+            .with_context(|| format!("sending the plan to {}", p.name))?;
         if !ack.ok {
             bail!(
                 "peer {} refused the plan: {}",
@@ -357,38 +350,25 @@ async fn rejoin(
         protocol: plan::PROTOCOL,
         model_id: plan.model_id.clone(),
     };
-    let ack: HelloAck = request(
-        client,
-        &control.sealer,
-        &control.opener,
-        FrameType::Hello,
-        &hello,
-        DEAD_AFTER,
-    )
-    .await?;
+    let ack: HelloAck = control
+        .ask(client, FrameType::Hello, &hello, DEAD_AFTER)
+        .await?;
     if ack.model_id != plan.model_id {
         bail!("peer {} now has a different model", p.name);
     }
     plan.senders[i + 1] = ack.data_sender;
-    let r: PlanAck = request(
-        client,
-        &control.sealer,
-        &control.opener,
-        FrameType::Plan,
-        &*plan,
-        Duration::from_secs(300),
-    )
-    .await?;
-    if let Some((next, next_client)) = control.peers.get(i + 1) {
-        let a: PlanAck = request(
-            next_client,
-            &control.sealer,
-            &control.opener,
-            FrameType::Plan,
-            &*plan,
-            Duration::from_secs(300),
-        )
+    let r: PlanAck = control
+        .ask(client, FrameType::Plan, &*plan, Duration::from_secs(300))
         .await?;
+    if let Some((next, next_client)) = control.peers.get(i + 1) {
+        let a: PlanAck = control
+            .ask(
+                next_client,
+                FrameType::Plan,
+                &*plan,
+                Duration::from_secs(300),
+            )
+            .await?;
         if !a.ok {
             bail!(
                 "peer {} refused the updated plan: {}",
@@ -414,15 +394,9 @@ async fn heartbeats(
         tokio::time::sleep(HEARTBEAT).await;
         for (i, (p, client)) in control.peers.iter().enumerate() {
             let t0 = Instant::now();
-            let pong: anyhow::Result<Pong> = request(
-                client,
-                &control.sealer,
-                &control.opener,
-                FrameType::Ping,
-                &serde_json::json!({}),
-                DEAD_AFTER,
-            )
-            .await;
+            let pong: anyhow::Result<Pong> = control
+                .ask(client, FrameType::Ping, &serde_json::json!({}), DEAD_AFTER)
+                .await;
             let now = Instant::now();
             let mut replan = false;
             if let Ok(mut v) = view.lock() {
