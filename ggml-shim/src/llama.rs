@@ -1045,6 +1045,15 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Whether sampling reduces to the argmax of the raw logits (no temperature, no
+    /// penalties), so no sampler chain is needed.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+            && self.repeat_penalty == 1.0
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+    }
+
     fn validate(&self) -> Result<()> {
         let floats = [
             ("temperature", self.temperature),

@@ -509,19 +509,7 @@ impl Stepper for ClusterStepper {
         p: &SamplingParams,
         prompt: &[i32],
     ) -> Result<(), EngineError> {
-        let setup = SlotSetup {
-            slot,
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repeat_penalty: p.repeat_penalty,
-            repeat_last_n: p.repeat_last_n,
-            frequency_penalty: p.frequency_penalty,
-            presence_penalty: p.presence_penalty,
-            seed: p.seed,
-            prompt: prompt.to_vec(),
-        };
+        let setup = SlotSetup::new(slot, p, prompt);
         let bytes = self
             .sealer
             .seal_control(FrameType::Setup, 0, &setup)

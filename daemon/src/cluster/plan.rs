@@ -157,6 +157,39 @@ pub struct SlotSetup {
     pub prompt: Vec<i32>,
 }
 
+impl SlotSetup {
+    pub fn new(slot: usize, p: &ggml_shim::llama::SamplingParams, prompt: &[i32]) -> SlotSetup {
+        SlotSetup {
+            slot,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repeat_penalty: p.repeat_penalty,
+            repeat_last_n: p.repeat_last_n,
+            frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
+            seed: p.seed,
+            prompt: prompt.to_vec(),
+        }
+    }
+
+    /// The sampling parameters it carries.
+    pub fn sampling(&self) -> ggml_shim::llama::SamplingParams {
+        ggml_shim::llama::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorMsg {
     pub message: String,

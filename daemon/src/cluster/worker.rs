@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ggml_shim::llama::{argmax, SamplerChain, SamplingParams};
+use ggml_shim::llama::{argmax, SamplerChain};
 
 use super::frame::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer, SeqDesc};
 use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
@@ -479,22 +479,8 @@ impl DataPlane {
     }
 
     fn setup_slot(&mut self, s: SlotSetup) -> anyhow::Result<()> {
-        let params = SamplingParams {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            min_p: s.min_p,
-            repeat_penalty: s.repeat_penalty,
-            repeat_last_n: s.repeat_last_n,
-            frequency_penalty: s.frequency_penalty,
-            presence_penalty: s.presence_penalty,
-            seed: s.seed,
-        };
-        let greedy = params.temperature <= 0.0
-            && params.repeat_penalty == 1.0
-            && params.frequency_penalty == 0.0
-            && params.presence_penalty == 0.0;
-        let chain = if greedy {
+        let params = s.sampling();
+        let chain = if params.is_greedy() {
             None
         } else {
             let mut c = SamplerChain::new(&params)?;

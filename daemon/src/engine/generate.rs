@@ -115,10 +115,7 @@ pub fn generate(
     for &t in prompt {
         sampler.accept(t);
     }
-    let greedy = params.sampling.temperature <= 0.0
-        && params.sampling.repeat_penalty == 1.0
-        && params.sampling.frequency_penalty == 0.0
-        && params.sampling.presence_penalty == 0.0;
+    let greedy = params.sampling.is_greedy();
     let slot = p.slots.acquire()?;
     let guard = SlotGuard { pipeline: p, slot };
     let t0 = Instant::now();

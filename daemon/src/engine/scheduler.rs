@@ -472,10 +472,7 @@ impl Engine {
                     continue;
                 }
             };
-            let greedy = req.sampling.temperature <= 0.0
-                && req.sampling.repeat_penalty == 1.0
-                && req.sampling.frequency_penalty == 0.0
-                && req.sampling.presence_penalty == 0.0;
+            let greedy = req.sampling.is_greedy();
             let mut sampler = None;
             let setup = if self.stepper.samples_remotely() {
                 self.stepper.setup_slot(slot, &req.sampling, &req.prompt)
