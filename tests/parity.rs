@@ -382,3 +382,93 @@ fn real_gemma3_split_matches_whole() {
     assert_eq!(a.tokens, b.tokens);
     assert!(!a.tokens.is_empty());
 }
+
+// ---- the output head split by vocabulary between two stages ----
+
+/// Logits of `prompt` (one chunk, every row) from stages `[0, cut)` holding head rows
+/// `0..va` and `[cut, n)` holding `va..n_vocab`, joined, against one whole stage.
+fn check_head_split(path: &Path, prompt: &[i32], fractions: &[f64]) {
+    use exo::engine::{Stage, StageConfig, StageInput, StageOutput};
+    init_backend();
+    let mf = ModelFile::open(path).expect("open model");
+    let (n, v) = (mf.hparams.n_layer, mf.hparams.n_vocab);
+    let cfg = |range: LayerRange, head_rows: Option<std::ops::Range<usize>>| StageConfig {
+        range,
+        n_ctx: 64,
+        n_slots: 1,
+        n_threads: 1,
+        repack: true,
+        head_rows,
+    };
+    let seqs = [BatchSeq {
+        slot: 0,
+        pos0: 0,
+        n_tokens: prompt.len(),
+        output: OutputRows::All,
+    }];
+    let mut one = Stage::load(&mf, cfg(LayerRange::new(0, n), None)).expect("whole stage");
+    let mut reference = Vec::new();
+    one.forward(&seqs, StageInput::Tokens(prompt), &mut reference)
+        .expect("whole step");
+    assert_eq!(reference.len(), prompt.len() * v);
+    let cut = n - 1;
+    for &f in fractions {
+        let va = ((v as f64 * f) as usize).clamp(1, v - 1);
+        let mut a = Stage::load(&mf, cfg(LayerRange::new(0, cut), Some(0..va))).expect("stage a");
+        let mut b = Stage::load(&mf, cfg(LayerRange::new(cut, n), Some(va..v))).expect("stage b");
+        let (mut hidden, mut part_b, mut part_a) = (Vec::new(), Vec::new(), Vec::new());
+        assert_eq!(
+            a.forward(&seqs, StageInput::Tokens(prompt), &mut hidden)
+                .expect("a"),
+            StageOutput::Hidden
+        );
+        assert_eq!(
+            b.forward(&seqs, StageInput::Hidden(&hidden), &mut part_b)
+                .expect("b"),
+            StageOutput::Logits
+        );
+        assert_eq!(part_b.len(), prompt.len() * (v - va));
+        assert_eq!(b.normed().len(), prompt.len() * mf.hparams.n_embd);
+        a.project(b.normed(), &mut part_a).expect("project");
+        assert_eq!(part_a.len(), prompt.len() * va);
+        for (row, want) in reference.chunks_exact(v).enumerate() {
+            let got: Vec<f32> = part_a[row * va..(row + 1) * va]
+                .iter()
+                .chain(&part_b[row * (v - va)..(row + 1) * (v - va)])
+                .copied()
+                .collect();
+            let d = rel_max_diff(&got, want);
+            assert!(
+                d <= 1e-6,
+                "head split at row {va} of {v}, position {row}: logits differ by {d:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn split_head_matches_whole_head() {
+    use ggml_shim::writer::WriterType;
+    let dir = TempDir::new("headsplit").expect("tempdir");
+    for arch in TinyArch::ALL {
+        for ty in [WriterType::F32, WriterType::Q8_0] {
+            let mut spec = TinySpec::new(arch);
+            spec.weight_type = ty;
+            let path = dir
+                .path()
+                .join(format!("{}-{}.gguf", arch.name(), ty.name()));
+            write_tiny_model(&path, &spec).expect("write");
+            let n_vocab = ModelFile::open(&path).expect("open").hparams.n_vocab;
+            check_head_split(&path, &prompt_ids(7, n_vocab, 5), &[0.3, 0.5, 0.9]);
+        }
+    }
+}
+
+#[test]
+fn real_gemma3_split_head_matches_whole_head() {
+    let Some(path) = real() else { return };
+    let mf = ModelFile::open(&path).expect("open");
+    let tok = Tokenizer::load(&path, mf.hparams.arch.name()).expect("tokenizer");
+    let prompt = tok.encode("The capital of France is").expect("tokenize");
+    check_head_split(&path, &prompt, &[0.35]);
+}

@@ -270,6 +270,7 @@ pub async fn form(
             n_slots: s.n_slots,
             n_threads: s.threads,
             repack: true,
+            head_rows: None,
         };
         tokio::task::spawn_blocking(move || Stage::load(&mf, cfg)).await??
     };

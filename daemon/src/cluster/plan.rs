@@ -56,6 +56,7 @@ fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
             n_slots: 1,
             n_threads: threads,
             repack: true,
+            head_rows: None,
         },
     )
     .ok()?;

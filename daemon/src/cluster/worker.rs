@@ -276,6 +276,7 @@ impl ControlHandler {
                     n_slots,
                     n_threads: threads,
                     repack: true,
+                    head_rows: None,
                 },
             )
         })

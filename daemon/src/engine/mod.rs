@@ -188,6 +188,7 @@ impl Pipeline {
                     n_slots: cfg.n_slots,
                     n_threads: cfg.n_threads,
                     repack: cfg.repack,
+                    head_rows: None,
                 },
             )?));
         }

@@ -1,11 +1,13 @@
 //! A stage: one contiguous layer range of a model with its weights, KV cache and
 //! CPU backend, computing one batched step at a time.
 
-use ggml_shim::{Allocator, CpuBackend, GraphBuilder};
+use std::ops::Range;
 
-use crate::model::graph::{KvCache, StepShape};
+use ggml_shim::{Allocator, CpuBackend, DType, GraphBuilder};
+
+use crate::model::graph::{project_head, KvCache, StepShape, NORMED};
 use crate::model::{
-    BatchSeq, GraphInputs, HParams, LayerRange, ModelFile, StageGraph, StageWeights,
+    BatchSeq, GraphInputs, HParams, HeadShare, LayerRange, ModelFile, StageGraph, StageWeights,
 };
 
 use super::EngineError;
@@ -21,6 +23,11 @@ pub struct StageConfig {
     pub n_threads: usize,
     /// Let ggml repack matmul weights for its fastest CPU kernels (as llama.cpp does).
     pub repack: bool,
+    /// The rows (vocabulary entries) of the output head this stage holds when the
+    /// head is split between stages: the last stage computes their logits at the
+    /// end of each step, another stage in [`Stage::project`]. None: the whole head
+    /// on the last stage, none elsewhere.
+    pub head_rows: Option<Range<usize>>,
 }
 
 /// The input of one step.
@@ -37,12 +44,15 @@ pub enum StageInput<'a> {
 pub enum StageOutput {
     /// Activations for the next stage, `n_embd` values per token.
     Hidden,
-    /// Logits of the requested rows, `n_vocab` values per row.
+    /// Logits of the requested rows, one value per head row the stage holds
+    /// (`n_vocab` unless the head is split).
     Logits,
 }
 
 /// Name of the output tensor of every stage graph.
 const RESULT: &str = "stage_result";
+/// Name of the input of a head projection graph.
+const PROJECT_INPUT: &str = "inp_normed";
 
 /// The last step's graph, kept while steps keep the same shape.
 struct CachedGraph {
@@ -62,6 +72,11 @@ pub struct Stage {
     alloc: Allocator,
     inputs: GraphInputs,
     graph: Option<CachedGraph>,
+    /// The normalized hidden state of the last step's output rows (split head only).
+    normed: Vec<f32>,
+    /// Head projection graphs (split head), by rows, with their own allocator.
+    project_alloc: Option<Allocator>,
+    project_graph: Option<(usize, GraphBuilder)>,
 }
 
 impl Stage {
@@ -77,7 +92,17 @@ impl Stage {
         }
         let first = cfg.range.start == 0;
         let last = cfg.range.end == hp.n_layer;
-        let weights = StageWeights::load(mf, cfg.range, first, last, cfg.repack)?;
+        let head = match (&cfg.head_rows, last) {
+            (Some(r), _) => HeadShare::Rows(r.clone()),
+            (None, true) => HeadShare::All,
+            (None, false) => HeadShare::None,
+        };
+        if first && last && cfg.head_rows.is_some() {
+            return Err(EngineError::Config(
+                "a stage holding the whole model cannot share its head".into(),
+            ));
+        }
+        let weights = StageWeights::load(mf, cfg.range, first, last, &head, cfg.repack)?;
         let kv = KvCache::new(&hp, cfg.range, cfg.n_ctx, cfg.n_slots)?;
         let backend = CpuBackend::new(cfg.n_threads)?;
         let alloc = Allocator::new()?;
@@ -92,7 +117,77 @@ impl Stage {
             alloc,
             inputs: GraphInputs::default(),
             graph: None,
+            normed: Vec::new(),
+            project_alloc: None,
+            project_graph: None,
         })
+    }
+
+    /// The head rows this stage computes logits for, if any.
+    pub fn head_rows(&self) -> Option<Range<usize>> {
+        self.weights.head_rows()
+    }
+
+    /// After a step of a last stage with a split head: the normalized hidden state
+    /// of each output row (`n_embd` values per row), for the stage holding the
+    /// other head rows.
+    pub fn normed(&self) -> &[f32] {
+        &self.normed
+    }
+
+    /// Applies this stage's share of the output head to normalized hidden states
+    /// (`n_embd` values per row, from the last stage's [`Stage::normed`]): writes
+    /// the logits of its head rows, `rows.len()` values per row, into `out`.
+    pub fn project(&mut self, normed: &[f32], out: &mut Vec<f32>) -> Result<(), EngineError> {
+        let e = self.hp.n_embd;
+        if self.weights.head_rows().is_none() {
+            return Err(EngineError::Config("this stage holds no head rows".into()));
+        }
+        if normed.is_empty() || !normed.len().is_multiple_of(e) {
+            return Err(EngineError::Input(format!(
+                "{} values are not whole rows of width {e}",
+                normed.len()
+            )));
+        }
+        if normed.iter().any(|v| !v.is_finite()) {
+            return Err(EngineError::Input(
+                "hidden state contains NaN or infinity".into(),
+            ));
+        }
+        let n = normed.len() / e;
+        if self
+            .project_graph
+            .as_ref()
+            .is_none_or(|(rows, _)| *rows != n)
+        {
+            self.project_graph = None;
+            let g = GraphBuilder::new(64)?;
+            {
+                let x = g.input(DType::F32, &[e as i64, n as i64]);
+                g.name(x, PROJECT_INPUT);
+                let logits = project_head(&g, &self.hp, &self.weights, x)?;
+                g.name(logits, RESULT);
+                g.output(logits);
+            }
+            let alloc = match self.project_alloc.as_mut() {
+                Some(a) => a,
+                None => self.project_alloc.insert(Allocator::new()?),
+            };
+            alloc.alloc(&g)?;
+            self.project_graph = Some((n, g));
+        }
+        let Some((_, g)) = self.project_graph.as_ref() else {
+            return Err(EngineError::Pipeline("no projection graph".into()));
+        };
+        let (Some(input), Some(result)) = (g.find(PROJECT_INPUT), g.find(RESULT)) else {
+            return Err(EngineError::Pipeline(
+                "projection graph lost a tensor".into(),
+            ));
+        };
+        ggml_shim::set_tensor_data(input, normed)?;
+        self.backend.compute(g)?;
+        ggml_shim::get_tensor_f32(result, out)?;
+        Ok(())
     }
 
     pub fn hparams(&self) -> &HParams {
@@ -231,6 +326,12 @@ impl Stage {
             .find(RESULT)
             .ok_or_else(|| EngineError::Pipeline("graph lost its result".into()))?;
         ggml_shim::get_tensor_f32(result, out)?;
+        if self.last {
+            match cached.builder.find(NORMED) {
+                Some(t) => ggml_shim::get_tensor_f32(t, &mut self.normed)?,
+                None => self.normed.clear(),
+            }
+        }
         Ok(if self.last {
             StageOutput::Logits
         } else {

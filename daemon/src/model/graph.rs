@@ -530,16 +530,59 @@ impl<'a> StageGraph<'a> {
         }
     }
 
-    /// Final norm and output head (last stage): logits `[n_vocab, n_out]`.
+    /// Final norm and output head (last stage): logits `[rows, n_out]` of the head
+    /// rows this stage holds (all of the vocabulary unless the head is split, in
+    /// which case the normalized hidden state is an output too, for the stage that
+    /// computes the other rows).
     pub fn head(&self, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
         let x = self.rms_norm(x, self.gw("output_norm.weight")?);
-        let mut logits = self.linear(self.gw(TIED_HEAD)?, x, self.gw_opt("output.bias"));
-        let cap = self.hp.final_logit_softcap;
-        if cap != 0.0 {
-            logits = self.g.scale(logits, 1.0 / cap);
-            logits = self.g.tanh(logits);
-            logits = self.g.scale(logits, cap);
+        if self
+            .w
+            .head_rows()
+            .is_some_and(|r| r.len() != self.hp.n_vocab)
+        {
+            self.g.name(x, NORMED);
+            self.g.output(x);
         }
-        Ok(logits)
+        project_head(self.g, self.hp, self.w, x)
     }
+}
+
+/// Name of the normalized final hidden state, an output of a step whose stage holds
+/// only part of the output head.
+pub const NORMED: &str = "stage_normed";
+
+/// The output head applied to normalized hidden states `x` (`[n_embd, n]`): logits
+/// of the head rows the stage holds (`[rows, n]`), with the bias and soft-cap.
+pub fn project_head<'a>(
+    g: &'a GraphBuilder,
+    hp: &HParams,
+    w: &'a StageWeights,
+    x: Tensor<'a>,
+) -> Result<Tensor<'a>, ModelError> {
+    let missing = || ModelError::MissingTensor(TIED_HEAD.into());
+    let rows = w.head_rows().ok_or_else(missing)?;
+    let mut head = w.get(TIED_HEAD).ok_or_else(missing)?;
+    let skip = w.head_skip();
+    if skip != 0 || head.ne()[1] as usize != rows.len() {
+        // the share is a band of rows of the (shared) table: a view, no copy
+        let nb1 = head.nb()[1];
+        head = g.view(
+            head,
+            &[hp.n_embd as i64, rows.len() as i64],
+            &[nb1],
+            skip * nb1,
+        );
+    }
+    let mut logits = g.mul_mat(head, x);
+    if let Some(b) = w.get("output.bias") {
+        logits = g.add(logits, b);
+    }
+    let cap = hp.final_logit_softcap;
+    if cap != 0.0 {
+        logits = g.scale(logits, 1.0 / cap);
+        logits = g.tanh(logits);
+        logits = g.scale(logits, cap);
+    }
+    Ok(logits)
 }

@@ -16,7 +16,7 @@ use ggml_shim::{Gguf, GgufError};
 
 pub use graph::{BatchSeq, GraphInputs, StageGraph};
 pub use hparams::HParams;
-pub use weights::StageWeights;
+pub use weights::{HeadShare, StageWeights};
 
 /// A supported transformer architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +193,13 @@ impl ModelFile {
         let hparams = HParams::from_gguf(&gguf)?;
         let mf = ModelFile { gguf, hparams };
         // Validate the whole tensor table once, so any stage can trust it.
-        weights::plan(&mf, LayerRange::new(0, mf.hparams.n_layer), true, true)?;
+        weights::plan(
+            &mf,
+            LayerRange::new(0, mf.hparams.n_layer),
+            true,
+            true,
+            &weights::HeadShare::All,
+        )?;
         Ok(mf)
     }
 }

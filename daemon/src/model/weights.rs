@@ -2,6 +2,7 @@
 //! exactly those (a node never reads another stage's weights).
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use ggml_shim::{Placement, Tensor, TensorInfo, TensorSpec, TensorStore};
@@ -21,6 +22,41 @@ pub struct PlannedTensor {
     pub placement: Placement,
     /// Layer index, or None for embedding / output tensors.
     pub layer: Option<usize>,
+    /// Only these rows (of the last dimension) are loaded: a share of the output head.
+    pub rows: Option<Range<usize>>,
+}
+
+impl PlannedTensor {
+    /// The shape of the loaded tensor and the byte range it is read from.
+    fn loaded(&self) -> (Vec<usize>, u64, u64) {
+        let shape = &self.source.shape;
+        match (&self.rows, shape.last()) {
+            (Some(r), Some(&n)) if n > 0 => {
+                let row_bytes = self.source.size / n as u64;
+                let mut sh = shape.clone();
+                if let Some(l) = sh.last_mut() {
+                    *l = r.len();
+                }
+                (
+                    sh,
+                    self.source.offset + r.start as u64 * row_bytes,
+                    r.len() as u64 * row_bytes,
+                )
+            }
+            _ => (shape.clone(), self.source.offset, self.source.size),
+        }
+    }
+}
+
+/// Which rows (vocabulary entries) of the output head a stage holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadShare {
+    /// No head (a stage that does not end the model and computes no logits).
+    None,
+    /// The whole head (the last stage of an unsplit pipeline).
+    All,
+    /// Rows `r` only: the head's vocabulary is split between stages.
+    Rows(Range<usize>),
 }
 
 struct Want<'a> {
@@ -33,15 +69,32 @@ struct Want<'a> {
 }
 
 /// Lists and validates the tensors for layers `range` (plus the embedding when
-/// `first`, the final norm and head when `last`).
+/// `first`, the final norm when `last`, and the share `head` of the output head).
 pub fn plan(
     mf: &ModelFile,
     range: LayerRange,
     first: bool,
     last: bool,
+    head: &HeadShare,
 ) -> Result<Vec<PlannedTensor>, ModelError> {
     let hp = &mf.hparams;
     range.validate(hp.n_layer)?;
+    let head_rows = match head {
+        HeadShare::None => None,
+        HeadShare::All => Some(0..hp.n_vocab),
+        HeadShare::Rows(r) => {
+            if r.start >= r.end || r.end > hp.n_vocab {
+                return Err(ModelError::BadKey {
+                    key: "output.weight".into(),
+                    why: format!(
+                        "head rows {}..{} are not inside the vocabulary of {}",
+                        r.start, r.end, hp.n_vocab
+                    ),
+                });
+            }
+            Some(r.clone())
+        }
+    };
     let (e, v, f, d) = (hp.n_embd, hp.n_vocab, hp.n_ff, hp.head_dim_k);
     let (nq, nkv) = (hp.n_embd_q(), hp.n_embd_kv());
     let arch = &hp.arch;
@@ -105,9 +158,9 @@ pub fn plan(
     }
     if last {
         want("output_norm.weight".into(), vec![e], true, P, None);
-        if *arch == Arch::Qwen2 {
-            want("output.bias".into(), vec![v], false, P, None);
-        }
+    }
+    if head_rows.is_some() && *arch == Arch::Qwen2 {
+        want("output.bias".into(), vec![v], false, P, None);
     }
     if mf.gguf.tensor("blk.0.attn_qkv.weight").is_some() {
         return Err(ModelError::BadKey {
@@ -125,14 +178,18 @@ pub fn plan(
             continue;
         };
         check(info, &w.name, &w.shape)?;
+        let rows = (w.name == "output.bias")
+            .then(|| head_rows.clone())
+            .flatten();
         out.push(PlannedTensor {
             name: w.name,
             source: info.clone(),
             placement: w.placement,
             layer: w.layer,
+            rows: rows.filter(|r| r.len() != v),
         });
     }
-    if last {
+    if let Some(rows) = head_rows {
         // The head: `output.weight`, or the token embedding when tied.
         let (info, name) = match mf.gguf.tensor("output.weight") {
             Some(i) => (i, "output.weight"),
@@ -147,6 +204,7 @@ pub fn plan(
             source: info.clone(),
             placement: M,
             layer: None,
+            rows: (rows.len() != v).then_some(rows),
         });
     }
     Ok(out)
@@ -182,6 +240,8 @@ pub struct StageWeights {
     store: TensorStore,
     /// When the tied head shares the embedding's memory, the head name maps to it.
     head_alias: Option<String>,
+    /// The vocabulary rows of the head this stage computes, if any.
+    head_rows: Option<Range<usize>>,
     bytes: u64,
 }
 
@@ -191,23 +251,35 @@ impl StageWeights {
         range: LayerRange,
         first: bool,
         last: bool,
+        head: &HeadShare,
         allow_repack: bool,
     ) -> Result<StageWeights, ModelError> {
-        let planned = plan(mf, range, first, last)?;
+        let planned = plan(mf, range, first, last, head)?;
+        let head_rows = match head {
+            HeadShare::None => None,
+            HeadShare::All => Some(0..mf.hparams.n_vocab),
+            HeadShare::Rows(r) => Some(r.clone()),
+        };
         // A tied head that would not be repacked shares the embedding tensor.
         let mut head_alias = None;
         let mut specs = Vec::new();
         for p in &planned {
+            let (shape, _, _) = p.loaded();
             let spec = TensorSpec {
                 name: p.name.clone(),
                 dtype: p.source.dtype,
-                ne: p.source.shape.iter().map(|&d| d as i64).collect(),
+                ne: shape.iter().map(|&d| d as i64).collect(),
                 placement: p.placement,
+            };
+            // The alias is the whole table: the graph takes a view of the head's rows.
+            let whole = TensorSpec {
+                ne: p.source.shape.iter().map(|&d| d as i64).collect(),
+                ..spec.clone()
             };
             if p.name == TIED_HEAD
                 && p.source.name == "token_embd.weight"
                 && first
-                && !(allow_repack && ggml_shim::backend::repack_supported(&spec))
+                && !(allow_repack && ggml_shim::backend::repack_supported(&whole))
             {
                 head_alias = Some("token_embd.weight".to_string());
                 continue;
@@ -226,21 +298,37 @@ impl StageWeights {
             if p.name == TIED_HEAD && head_alias.is_some() {
                 continue;
             }
-            buf.resize(p.source.size as usize, 0);
-            file.read_exact_at(&mut buf, p.source.offset)
+            let (_, offset, size) = p.loaded();
+            buf.resize(size as usize, 0);
+            file.read_exact_at(&mut buf, offset)
                 .map_err(|error| ModelError::Read {
                     name: p.source.name.clone(),
                     path: mf.gguf.path().display().to_string(),
                     error,
                 })?;
             store.set(&p.name, &buf)?;
-            bytes += p.source.size;
+            bytes += size;
         }
         Ok(StageWeights {
             store,
             head_alias,
+            head_rows,
             bytes,
         })
+    }
+
+    /// The vocabulary rows of the output head this stage computes.
+    pub fn head_rows(&self) -> Option<Range<usize>> {
+        self.head_rows.clone()
+    }
+
+    /// How many rows of the stored head tensor precede this stage's share: the
+    /// share's start when the head is the whole (shared) embedding table, else 0.
+    pub fn head_skip(&self) -> usize {
+        match (&self.head_alias, &self.head_rows) {
+            (Some(_), Some(r)) => r.start,
+            _ => 0,
+        }
     }
 
     /// A weight by its GGUF name.
