@@ -107,6 +107,32 @@ pub struct ClusterConfig {
     /// Activations on the wire: "f16" (2 bytes a value; bf16 for a frame whose values
     /// would overflow f16) or "f32" (exact).
     pub activations: WireActivations,
+    /// Whether the output head is split by vocabulary between the last node and the
+    /// head node.
+    pub head_share: HeadSharePolicy,
+}
+
+/// `[cluster] head_share`: how much of the output head (by vocabulary rows) the
+/// head node computes, besides the last node.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum HeadSharePolicy {
+    /// The planner decides (when it plans the layers; never with explicit ranges).
+    #[default]
+    Auto,
+    /// Never: the last node computes the whole head.
+    Off,
+    /// This fraction of the rows, strictly between 0 and 1.
+    Share(f64),
+}
+
+impl Serialize for HeadSharePolicy {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HeadSharePolicy::Auto => serializer.serialize_str("auto"),
+            HeadSharePolicy::Off => serializer.serialize_str("off"),
+            HeadSharePolicy::Share(f) => serializer.serialize_str(&f.to_string()),
+        }
+    }
 }
 
 /// How activations cross the network.
@@ -375,11 +401,13 @@ impl Serialize for ClusterConfig {
             #[serde(skip_serializing_if = "Option::is_none")]
             key_file: Option<&'a Path>,
             activations: WireActivations,
+            head_share: HeadSharePolicy,
         }
         View {
             key: self.key.as_ref().filter(|_| self.key_file.is_none()),
             key_file: self.key_file.as_deref(),
             activations: self.activations,
+            head_share: self.head_share,
         }
         .serialize(serializer)
     }
@@ -580,6 +608,7 @@ struct RawCluster {
     key: Option<String>,
     key_file: Option<PathBuf>,
     activations: Option<String>,
+    head_share: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1249,10 +1278,27 @@ fn resolve(raw: RawFile, origins: &Origins<'_>) -> Result<Config, ConfigError> {
             })
         }
     };
+    let head_share = match raw.cluster.head_share.as_deref() {
+        None | Some("auto") => HeadSharePolicy::Auto,
+        Some("off") => HeadSharePolicy::Off,
+        Some(other) => match other.parse::<f64>() {
+            Ok(f) if f > 0.0 && f < 1.0 => HeadSharePolicy::Share(f),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    at: origins.at("cluster.head_share"),
+                    key: "cluster.head_share",
+                    message: format!(
+                        "'{other}' is not \"auto\", \"off\" or a fraction strictly between 0 and 1 (such as \"0.4\")"
+                    ),
+                })
+            }
+        },
+    };
     let cluster = ClusterConfig {
         key,
         key_file,
         activations,
+        head_share,
     };
     let peers = resolve_peers(raw.peer, origins)?;
 
@@ -1616,7 +1662,7 @@ batch = 32
         );
         let e = error(&format!("{MODEL}[cluster]\nsize = 2\n"), &[]);
         assert!(
-            e.ends_with("line 4: unknown key 'cluster.size' (known: key, key_file, activations)"),
+            e.ends_with("line 4: unknown key 'cluster.size' (known: key, key_file, activations, head_share)"),
             "{e}"
         );
         // The first of several, in file order.
@@ -1897,7 +1943,7 @@ batch = 32
         assert_eq!(section_keys("node"), Some(&["name", "listen"][..]));
         assert_eq!(
             section_keys("cluster"),
-            Some(&["key", "key_file", "activations"][..])
+            Some(&["key", "key_file", "activations", "head_share"][..])
         );
         assert_eq!(
             section_keys("peer"),

@@ -440,6 +440,7 @@ fn cluster_role(cfg: &exo::config::Config) -> Result<Option<exo::serve::ClusterR
             n_slots,
             batch: cfg.engine.batch,
             f16,
+            head_share: cfg.cluster.head_share,
         })))
     } else {
         let control_listen = cfg

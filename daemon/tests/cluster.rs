@@ -185,11 +185,14 @@ impl Drop for Harness {
 struct Engine {
     ctx: usize,
     activations: &'static str,
+    /// `[cluster] head_share`.
+    head_share: &'static str,
 }
 
 const TINY_ENGINE: Engine = Engine {
     ctx: 256,
     activations: "f32",
+    head_share: "auto",
 };
 
 impl Harness {
@@ -287,11 +290,12 @@ impl Harness {
             let config = self.dir.path().join(format!("{}.toml", p.name));
             let text = format!(
                 "[node]\nname = \"{}\"\nlisten = \"tcp://127.0.0.1:{data}\"\n\n{}\n\
-                 [cluster]\nkey = \"{}\"\nactivations = \"{}\"\n{list}",
+                 [cluster]\nkey = \"{}\"\nactivations = \"{}\"\nhead_share = \"{}\"\n{list}",
                 p.name,
                 self.common_sections(*http, engine),
                 p.key,
-                engine.activations
+                engine.activations,
+                engine.head_share
             );
             std::fs::write(&config, text).expect("write config");
             self.nodes.push(Node {
@@ -548,6 +552,67 @@ async fn two_nodes_planned_split_equal_a_single_node() {
     assert!(want.iter().any(|w| !w.is_empty()), "{want:?}");
     eprintln!(
         "two_nodes_planned_split_equal_a_single_node: {:?}",
+        t0.elapsed()
+    );
+}
+
+/// The output head split by vocabulary between the last node and the head node:
+/// greedy and seeded sampled answers (top-k, where the last node sends its best
+/// candidates; plain temperature and penalties, where it sends all its logits) are
+/// those of a single node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_output_head_equals_a_single_node() {
+    let t0 = Instant::now();
+    let mut h = Harness::tiny("headsplit", &tiny_spec());
+    let single = h.single(&TINY_ENGINE);
+    let engine = Engine {
+        head_share: "0.5",
+        ..TINY_ENGINE
+    };
+    let c = h.cluster(&[peer("a", None), peer("b", None)], &engine);
+    h.wait_ready(single, Duration::from_secs(60)).await;
+    h.wait_ready(c[0], Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(&h.node(c[0]).log).unwrap_or_default();
+    assert!(
+        log.contains("output head split"),
+        "the head did not split the output head:\n{log}"
+    );
+    let bodies = [
+        completion(PROMPTS[0], 24),
+        json!({"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0.8, "top_k": 5, "seed": 7}),
+        json!({"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 1.0, "seed": 3}),
+        json!({"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0.7, "top_k": 20,
+               "frequency_penalty": 0.5, "seed": 11}),
+        json!({"prompt": PROMPTS[2], "max_tokens": 24, "temperature": 0, "presence_penalty": 1.5}),
+    ];
+    let mut distinct = std::collections::HashSet::new();
+    for body in &bodies {
+        let (want, _) = h.complete(single, body).await;
+        let (got, _) = h.complete(c[0], body).await;
+        assert_eq!(got, want, "{body}: split head vs single node");
+        distinct.insert(want);
+    }
+    assert!(
+        distinct.len() >= 3,
+        "the requests should differ: {distinct:?}"
+    );
+    // concurrent requests through the split head
+    let want = references(&h, single, PROMPTS, 16).await;
+    let b: Vec<Value> = PROMPTS.iter().map(|p| completion(p, 16)).collect();
+    let got = tokio::join!(
+        h.complete(c[0], &b[0]),
+        h.complete(c[0], &b[1]),
+        h.complete(c[0], &b[2]),
+        h.complete(c[0], &b[3]),
+    );
+    let got = [got.0 .0, got.1 .0, got.2 .0, got.3 .0];
+    assert_eq!(
+        got.to_vec(),
+        want,
+        "concurrent requests through the split head"
+    );
+    eprintln!(
+        "a_split_output_head_equals_a_single_node: {:?}",
         t0.elapsed()
     );
 }
@@ -987,6 +1052,7 @@ async fn a_killed_node_fails_the_stream_and_rejoins_after_a_restart() {
     let engine = Engine {
         ctx: 512,
         activations: "f32",
+        head_share: "auto",
     };
     let mut h = Harness::tiny("heal", &spec);
     let single = h.single(&engine);

@@ -1173,24 +1173,28 @@ impl SamplerChain {
     /// Samples a token id from one row of logits (index = token id). Does not accept it: call
     /// [`SamplerChain::accept`] with the token actually used (needed by the penalties).
     pub fn sample(&mut self, logits: &[f32]) -> Result<i32> {
-        if logits.is_empty() {
+        len_i32(logits.len())?;
+        self.sample_candidates(logits.iter().enumerate().map(|(i, &l)| (i as i32, l)))
+    }
+
+    /// Samples a token id from candidates `(token id, logit)`: a part of the vocabulary
+    /// that contains every token the chain could pick (for instance the union of the best
+    /// `k` of every part of a split vocabulary, for a top-k chain without penalties). Does
+    /// not accept it.
+    pub fn sample_candidates(
+        &mut self,
+        candidates: impl Iterator<Item = (i32, f32)>,
+    ) -> Result<i32> {
+        self.cur.clear();
+        self.cur
+            .extend(candidates.map(|(id, logit)| sys::llama_token_data { id, logit, p: 0.0 }));
+        if self.cur.is_empty() {
             return Err(LlamaError::EmptyLogits);
         }
-        len_i32(logits.len())?;
-        if logits.iter().any(|v| v.is_nan()) {
+        len_i32(self.cur.len())?;
+        if self.cur.iter().any(|d| d.logit.is_nan()) {
             return Err(LlamaError::NanLogits);
         }
-        self.cur.clear();
-        self.cur.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &logit)| sys::llama_token_data {
-                    id: i as i32,
-                    logit,
-                    p: 0.0,
-                }),
-        );
         let data = self.cur.as_mut_ptr();
         let mut arr = sys::llama_token_data_array {
             data,

@@ -75,10 +75,14 @@ pub enum FrameType {
     /// A new sequence's sampling parameters, sent down the data pipeline ahead of its
     /// first activations to the last stage, which samples.
     Setup = 12,
+    /// The last stage's share of the output head when the head is split: the
+    /// normalized hidden state of each output row (for the stage holding the other
+    /// head rows) and the logits of its own rows, as the best candidates or whole.
+    HeadPart = 13,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 12] = [
+    pub const ALL: [FrameType; 13] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Capabilities,
@@ -91,6 +95,7 @@ impl FrameType {
         FrameType::Tokens,
         FrameType::Error,
         FrameType::Setup,
+        FrameType::HeadPart,
     ];
 
     pub fn from_u8(v: u8) -> Option<FrameType> {
@@ -99,7 +104,10 @@ impl FrameType {
 
     /// Control frames carry JSON and no sequence descriptors.
     pub fn is_control(self) -> bool {
-        !matches!(self, FrameType::Activations | FrameType::Tokens)
+        !matches!(
+            self,
+            FrameType::Activations | FrameType::Tokens | FrameType::HeadPart
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -116,6 +124,7 @@ impl FrameType {
             FrameType::Tokens => "tokens",
             FrameType::Error => "error",
             FrameType::Setup => "setup",
+            FrameType::HeadPart => "head-part",
         }
     }
 }
@@ -376,6 +385,8 @@ pub enum FrameError {
         rows: usize,
         width: usize,
     },
+    #[error("head part, output row {row}: {why}")]
+    BadHeadPart { row: usize, why: String },
     #[error("the frame counter of this sender is exhausted")]
     CounterExhausted,
     #[error("control payload: {0}")]
@@ -560,6 +571,121 @@ fn append_mac(key: &FrameKey, out: &mut Vec<u8>, start: usize) {
     out.extend_from_slice(mac.as_bytes());
 }
 
+/// One output row's logits from a stage holding part of the output head.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeadLogits {
+    /// The best candidates of the stage's rows, `(token id, logit)`.
+    Top(Vec<(i32, f32)>),
+    /// Every logit of the stage's rows: ids `first..first + logits.len()`.
+    Dense { first: u32, logits: Vec<f32> },
+}
+
+/// Marks a [`HeadLogits::Top`] row in the head-part encoding (in place of `first`).
+const TOP_ROW: u32 = u32::MAX;
+
+impl HeadLogits {
+    /// Encoded as `n: u32, first: u32` then `n` logits (dense) or, with `first` =
+    /// `u32::MAX`, `n` pairs of `id: i32, logit: f32`.
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            HeadLogits::Top(c) => {
+                out.extend((c.len() as u32).to_le_bytes());
+                out.extend(TOP_ROW.to_le_bytes());
+                for &(id, l) in c {
+                    out.extend(id.to_le_bytes());
+                    out.extend(l.to_le_bytes());
+                }
+            }
+            HeadLogits::Dense { first, logits } => {
+                out.extend((logits.len() as u32).to_le_bytes());
+                out.extend(first.to_le_bytes());
+                out.extend(logits.iter().flat_map(|l| l.to_le_bytes()));
+            }
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        8 + match self {
+            HeadLogits::Top(c) => c.len() * 8,
+            HeadLogits::Dense { logits, .. } => logits.len() * 4,
+        }
+    }
+
+    /// Parses `rows` encoded rows that must fill `bytes` exactly, every id inside
+    /// `n_vocab` and every logit a number (never +inf, never NaN).
+    fn decode_all(
+        bytes: &[u8],
+        rows: usize,
+        n_vocab: usize,
+    ) -> Result<Vec<HeadLogits>, FrameError> {
+        let u32_at = |b: &[u8], at: usize| -> Option<u32> {
+            b.get(at..at + 4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        };
+        let bad = |row: usize, why: String| FrameError::BadHeadPart { row, why };
+        let mut out = Vec::with_capacity(rows);
+        let mut at = 0usize;
+        for row in 0..rows {
+            let (Some(n), Some(first)) = (u32_at(bytes, at), u32_at(bytes, at + 4)) else {
+                return Err(bad(row, "truncated".into()));
+            };
+            at += 8;
+            let n = n as usize;
+            if n == 0 || n > n_vocab {
+                return Err(bad(
+                    row,
+                    format!("{n} logits for a vocabulary of {n_vocab}"),
+                ));
+            }
+            let width = if first == TOP_ROW { 8 } else { 4 };
+            let Some(body) = n.checked_mul(width).and_then(|len| bytes.get(at..at + len)) else {
+                return Err(bad(row, "truncated".into()));
+            };
+            at += body.len();
+            let check = |l: f32| -> Result<f32, FrameError> {
+                if l.is_nan() || l == f32::INFINITY {
+                    Err(bad(row, format!("logit {l}")))
+                } else {
+                    Ok(l)
+                }
+            };
+            if first == TOP_ROW {
+                let mut c = Vec::with_capacity(n);
+                for p in body.chunks_exact(8) {
+                    let id = i32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+                    if id < 0 || id as u64 >= n_vocab as u64 {
+                        return Err(FrameError::BadToken { id, n_vocab });
+                    }
+                    c.push((id, check(f32::from_le_bytes([p[4], p[5], p[6], p[7]]))?));
+                }
+                out.push(HeadLogits::Top(c));
+            } else {
+                if first as u64 + n as u64 > n_vocab as u64 {
+                    return Err(bad(
+                        row,
+                        format!(
+                            "ids {first}..{} outside the vocabulary of {n_vocab}",
+                            first as u64 + n as u64
+                        ),
+                    ));
+                }
+                let logits = body
+                    .chunks_exact(4)
+                    .map(|c| check(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    .collect::<Result<Vec<f32>, _>>()?;
+                out.push(HeadLogits::Dense { first, logits });
+            }
+        }
+        if at != bytes.len() {
+            return Err(bad(
+                rows,
+                format!("{} bytes after the last row", bytes.len() - at),
+            ));
+        }
+        Ok(out)
+    }
+}
+
 /// Seals outgoing frames of one sender: stamps sender id and counter, appends the MAC.
 pub struct Sealer {
     key: FrameKey,
@@ -654,13 +780,76 @@ impl Sealer {
         dtype: Dtype,
         out: &mut Vec<u8>,
     ) -> Result<(), FrameError> {
-        if dtype == Dtype::None {
-            return Err(FrameError::WrongDtype {
-                frame_type: FrameType::Activations,
-                dtype,
+        let rows: usize = seqs.iter().map(|s| s.n_tokens as usize).sum();
+        self.seal_floats(
+            FrameType::Activations,
+            step_id,
+            seqs,
+            h,
+            rows,
+            width,
+            dtype,
+            &[],
+            out,
+        )
+    }
+
+    /// Seals a last stage's share of a split output head: the normalized hidden
+    /// state of every output row (`width` values each, sent as `dtype`) and its
+    /// logits for those rows.
+    pub fn seal_head_part(
+        &mut self,
+        step_id: u64,
+        seqs: &[SeqDesc],
+        normed: &[f32],
+        width: usize,
+        dtype: Dtype,
+        logits: &[HeadLogits],
+    ) -> Result<Vec<u8>, FrameError> {
+        let rows: usize = seqs.iter().map(|s| s.output_rows() as usize).sum();
+        if logits.len() != rows {
+            return Err(FrameError::BadHeadPart {
+                row: logits.len(),
+                why: format!("{} logit rows for {rows} output rows", logits.len()),
             });
         }
-        let rows: usize = seqs.iter().map(|s| s.n_tokens as usize).sum();
+        let mut tail = Vec::with_capacity(logits.iter().map(HeadLogits::encoded_len).sum());
+        for l in logits {
+            l.encode(&mut tail);
+        }
+        let mut out = Vec::new();
+        self.seal_floats(
+            FrameType::HeadPart,
+            step_id,
+            seqs,
+            normed,
+            rows,
+            width,
+            dtype,
+            &tail,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Seals `rows × width` f32 values converted to `dtype` (F16 falls back to BF16
+    /// for values beyond f16's range), followed by `tail`.
+    #[allow(clippy::too_many_arguments)]
+    fn seal_floats(
+        &mut self,
+        frame_type: FrameType,
+        step_id: u64,
+        seqs: &[SeqDesc],
+        h: &[f32],
+        rows: usize,
+        width: usize,
+        dtype: Dtype,
+        tail: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), FrameError> {
+        if dtype == Dtype::None {
+            return Err(FrameError::WrongDtype { frame_type, dtype });
+        }
         if rows.checked_mul(width) != Some(h.len()) {
             return Err(FrameError::ActivationShape {
                 got: h.len(),
@@ -680,15 +869,19 @@ impl Sealer {
             dtype
         };
         let meta = FrameMeta {
-            frame_type: FrameType::Activations,
+            frame_type,
             dtype,
             step_id,
             width: width32,
         };
-        let n_bytes = h.len().saturating_mul(dtype.size());
+        let n_bytes = h
+            .len()
+            .saturating_mul(dtype.size())
+            .saturating_add(tail.len());
         match dtype {
             Dtype::BF16 => self.seal_with(&meta, seqs, n_bytes, out, |o| {
-                o.extend(h.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()))
+                o.extend(h.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()));
+                o.extend_from_slice(tail);
             }),
             Dtype::F16 => {
                 let mut half = std::mem::take(&mut self.half);
@@ -696,13 +889,15 @@ impl Sealer {
                 half.resize(h.len(), 0);
                 ggml_shim::f32_to_f16_bits(h, &mut half);
                 let r = self.seal_with(&meta, seqs, n_bytes, out, |o| {
-                    o.extend(half.iter().flat_map(|v| v.to_le_bytes()))
+                    o.extend(half.iter().flat_map(|v| v.to_le_bytes()));
+                    o.extend_from_slice(tail);
                 });
                 self.half = half;
                 r
             }
             _ => self.seal_with(&meta, seqs, n_bytes, out, |o| {
-                o.extend(h.iter().flat_map(|v| v.to_le_bytes()))
+                o.extend(h.iter().flat_map(|v| v.to_le_bytes()));
+                o.extend_from_slice(tail);
             }),
         }
     }
@@ -919,21 +1114,40 @@ impl Frame<'_> {
                 got: self.frame_type,
             });
         }
+        self.floats(self.payload, out)
+    }
+
+    /// Decodes a head part: the normalized hidden state of every output row into
+    /// `normed`, and the logits rows (checked when the frame was opened).
+    pub fn head_part(&self, normed: &mut Vec<f32>) -> Result<Vec<HeadLogits>, FrameError> {
+        if self.frame_type != FrameType::HeadPart {
+            return Err(FrameError::WrongFrameType {
+                expected: "head-part",
+                got: self.frame_type,
+            });
+        }
+        let rows: usize = self.seqs.iter().map(|s| s.output_rows() as usize).sum();
+        let split = rows * self.width as usize * self.dtype.size();
+        let (hidden, tail) = self.payload.split_at(split.min(self.payload.len()));
+        self.floats(hidden, normed)?;
+        HeadLogits::decode_all(tail, rows, usize::MAX >> 1)
+    }
+
+    fn floats(&self, payload: &[u8], out: &mut Vec<f32>) -> Result<(), FrameError> {
         out.clear();
         match self.dtype {
             Dtype::F32 => out.extend(
-                self.payload
+                payload
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             ),
             Dtype::BF16 => out.extend(
-                self.payload
+                payload
                     .chunks_exact(2)
                     .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
             ),
             Dtype::F16 => {
-                let half: Vec<u16> = self
-                    .payload
+                let half: Vec<u16> = payload
                     .chunks_exact(2)
                     .map(|c| u16::from_le_bytes([c[0], c[1]]))
                     .collect();
@@ -1180,7 +1394,7 @@ impl Opener {
             return Err(FrameError::EmptyBatch { frame_type });
         }
         let (expected_width, elem_size) = match frame_type {
-            FrameType::Activations => {
+            FrameType::Activations | FrameType::HeadPart => {
                 if dtype == Dtype::None {
                     return Err(FrameError::WrongDtype { frame_type, dtype });
                 }
@@ -1244,6 +1458,36 @@ impl Opener {
             return Err(FrameError::DuplicateSlot(w[0]));
         }
 
+        if frame_type == FrameType::HeadPart {
+            // the hidden rows, then the logits rows, which must parse exactly
+            let hidden = out_rows
+                .checked_mul(expected_width)
+                .and_then(|v| v.checked_mul(elem_size));
+            let Some(tail) = hidden.and_then(|h| payload.get(h as usize..)) else {
+                return Err(FrameError::PayloadSize {
+                    frame_type,
+                    got: payload.len() as u64,
+                    expected: hidden.unwrap_or(u64::MAX),
+                });
+            };
+            if out_rows == 0 || limits.n_vocab == 0 {
+                return Err(FrameError::BadHeadPart {
+                    row: 0,
+                    why: "no output rows, or no vocabulary to check ids against".into(),
+                });
+            }
+            HeadLogits::decode_all(tail, out_rows as usize, limits.n_vocab)?;
+            return Ok(Frame {
+                frame_type,
+                dtype,
+                sender_id: h.sender_id,
+                counter: h.counter,
+                step_id: h.step_id,
+                width: h.width,
+                seqs,
+                payload,
+            });
+        }
         let expected_payload = match frame_type {
             FrameType::Activations => rows
                 .checked_mul(expected_width)
@@ -1357,6 +1601,101 @@ mod tests {
         out.extend_from_slice(payload);
         append_mac(key, &mut out, 0);
         out
+    }
+
+    #[test]
+    fn head_parts_roundtrip() {
+        let mut sealer = Sealer::new(key(), 42);
+        let mut opener = Opener::new(key());
+        // two sequences, one output row each (a prompt's last chunk and a decode)
+        let seqs = [
+            seq(0, 0, 5, OutputRows::Last),
+            seq(2, 9, 1, OutputRows::Last),
+        ];
+        let normed = [0.5f32, -1.0, 2.0, 0.25, 1.5, -0.125, 3.0, 0.0];
+        let logits = vec![
+            HeadLogits::Top(vec![(999, 3.5), (700, -1.0)]),
+            HeadLogits::Dense {
+                first: 600,
+                logits: (0..400).map(|i| i as f32 * 0.5 - 7.0).collect(),
+            },
+        ];
+        for dtype in [Dtype::F32, Dtype::F16] {
+            let bytes = sealer
+                .seal_head_part(5, &seqs, &normed, 4, dtype, &logits)
+                .expect("seal");
+            let f = opener.open(&bytes, &limits()).expect("open");
+            assert_eq!(f.frame_type, FrameType::HeadPart);
+            let mut got = Vec::new();
+            assert_eq!(f.head_part(&mut got).expect("decode"), logits);
+            assert_eq!(got, normed, "these values are exact in f16 too");
+        }
+        // a row count that does not match the output rows is refused when sealing
+        assert!(sealer
+            .seal_head_part(5, &seqs, &normed, 4, Dtype::F32, &logits[..1])
+            .is_err());
+    }
+
+    #[test]
+    fn bad_head_parts_are_refused() {
+        let mut sealer = Sealer::new(key(), 42);
+        let seqs = [seq(1, 0, 1, OutputRows::Last)];
+        let normed = [1.0f32; 4];
+        let open = |bytes: &[u8]| Opener::new(key()).open(bytes, &limits()).map(|_| ());
+        let cases: Vec<(&str, Vec<HeadLogits>)> = vec![
+            (
+                "id outside the vocabulary",
+                vec![HeadLogits::Top(vec![(1000, 1.0)])],
+            ),
+            ("negative id", vec![HeadLogits::Top(vec![(-1, 1.0)])]),
+            ("NaN logit", vec![HeadLogits::Top(vec![(1, f32::NAN)])]),
+            ("empty row", vec![HeadLogits::Top(vec![])]),
+            (
+                "dense rows past the vocabulary",
+                vec![HeadLogits::Dense {
+                    first: 990,
+                    logits: vec![0.0; 20],
+                }],
+            ),
+        ];
+        for (what, logits) in cases {
+            let bytes = sealer
+                .seal_head_part(1, &seqs, &normed, 4, Dtype::F32, &logits)
+                .expect("seal");
+            assert!(open(&bytes).is_err(), "{what} accepted");
+        }
+        // a truncated or padded logits section, re-sealed with a valid MAC
+        let good = [HeadLogits::Top(vec![(3, 1.0), (4, 0.5)])];
+        let mut payload: Vec<u8> = normed.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut tail = Vec::new();
+        good[0].encode(&mut tail);
+        for bad_tail in [
+            &tail[..tail.len() - 4],
+            &[tail.as_slice(), &[0u8; 4]].concat()[..],
+        ] {
+            payload.truncate(16);
+            payload.extend_from_slice(bad_tail);
+            let mut d = Vec::new();
+            write_desc(&mut d, &seqs[0]);
+            let raw = seal_raw(
+                &key(),
+                RawHeader {
+                    frame_type: FrameType::HeadPart as u8,
+                    dtype: Dtype::F32 as u8,
+                    sender_id: 9,
+                    counter: 1,
+                    step_id: 1,
+                    n_seqs: 1,
+                    width: 4,
+                    payload_len: payload.len() as u32,
+                },
+                &[d.try_into().expect("16 bytes")],
+                &payload,
+            );
+            let err = Opener::new(key()).open(&raw, &limits()).unwrap_err();
+            assert!(matches!(err, FrameError::BadHeadPart { .. }), "{err}");
+            assert_eq!(err.reason(), DropReason::Invalid);
+        }
     }
 
     #[test]

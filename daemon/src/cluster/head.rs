@@ -3,18 +3,22 @@
 //! per stage. Heartbeats watch the peers: a missing one fails the steps in flight
 //! within about two seconds, and a peer that comes back is given the plan again.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ggml_shim::llama::SamplingParams;
+use ggml_shim::llama::{argmax, SamplerChain, SamplingParams};
 
-use super::frame::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer, SeqDesc};
+use super::frame::{
+    Dtype, Frame, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc,
+};
 use super::plan::{
     self, Capabilities, Hello, HelloAck, ModelCosts, NodeInfo, Plan, PlanAck, PlannedStage, Pong,
     SlotSetup,
 };
 use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
+use crate::config::HeadSharePolicy;
 use crate::engine::scheduler::{StepOutcome, Stepper};
 use crate::engine::{BatchSeq, EngineError, SlotPool, Stage, StageConfig, StageInput, StageOutput};
 use crate::model::{LayerRange, ModelFile};
@@ -42,6 +46,8 @@ pub struct HeadSettings {
     pub n_slots: usize,
     pub batch: usize,
     pub f16: bool,
+    /// Whether (and how much of) the output head this node computes.
+    pub head_share: crate::config::HeadSharePolicy,
 }
 
 /// Liveness and figures of each peer, shared with /health, /metrics and `exo status`.
@@ -205,23 +211,35 @@ pub async fn form(
     }
     // the plan: explicit ranges, or the planner's
     let n_layer = mf.hparams.n_layer;
-    let ranges: Vec<LayerRange> = if s.peers.iter().all(|p| p.layers.is_some()) {
-        let r: Vec<LayerRange> = s
-            .peers
-            .iter()
-            .filter_map(|p| p.layers.map(|(a, b)| LayerRange::new(a, b)))
-            .collect();
-        if r.last().map(|l| l.end) != Some(n_layer) {
-            bail!(
-                "the configured layer ranges end at {:?}, the model has {n_layer} layers",
-                r.last().map(|l| l.end)
-            );
-        }
-        r
-    } else {
-        let costs = ModelCosts::of(&mf, s.n_ctx, s.n_slots);
-        plan::plan_ranges(&nodes, &costs)?
-    };
+    let n_vocab = mf.hparams.n_vocab;
+    let (ranges, head_rows): (Vec<LayerRange>, usize) =
+        if s.peers.iter().all(|p| p.layers.is_some()) {
+            let r: Vec<LayerRange> = s
+                .peers
+                .iter()
+                .filter_map(|p| p.layers.map(|(a, b)| LayerRange::new(a, b)))
+                .collect();
+            if r.last().map(|l| l.end) != Some(n_layer) {
+                bail!(
+                    "the configured layer ranges end at {:?}, the model has {n_layer} layers",
+                    r.last().map(|l| l.end)
+                );
+            }
+            (r, fixed_head_rows(s.head_share, n_vocab))
+        } else {
+            let costs = ModelCosts::of(&mf, s.n_ctx, s.n_slots);
+            match s.head_share {
+                HeadSharePolicy::Auto => {
+                    let p = plan::plan_cluster(&nodes, &costs, n_vocab)?;
+                    (p.ranges, p.head_rows)
+                }
+                HeadSharePolicy::Off => (plan::plan_ranges(&nodes, &costs)?, 0),
+                HeadSharePolicy::Share(f) => (
+                    plan::plan_with_head_share(&nodes, &costs, f)?.0,
+                    fixed_head_rows(s.head_share, n_vocab),
+                ),
+            }
+        };
     let plan = Plan {
         epoch: rand_epoch(),
         model_id: model_id.clone(),
@@ -241,6 +259,7 @@ pub async fn form(
         batch: s.batch,
         f16: s.f16,
         senders,
+        head_rows,
     };
     for (p, client) in &control.peers {
         let ack: PlanAck = control
@@ -260,7 +279,17 @@ pub async fn form(
         .iter()
         .map(|st| format!("{} {}..{}", st.name, st.start, st.end))
         .collect();
-    tracing::info!("cluster formed: {}", summary.join(", "));
+    if head_rows > 0 {
+        tracing::info!(
+            "cluster formed: {}; output head split: {} computes vocabulary rows 0..{head_rows}, {} the other {}",
+            summary.join(", "),
+            s.name,
+            plan.stages.last().map_or("?", |st| st.name.as_str()),
+            n_vocab - head_rows
+        );
+    } else {
+        tracing::info!("cluster formed: {}", summary.join(", "));
+    }
     // our stage and the link to the next one
     let local = {
         let mf = mf.clone();
@@ -270,7 +299,7 @@ pub async fn form(
             n_slots: s.n_slots,
             n_threads: s.threads,
             repack: true,
-            head_rows: None,
+            head_rows: (head_rows > 0).then_some(0..head_rows),
         };
         tokio::task::spawn_blocking(move || Stage::load(&mf, cfg)).await??
     };
@@ -304,7 +333,7 @@ pub async fn form(
     let limits = Limits {
         max_seqs: s.n_slots,
         max_tokens: s.batch.max(1),
-        width: 0,
+        width: mf.hparams.n_embd,
         n_ctx: s.n_ctx,
         n_slots: s.n_slots,
         n_vocab: mf.hparams.n_vocab,
@@ -329,8 +358,25 @@ pub async fn form(
         view: view.clone(),
         hidden: Vec::new(),
         toks: Vec::new(),
+        split: (head_rows > 0).then(|| HeadSplit {
+            rows: head_rows,
+            samplers: HashMap::new(),
+            normed: Vec::new(),
+            part: Vec::new(),
+            full: Vec::new(),
+        }),
     };
     Ok((stepper, view))
+}
+
+/// The head rows of a fixed `[cluster] head_share` (0 for none).
+fn fixed_head_rows(policy: HeadSharePolicy, n_vocab: usize) -> usize {
+    match policy {
+        HeadSharePolicy::Share(f) if n_vocab >= 2 => {
+            ((n_vocab as f64 * f) as usize).clamp(1, n_vocab - 1)
+        }
+        _ => 0,
+    }
 }
 
 fn rand_epoch() -> u64 {
@@ -470,6 +516,89 @@ pub struct ClusterStepper {
     /// The last stage's data sender id (changes when it restarts) and the one allowed.
     last_sender: Arc<std::sync::atomic::AtomicU64>,
     allowed_last: u64,
+    /// When the output head is split: this node's share, and the sampling.
+    split: Option<HeadSplit>,
+}
+
+/// The head node's part of a split output head: it computes the logits of rows
+/// `0..rows` from the normalized hidden state the last stage sends back, merges
+/// them with the last stage's logits, and samples.
+struct HeadSplit {
+    rows: usize,
+    /// Per slot: the sampler chain, or None for greedy.
+    samplers: HashMap<usize, Option<SamplerChain>>,
+    normed: Vec<f32>,
+    part: Vec<f32>,
+    full: Vec<f32>,
+}
+
+impl HeadSplit {
+    /// One output row's token from this node's logits `mine` (ids `0..rows`) and
+    /// the last stage's `theirs`.
+    fn sample(
+        &mut self,
+        slot: usize,
+        mine: &[f32],
+        theirs: &HeadLogits,
+        n_vocab: usize,
+    ) -> Result<i32, EngineError> {
+        let bad = |why: String| EngineError::Pipeline(format!("head part: {why}"));
+        let rows = self.rows;
+        if let HeadLogits::Top(c) = theirs {
+            if let Some(&(id, _)) = c.iter().find(|(id, _)| (*id as usize) < rows) {
+                return Err(bad(format!("candidate {id} belongs to this node's rows")));
+            }
+        }
+        if let HeadLogits::Dense { first, logits } = theirs {
+            if *first as usize != rows || rows + logits.len() != n_vocab {
+                return Err(bad(format!(
+                    "logits for ids {first}..{}, expected {rows}..{n_vocab}",
+                    *first as usize + logits.len()
+                )));
+            }
+        }
+        let Some(chain) = self.samplers.get_mut(&slot) else {
+            return Err(bad(format!("slot {slot} has no sampling set-up")));
+        };
+        let Some(chain) = chain else {
+            // greedy: the better of the two bests; on a tie the lower id, as argmax
+            let mine_best = argmax(mine).map(|i| (i as i32, mine[i]));
+            let their_best = match theirs {
+                HeadLogits::Top(c) => c.iter().copied().reduce(|a, b| {
+                    if b.1 > a.1 || (b.1 == a.1 && b.0 < a.0) {
+                        b
+                    } else {
+                        a
+                    }
+                }),
+                HeadLogits::Dense { first, logits } => {
+                    argmax(logits).map(|i| ((*first as usize + i) as i32, logits[i]))
+                }
+            };
+            return match (mine_best, their_best) {
+                (Some(m), Some(t)) => Ok(if m.1 >= t.1 { m.0 } else { t.0 }),
+                (Some(m), None) => Ok(m.0),
+                (None, Some(t)) => Ok(t.0),
+                (None, None) => Err(bad("no logits".into())),
+            };
+        };
+        let t = match theirs {
+            HeadLogits::Top(c) => chain.sample_candidates(
+                mine.iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as i32, l))
+                    .chain(c.iter().copied()),
+            )?,
+            HeadLogits::Dense { logits, .. } => {
+                self.full.clear();
+                self.full.extend_from_slice(mine);
+                self.full.extend_from_slice(logits);
+                chain.sample(&self.full)?
+            }
+        };
+        chain.accept(t);
+        Ok(t)
+    }
 }
 
 impl ClusterStepper {
@@ -482,6 +611,44 @@ impl ClusterStepper {
         self.rt
             .block_on(self.tx.send_timeout(bytes, Some(DEAD_AFTER)))
             .map_err(|e| EngineError::Pipeline(format!("sending to the next stage: {e}")))
+    }
+}
+
+impl ClusterStepper {
+    /// A split head's step result: this node's share of the logits from the
+    /// normalized hidden state, merged with the last stage's, and sampled.
+    fn finish_head(&mut self, frame: &Frame<'_>) -> Result<Vec<i32>, EngineError> {
+        let Some(split) = self.split.as_mut() else {
+            return Err(EngineError::Pipeline("the head is not split".into()));
+        };
+        let theirs = frame
+            .head_part(&mut split.normed)
+            .map_err(|e| EngineError::Pipeline(e.to_string()))?;
+        self.local.project(&split.normed, &mut split.part)?;
+        let rows = split.rows;
+        let part = std::mem::take(&mut split.part);
+        let mut toks = Vec::with_capacity(theirs.len());
+        let mut r = 0;
+        let mut result = Ok(());
+        'seqs: for desc in &frame.seqs {
+            for _ in 0..desc.output_rows() {
+                let (Some(mine), Some(t)) = (part.get(r * rows..(r + 1) * rows), theirs.get(r))
+                else {
+                    result = Err(EngineError::Pipeline("head part: missing rows".into()));
+                    break 'seqs;
+                };
+                match split.sample(desc.slot as usize, mine, t, self.n_vocab) {
+                    Ok(tok) => toks.push(tok),
+                    Err(e) => {
+                        result = Err(e);
+                        break 'seqs;
+                    }
+                }
+                r += 1;
+            }
+        }
+        split.part = part;
+        result.map(|()| toks)
     }
 }
 
@@ -510,6 +677,18 @@ impl Stepper for ClusterStepper {
         p: &SamplingParams,
         prompt: &[i32],
     ) -> Result<(), EngineError> {
+        if let Some(split) = self.split.as_mut() {
+            let chain = if p.is_greedy() {
+                None
+            } else {
+                let mut c = SamplerChain::new(p)?;
+                for &t in prompt {
+                    c.accept(t);
+                }
+                Some(c)
+            };
+            split.samplers.insert(slot, chain);
+        }
         let setup = SlotSetup::new(slot, p, prompt);
         let bytes = self
             .sealer
@@ -589,6 +768,10 @@ impl Stepper for ClusterStepper {
                     .map(|m| m.message)
                     .unwrap_or_else(|_| "a stage failed".into());
                 return Err(EngineError::Pipeline(msg));
+            }
+            if frame.frame_type == FrameType::HeadPart && self.split.is_some() {
+                let toks = self.finish_head(&frame)?;
+                return Ok((frame.step_id, StepOutcome::Tokens(toks)));
             }
             if frame.frame_type != FrameType::Tokens {
                 tracing::warn!(

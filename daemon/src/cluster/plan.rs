@@ -22,6 +22,10 @@ pub struct Capabilities {
     pub threads: usize,
     /// Measured milliseconds for one transformer layer and one token.
     pub ms_per_layer: f64,
+    /// Measured milliseconds per megabyte of output head and one token (0: unknown,
+    /// then the head counts like layers by its bytes).
+    #[serde(default)]
+    pub ms_per_head_mb: f64,
 }
 
 impl Capabilities {
@@ -31,52 +35,75 @@ impl Capabilities {
         sys.refresh_memory();
         let free_memory = sys.available_memory();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (ms_per_layer, ms_per_head_mb) = measure_ms(mf, threads).unwrap_or((1.0, 0.0));
         Capabilities {
             free_memory,
             cores,
             threads,
-            ms_per_layer: measure_layer_ms(mf, threads).unwrap_or(1.0),
+            ms_per_layer,
+            ms_per_head_mb,
         }
     }
 }
 
-/// Times one middle layer on one token (the layer alone: no embedding, no head).
-fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
+/// Tokens per measured step: about the micro-batch of a busy pipeline, where the
+/// weights read per step are shared by several tokens.
+const MEASURE_TOKENS: usize = 4;
+
+/// Times one middle layer, and a band of the output head, on a few tokens: the
+/// best of several runs, per token (ms per layer, ms per MB of head).
+fn measure_ms(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
     use crate::engine::{BatchSeq, OutputRows, Stage, StageConfig, StageInput};
-    let n = mf.hparams.n_layer;
+    let hp = &mf.hparams;
+    let n = hp.n_layer;
     if n < 3 {
         return None;
     }
     let il = n / 2;
+    // a band of head rows about as large as a layer
+    let costs = ModelCosts::of(mf, 64, 1);
+    let layer = costs.layer_bytes.get(il).copied().unwrap_or(0).max(1);
+    let rows = ((hp.n_vocab as u64 * layer / costs.head_bytes.max(1)) as usize)
+        .clamp(1.min(hp.n_vocab), hp.n_vocab);
+    let band_mb = costs.head_bytes as f64 * rows as f64 / hp.n_vocab as f64 / 1e6;
     let mut stage = Stage::load(
         mf,
         StageConfig {
             range: LayerRange::new(il, il + 1),
             n_ctx: 64,
-            n_slots: 1,
+            n_slots: MEASURE_TOKENS,
             n_threads: threads,
             repack: true,
-            head_rows: None,
+            head_rows: Some(0..rows),
         },
     )
     .ok()?;
-    let hidden = vec![0.01f32; mf.hparams.n_embd];
+    let hidden = vec![0.01f32; hp.n_embd * MEASURE_TOKENS];
     let mut out = Vec::new();
-    let mut best = f64::MAX;
+    let (mut layer_ms, mut head_ms) = (f64::MAX, f64::MAX);
     for i in 0..6 {
-        let seq = BatchSeq {
-            slot: 0,
-            pos0: i,
-            n_tokens: 1,
-            output: OutputRows::Last,
-        };
+        let seqs: Vec<BatchSeq> = (0..MEASURE_TOKENS)
+            .map(|slot| BatchSeq {
+                slot,
+                pos0: i,
+                n_tokens: 1,
+                output: OutputRows::None,
+            })
+            .collect();
         let t = std::time::Instant::now();
         stage
-            .forward(&[seq], StageInput::Hidden(&hidden), &mut out)
+            .forward(&seqs, StageInput::Hidden(&hidden), &mut out)
             .ok()?;
-        best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        layer_ms = layer_ms.min(t.elapsed().as_secs_f64() * 1e3);
+        let t = std::time::Instant::now();
+        stage.project(&hidden, &mut out).ok()?;
+        head_ms = head_ms.min(t.elapsed().as_secs_f64() * 1e3);
     }
-    Some(best)
+    let per_token = MEASURE_TOKENS as f64;
+    Some((
+        layer_ms / per_token,
+        head_ms / per_token / band_mb.max(1e-6),
+    ))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,6 +142,10 @@ pub struct Plan {
     /// Data-plane sender id of every stage, in order: a node accepts batches only
     /// from the stage before it (the head only from the last stage).
     pub senders: Vec<u64>,
+    /// The output head split by vocabulary: the head node computes the logits of
+    /// rows `0..head_rows`, the last stage those of the rest (0: no split).
+    #[serde(default)]
+    pub head_rows: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -259,6 +290,62 @@ pub enum PlanError {
 /// bytes it reads per token (its layers, plus the output head on the last stage)
 /// at that node's measured speed, so a big head counts for what it costs.
 pub fn plan_ranges(nodes: &[NodeInfo], costs: &ModelCosts) -> Result<Vec<LayerRange>, PlanError> {
+    plan_with_head_share(nodes, costs, 0.0).map(|(r, _)| r)
+}
+
+/// A plan: layer ranges, and the rows of the output head the first node computes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterPlan {
+    pub ranges: Vec<LayerRange>,
+    /// Vocabulary rows `0..head_rows` of the head run on the first node (0: none).
+    pub head_rows: usize,
+}
+
+/// Shares of the head tried for the first node, in 64ths.
+const HEAD_SHARE_STEPS: usize = 64;
+
+/// Like [`plan_ranges`], and also splits the output head by vocabulary between the
+/// last node and the first (which holds the embedding, and with a tied head the
+/// very same table) when that makes the slowest stage faster. A model whose head is
+/// a large part of its bytes (Gemma 3 270M: about 70%) cannot be balanced by whole
+/// layers alone.
+pub fn plan_cluster(
+    nodes: &[NodeInfo],
+    costs: &ModelCosts,
+    n_vocab: usize,
+) -> Result<ClusterPlan, PlanError> {
+    let (ranges, mut best) = plan_with_head_share(nodes, costs, 0.0)?;
+    let mut plan = ClusterPlan {
+        ranges,
+        head_rows: 0,
+    };
+    if nodes.len() < 2 || n_vocab < 2 {
+        return Ok(plan);
+    }
+    for step in 1..HEAD_SHARE_STEPS {
+        let share = step as f64 / HEAD_SHARE_STEPS as f64;
+        let Ok((ranges, t)) = plan_with_head_share(nodes, costs, share) else {
+            continue;
+        };
+        // a split costs a hop's worth of work: take it only for a clear gain
+        if t < best * 0.97 {
+            best = t;
+            plan = ClusterPlan {
+                ranges,
+                head_rows: ((n_vocab as f64 * share) as usize).clamp(1, n_vocab - 1),
+            };
+        }
+    }
+    Ok(plan)
+}
+
+/// The DP behind the planners; `share` of the head runs on node 0. Returns the
+/// ranges and the time of the slowest stage.
+pub fn plan_with_head_share(
+    nodes: &[NodeInfo],
+    costs: &ModelCosts,
+    share: f64,
+) -> Result<(Vec<LayerRange>, f64), PlanError> {
     let n_layer = costs.layer_bytes.len();
     let p = nodes.len();
     if p == 0 || n_layer < p {
@@ -273,25 +360,40 @@ pub fn plan_ranges(nodes: &[NodeInfo], costs: &ModelCosts) -> Result<Vec<LayerRa
     for i in 0..n_layer {
         pre[i + 1] = pre[i] + costs.layer_bytes[i];
     }
+    let tied = costs.head_bytes == costs.embd_bytes;
+    let head_ms = |node: usize, bytes: f64| -> f64 {
+        let caps = &nodes[node].caps;
+        if caps.ms_per_head_mb > 0.0 {
+            bytes / 1e6 * caps.ms_per_head_mb
+        } else {
+            bytes / avg_layer * caps.ms_per_layer.max(1e-3)
+        }
+    };
     let stage = |node: usize, a: usize, b: usize| -> Option<f64> {
-        let mut bytes = pre[b] - pre[a];
-        let mut mem = bytes + costs.kv_bytes_per_layer * (b - a) as u64;
-        let mut read = bytes as f64;
+        let layers = pre[b] - pre[a];
+        let mut mem = layers + costs.kv_bytes_per_layer * (b - a) as u64;
+        let mut ms = layers as f64 / avg_layer * nodes[node].caps.ms_per_layer.max(1e-3);
         if a == 0 {
             mem += costs.embd_bytes;
-        }
-        if b == n_layer {
-            read += costs.head_bytes as f64;
-            bytes += costs.head_bytes;
-            if !(a == 0 && costs.head_bytes == costs.embd_bytes) {
-                mem += costs.head_bytes;
+            if share > 0.0 {
+                let h = costs.head_bytes as f64 * share;
+                ms += head_ms(node, h);
+                if !tied {
+                    mem += h as u64;
+                }
             }
         }
-        let _ = bytes;
+        if b == n_layer {
+            let h = costs.head_bytes as f64 * if a == 0 { 1.0 } else { 1.0 - share };
+            ms += head_ms(node, h);
+            if !(a == 0 && tied) {
+                mem += h as u64;
+            }
+        }
         if mem > nodes[node].caps.free_memory {
             return None;
         }
-        Some(read / avg_layer * nodes[node].caps.ms_per_layer.max(1e-3))
+        Some(ms)
     };
     // best[k][b]: minimal max stage time covering layers 0..b with nodes 0..k
     let inf = f64::INFINITY;
@@ -329,8 +431,26 @@ pub fn plan_ranges(nodes: &[NodeInfo], costs: &ModelCosts) -> Result<Vec<LayerRa
         ranges[k - 1] = LayerRange::new(a, b);
         b = a;
     }
-    Ok(ranges)
+    Ok((ranges, best[p][n_layer]))
 }
+
+/// How the last stage reports a sequence's logits when the output head is split:
+/// `Some(k)`, its best `k` rows, when the head node's sampling needs no more (greedy,
+/// or top-k sampling with k ≤ [`MAX_HEAD_CANDIDATES`] and no penalties: the global
+/// top k is then among the two stages' candidates, so sampling is exact); `None`,
+/// every logit of its rows, otherwise.
+pub fn head_candidates(p: &ggml_shim::llama::SamplingParams) -> Option<usize> {
+    if p.is_greedy() {
+        return Some(1);
+    }
+    let no_penalties =
+        p.repeat_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0;
+    (p.temperature > 0.0 && no_penalties && p.top_k >= 1 && p.top_k as usize <= MAX_HEAD_CANDIDATES)
+        .then_some(p.top_k as usize)
+}
+
+/// The most candidates a last stage sends per row (else it sends all its logits).
+pub const MAX_HEAD_CANDIDATES: usize = 256;
 
 #[cfg(test)]
 mod tests {
@@ -344,6 +464,7 @@ mod tests {
                 cores: 4,
                 threads: 4,
                 ms_per_layer: ms,
+                ms_per_head_mb: 0.0,
             },
         }
     }
@@ -398,6 +519,82 @@ mod tests {
         let err =
             plan_ranges(&[node("a", 10, 1.0), node("b", 10, 1.0)], &costs(18, 0)).unwrap_err();
         assert!(matches!(err, PlanError::NoFit(_)));
+    }
+
+    #[test]
+    fn a_heavy_head_is_split_between_the_last_and_the_first_node() {
+        // 18 layers of 4 MB and a tied 178 MB head: by layers alone the best is
+        // 17 layers (68 MB) against 1 layer + head (182 MB); with the head split,
+        // both nodes read about 125 MB per token.
+        let nodes = [node("a", 1000, 1.0), node("b", 1000, 1.0)];
+        let p = plan_cluster(&nodes, &costs(18, 178), 262_144).unwrap();
+        assert!(p.head_rows > 0, "{p:?}");
+        let share = p.head_rows as f64 / 262_144.0;
+        let a = p.ranges[0].len() as f64 * 4.0 + share * 178.0;
+        let b = p.ranges[1].len() as f64 * 4.0 + (1.0 - share) * 178.0;
+        assert!((a - b).abs() <= 8.0, "unbalanced: {a} MB vs {b} MB ({p:?})");
+        assert_eq!(p.ranges[1].end, 18);
+        // without a head worth splitting, no split
+        let p = plan_cluster(&nodes, &costs(18, 0), 262_144).unwrap();
+        assert_eq!(p.head_rows, 0);
+        assert_eq!(
+            p.ranges,
+            vec![LayerRange::new(0, 9), LayerRange::new(9, 18)]
+        );
+    }
+
+    #[test]
+    fn a_measured_expensive_head_gets_a_smaller_share_on_a_slow_head_node() {
+        let mut slow = node("a", 1000, 1.0);
+        slow.caps.ms_per_head_mb = 0.5; // twice the per-byte cost of a 4 MB layer
+        let fast = node("b", 1000, 1.0);
+        let p1 =
+            plan_cluster(&[node("a", 1000, 1.0), fast.clone()], &costs(18, 178), 1000).unwrap();
+        let p2 = plan_cluster(&[slow, fast], &costs(18, 178), 1000).unwrap();
+        assert!(p2.head_rows < p1.head_rows, "{p1:?} vs {p2:?}");
+    }
+
+    #[test]
+    fn the_head_share_respects_memory() {
+        // an untied head: node a's share costs memory there; a has room for none
+        let mut c = costs(18, 178);
+        c.embd_bytes = 10_000_000;
+        let nodes = [node("a", 110, 1.0), node("b", 1000, 1.0)];
+        let p = plan_cluster(&nodes, &c, 1000).unwrap();
+        let share_mb = p.head_rows as f64 / 1000.0 * 178.0;
+        let a_mb = 10.0 + p.ranges[0].len() as f64 * 5.0 + share_mb;
+        assert!(a_mb <= 110.0, "{a_mb} MB on a 110 MB node ({p:?})");
+    }
+
+    #[test]
+    fn candidates_are_sent_only_when_sampling_is_exact_with_them() {
+        use ggml_shim::llama::SamplingParams;
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
+        assert_eq!(head_candidates(&greedy), Some(1));
+        let top40 = SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            ..SamplingParams::default()
+        };
+        assert_eq!(head_candidates(&top40), Some(40));
+        let penalised = SamplingParams {
+            repeat_penalty: 1.1,
+            ..top40
+        };
+        assert_eq!(head_candidates(&penalised), None);
+        let no_top_k = SamplingParams { top_k: 0, ..top40 };
+        assert_eq!(head_candidates(&no_top_k), None);
+        let huge_k = SamplingParams {
+            top_k: 100_000,
+            ..top40
+        };
+        assert_eq!(head_candidates(&huge_k), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ggml_shim::llama::{argmax, SamplerChain};
 
-use super::frame::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer, SeqDesc};
+use super::frame::{Dtype, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc};
 use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
 use crate::engine::{BatchSeq, OutputRows, Stage, StageConfig, StageInput, StageOutput};
@@ -46,6 +46,9 @@ struct RunningStage {
     dtype: Dtype,
     /// The previous stage's data sender id: the only one accepted.
     prev_sender: u64,
+    /// The last stage holds head rows `head_first..n_vocab` only: it sends them
+    /// with the normalized hidden state back, and the head node samples.
+    head_first: Option<usize>,
 }
 
 /// Shared state between the control and data sides.
@@ -267,6 +270,14 @@ impl ControlHandler {
         }
         let mf = self.mf.clone();
         let (n_ctx, n_slots, threads) = (p.n_ctx, p.n_slots, self.threads);
+        let n_vocab = self.mf.hparams.n_vocab;
+        if p.head_rows >= n_vocab {
+            bail!(
+                "the plan gives the head node {} of the {n_vocab} head rows",
+                p.head_rows
+            );
+        }
+        let head_first = (last && p.head_rows > 0).then_some(p.head_rows);
         let stage = tokio::task::spawn_blocking(move || {
             Stage::load(
                 &mf,
@@ -276,7 +287,7 @@ impl ControlHandler {
                     n_slots,
                     n_threads: threads,
                     repack: true,
-                    head_rows: None,
+                    head_rows: head_first.map(|a| a..n_vocab),
                 },
             )
         })
@@ -314,6 +325,7 @@ impl ControlHandler {
                     width,
                     dtype: if p.f16 { Dtype::F16 } else { Dtype::F32 },
                     prev_sender,
+                    head_first,
                 }),
                 ack_tx,
             ))
@@ -353,6 +365,8 @@ struct DataPlane {
     sealer: Sealer,
     /// Per slot: the sampler chain, or None for greedy (last stage only).
     samplers: HashMap<usize, Option<SamplerChain>>,
+    /// Per slot with a split head: how many candidates to send (None: all logits).
+    candidates: HashMap<usize, Option<usize>>,
     hidden: Vec<f32>,
     out: Vec<f32>,
     toks: Vec<i32>,
@@ -376,6 +390,7 @@ fn data_loop(
         status,
         run: None,
         samplers: HashMap::new(),
+        candidates: HashMap::new(),
         hidden: Vec::new(),
         out: Vec::new(),
         toks: Vec::new(),
@@ -414,6 +429,7 @@ impl DataPlane {
                     self.opener = Opener::new(self.key.clone()).with_stats(self.stats.clone());
                     self.opener.allow_sender(r.prev_sender);
                     self.samplers.clear();
+                    self.candidates.clear();
                     tracing::debug!("stage thread runs plan {}", r.epoch);
                     self.run = Some(r);
                     let _ = ack.send(());
@@ -481,6 +497,12 @@ impl DataPlane {
 
     fn setup_slot(&mut self, s: SlotSetup) -> anyhow::Result<()> {
         let params = s.sampling();
+        if self.run.as_ref().is_some_and(|r| r.head_first.is_some()) {
+            // the head node samples; we only need to know what to send it
+            self.candidates
+                .insert(s.slot, plan::head_candidates(&params));
+            return Ok(());
+        }
         let chain = if params.is_greedy() {
             None
         } else {
@@ -508,17 +530,42 @@ impl DataPlane {
             StageOutput::Hidden => self
                 .sealer
                 .seal_activations(step, &descs, &self.out, r.width, r.dtype)?,
+            StageOutput::Logits if r.head_first.is_some() => {
+                let first = r.head_first.unwrap_or(0);
+                let width = r.stage.hparams().n_vocab - first;
+                let mut rows = self.out.chunks_exact(width);
+                let mut parts = Vec::new();
+                for s in seqs {
+                    for _ in 0..output_rows(s) {
+                        let l = rows
+                            .next()
+                            .ok_or_else(|| anyhow::anyhow!("missing logits row"))?;
+                        let part = match self.candidates.get(&s.slot) {
+                            Some(Some(k)) => HeadLogits::Top(top_k(l, *k, first)),
+                            Some(None) => HeadLogits::Dense {
+                                first: u32::try_from(first)?,
+                                logits: l.to_vec(),
+                            },
+                            None => anyhow::bail!("slot {} has no sampling set-up", s.slot),
+                        };
+                        parts.push(part);
+                    }
+                }
+                self.sealer.seal_head_part(
+                    step,
+                    &descs,
+                    r.stage.normed(),
+                    r.width,
+                    r.dtype,
+                    &parts,
+                )?
+            }
             StageOutput::Logits => {
                 let n_vocab = r.stage.hparams().n_vocab;
                 self.toks.clear();
                 let mut rows = self.out.chunks_exact(n_vocab);
                 for s in seqs {
-                    let n_rows = match s.output {
-                        OutputRows::None => 0,
-                        OutputRows::Last => 1,
-                        OutputRows::All => s.n_tokens,
-                    };
-                    for _ in 0..n_rows {
+                    for _ in 0..output_rows(s) {
                         let l = rows
                             .next()
                             .ok_or_else(|| anyhow::anyhow!("missing logits row"))?;
@@ -548,5 +595,53 @@ impl DataPlane {
         }
         self.rt.block_on(r.tx.send(&sealed))?;
         Ok(())
+    }
+}
+
+fn output_rows(s: &BatchSeq) -> usize {
+    match s.output {
+        OutputRows::None => 0,
+        OutputRows::Last => 1,
+        OutputRows::All => s.n_tokens,
+    }
+}
+
+/// The `k` best of a row of logits for ids `first..`, best first; equal logits
+/// by lower id (as argmax). NaN never wins.
+fn top_k(row: &[f32], k: usize, first: usize) -> Vec<(i32, f32)> {
+    let k = k.min(row.len());
+    if k == 1 {
+        return argmax(row)
+            .map(|i| vec![((first + i) as i32, row[i])])
+            .unwrap_or_default();
+    }
+    let better = |a: &(i32, f32), b: &(i32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut all: Vec<(i32, f32)> = row
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !l.is_nan())
+        .map(|(i, &l)| ((first + i) as i32, l))
+        .collect();
+    if all.len() > k {
+        all.select_nth_unstable_by(k - 1, better);
+        all.truncate(k);
+    }
+    all.sort_unstable_by(better);
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k;
+
+    #[test]
+    fn top_k_keeps_the_best_with_ids_offset() {
+        let row = [0.5f32, 3.0, -1.0, 3.0, f32::NAN, 2.0];
+        assert_eq!(top_k(&row, 1, 100), vec![(101, 3.0)]);
+        assert_eq!(
+            top_k(&row, 3, 100),
+            vec![(101, 3.0), (103, 3.0), (105, 2.0)]
+        );
+        assert_eq!(top_k(&row, 10, 0).len(), 5, "NaN is never a candidate");
     }
 }
