@@ -11,28 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-deb=${1:-$(ls -t target/deb-amd64/debian/exo_*.deb 2>/dev/null | head -n 1)}
-model=${2:-models/gemma-3-270m-Q4_K_M.gguf}
-[ -n "$deb" ] && [ -f "$deb" ] || { echo "test-deb: no package (run scripts/build-deb.sh)" >&2; exit 1; }
-[ -f "$model" ] || { echo "test-deb: no model at $model" >&2; exit 1; }
-[ "$(id -u)" -eq 0 ] || { echo "test-deb: run as root" >&2; exit 1; }
-deb=$(realpath "$deb")
-
-step() { echo "test-deb: $*"; }
-fail() { echo "test-deb: FAIL: $*" >&2; exit 1; }
-
-server=""
-tmp=$(mktemp -d)
-chmod 755 "$tmp"
-cleanup() {
-    [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-if dpkg-query -W -f='${Status}' exo 2>/dev/null | grep -q "ok installed"; then
-    fail "exo is already installed; purge it first (apt-get purge exo)"
-fi
+name=test-deb
+# shellcheck source=packaging/test-lib.sh
+. packaging/test-lib.sh
+test_setup "$@"
 
 step "installing $(basename "$deb")"
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb" >"$tmp/apt.log" 2>&1 ||
@@ -64,7 +46,7 @@ echo "  $(getent passwd exo)"
 
 step "exo serve as the exo user"
 install -o exo -g exo -m 0644 "$model" /var/lib/exo/models/
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 cat >"$tmp/exo.toml" <<TOML
 [model]
 path = "/var/lib/exo/models/$(basename "$model")"
@@ -75,26 +57,7 @@ ctx = 512
 max_slots = 1
 TOML
 chmod 644 "$tmp/exo.toml"
-runuser -u exo -- /usr/bin/exo serve --config "$tmp/exo.toml" >"$tmp/serve.log" 2>&1 &
-server=$!
-code=""
-for _ in $(seq 1 120); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health" || true)
-    [ "$code" = 200 ] && break
-    kill -0 "$server" 2>/dev/null || { cat "$tmp/serve.log"; fail "exo serve exited"; }
-    sleep 0.5
-done
-[ "$code" = 200 ] || { cat "$tmp/serve.log"; fail "/health never answered 200 (last: $code)"; }
-echo "  /health 200 on 127.0.0.1:$port (process owner: $(ps -o user= -p "$(pgrep -P "$server" -x exo || echo "$server")"))"
-body=$(curl -sf "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}') ||
-    { cat "$tmp/serve.log"; fail "completion request"; }
-echo "  completion: $body"
-text=$(printf '%s' "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])')
-[ -n "$text" ] || fail "empty completion"
-kill "$server"
-wait "$server" || true
-server=""
+serve_complete "$tmp/exo.toml" "$port"
 
 step "apt-get purge exo"
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -q exo >"$tmp/apt.log" 2>&1 ||
