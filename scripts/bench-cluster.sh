@@ -96,31 +96,43 @@ measure() { # label ip port concurrency [netns]
 
 stop_all() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; pids=(); sleep 0.5; }
 
-echo "== one machine, $(nproc) cores, $TOKENS tokens per stream, median of $REPS ==" >&2
-single one2 0,1 2 18200 127.0.0.1; wait_health 127.0.0.1 18200
-one_both_1=$(measure "1 node, both cores, 1 stream" 127.0.0.1 18200 1)
-stop_all
-single one1 0 1 18201 127.0.0.1; wait_health 127.0.0.1 18201
-one_core_8=$(measure "1 node, one core, 8 streams" 127.0.0.1 18201 8)
-one_core_1=$(measure "1 node, one core, 1 stream" 127.0.0.1 18201 1)
-stop_all
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
+echo "== one machine, $(nproc) cores, $TOKENS tokens per stream, $REPS interleaved rounds, medians ==" >&2
+# Every server stays up (an idle one only answers heartbeats); the rounds alternate
+# between them so that a slow spell of the shared machine hits every side alike.
+single one2 0,1 2 18200 127.0.0.1
+single one1 0 1 18201 127.0.0.1
 cluster_node b 1 127.0.0.1 18211 127.0.0.1 17110 127.0.0.1 127.0.0.1
 cluster_node a 0 127.0.0.1 18210 127.0.0.1 17100 127.0.0.1 127.0.0.1
-wait_health 127.0.0.1 18210
-two_1=$(measure "2 stages, one core each, 1 stream" 127.0.0.1 18210 1)
-two_8=$(measure "2 stages, one core each, 8 streams" 127.0.0.1 18210 8)
+wait_health 127.0.0.1 18200; wait_health 127.0.0.1 18201; wait_health 127.0.0.1 18210
+grep -h "cluster formed" "$work/a.log" | sed 's/^.*cluster formed/cluster formed/' >&2 || true
+declare -A runs
+for r in $(seq 1 "$REPS"); do
+    echo "-- round $r" >&2
+    runs[one_both_1]+="$(REPS=1 measure "1 node, both cores, 1 stream" 127.0.0.1 18200 1) "
+    runs[two_1]+="$(REPS=1 measure "2 stages, one core each, 1 stream" 127.0.0.1 18210 1) "
+    runs[one_core_8]+="$(REPS=1 measure "1 node, one core, 8 streams" 127.0.0.1 18201 8) "
+    runs[two_8]+="$(REPS=1 measure "2 stages, one core each, 8 streams" 127.0.0.1 18210 8) "
+done
+med() { echo "${runs[$1]}" | tr ' ' '\n' | grep . | median; }
+one_both_1=$(med one_both_1); two_1=$(med two_1); one_core_8=$(med one_core_8); two_8=$(med two_8)
 metrics=$(curl -s http://127.0.0.1:18210/metrics)
-bytes=$(echo "$metrics" | awk '/^exo_hop_bytes_total\{peer="a"\}/ {print $2}')
-toks=$(echo "$metrics" | awk '/^exo_hop_tokens_total\{peer="a"\}/ {print $2}')
+hop() { # peer -> bytes per token
+    local b t
+    b=$(echo "$metrics" | awk -v s="exo_hop_bytes_total{peer=\"$1\"}" '$1 == s {print $2}')
+    t=$(echo "$metrics" | awk -v s="exo_hop_tokens_total{peer=\"$1\"}" '$1 == s {print $2}')
+    echo "$b / $t" | bc -l | cut -c1-7
+}
 "$EXO" status --config "$work/a.toml" >&2 || true
 stop_all
 
 n_embd=640
 echo >&2
+echo "medians: 1 node both cores 1 stream $one_both_1; 2 stages 1 stream $two_1; 1 node one core 8 streams $one_core_8; 2 stages 8 streams $two_8 (tok/s)" >&2
 echo "(a) single stream: 2 stages / 1 node on both cores = $(echo "$two_1 / $one_both_1" | bc -l | cut -c1-5)x" >&2
 echo "(b) 8 streams: 2 stages (1 core each) / 1 node (1 core) = $(echo "$two_8 / $one_core_8" | bc -l | cut -c1-5)x (aim >= 1.7x)" >&2
-echo "(c) bytes per token per hop: $(echo "$bytes / $toks" | bc -l | cut -c1-7) (aim <= 2*n_embd+64 = $((2*n_embd+64)))" >&2
+echo "(c) bytes per token per hop: a -> b $(hop a), b -> a $(hop b) (aim <= 2*n_embd+64 = $((2*n_embd+64)))" >&2
 
 if [ "$(id -u)" -ne 0 ] || ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
     echo "(d) skipped: needs root, ip and tc" >&2

@@ -264,3 +264,65 @@ fn prompt_longer_than_context() {
     ]);
     assert_clean_failure(&out, "context holds 16");
 }
+
+/// Under systemd (`NOTIFY_SOCKET`): a model that loads reports READY=1; one that
+/// cannot be loaded says why in STATUS= and exits with 78, which the unit's
+/// `RestartPreventExitStatus=78` keeps from being retried forever.
+#[test]
+fn under_systemd_ready_is_reported_and_a_bad_model_exits_78() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+    let dir = TempDir::new("notify").expect("tempdir");
+    let good = tiny(&dir, TinyArch::Llama);
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF but not really a model file").expect("write");
+    for (model, expect_ready) in [(good, true), (bad.display().to_string(), false)] {
+        let sock_path = dir.path().join(format!("notify-{expect_ready}.sock"));
+        let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let config = dir.path().join(format!("exo-{expect_ready}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[model]\npath = \"{model}\"\n[api]\nlisten = \"127.0.0.1:0\"\n[engine]\nthreads = 1\nctx = 64\n"
+            ),
+        )
+        .expect("config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_exo"))
+            .args(["serve", "--config", &config.display().to_string()])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn exo serve");
+        let mut heard = String::new();
+        let mut exit = None;
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = sock.recv(&mut buf) {
+                heard.push_str(&String::from_utf8_lossy(&buf[..n]));
+                heard.push('\n');
+            }
+            if let Some(status) = child.try_wait().expect("wait") {
+                exit = Some(status);
+                break;
+            }
+            if expect_ready && heard.contains("READY=1") {
+                break;
+            }
+        }
+        if expect_ready {
+            assert!(heard.contains("READY=1"), "no READY=1: {heard}");
+            assert!(heard.contains("STATUS=serving"), "{heard}");
+            assert!(exit.is_none(), "exited: {exit:?}");
+            let _ = child.kill();
+            let _ = child.wait();
+        } else {
+            let _ = child.kill();
+            assert_eq!(exit.and_then(|s| s.code()), Some(78), "heard: {heard}");
+            assert!(heard.contains("STATUS=model failed to load"), "{heard}");
+            assert!(!heard.contains("READY=1"), "{heard}");
+        }
+    }
+}

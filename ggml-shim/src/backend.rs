@@ -31,6 +31,22 @@ pub enum BackendError {
     BadName(String),
 }
 
+/// Graph nodes computed by every CPU backend of the process so far: it moves while
+/// any compute makes progress, however long the graph (a liveness signal for a
+/// watchdog), and stops when a compute is stuck.
+static NODES_COMPUTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The count of graph nodes computed so far by this process (see [`CpuBackend`]).
+pub fn compute_progress() -> u64 {
+    NODES_COMPUTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// ggml calls this after each graph node (on the compute's first thread); never aborts.
+unsafe extern "C" fn count_node(_data: *mut std::os::raw::c_void) -> bool {
+    NODES_COMPUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    false
+}
+
 /// The CPU backend plus its thread pool (created once, reused by every compute).
 pub struct CpuBackend {
     backend: NonNull<sys::ggml_backend>,
@@ -61,6 +77,15 @@ impl CpuBackend {
             sys::ggml_backend_cpu_set_n_threads(backend.as_ptr(), n_threads as i32);
             sys::ggml_backend_cpu_set_threadpool(backend.as_ptr(), threadpool.as_ptr());
         }
+        // SAFETY: the callback is a plain function that only touches a static atomic
+        // and ignores its (null) data pointer.
+        unsafe {
+            sys::ggml_backend_cpu_set_abort_callback(
+                backend.as_ptr(),
+                Some(count_node),
+                std::ptr::null_mut(),
+            )
+        };
         Ok(CpuBackend {
             backend,
             threadpool,
@@ -475,5 +500,30 @@ fn repack_supports(buft: sys::ggml_backend_buffer_type_t, spec: &TensorSpec) -> 
         }
         sys::ggml_free(ctx);
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn computing_moves_the_progress_counter() {
+        let g = GraphBuilder::new(16).expect("graph");
+        let x = g.input(DType::F32, &[4]);
+        g.name(x, "x");
+        let y = g.scale(g.add(x, x), 2.0);
+        g.name(y, "y");
+        g.output(y);
+        let mut alloc = Allocator::new().expect("allocator");
+        alloc.alloc(&g).expect("alloc");
+        let mut backend = CpuBackend::new(1).expect("backend");
+        set_tensor_data(g.find("x").expect("x"), &[1.0f32, 2.0, 3.0, 4.0]).expect("set");
+        let before = compute_progress();
+        backend.compute(&g).expect("compute");
+        assert!(compute_progress() >= before + 2, "two nodes computed");
+        let mut out = Vec::new();
+        get_tensor_f32(g.find("y").expect("y"), &mut out).expect("get");
+        assert_eq!(out, vec![4.0, 8.0, 12.0, 16.0]);
     }
 }

@@ -12,8 +12,8 @@ pub mod llama;
 pub mod writer;
 
 pub use backend::{
-    get_tensor_bytes, get_tensor_f32, set_tensor_data, Allocator, BackendError, CpuBackend,
-    Placement, TensorSpec, TensorStore,
+    compute_progress, get_tensor_bytes, get_tensor_f32, set_tensor_data, Allocator, BackendError,
+    CpuBackend, Placement, TensorSpec, TensorStore,
 };
 pub use ggml::{DType, GraphBuilder, RopeParams, Tensor};
 pub use gguf::{Gguf, GgufError, TensorInfo, Value};

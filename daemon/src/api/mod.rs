@@ -408,10 +408,10 @@ fn cluster_metrics(view: &crate::cluster::head::ClusterView) -> String {
         ),
         (
             "exo_hop_bytes_total",
-            "Bytes sent from this node to the next stage.",
+            "Bytes sent from this peer to the next stage (the last stage's, back to the head, counted at the head).",
             |p| p.bytes_sent as f64,
         ),
-        ("exo_hop_tokens_total", "Tokens those bytes carried.", |p| {
+        ("exo_hop_tokens_total", "Tokens those bytes carried (on the way back: sampled tokens).", |p| {
             p.tokens_sent as f64
         }),
     ];

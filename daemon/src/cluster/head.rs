@@ -762,6 +762,16 @@ impl Stepper for ClusterStepper {
                     continue;
                 }
             };
+            if matches!(frame.frame_type, FrameType::Tokens | FrameType::HeadPart) {
+                // the return hop, counted where it arrives
+                let rows: u64 = frame.seqs.iter().map(|d| u64::from(d.output_rows())).sum();
+                if let Ok(mut v) = self.view.lock() {
+                    if let Some(last) = v.last_mut() {
+                        last.bytes_sent += pkt.as_bytes().len() as u64;
+                        last.tokens_sent += rows;
+                    }
+                }
+            }
             if frame.frame_type == FrameType::Error {
                 let msg = frame
                     .control::<plan::ErrorMsg>()

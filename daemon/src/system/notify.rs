@@ -38,9 +38,10 @@ pub fn stopping() {
     }
 }
 
-/// The watchdog decision: ping when the scheduler's step counter moved since the
-/// last ping, or when the engine is idle (nothing running, nothing queued). Work
-/// that makes no progress (a stuck compute or a stuck peer) stops the pings.
+/// The watchdog decision: ping when the engine's progress counter (scheduler steps
+/// plus graph nodes computed, so a long step keeps it moving) moved since the last
+/// ping, or when the engine is idle (nothing running, nothing queued). Work that
+/// makes no progress (a stuck compute or a stuck peer) stops the pings.
 pub fn watchdog_ping(last_steps: usize, steps: usize, idle: bool) -> bool {
     steps != last_steps || idle
 }
@@ -77,19 +78,26 @@ fn phase(app: &App, was_ready: bool) -> Phase {
     Phase::Loading(format!("loading model {}", app.model_id))
 }
 
-/// Engine liveness for the watchdog: (step counter, idle). A worker has no scheduler
-/// here: it counts as idle (it pings while the process runs).
+/// Engine liveness for the watchdog: (progress counter, idle). The counter adds the
+/// scheduler's steps and the graph nodes ggml has computed. A worker has no
+/// scheduler here: it counts as idle (it pings while the process runs).
 fn engine_progress(app: &App) -> (usize, bool) {
     match app.served.get() {
         Some(s) => {
             let st = s.scheduler.stats();
             let idle =
                 st.active.load(Ordering::SeqCst) == 0 && st.queued.load(Ordering::SeqCst) == 0;
-            (st.steps.load(Ordering::Relaxed), idle)
+            let nodes = ggml_shim::compute_progress() as usize;
+            (st.steps.load(Ordering::Relaxed).wrapping_add(nodes), idle)
         }
         None => (0, true),
     }
 }
+
+/// The exit status when the model cannot be loaded under systemd (EX_CONFIG): the
+/// unit's `RestartPreventExitStatus=78` keeps systemd from retrying a load that
+/// will fail the same way until the file or the config is fixed.
+pub const EXIT_LOAD_FAILED: i32 = 78;
 
 /// Starts the supervisor task if systemd listens; it ends when `stop` flips to true.
 pub fn spawn(
@@ -123,6 +131,13 @@ async fn supervise(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) 
             Phase::Loading(s) | Phase::Failed(s) | Phase::Degraded(s) => s.clone(),
             Phase::Ready => "serving".to_string(),
         };
+        if let Phase::Failed(why) = &ph {
+            send(&[NotifyState::Status(why)]);
+            tracing::error!(
+                "{why}; exiting with status {EXIT_LOAD_FAILED}, which systemd does not restart: fix the model or the config, then `systemctl restart exo`"
+            );
+            std::process::exit(EXIT_LOAD_FAILED);
+        }
         if ph == Phase::Ready && !ready {
             ready = true;
             send(&[NotifyState::Ready, NotifyState::Status("serving")]);
