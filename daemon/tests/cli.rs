@@ -320,6 +320,7 @@ fn under_systemd_ready_is_reported_and_a_bad_model_exits_78() {
             let _ = child.wait();
         } else {
             let _ = child.kill();
+            let _ = child.wait();
             assert_eq!(exit.and_then(|s| s.code()), Some(78), "heard: {heard}");
             assert!(heard.contains("STATUS=model failed to load"), "{heard}");
             assert!(!heard.contains("READY=1"), "{heard}");
