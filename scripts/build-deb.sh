@@ -6,8 +6,8 @@
 # FMA, F16C, BMI2), not for this machine's CPU: RUSTFLAGS overrides the
 # `-C target-cpu=native` of .cargo/config.toml, and llama-cpp-sys-2 then builds ggml
 # with GGML_NATIVE off and exactly those features. On a CPU without AVX2 the binary
-# exits with a clear error instead of SIGILL (without AVX at all it still dies in a
-# llama.cpp static initializer before main: see packaging/README.md). A separate
+# exits with a clear error instead of SIGILL (ggml_shim::cpu_guard, a constructor that
+# runs before llama.cpp's static initializers; see packaging/README.md). A separate
 # target dir keeps target/release (the native build the tests use) untouched; the
 # first run builds ggml again (~4 minutes on 2 cores). Installs cargo-deb
 # (~3 minutes) when missing.
@@ -42,15 +42,28 @@ if command -v objdump >/dev/null 2>&1; then
         END { print n + 0 }')
     echo "build-deb: AVX-512 instructions in $bin (outside blake3's run-time dispatch): $avx512" >&2
     [ "$avx512" -eq 0 ] || { echo "build-deb: the binary uses AVX-512 beyond x86-64-v3" >&2; exit 1; }
-    # The CPU check at the start of main must run on any x86-64 CPU: no VEX-encoded
-    # (AVX) instruction in main, the check, the error path, or what they call directly.
-    syms=$(nm "$bin" | awk '$3 ~ /^_ZN3exo(4main|20missing_cpu_features|9cpu_error)17h/ { print $3 }')
-    [ "$(echo "$syms" | wc -w)" -eq 3 ] || { echo "build-deb: CPU check symbols not found" >&2; exit 1; }
+    # The CPU check (a constructor that runs before the C++ static initializers, and
+    # again at the start of main) must run on any x86-64 CPU: no VEX-encoded (AVX)
+    # instruction in it, in main, the error path, or what they call directly.
+    syms=$(nm "$bin" | awk '$3 ~ /^(_ZN3exo(4main|9cpu_error)|_ZN9ggml_shim9cpu_guard(15missing_feature|5guard))17h/ { print $3 }')
+    [ "$(echo "$syms" | wc -w)" -eq 4 ] || { echo "build-deb: CPU check symbols not found" >&2; exit 1; }
     callees=$(for s in $syms; do objdump -d --no-show-raw-insn --disassemble="$s" "$bin"; done |
         sed -n 's/.*call  *[0-9a-f]* <\([^@>]*\)>$/\1/p' | sort -u)
     vex=$(for s in $syms $callees; do objdump -d --no-show-raw-insn --disassemble="$s" "$bin"; done |
         grep -cE '\sv[a-z0-9]+ |%ymm' || true)
     echo "build-deb: AVX instructions in the CPU check ($(echo $syms $callees | wc -w) functions): $vex" >&2
     [ "$vex" -eq 0 ] || { echo "build-deb: the CPU check itself uses AVX" >&2; exit 1; }
+    # and it works: on emulated CPUs without AVX, or with AVX but not AVX2, the
+    # binary says so and exits 1 (no SIGILL)
+    if command -v qemu-x86_64-static >/dev/null 2>&1; then
+        for cpu in Nehalem SandyBridge; do
+            rc=0
+            msg=$(qemu-x86_64-static -cpu "$cpu" "$bin" --version 2>&1 >/dev/null | grep -v '^qemu') || rc=$?
+            case "$msg" in
+                "exo: error: this CPU lacks "*) echo "build-deb: on $cpu: ${msg%%,*}" >&2 ;;
+                *) echo "build-deb: on an emulated $cpu the binary did not refuse cleanly (rc $rc): $msg" >&2; exit 1 ;;
+            esac
+        done
+    fi
 fi
 echo "$deb"

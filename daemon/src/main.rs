@@ -104,9 +104,12 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    // First, before any code that may use the instructions this binary was built for
-    // (`main` itself stays this small, the rest is out of line).
-    match missing_cpu_features() {
+    // The CPU check runs before main, as a constructor (ggml and llama.cpp execute
+    // AVX2 code in their static initializers); this repeats it, and keeps it linked.
+    match ggml_shim::cpu_guard::installed()
+        .then(ggml_shim::cpu_guard::missing_feature)
+        .flatten()
+    {
         Some(missing) => cpu_error(missing),
         None => cli_main(),
     }
@@ -115,8 +118,8 @@ fn main() -> ExitCode {
 #[inline(never)]
 fn cpu_error(missing: &'static str) -> ExitCode {
     eprintln!(
-        "exo: error: this build needs a CPU with AVX2/FMA/F16C (x86-64-v3); this CPU lacks \
-         {missing}. Install the package built for your CPU or build from source."
+        "exo: error: this CPU lacks {missing}, which this build of exo was compiled for. \
+         Install the package built for your CPU or build exo from source on this machine."
     );
     ExitCode::FAILURE
 }
@@ -143,37 +146,6 @@ fn cli_main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The first x86-64 feature this binary was compiled with (`-C target-cpu=…`) that the
-/// CPU lacks, e.g. "AVX2"; `None` when all are there (or the CPU's flags are unknown).
-///
-/// Not `is_x86_feature_detected!`: it is `cfg!(target_feature = …) || runtime check`,
-/// always true for a feature the binary was compiled with. The kernel's flags in
-/// /proc/cpuinfo are read instead (they also require OS support, e.g. AVX state saving).
-/// Kept trivial (no allocation of its own, no formatting) and out of line so that its
-/// code uses no AVX (scripts/build-deb.sh checks the disassembly).
-#[inline(never)]
-fn missing_cpu_features() -> Option<&'static str> {
-    if !cfg!(target_arch = "x86_64") {
-        return None;
-    }
-    let compiled = [
-        (cfg!(target_feature = "avx2"), "avx2", "AVX2"),
-        (cfg!(target_feature = "fma"), "fma", "FMA"),
-        (cfg!(target_feature = "f16c"), "f16c", "F16C"),
-        (cfg!(target_feature = "bmi2"), "bmi2", "BMI2"),
-    ];
-    if !compiled.iter().any(|c| c.0) {
-        return None;
-    }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
-    let flags = flags.split(':').nth(1)?;
-    compiled
-        .into_iter()
-        .find(|&(compiled_in, flag, _)| compiled_in && !flags.split_whitespace().any(|f| f == flag))
-        .map(|(_, _, name)| name)
 }
 
 pub(crate) fn default_threads() -> usize {

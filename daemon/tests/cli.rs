@@ -327,3 +327,25 @@ fn under_systemd_ready_is_reported_and_a_bad_model_exits_78() {
         }
     }
 }
+
+/// On a CPU without the instructions this binary was compiled for, `exo` says which
+/// one is missing and exits 1, before ggml's static initializers could die of
+/// SIGILL. Runs the binary on an emulated Nehalem (no AVX) when qemu-user is here.
+#[test]
+fn an_old_cpu_gets_a_clear_error_not_sigill() {
+    let qemu = "/usr/bin/qemu-x86_64-static";
+    if !cfg!(target_arch = "x86_64") || !Path::new(qemu).exists() {
+        eprintln!("note: {qemu} not installed (qemu-user-static); skipped");
+        return;
+    }
+    let out = Command::new(qemu)
+        .args(["-cpu", "Nehalem", env!("CARGO_BIN_EXE_exo"), "--version"])
+        .output()
+        .expect("run qemu");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("exo: error: this CPU lacks AVX,"),
+        "stderr: {stderr}"
+    );
+}

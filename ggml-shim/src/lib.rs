@@ -6,6 +6,7 @@
 //! vocabulary, samplers and full model (the oracle).
 
 pub mod backend;
+pub mod cpu_guard;
 pub mod ggml;
 pub mod gguf;
 pub mod llama;
