@@ -416,20 +416,22 @@ fn check_head_split(path: &Path, prompt: &[i32], fractions: &[f64]) {
         let va = ((v as f64 * f) as usize).clamp(1, v - 1);
         let mut a = Stage::load(&mf, cfg(LayerRange::new(0, cut), Some(0..va))).expect("stage a");
         let mut b = Stage::load(&mf, cfg(LayerRange::new(cut, n), Some(va..v))).expect("stage b");
-        let (mut hidden, mut part_b, mut part_a) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut hidden, mut normed) = (Vec::new(), Vec::new());
+        let (mut part_a, mut part_b) = (Vec::new(), Vec::new());
         assert_eq!(
             a.forward(&seqs, StageInput::Tokens(prompt), &mut hidden)
                 .expect("a"),
             StageOutput::Hidden
         );
         assert_eq!(
-            b.forward(&seqs, StageInput::Hidden(&hidden), &mut part_b)
+            b.forward(&seqs, StageInput::Hidden(&hidden), &mut normed)
                 .expect("b"),
-            StageOutput::Logits
+            StageOutput::Normed
         );
+        assert_eq!(normed.len(), prompt.len() * mf.hparams.n_embd);
+        b.project(&normed, &mut part_b).expect("project b");
+        a.project(&normed, &mut part_a).expect("project a");
         assert_eq!(part_b.len(), prompt.len() * (v - va));
-        assert_eq!(b.normed().len(), prompt.len() * mf.hparams.n_embd);
-        a.project(b.normed(), &mut part_a).expect("project");
         assert_eq!(part_a.len(), prompt.len() * va);
         for (row, want) in reference.chunks_exact(v).enumerate() {
             let got: Vec<f32> = part_a[row * va..(row + 1) * va]

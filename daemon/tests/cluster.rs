@@ -187,12 +187,15 @@ struct Engine {
     activations: &'static str,
     /// `[cluster] head_share`.
     head_share: &'static str,
+    /// `[engine] batch`: prompt tokens per step.
+    batch: usize,
 }
 
 const TINY_ENGINE: Engine = Engine {
     ctx: 256,
     activations: "f32",
     head_share: "auto",
+    batch: 512,
 };
 
 impl Harness {
@@ -240,9 +243,10 @@ impl Harness {
     fn common_sections(&self, http_port: u16, engine: &Engine) -> String {
         format!(
             "[model]\npath = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\n\n\
-             [engine]\nthreads = 1\nctx = {}\nmax_slots = 4\n",
+             [engine]\nthreads = 1\nctx = {}\nmax_slots = 4\nbatch = {}\n",
             self.model.display(),
-            engine.ctx
+            engine.ctx,
+            engine.batch
         )
     }
 
@@ -565,8 +569,10 @@ async fn a_split_output_head_equals_a_single_node() {
     let t0 = Instant::now();
     let mut h = Harness::tiny("headsplit", &tiny_spec());
     let single = h.single(&TINY_ENGINE);
+    // small steps: prompts go through in several chunks, most without output rows
     let engine = Engine {
         head_share: "0.5",
+        batch: 4,
         ..TINY_ENGINE
     };
     let c = h.cluster(&[peer("a", None), peer("b", None)], &engine);
@@ -1053,6 +1059,7 @@ async fn a_killed_node_fails_the_stream_and_rejoins_after_a_restart() {
         ctx: 512,
         activations: "f32",
         head_share: "auto",
+        batch: 512,
     };
     let mut h = Harness::tiny("heal", &spec);
     let single = h.single(&engine);

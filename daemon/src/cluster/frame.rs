@@ -76,13 +76,15 @@ pub enum FrameType {
     /// first activations to the last stage, which samples.
     Setup = 12,
     /// The last stage's share of the output head when the head is split: the
-    /// normalized hidden state of each output row (for the stage holding the other
-    /// head rows) and the logits of its own rows, as the best candidates or whole.
+    /// logits of its own rows for each output row, as the best candidates or whole.
     HeadPart = 13,
+    /// A last stage with a split head sends the normalized final hidden state of
+    /// each output row first, so the head node computes its rows meanwhile.
+    Normed = 14,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 13] = [
+    pub const ALL: [FrameType; 14] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Capabilities,
@@ -96,6 +98,7 @@ impl FrameType {
         FrameType::Error,
         FrameType::Setup,
         FrameType::HeadPart,
+        FrameType::Normed,
     ];
 
     pub fn from_u8(v: u8) -> Option<FrameType> {
@@ -106,7 +109,7 @@ impl FrameType {
     pub fn is_control(self) -> bool {
         !matches!(
             self,
-            FrameType::Activations | FrameType::Tokens | FrameType::HeadPart
+            FrameType::Activations | FrameType::Tokens | FrameType::HeadPart | FrameType::Normed
         )
     }
 
@@ -125,6 +128,7 @@ impl FrameType {
             FrameType::Error => "error",
             FrameType::Setup => "setup",
             FrameType::HeadPart => "head-part",
+            FrameType::Normed => "normed",
         }
     }
 }
@@ -789,21 +793,41 @@ impl Sealer {
             rows,
             width,
             dtype,
-            &[],
             out,
         )
     }
 
-    /// Seals a last stage's share of a split output head: the normalized hidden
-    /// state of every output row (`width` values each, sent as `dtype`) and its
-    /// logits for those rows.
-    pub fn seal_head_part(
+    /// Seals the normalized final hidden state of every output row of `seqs`
+    /// (`width` values each, sent as `dtype`), from a last stage with a split head.
+    pub fn seal_normed(
         &mut self,
         step_id: u64,
         seqs: &[SeqDesc],
         normed: &[f32],
         width: usize,
         dtype: Dtype,
+    ) -> Result<Vec<u8>, FrameError> {
+        let rows: usize = seqs.iter().map(|s| s.output_rows() as usize).sum();
+        let mut out = Vec::new();
+        self.seal_floats(
+            FrameType::Normed,
+            step_id,
+            seqs,
+            normed,
+            rows,
+            width,
+            dtype,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Seals a last stage's share of a split output head: its logits for every
+    /// output row of `seqs`.
+    pub fn seal_head_part(
+        &mut self,
+        step_id: u64,
+        seqs: &[SeqDesc],
         logits: &[HeadLogits],
     ) -> Result<Vec<u8>, FrameError> {
         let rows: usize = seqs.iter().map(|s| s.output_rows() as usize).sum();
@@ -813,27 +837,19 @@ impl Sealer {
                 why: format!("{} logit rows for {rows} output rows", logits.len()),
             });
         }
-        let mut tail = Vec::with_capacity(logits.iter().map(HeadLogits::encoded_len).sum());
-        for l in logits {
-            l.encode(&mut tail);
-        }
+        let len = logits.iter().map(HeadLogits::encoded_len).sum();
         let mut out = Vec::new();
-        self.seal_floats(
-            FrameType::HeadPart,
-            step_id,
-            seqs,
-            normed,
-            rows,
-            width,
-            dtype,
-            &tail,
-            &mut out,
-        )?;
+        let meta = FrameMeta::plain(FrameType::HeadPart, step_id);
+        self.seal_with(&meta, seqs, len, &mut out, |o| {
+            for l in logits {
+                l.encode(o);
+            }
+        })?;
         Ok(out)
     }
 
     /// Seals `rows × width` f32 values converted to `dtype` (F16 falls back to BF16
-    /// for values beyond f16's range), followed by `tail`.
+    /// for values beyond f16's range).
     #[allow(clippy::too_many_arguments)]
     fn seal_floats(
         &mut self,
@@ -844,7 +860,6 @@ impl Sealer {
         rows: usize,
         width: usize,
         dtype: Dtype,
-        tail: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), FrameError> {
         if dtype == Dtype::None {
@@ -874,14 +889,10 @@ impl Sealer {
             step_id,
             width: width32,
         };
-        let n_bytes = h
-            .len()
-            .saturating_mul(dtype.size())
-            .saturating_add(tail.len());
+        let n_bytes = h.len().saturating_mul(dtype.size());
         match dtype {
             Dtype::BF16 => self.seal_with(&meta, seqs, n_bytes, out, |o| {
-                o.extend(h.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()));
-                o.extend_from_slice(tail);
+                o.extend(h.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()))
             }),
             Dtype::F16 => {
                 let mut half = std::mem::take(&mut self.half);
@@ -889,15 +900,13 @@ impl Sealer {
                 half.resize(h.len(), 0);
                 ggml_shim::f32_to_f16_bits(h, &mut half);
                 let r = self.seal_with(&meta, seqs, n_bytes, out, |o| {
-                    o.extend(half.iter().flat_map(|v| v.to_le_bytes()));
-                    o.extend_from_slice(tail);
+                    o.extend(half.iter().flat_map(|v| v.to_le_bytes()))
                 });
                 self.half = half;
                 r
             }
             _ => self.seal_with(&meta, seqs, n_bytes, out, |o| {
-                o.extend(h.iter().flat_map(|v| v.to_le_bytes()));
-                o.extend_from_slice(tail);
+                o.extend(h.iter().flat_map(|v| v.to_le_bytes()))
             }),
         }
     }
@@ -1117,9 +1126,20 @@ impl Frame<'_> {
         self.floats(self.payload, out)
     }
 
-    /// Decodes a head part: the normalized hidden state of every output row into
-    /// `normed`, and the logits rows (checked when the frame was opened).
-    pub fn head_part(&self, normed: &mut Vec<f32>) -> Result<Vec<HeadLogits>, FrameError> {
+    /// Decodes a normed frame: the normalized hidden state of every output row.
+    pub fn normed(&self, out: &mut Vec<f32>) -> Result<(), FrameError> {
+        if self.frame_type != FrameType::Normed {
+            return Err(FrameError::WrongFrameType {
+                expected: "normed",
+                got: self.frame_type,
+            });
+        }
+        self.floats(self.payload, out)
+    }
+
+    /// Decodes a head part: one logits row per output row (checked when the frame
+    /// was opened).
+    pub fn head_part(&self) -> Result<Vec<HeadLogits>, FrameError> {
         if self.frame_type != FrameType::HeadPart {
             return Err(FrameError::WrongFrameType {
                 expected: "head-part",
@@ -1127,10 +1147,7 @@ impl Frame<'_> {
             });
         }
         let rows: usize = self.seqs.iter().map(|s| s.output_rows() as usize).sum();
-        let split = rows * self.width as usize * self.dtype.size();
-        let (hidden, tail) = self.payload.split_at(split.min(self.payload.len()));
-        self.floats(hidden, normed)?;
-        HeadLogits::decode_all(tail, rows, usize::MAX >> 1)
+        HeadLogits::decode_all(self.payload, rows, usize::MAX >> 1)
     }
 
     fn floats(&self, payload: &[u8], out: &mut Vec<f32>) -> Result<(), FrameError> {
@@ -1394,7 +1411,7 @@ impl Opener {
             return Err(FrameError::EmptyBatch { frame_type });
         }
         let (expected_width, elem_size) = match frame_type {
-            FrameType::Activations | FrameType::HeadPart => {
+            FrameType::Activations | FrameType::Normed => {
                 if dtype == Dtype::None {
                     return Err(FrameError::WrongDtype { frame_type, dtype });
                 }
@@ -1459,24 +1476,14 @@ impl Opener {
         }
 
         if frame_type == FrameType::HeadPart {
-            // the hidden rows, then the logits rows, which must parse exactly
-            let hidden = out_rows
-                .checked_mul(expected_width)
-                .and_then(|v| v.checked_mul(elem_size));
-            let Some(tail) = hidden.and_then(|h| payload.get(h as usize..)) else {
-                return Err(FrameError::PayloadSize {
-                    frame_type,
-                    got: payload.len() as u64,
-                    expected: hidden.unwrap_or(u64::MAX),
-                });
-            };
+            // one logits row per output row, which must parse exactly
             if out_rows == 0 || limits.n_vocab == 0 {
                 return Err(FrameError::BadHeadPart {
                     row: 0,
                     why: "no output rows, or no vocabulary to check ids against".into(),
                 });
             }
-            HeadLogits::decode_all(tail, out_rows as usize, limits.n_vocab)?;
+            HeadLogits::decode_all(payload, out_rows as usize, limits.n_vocab)?;
             return Ok(Frame {
                 frame_type,
                 dtype,
@@ -1490,6 +1497,9 @@ impl Opener {
         }
         let expected_payload = match frame_type {
             FrameType::Activations => rows
+                .checked_mul(expected_width)
+                .and_then(|v| v.checked_mul(elem_size)),
+            FrameType::Normed => out_rows
                 .checked_mul(expected_width)
                 .and_then(|v| v.checked_mul(elem_size)),
             _ => out_rows.checked_mul(elem_size),
@@ -1604,7 +1614,7 @@ mod tests {
     }
 
     #[test]
-    fn head_parts_roundtrip() {
+    fn head_parts_and_normed_states_roundtrip() {
         let mut sealer = Sealer::new(key(), 42);
         let mut opener = Opener::new(key());
         // two sequences, one output row each (a prompt's last chunk and a decode)
@@ -1613,6 +1623,24 @@ mod tests {
             seq(2, 9, 1, OutputRows::Last),
         ];
         let normed = [0.5f32, -1.0, 2.0, 0.25, 1.5, -0.125, 3.0, 0.0];
+        for dtype in [Dtype::F32, Dtype::F16] {
+            let bytes = sealer
+                .seal_normed(5, &seqs, &normed, 4, dtype)
+                .expect("seal");
+            assert_eq!(
+                bytes.len(),
+                HEADER_LEN + 2 * SEQ_DESC_LEN + 8 * dtype.size() + MAC_LEN
+            );
+            let f = opener.open(&bytes, &limits()).expect("open");
+            assert_eq!(f.frame_type, FrameType::Normed);
+            let mut got = Vec::new();
+            f.normed(&mut got).expect("decode");
+            assert_eq!(got, normed, "these values are exact in f16 too");
+        }
+        // one row per output row, not per token
+        assert!(sealer
+            .seal_normed(5, &seqs, &[0.0; 24], 4, Dtype::F32)
+            .is_err());
         let logits = vec![
             HeadLogits::Top(vec![(999, 3.5), (700, -1.0)]),
             HeadLogits::Dense {
@@ -1620,27 +1648,18 @@ mod tests {
                 logits: (0..400).map(|i| i as f32 * 0.5 - 7.0).collect(),
             },
         ];
-        for dtype in [Dtype::F32, Dtype::F16] {
-            let bytes = sealer
-                .seal_head_part(5, &seqs, &normed, 4, dtype, &logits)
-                .expect("seal");
-            let f = opener.open(&bytes, &limits()).expect("open");
-            assert_eq!(f.frame_type, FrameType::HeadPart);
-            let mut got = Vec::new();
-            assert_eq!(f.head_part(&mut got).expect("decode"), logits);
-            assert_eq!(got, normed, "these values are exact in f16 too");
-        }
+        let bytes = sealer.seal_head_part(5, &seqs, &logits).expect("seal");
+        let f = opener.open(&bytes, &limits()).expect("open");
+        assert_eq!(f.frame_type, FrameType::HeadPart);
+        assert_eq!(f.head_part().expect("decode"), logits);
         // a row count that does not match the output rows is refused when sealing
-        assert!(sealer
-            .seal_head_part(5, &seqs, &normed, 4, Dtype::F32, &logits[..1])
-            .is_err());
+        assert!(sealer.seal_head_part(5, &seqs, &logits[..1]).is_err());
     }
 
     #[test]
     fn bad_head_parts_are_refused() {
         let mut sealer = Sealer::new(key(), 42);
         let seqs = [seq(1, 0, 1, OutputRows::Last)];
-        let normed = [1.0f32; 4];
         let open = |bytes: &[u8]| Opener::new(key()).open(bytes, &limits()).map(|_| ());
         let cases: Vec<(&str, Vec<HeadLogits>)> = vec![
             (
@@ -1659,38 +1678,33 @@ mod tests {
             ),
         ];
         for (what, logits) in cases {
-            let bytes = sealer
-                .seal_head_part(1, &seqs, &normed, 4, Dtype::F32, &logits)
-                .expect("seal");
+            let bytes = sealer.seal_head_part(1, &seqs, &logits).expect("seal");
             assert!(open(&bytes).is_err(), "{what} accepted");
         }
         // a truncated or padded logits section, re-sealed with a valid MAC
         let good = [HeadLogits::Top(vec![(3, 1.0), (4, 0.5)])];
-        let mut payload: Vec<u8> = normed.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut tail = Vec::new();
         good[0].encode(&mut tail);
-        for bad_tail in [
+        for payload in [
             &tail[..tail.len() - 4],
             &[tail.as_slice(), &[0u8; 4]].concat()[..],
         ] {
-            payload.truncate(16);
-            payload.extend_from_slice(bad_tail);
             let mut d = Vec::new();
             write_desc(&mut d, &seqs[0]);
             let raw = seal_raw(
                 &key(),
                 RawHeader {
                     frame_type: FrameType::HeadPart as u8,
-                    dtype: Dtype::F32 as u8,
+                    dtype: Dtype::None as u8,
                     sender_id: 9,
                     counter: 1,
                     step_id: 1,
                     n_seqs: 1,
-                    width: 4,
+                    width: 0,
                     payload_len: payload.len() as u32,
                 },
                 &[d.try_into().expect("16 bytes")],
-                &payload,
+                payload,
             );
             let err = Opener::new(key()).open(&raw, &limits()).unwrap_err();
             assert!(matches!(err, FrameError::BadHeadPart { .. }), "{err}");

@@ -362,7 +362,7 @@ pub async fn form(
             rows: head_rows,
             samplers: HashMap::new(),
             normed: Vec::new(),
-            part: Vec::new(),
+            pending: HashMap::new(),
             full: Vec::new(),
         }),
     };
@@ -528,7 +528,9 @@ struct HeadSplit {
     /// Per slot: the sampler chain, or None for greedy.
     samplers: HashMap<usize, Option<SamplerChain>>,
     normed: Vec<f32>,
-    part: Vec<f32>,
+    /// Per step in flight: this node's logits, computed when the normalized state
+    /// arrived, waiting for the last stage's part.
+    pending: HashMap<u64, Vec<f32>>,
     full: Vec<f32>,
 }
 
@@ -615,40 +617,54 @@ impl ClusterStepper {
 }
 
 impl ClusterStepper {
-    /// A split head's step result: this node's share of the logits from the
-    /// normalized hidden state, merged with the last stage's, and sampled.
+    /// A split head's normalized state arrived: this node computes its rows of the
+    /// head now, while the last stage computes the others.
+    fn start_head(&mut self, frame: &Frame<'_>) -> Result<(), EngineError> {
+        let Some(split) = self.split.as_mut() else {
+            return Err(EngineError::Pipeline("the head is not split".into()));
+        };
+        frame
+            .normed(&mut split.normed)
+            .map_err(|e| EngineError::Pipeline(e.to_string()))?;
+        if split.pending.len() >= 2 * self.n_stages + 2 {
+            // left over from failed steps
+            split.pending.clear();
+        }
+        let mut part = Vec::new();
+        self.local.project(&split.normed, &mut part)?;
+        split.pending.insert(frame.step_id, part);
+        Ok(())
+    }
+
+    /// A split head's step result: this node's logits (from [`Self::start_head`])
+    /// merged with the last stage's part, and sampled.
     fn finish_head(&mut self, frame: &Frame<'_>) -> Result<Vec<i32>, EngineError> {
         let Some(split) = self.split.as_mut() else {
             return Err(EngineError::Pipeline("the head is not split".into()));
         };
         let theirs = frame
-            .head_part(&mut split.normed)
+            .head_part()
             .map_err(|e| EngineError::Pipeline(e.to_string()))?;
-        self.local.project(&split.normed, &mut split.part)?;
+        let Some(part) = split.pending.remove(&frame.step_id) else {
+            return Err(EngineError::Pipeline(format!(
+                "head part of step {} without its normalized state",
+                frame.step_id
+            )));
+        };
         let rows = split.rows;
-        let part = std::mem::take(&mut split.part);
         let mut toks = Vec::with_capacity(theirs.len());
         let mut r = 0;
-        let mut result = Ok(());
-        'seqs: for desc in &frame.seqs {
+        for desc in &frame.seqs {
             for _ in 0..desc.output_rows() {
                 let (Some(mine), Some(t)) = (part.get(r * rows..(r + 1) * rows), theirs.get(r))
                 else {
-                    result = Err(EngineError::Pipeline("head part: missing rows".into()));
-                    break 'seqs;
+                    return Err(EngineError::Pipeline("head part: missing rows".into()));
                 };
-                match split.sample(desc.slot as usize, mine, t, self.n_vocab) {
-                    Ok(tok) => toks.push(tok),
-                    Err(e) => {
-                        result = Err(e);
-                        break 'seqs;
-                    }
-                }
+                toks.push(split.sample(desc.slot as usize, mine, t, self.n_vocab)?);
                 r += 1;
             }
         }
-        split.part = part;
-        result.map(|()| toks)
+        Ok(toks)
     }
 }
 
@@ -762,9 +778,16 @@ impl Stepper for ClusterStepper {
                     continue;
                 }
             };
-            if matches!(frame.frame_type, FrameType::Tokens | FrameType::HeadPart) {
-                // the return hop, counted where it arrives
-                let rows: u64 = frame.seqs.iter().map(|d| u64::from(d.output_rows())).sum();
+            if matches!(
+                frame.frame_type,
+                FrameType::Tokens | FrameType::HeadPart | FrameType::Normed
+            ) {
+                // the return hop, counted where it arrives (a split head's rows once)
+                let rows: u64 = if frame.frame_type == FrameType::Normed {
+                    0
+                } else {
+                    frame.seqs.iter().map(|d| u64::from(d.output_rows())).sum()
+                };
                 if let Ok(mut v) = self.view.lock() {
                     if let Some(last) = v.last_mut() {
                         last.bytes_sent += pkt.as_bytes().len() as u64;
@@ -778,6 +801,10 @@ impl Stepper for ClusterStepper {
                     .map(|m| m.message)
                     .unwrap_or_else(|_| "a stage failed".into());
                 return Err(EngineError::Pipeline(msg));
+            }
+            if frame.frame_type == FrameType::Normed && self.split.is_some() {
+                self.start_head(&frame)?;
+                continue;
             }
             if frame.frame_type == FrameType::HeadPart && self.split.is_some() {
                 let toks = self.finish_head(&frame)?;

@@ -369,6 +369,8 @@ struct DataPlane {
     candidates: HashMap<usize, Option<usize>>,
     hidden: Vec<f32>,
     out: Vec<f32>,
+    /// This stage's head rows' logits (split head).
+    logits: Vec<f32>,
     toks: Vec<i32>,
 }
 
@@ -393,6 +395,7 @@ fn data_loop(
         candidates: HashMap::new(),
         hidden: Vec::new(),
         out: Vec::new(),
+        logits: Vec::new(),
         toks: Vec::new(),
     };
     loop {
@@ -530,10 +533,21 @@ impl DataPlane {
             StageOutput::Hidden => self
                 .sealer
                 .seal_activations(step, &descs, &self.out, r.width, r.dtype)?,
-            StageOutput::Logits if r.head_first.is_some() => {
+            StageOutput::Normed if seqs.iter().all(|s| output_rows(s) == 0) => {
+                // a prompt chunk without output rows: nothing to sample
+                self.sealer.seal_tokens(step, &descs, &[])?
+            }
+            StageOutput::Normed => {
+                // the normalized state first: the head node computes its rows of the
+                // head while we compute ours
                 let first = r.head_first.unwrap_or(0);
+                let normed = self
+                    .sealer
+                    .seal_normed(step, &descs, &self.out, r.width, r.dtype)?;
+                self.rt.block_on(r.tx.send(&normed))?;
+                r.stage.project(&self.out, &mut self.logits)?;
                 let width = r.stage.hparams().n_vocab - first;
-                let mut rows = self.out.chunks_exact(width);
+                let mut rows = self.logits.chunks_exact(width);
                 let mut parts = Vec::new();
                 for s in seqs {
                     for _ in 0..output_rows(s) {
@@ -551,14 +565,7 @@ impl DataPlane {
                         parts.push(part);
                     }
                 }
-                self.sealer.seal_head_part(
-                    step,
-                    &descs,
-                    r.stage.normed(),
-                    r.width,
-                    r.dtype,
-                    &parts,
-                )?
+                self.sealer.seal_head_part(step, &descs, &parts)?
             }
             StageOutput::Logits => {
                 let n_vocab = r.stage.hparams().n_vocab;

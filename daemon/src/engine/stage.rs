@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use ggml_shim::{Allocator, CpuBackend, DType, GraphBuilder};
 
-use crate::model::graph::{project_head, KvCache, StepShape, NORMED};
+use crate::model::graph::{project_head, KvCache, StepShape};
 use crate::model::{
     BatchSeq, GraphInputs, HParams, HeadShare, LayerRange, ModelFile, StageGraph, StageWeights,
 };
@@ -44,9 +44,12 @@ pub enum StageInput<'a> {
 pub enum StageOutput {
     /// Activations for the next stage, `n_embd` values per token.
     Hidden,
-    /// Logits of the requested rows, one value per head row the stage holds
-    /// (`n_vocab` unless the head is split).
+    /// Logits of the requested rows, `n_vocab` values per row.
     Logits,
+    /// The last stage of a split head: the normalized final hidden state of the
+    /// requested rows, `n_embd` values per row, for [`Stage::project`] here and on
+    /// the stage holding the other head rows.
+    Normed,
 }
 
 /// Name of the output tensor of every stage graph.
@@ -72,8 +75,6 @@ pub struct Stage {
     alloc: Allocator,
     inputs: GraphInputs,
     graph: Option<CachedGraph>,
-    /// The normalized hidden state of the last step's output rows (split head only).
-    normed: Vec<f32>,
     /// Head projection graphs (split head), by rows, with their own allocator.
     project_alloc: Option<Allocator>,
     project_graph: Option<(usize, GraphBuilder)>,
@@ -117,7 +118,6 @@ impl Stage {
             alloc,
             inputs: GraphInputs::default(),
             graph: None,
-            normed: Vec::new(),
             project_alloc: None,
             project_graph: None,
         })
@@ -128,15 +128,8 @@ impl Stage {
         self.weights.head_rows()
     }
 
-    /// After a step of a last stage with a split head: the normalized hidden state
-    /// of each output row (`n_embd` values per row), for the stage holding the
-    /// other head rows.
-    pub fn normed(&self) -> &[f32] {
-        &self.normed
-    }
-
     /// Applies this stage's share of the output head to normalized hidden states
-    /// (`n_embd` values per row, from the last stage's [`Stage::normed`]): writes
+    /// (`n_embd` values per row, the last stage's [`StageOutput::Normed`]): writes
     /// the logits of its head rows, `rows.len()` values per row, into `out`.
     pub fn project(&mut self, normed: &[f32], out: &mut Vec<f32>) -> Result<(), EngineError> {
         let e = self.hp.n_embd;
@@ -317,25 +310,24 @@ impl Stage {
         self.inputs
             .fill(&cached.builder, self.first, self.hp.n_embd)?;
         self.backend.compute(&cached.builder)?;
+        let split = self
+            .weights
+            .head_rows()
+            .is_some_and(|r| r.len() != self.hp.n_vocab);
+        let kind = match (self.last, split) {
+            (true, true) => StageOutput::Normed,
+            (true, false) => StageOutput::Logits,
+            (false, _) => StageOutput::Hidden,
+        };
         if self.last && self.inputs.shape.n_out == 0 {
             out.clear();
-            return Ok(StageOutput::Logits);
+            return Ok(kind);
         }
         let result = cached
             .builder
             .find(RESULT)
             .ok_or_else(|| EngineError::Pipeline("graph lost its result".into()))?;
         ggml_shim::get_tensor_f32(result, out)?;
-        if self.last {
-            match cached.builder.find(NORMED) {
-                Some(t) => ggml_shim::get_tensor_f32(t, &mut self.normed)?,
-                None => self.normed.clear(),
-            }
-        }
-        Ok(if self.last {
-            StageOutput::Logits
-        } else {
-            StageOutput::Hidden
-        })
+        Ok(kind)
     }
 }

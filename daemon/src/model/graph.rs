@@ -530,27 +530,25 @@ impl<'a> StageGraph<'a> {
         }
     }
 
-    /// Final norm and output head (last stage): logits `[rows, n_out]` of the head
-    /// rows this stage holds (all of the vocabulary unless the head is split, in
-    /// which case the normalized hidden state is an output too, for the stage that
-    /// computes the other rows).
+    /// Final norm and output head (last stage): logits `[n_vocab, n_out]`; or, when
+    /// the stage holds only part of the head (split by vocabulary), the normalized
+    /// hidden state `[n_embd, n_out]`, to which every holder of a part applies its
+    /// rows ([`project_head`]).
     pub fn head(&self, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
         let x = self.rms_norm(x, self.gw("output_norm.weight")?);
-        if self
-            .w
-            .head_rows()
-            .is_some_and(|r| r.len() != self.hp.n_vocab)
-        {
-            self.g.name(x, NORMED);
-            self.g.output(x);
+        if self.split_head() {
+            return Ok(x);
         }
         project_head(self.g, self.hp, self.w, x)
     }
-}
 
-/// Name of the normalized final hidden state, an output of a step whose stage holds
-/// only part of the output head.
-pub const NORMED: &str = "stage_normed";
+    /// Whether this stage holds only part of the output head.
+    pub fn split_head(&self) -> bool {
+        self.w
+            .head_rows()
+            .is_some_and(|r| r.len() != self.hp.n_vocab)
+    }
+}
 
 /// The output head applied to normalized hidden states `x` (`[n_embd, n]`): logits
 /// of the head rows the stage holds (`[rows, n]`), with the bias and soft-cap.
