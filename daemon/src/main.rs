@@ -310,15 +310,20 @@ fn status(path: &Path) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<12} {:<28} {:>8} {:>8} {:>9} {:>11}",
-        "peer", "address", "layers", "state", "rtt ms", "ms/token"
+        "{:<12} {:<28} {:>8} {:>15} {:>8} {:>9} {:>11}",
+        "peer", "address", "layers", "head rows", "state", "rtt ms", "ms/token"
     );
     for p in peers {
+        let head = match (p["head_rows"][0].as_u64(), p["head_rows"][1].as_u64()) {
+            (Some(a), Some(b)) => format!("{a}..{b}"),
+            _ => "-".to_string(),
+        };
         println!(
-            "{:<12} {:<28} {:>8} {:>8} {:>9.2} {:>11.2}",
+            "{:<12} {:<28} {:>8} {:>15} {:>8} {:>9.2} {:>11.2}",
             p["name"].as_str().unwrap_or("?"),
             p["address"].as_str().unwrap_or("?"),
             format!("{}..{}", p["start"], p["end"]),
+            head,
             if p["alive"] == true { "up" } else { "MISSING" },
             p["rtt_ms"].as_f64().unwrap_or(0.0),
             p["ms_per_token"].as_f64().unwrap_or(0.0)

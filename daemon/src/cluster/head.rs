@@ -57,6 +57,8 @@ pub struct PeerState {
     pub address: String,
     pub start: usize,
     pub end: usize,
+    /// The rows of the output head this peer computes, when it computes any.
+    pub head_rows: Option<(usize, usize)>,
     pub alive: bool,
     pub rtt_ms: f64,
     pub ms_per_token: f64,
@@ -307,11 +309,19 @@ pub async fn form(
     let view: ClusterView = Arc::new(Mutex::new(
         plan.stages
             .iter()
-            .map(|st| PeerState {
+            .enumerate()
+            .map(|(i, st)| PeerState {
                 name: st.name.clone(),
                 address: st.address.clone(),
                 start: st.start,
                 end: st.end,
+                head_rows: if i == 0 && head_rows > 0 {
+                    Some((0, head_rows))
+                } else if i + 1 == plan.stages.len() {
+                    Some((head_rows, n_vocab))
+                } else {
+                    None
+                },
                 alive: true,
                 rtt_ms: 0.0,
                 ms_per_token: 0.0,
