@@ -106,7 +106,7 @@ single one1 0 1 18201 127.0.0.1
 cluster_node b 1 127.0.0.1 18211 127.0.0.1 17110 127.0.0.1 127.0.0.1
 cluster_node a 0 127.0.0.1 18210 127.0.0.1 17100 127.0.0.1 127.0.0.1
 wait_health 127.0.0.1 18200; wait_health 127.0.0.1 18201; wait_health 127.0.0.1 18210
-grep -h "cluster formed" "$work/a.log" | sed 's/^.*cluster formed/cluster formed/' >&2 || true
+grep -hE "ms/layer|cluster formed" "$work/a.log" | sed -E "s/^.*(this node|peer |cluster formed)/\1/" >&2 || true
 declare -A runs
 for r in $(seq 1 "$REPS"); do
     echo "-- round $r" >&2

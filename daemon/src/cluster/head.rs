@@ -151,6 +151,13 @@ pub async fn form(
         let threads = s.threads;
         tokio::task::spawn_blocking(move || Capabilities::measure(&mf, threads)).await?
     };
+    tracing::info!(
+        "this node ({}): {} MB free, {} cores, {:.3} ms/layer",
+        s.name,
+        my_caps.free_memory / 1_000_000,
+        my_caps.cores,
+        my_caps.ms_per_layer
+    );
     let mut nodes = vec![NodeInfo {
         name: s.name.clone(),
         caps: my_caps,
@@ -199,7 +206,7 @@ pub async fn form(
             );
         }
         tracing::info!(
-            "peer {}: {} MB free, {} cores, {:.2} ms/layer",
+            "peer {}: {} MB free, {} cores, {:.3} ms/layer",
             p.name,
             ack.caps.free_memory / 1_000_000,
             ack.caps.cores,
