@@ -135,6 +135,18 @@ wait_ready() {
     return 1
 }
 
+# wait_report NAME PID START: the guest's boot report only (no forwarded /health check).
+wait_report() {
+    local name=$1 pid=$2 start=$3
+    while [ "$(date +%s)" -lt $(( start + boot_timeout )) ]; do
+        kill -0 "$pid" 2>/dev/null || { fail "$name" "qemu exited"; return 1; }
+        grep -q 'EXO-REPORT done' "$work/$name.serial.log" 2>/dev/null && return 0
+        sleep 2
+    done
+    fail "$name" "no boot report (EXO-REPORT done) within ${boot_timeout} s"
+    return 1
+}
+
 # check_report NAME: exo.service active, no failed unit, /health 200 from inside.
 check_report() {
     local name=$1 log=$work/$1.serial.log
@@ -242,9 +254,12 @@ EOF
     wait_ready node1 "$pid1" "$p1" "$start" || { stop "$pid1"; stop "$pid2"; return 0; }
     local head_ready=$ready_s
     check_report node1 || { stop "$pid1"; stop "$pid2"; return 0; }
-    # The worker's exo.service is active too, and its /health points to the head.
+    # The worker booted cleanly too (its report), and its /health points to the head.
+    wait_report node2 "$pid2" "$start" || { stop "$pid1"; stop "$pid2"; return 0; }
+    check_report node2 || { stop "$pid1"; stop "$pid2"; return 0; }
     local wh; wh=$(curl -s -m 10 "http://127.0.0.1:$p2/health" || true)
     log "[node2] /health: $wh"
+    printf '%s' "$wh" | grep -q '"role":"worker"' || { fail node2 "/health is not a worker's: $wh"; stop "$pid1"; stop "$pid2"; return 0; }
     local cl; cl=$(curl -s -m 10 "http://127.0.0.1:$p1/v1/cluster" || true)
     log "[node1] /v1/cluster: $cl"
     printf '%s' "$cl" | grep -q node2 || { fail node1 "/v1/cluster does not list node2: $cl"; stop "$pid1"; stop "$pid2"; return 0; }

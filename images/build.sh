@@ -108,7 +108,9 @@ fi
 # work in a chroot). The Pi keeps Debian's MODULES=most: it must find its SD card or USB
 # disk on hardware this machine cannot boot.
 hook_virt='mkdir -p "$1/etc/initramfs-tools/conf.d" && echo MODULES=list > "$1/etc/initramfs-tools/conf.d/exo-image" && mkdir -p "$1/usr/share/initramfs-tools/modules.d" && printf "%s\n" virtio_pci virtio_mmio virtio_blk virtio_scsi ext4 > "$1/usr/share/initramfs-tools/modules.d/exo-image"'
-hook_pi='mkdir -p "$1/etc/default" && printf "%s\n" "ROOTPART=LABEL=RASPIROOT" "CONSOLES=\"ttyS1,115200 tty0\"" > "$1/etc/default/raspi-firmware"'
+# The Pi: /etc/default/raspi-firmware is a conffile, set in the exo layer (a file made
+# before the package is installed would stop dpkg at a conffile prompt).
+hook_pi=':'
 if [ $kind = virt ]; then hook=$hook_virt; else hook=$hook_pi; fi
 key=$(printf '%s\n' bookworm "$arch" "$suite_components" "$pkgs" "$hook" "$mirror" v1 | sha256sum | cut -c1-16)
 base=$cache/base-$target-$key.tar.zst
@@ -122,7 +124,7 @@ else
         --include="$pkgs" --essential-hook="$hook" \
         --customize-hook='rm -f "$1"/etc/machine-id "$1"/var/lib/dbus/machine-id; : > "$1/etc/machine-id"' \
         --customize-hook='rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*_Packages' \
-        bookworm "$base.tmp.tar" "$mirror" >&2
+        bookworm "$base.tmp.tar" "$mirror" >&2 || { rm -f "$base.tmp.tar"; die "mmdebstrap failed (log above)"; }
     zstd -q -T0 --rm -f "$base.tmp.tar" -o "$base.tmp"
     mv "$base.tmp" "$base"
     log "base layer built in $(( $(date +%s) - tb )) s"
@@ -190,7 +192,16 @@ if [ $kind = virt ]; then
     exit 0
 fi
 
-# Pi 4: the firmware partition is what raspi-firmware's kernel hook wrote to /boot/firmware.
+# Pi 4: the firmware partition is what raspi-firmware's kernel hook writes to
+# /boot/firmware: run it again with the root partition by label and the serial console
+# on the GPIO UART (it copies files, no initramfs).
+sed -i -e 's|^#\?ROOTPART=.*|ROOTPART=LABEL=RASPIROOT|' -e 's|^#\?CONSOLES=.*|CONSOLES="ttyS1,115200 tty0"|' \
+    "$root/etc/default/raspi-firmware"
+grep -qx 'ROOTPART=LABEL=RASPIROOT' "$root/etc/default/raspi-firmware" ||
+    echo 'ROOTPART=LABEL=RASPIROOT' >>"$root/etc/default/raspi-firmware"
+mount -t proc proc "$root/proc"; mnt_proc=$root/proc
+chroot "$root" env DEB_MAINT_PARAMS=configure /etc/kernel/postinst.d/z50-raspi-firmware >&2
+umount "$root/proc"; mnt_proc=""
 fw=$root/boot/firmware
 { [ -f "$fw/config.txt" ] && [ -f "$fw/cmdline.txt" ]; } || die "raspi-firmware left no config.txt/cmdline.txt in /boot/firmware"
 grep -q 'root=LABEL=RASPIROOT' "$fw/cmdline.txt" || die "cmdline.txt does not boot LABEL=RASPIROOT: $(cat "$fw/cmdline.txt")"
