@@ -522,22 +522,19 @@ impl Engine {
         if ready.is_empty() {
             return Ok(false);
         }
-        let room = self
-            .stepper
-            .max_in_flight()
-            .saturating_sub(self.in_flight.len())
-            .max(1);
-        // Spread the running sequences over the free pipeline places.
-        let share = if self.stepper.max_in_flight() > 1 {
-            let total = self.active.len();
-            total
+        // Spread the running sequences evenly over the pipeline's places: a
+        // micro-batch takes at most its share, so that uneven batches (one request
+        // arrived alone, the others together) even out within a few steps instead of
+        // staying 1 + 7 for good (small batches cost more per token).
+        let take = if self.stepper.max_in_flight() > 1 {
+            self.active
+                .len()
                 .div_ceil(self.stepper.max_in_flight())
                 .max(1)
                 .min(ready.len())
         } else {
             ready.len()
         };
-        let take = if room > 1 { share } else { ready.len() };
         let mut seqs = Vec::new();
         let mut tokens = Vec::new();
         let mut slots = Vec::new();
