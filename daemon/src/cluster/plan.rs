@@ -84,7 +84,7 @@ fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
     let hidden = vec![0.01f32; hp.n_embd * MEASURE_TOKENS];
     let mut out = Vec::new();
     let mut best = f64::MAX;
-    for i in 0..5 {
+    for i in 0..12 {
         let seqs: Vec<BatchSeq> = (0..MEASURE_TOKENS)
             .map(|slot| BatchSeq {
                 slot,
