@@ -4,7 +4,8 @@
 #  (b) 8 concurrent streams: 2 stages pinned one core each vs 1 node pinned to one core
 #  (c) bytes per token per hop (from the head's /metrics)
 #  (d) (a)/(b) again with 1 ms and 5 ms of added link latency between the two stages,
-#      using network namespaces and tc netem (needs root and iproute2; skipped otherwise)
+#      using network namespaces and tc netem (root, iproute2, sch_netem), else a
+#      userspace delay proxy (scripts/delay-proxy.py)
 # Nodes use activations = "f16" (the default wire format).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,10 +57,10 @@ max_slots = 8
 key = "bench-cluster-secret-0123456789"
 [[peer]]
 name = "a"
-address = "tcp://$7:17100"
+address = "tcp://$7:${PA_PORT:-17100}"
 [[peer]]
 name = "b"
-address = "tcp://$8:17110"
+address = "tcp://$8:${PB_PORT:-17110}"
 EOF
     if [ -n "${9:-}" ]; then
         ip netns exec "$9" taskset -c "$2" "${cmd[@]}" 2> "$work/$1.log" &
@@ -134,8 +135,28 @@ echo "(a) single stream: 2 stages / 1 node on both cores = $(echo "$two_1 / $one
 echo "(b) 8 streams: 2 stages (1 core each) / 1 node (1 core) = $(echo "$two_8 / $one_core_8" | bc -l | cut -c1-5)x (aim >= 1.7x)" >&2
 echo "(c) bytes per token per hop: a -> b $(hop a), b -> a $(hop b) (aim <= 2*n_embd+64 = $((2*n_embd+64)))" >&2
 
+# (d) added link latency. With netem (root, iproute2, a kernel with sch_netem): two
+# network namespaces joined by a veth pair, the delay on both ends. Otherwise the
+# same one-way delay from scripts/delay-proxy.py, a userspace TCP forwarder between
+# the two nodes (data and control planes both go through it).
+latency_with_proxy() {
+    for delay in 1 5; do
+        python3 scripts/delay-proxy.py "$delay" 17300:17200 17301:17201 17310:17210 17311:17211 &
+        pids+=($!)
+        sleep 0.5
+        PA_PORT=17300 PB_PORT=17310 cluster_node b 1 127.0.0.1 18231 127.0.0.1 17210 127.0.0.1 127.0.0.1
+        PA_PORT=17300 PB_PORT=17310 cluster_node a 0 127.0.0.1 18230 127.0.0.1 17200 127.0.0.1 127.0.0.1
+        wait_health 127.0.0.1 18230
+        d1=$(measure "2 stages, +${delay} ms each way, 1 stream" 127.0.0.1 18230 1)
+        d8=$(measure "2 stages, +${delay} ms each way, 8 streams" 127.0.0.1 18230 8)
+        echo "(d) +${delay} ms each way (userspace delay proxy): 1 stream $d1 tok/s = $(echo "$d1 / $two_1" | bc -l | cut -c1-5)x of no delay; 8 streams $d8 tok/s = $(echo "$d8 / $two_8" | bc -l | cut -c1-5)x of no delay" >&2
+        stop_all
+    done
+}
+
 if [ "$(id -u)" -ne 0 ] || ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
-    echo "(d) skipped: needs root, ip and tc" >&2
+    echo "(d) netem needs root, ip and tc: using the userspace delay proxy" >&2
+    latency_with_proxy
     exit 0
 fi
 NETNS=1
@@ -148,7 +169,9 @@ ip -n exo-a link set lo up; ip -n exo-b link set lo up
 for delay in 1ms 5ms; do
     if ! ip netns exec exo-a tc qdisc replace dev exo-va root netem delay "$delay" 2>/dev/null ||
         ! ip netns exec exo-b tc qdisc replace dev exo-vb root netem delay "$delay" 2>/dev/null; then
-        echo "(d) skipped: this kernel has no netem qdisc (sch_netem)" >&2
+        echo "(d) this kernel has no netem qdisc (sch_netem): using the userspace delay proxy" >&2
+        ip netns del exo-a 2>/dev/null || true; ip netns del exo-b 2>/dev/null || true; NETNS=
+        latency_with_proxy
         break
     fi
     cluster_node b 1 127.0.0.1 18221 10.77.0.2 17110 10.77.0.1 10.77.0.2 exo-b
