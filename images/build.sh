@@ -110,7 +110,7 @@ fi
 hook_virt='mkdir -p "$1/etc/initramfs-tools/conf.d" && echo MODULES=list > "$1/etc/initramfs-tools/conf.d/exo-image" && mkdir -p "$1/usr/share/initramfs-tools/modules.d" && printf "%s\n" virtio_pci virtio_mmio virtio_blk virtio_scsi ext4 > "$1/usr/share/initramfs-tools/modules.d/exo-image"'
 # The Pi: /etc/default/raspi-firmware is a conffile, set in the exo layer (a file made
 # before the package is installed would stop dpkg at a conffile prompt).
-hook_pi=':'
+hook_pi='mkdir -p "$1/etc/default"'
 if [ $kind = virt ]; then hook=$hook_virt; else hook=$hook_pi; fi
 key=$(printf '%s\n' bookworm "$arch" "$suite_components" "$pkgs" "$hook" "$mirror" v1 | sha256sum | cut -c1-16)
 base=$cache/base-$target-$key.tar.zst
