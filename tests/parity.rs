@@ -166,6 +166,21 @@ fn tiny(arch: TinyArch, dir: &TempDir) -> std::path::PathBuf {
     path
 }
 
+/// A tiny model whose matrices are stored as `ty`.
+fn tiny_typed(
+    arch: TinyArch,
+    ty: ggml_shim::writer::WriterType,
+    dir: &TempDir,
+) -> std::path::PathBuf {
+    let mut spec = TinySpec::new(arch);
+    spec.weight_type = ty;
+    let path = dir
+        .path()
+        .join(format!("{}-{}.gguf", arch.name(), ty.name()));
+    write_tiny_model(&path, &spec).expect("write tiny model");
+    path
+}
+
 fn tiny_prompts(path: &Path) -> Vec<Vec<i32>> {
     let n_vocab = ModelFile::open(path).expect("open").hparams.n_vocab;
     vec![
@@ -212,12 +227,7 @@ fn quantized_weights_match_llama_cpp() {
         (TinyArch::Gemma3, WriterType::Q4_0),
         (TinyArch::Qwen3, WriterType::F16),
     ] {
-        let mut spec = TinySpec::new(arch);
-        spec.weight_type = ty;
-        let path = dir
-            .path()
-            .join(format!("{}-{}.gguf", arch.name(), ty.name()));
-        write_tiny_model(&path, &spec).expect("write");
+        let path = tiny_typed(arch, ty, &dir);
         check_model(&path, &tiny_prompts(&path), &TINY_TOL, 32);
     }
 }
@@ -454,12 +464,7 @@ fn split_head_matches_whole_head() {
     let dir = TempDir::new("headsplit").expect("tempdir");
     for arch in TinyArch::ALL {
         for ty in [WriterType::F32, WriterType::Q8_0] {
-            let mut spec = TinySpec::new(arch);
-            spec.weight_type = ty;
-            let path = dir
-                .path()
-                .join(format!("{}-{}.gguf", arch.name(), ty.name()));
-            write_tiny_model(&path, &spec).expect("write");
+            let path = tiny_typed(arch, ty, &dir);
             let n_vocab = ModelFile::open(&path).expect("open").hparams.n_vocab;
             check_head_split(&path, &prompt_ids(7, n_vocab, 5), &[0.3, 0.5, 0.9]);
         }

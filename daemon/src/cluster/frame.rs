@@ -1115,37 +1115,32 @@ impl Frame<'_> {
         self.seqs.iter().map(|s| s.n_tokens as usize).sum()
     }
 
-    /// Decodes an activation payload to f32 (`n_tokens × width` values) into `out`.
-    pub fn activations(&self, out: &mut Vec<f32>) -> Result<(), FrameError> {
-        if self.frame_type != FrameType::Activations {
+    fn expect(&self, want: FrameType) -> Result<(), FrameError> {
+        if self.frame_type != want {
             return Err(FrameError::WrongFrameType {
-                expected: "activations",
+                expected: want.name(),
                 got: self.frame_type,
             });
         }
+        Ok(())
+    }
+
+    /// Decodes an activation payload to f32 (`n_tokens × width` values) into `out`.
+    pub fn activations(&self, out: &mut Vec<f32>) -> Result<(), FrameError> {
+        self.expect(FrameType::Activations)?;
         self.floats(self.payload, out)
     }
 
     /// Decodes a normed frame: the normalized hidden state of every output row.
     pub fn normed(&self, out: &mut Vec<f32>) -> Result<(), FrameError> {
-        if self.frame_type != FrameType::Normed {
-            return Err(FrameError::WrongFrameType {
-                expected: "normed",
-                got: self.frame_type,
-            });
-        }
+        self.expect(FrameType::Normed)?;
         self.floats(self.payload, out)
     }
 
     /// Decodes a head part: one logits row per output row (checked when the frame
     /// was opened).
     pub fn head_part(&self) -> Result<Vec<HeadLogits>, FrameError> {
-        if self.frame_type != FrameType::HeadPart {
-            return Err(FrameError::WrongFrameType {
-                expected: "head-part",
-                got: self.frame_type,
-            });
-        }
+        self.expect(FrameType::HeadPart)?;
         let rows: usize = self.seqs.iter().map(|s| s.output_rows() as usize).sum();
         HeadLogits::decode_all(self.payload, rows, usize::MAX >> 1)
     }
@@ -1183,12 +1178,7 @@ impl Frame<'_> {
 
     /// Decodes a token payload (one id per output row) into `out`.
     pub fn tokens(&self, out: &mut Vec<i32>) -> Result<(), FrameError> {
-        if self.frame_type != FrameType::Tokens {
-            return Err(FrameError::WrongFrameType {
-                expected: "tokens",
-                got: self.frame_type,
-            });
-        }
+        self.expect(FrameType::Tokens)?;
         out.clear();
         out.extend(
             self.payload
