@@ -33,9 +33,12 @@ grep -qx /etc/exo/exo.toml /var/lib/dpkg/info/exo.conffiles || fail "/etc/exo/ex
 [ -L /etc/systemd/system/multi-user.target.wants/exo.service ] || fail "exo.service is not enabled"
 echo "  $unit, enabled; /etc/exo/exo.toml is a conffile; $(/usr/bin/exo --version)"
 
-step "exo check-config --config /etc/exo/exo.toml"
-/usr/bin/exo check-config --config /etc/exo/exo.toml >"$tmp/check.out" || fail "check-config"
-sed 's/^/  /' "$tmp/check.out" | head -n 5
+step "exo check-config without the model: refused, naming the file"
+if /usr/bin/exo check-config --config /etc/exo/exo.toml >"$tmp/check.out" 2>&1; then
+    fail "check-config accepted a config whose model file is missing"
+fi
+grep -q "gemma-3-270m-Q4_K_M.gguf" "$tmp/check.out" || { cat "$tmp/check.out"; fail "check-config did not name the missing model"; }
+sed 's/^/  /' "$tmp/check.out" | head -n 3
 
 step "user and state directory"
 getent passwd exo >/dev/null || fail "no exo user"
@@ -44,8 +47,12 @@ getent group exo >/dev/null || fail "no exo group"
 [ "$(stat -c %U:%G /var/lib/exo/models)" = exo:exo ] || fail "/var/lib/exo/models is not owned by exo"
 echo "  $(getent passwd exo)"
 
-step "exo serve as the exo user"
+step "exo check-config --config /etc/exo/exo.toml (model in place)"
 install -o exo -g exo -m 0644 "$model" /var/lib/exo/models/
+/usr/bin/exo check-config --config /etc/exo/exo.toml >"$tmp/check.out" || fail "check-config"
+sed 's/^/  /' "$tmp/check.out" | head -n 5
+
+step "exo serve as the exo user"
 port=$(free_port)
 cat >"$tmp/exo.toml" <<TOML
 [model]

@@ -349,3 +349,34 @@ fn an_old_cpu_gets_a_clear_error_not_sigill() {
         "stderr: {stderr}"
     );
 }
+
+/// `exo check-config` (the unit's ExecStartPre) checks the model file too: a missing
+/// or unusable one fails with one line naming it; a good one passes.
+#[test]
+fn check_config_checks_the_model_file() {
+    let dir = TempDir::new("checkcfg").expect("tempdir");
+    let good = tiny(&dir, TinyArch::Qwen3);
+    let missing = dir.path().join("absent.gguf").display().to_string();
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"not a model").expect("write");
+    let garbage = garbage.display().to_string();
+    let config = dir.path().join("exo.toml");
+    let cfg = config.display().to_string();
+    for (model, ok, needle) in [
+        (good.as_str(), true, ""),
+        (missing.as_str(), false, "absent.gguf"),
+        (garbage.as_str(), false, "garbage.gguf"),
+    ] {
+        std::fs::write(&config, format!("[model]\npath = \"{model}\"\n")).expect("config");
+        let out = exo(&["check-config", "--config", &cfg]);
+        if ok {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            assert_clean_failure(&out, needle);
+        }
+    }
+}
