@@ -258,13 +258,8 @@ fn check_config(path: &Path) -> Result<()> {
     // The model too (its header and tensor table, not the weights): under systemd
     // this runs as ExecStartPre, so a missing or unusable file fails the start at
     // once with this message instead of a service that never becomes ready.
-    ModelFile::open(&cfg.model.path).with_context(|| {
-        format!(
-            "{}: [model] path {}",
-            path.display(),
-            cfg.model.path.display()
-        )
-    })?;
+    ModelFile::open(&cfg.model.path)
+        .with_context(|| format!("{}: [model] path", path.display()))?;
     print!("{}", cfg.effective_toml());
     Ok(())
 }
