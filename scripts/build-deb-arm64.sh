@@ -86,7 +86,46 @@ if [ "${EXO_ARM64_SKIP_SMOKE:-0}" != 1 ]; then
 fi
 
 # cargo-deb prints the path of the package it wrote on stdout.
-deb=$(cargo deb -p exo --target "$triple" --no-build | tail -n 1)
+# The second build, for ARMv8.2-A with dotprod (Pi 5): ggml compiled with
+# -march=armv8.2-a+dotprod+fp16 through a compiler wrapper (llama-cpp-sys-2 itself
+# only offers armv8-a on Linux); installed as /usr/lib/exo/exo-dotprod, which
+# /usr/bin/exo runs instead of itself on a CPU with dotprod.
+dot_dir=${CARGO_TARGET_DIR}-dotprod
+CC_aarch64_unknown_linux_gnu=$PWD/scripts/cross/aarch64-dotprod-gcc \
+CXX_aarch64_unknown_linux_gnu=$PWD/scripts/cross/aarch64-dotprod-g++ \
+CARGO_TARGET_DIR=$dot_dir \
+    cargo build --release --locked -p exo --target "$triple"
+dot_bin=$dot_dir/$triple/release/exo
+if command -v aarch64-linux-gnu-objdump >/dev/null 2>&1; then
+    n_dot=$(aarch64-linux-gnu-objdump -d --no-show-raw-insn "$dot_bin" | grep -cE '\s(sdot|udot)\s' || true)
+    echo "build-deb-arm64: dotprod instructions in the dotprod build: $n_dot" >&2
+    [ "$n_dot" -gt 0 ] || { echo "build-deb-arm64: the dotprod build has no dotprod instructions" >&2; exit 1; }
+fi
+cp "$dot_bin" "$CARGO_TARGET_DIR/$triple/release/exo-dotprod"
+
+if [ "${EXO_ARM64_SKIP_SMOKE:-0}" != 1 ]; then
+    # the baseline picks the dotprod build on a CPU with dotprod, and not without;
+    # both give the same greedy text
+    model=models/gemma-3-270m-Q4_K_M.gguf
+    if [ -f "$model" ]; then
+        for cpu in cortex-a72 max; do
+            out=$(EXO_DOTPROD_BUILD="$CARGO_TARGET_DIR/$triple/release/exo-dotprod" \
+                qemu-aarch64-static -cpu "$cpu" "$bin" run --model "$model" --prompt "The capital of France is" \
+                -n 6 --temp 0 --threads 1 --verbose 2>"$CARGO_TARGET_DIR/smoke-$cpu.err")
+            build=$(sed -n 's/^exo: build: //p' "$CARGO_TARGET_DIR/smoke-$cpu.err")
+            echo "build-deb-arm64: smoke test on $cpu: $build build: '$out'" >&2
+            case "$cpu:$build" in
+                cortex-a72:baseline | max:dotprod) ;;
+                *) echo "build-deb-arm64: on $cpu the $build build ran" >&2; exit 1 ;;
+            esac
+            eval "text_${cpu//-/_}=\$out"
+        done
+        # shellcheck disable=SC2154 # set by the eval above
+        [ "$text_cortex_a72" = "$text_max" ] || { echo "build-deb-arm64: the two builds disagree" >&2; exit 1; }
+    fi
+fi
+
+deb=$(cargo deb -p exo --target "$triple" --variant arm64 --no-build | tail -n 1)
 [ -f "$deb" ] || { echo "build-deb-arm64: no package at '$deb'" >&2; exit 1; }
 arch=$(dpkg-deb -f "$deb" Architecture)
 [ "$arch" = arm64 ] || { echo "build-deb-arm64: $deb has Architecture $arch" >&2; exit 1; }

@@ -104,6 +104,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    #[cfg(target_arch = "aarch64")]
+    run_dotprod_build_if_possible();
     // The CPU check runs before main, as a constructor (ggml and llama.cpp execute
     // AVX2 code in their static initializers); this repeats it, and keeps it linked.
     match ggml_shim::cpu_guard::installed()
@@ -113,6 +115,37 @@ fn main() -> ExitCode {
         Some(missing) => cpu_error(missing),
         None => cli_main(),
     }
+}
+
+/// The arm64 package ships two builds: /usr/bin/exo for any ARMv8.0-A CPU with NEON
+/// (Raspberry Pi 4), and one for ARMv8.2-A with dotprod (Raspberry Pi 5), whose int8
+/// dot products make quantized matrix products several times faster. On a CPU with
+/// dotprod the baseline build replaces itself with the other (same process, so
+/// systemd's notify and watchdog see no difference). `EXO_BASELINE=1` keeps the
+/// baseline; `EXO_DOTPROD_BUILD` names another path for the dotprod build (tests).
+#[cfg(target_arch = "aarch64")]
+fn run_dotprod_build_if_possible() {
+    use std::os::unix::process::CommandExt;
+    let path =
+        std::env::var_os("EXO_DOTPROD_BUILD").unwrap_or_else(|| "/usr/lib/exo/exo-dotprod".into());
+    if std::env::var_os("EXO_BASELINE").is_some_and(|v| v == "1")
+        || std::env::var_os("EXO_BUILD_SELECTED").is_some()
+        || !std::arch::is_aarch64_feature_detected!("dotprod")
+        || !Path::new(&path).exists()
+    {
+        return;
+    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "exo".into());
+    let err = std::process::Command::new(&path)
+        .arg0(arg0)
+        .args(args)
+        .env("EXO_BUILD_SELECTED", "dotprod")
+        .exec();
+    eprintln!(
+        "exo: warning: cannot run {} ({err}); using the baseline build",
+        Path::new(&path).display()
+    );
 }
 
 #[inline(never)]
@@ -235,6 +268,10 @@ fn run(args: RunArgs) -> Result<()> {
     let _ = out.write_all(&pending);
     let _ = writeln!(out);
     if args.verbose {
+        eprintln!(
+            "exo: build: {}",
+            std::env::var("EXO_BUILD_SELECTED").unwrap_or_else(|_| "baseline".into())
+        );
         eprintln!(
             "exo: prompt {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens in {:.3}s ({:.1} tok/s); stop: {}",
             prompt.len(),
