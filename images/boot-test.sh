@@ -13,7 +13,8 @@
 #
 #   amd64     q35, -cpu max, 2 vCPUs: exo.service active, /health 200 and a greedy
 #             completion through the forwarded port, no failed unit.
-#   arm64     the same on virt/cortex-a72 with 2 vCPUs (exo uses 2 threads).
+#   arm64     the same on virt/cortex-a72 with 2 vCPUs (exo uses 2 threads);
+#             EXO_ARM64_CPU=max boots a CPU with dotprod (the package runs its dotprod build).
 #   two-node  two amd64 guests (1 vCPU each) on a private LAN (qemu -netdev socket,
 #             10.77.0.1/.2, static, from seed network files), configured as [[peer]]s with
 #             a shared [cluster] key: the head answers a completion over both nodes.
@@ -90,7 +91,7 @@ boot() {
     if [ "$arch" = amd64 ]; then
         q=(qemu-system-x86_64 -M q35 -cpu max)
     else
-        q=(qemu-system-aarch64 -M virt -cpu cortex-a72)
+        q=(qemu-system-aarch64 -M virt -cpu "${EXO_ARM64_CPU:-cortex-a72}")
     fi
     local mac_n; mac_n=$(printf '%02x' $((RANDOM % 256)))
     q+=(-accel tcg -smp "$smp" -m 1536 -display none -monitor none -no-reboot
