@@ -1465,26 +1465,6 @@ impl Opener {
             return Err(FrameError::DuplicateSlot(w[0]));
         }
 
-        if frame_type == FrameType::HeadPart {
-            // one logits row per output row, which must parse exactly
-            if out_rows == 0 || limits.n_vocab == 0 {
-                return Err(FrameError::BadHeadPart {
-                    row: 0,
-                    why: "no output rows, or no vocabulary to check ids against".into(),
-                });
-            }
-            HeadLogits::decode_all(payload, out_rows as usize, limits.n_vocab)?;
-            return Ok(Frame {
-                frame_type,
-                dtype,
-                sender_id: h.sender_id,
-                counter: h.counter,
-                step_id: h.step_id,
-                width: h.width,
-                seqs,
-                payload,
-            });
-        }
         let expected_payload = match frame_type {
             FrameType::Activations => rows
                 .checked_mul(expected_width)
@@ -1492,6 +1472,17 @@ impl Opener {
             FrameType::Normed => out_rows
                 .checked_mul(expected_width)
                 .and_then(|v| v.checked_mul(elem_size)),
+            FrameType::HeadPart => {
+                // one logits row per output row, which must parse exactly
+                if out_rows == 0 || limits.n_vocab == 0 {
+                    return Err(FrameError::BadHeadPart {
+                        row: 0,
+                        why: "no output rows, or no vocabulary to check ids against".into(),
+                    });
+                }
+                HeadLogits::decode_all(payload, out_rows as usize, limits.n_vocab)?;
+                Some(payload.len() as u64)
+            }
             _ => out_rows.checked_mul(elem_size),
         };
         if expected_payload != Some(payload.len() as u64) {

@@ -547,46 +547,35 @@ impl DataPlane {
                 self.rt.block_on(r.tx.send(&normed))?;
                 r.stage.project(&self.out, &mut self.logits)?;
                 let width = r.stage.hparams().n_vocab - first;
-                let mut rows = self.logits.chunks_exact(width);
                 let mut parts = Vec::new();
-                for s in seqs {
-                    for _ in 0..output_rows(s) {
-                        let l = rows
-                            .next()
-                            .ok_or_else(|| anyhow::anyhow!("missing logits row"))?;
-                        let part = match self.candidates.get(&s.slot) {
-                            Some(Some(k)) => HeadLogits::Top(top_k(l, *k, first)),
-                            Some(None) => HeadLogits::Dense {
-                                first: u32::try_from(first)?,
-                                logits: l.to_vec(),
-                            },
-                            None => anyhow::bail!("slot {} has no sampling set-up", s.slot),
-                        };
-                        parts.push(part);
-                    }
+                for row in rows_with_slots(seqs, &self.logits, width) {
+                    let (slot, l) = row?;
+                    parts.push(match self.candidates.get(&slot) {
+                        Some(Some(k)) => HeadLogits::Top(top_k(l, *k, first)),
+                        Some(None) => HeadLogits::Dense {
+                            first: u32::try_from(first)?,
+                            logits: l.to_vec(),
+                        },
+                        None => anyhow::bail!("slot {slot} has no sampling set-up"),
+                    });
                 }
                 self.sealer.seal_head_part(step, &descs, &parts)?
             }
             StageOutput::Logits => {
                 let n_vocab = r.stage.hparams().n_vocab;
                 self.toks.clear();
-                let mut rows = self.out.chunks_exact(n_vocab);
-                for s in seqs {
-                    for _ in 0..output_rows(s) {
-                        let l = rows
-                            .next()
-                            .ok_or_else(|| anyhow::anyhow!("missing logits row"))?;
-                        let t = match self.samplers.get_mut(&s.slot) {
-                            Some(Some(c)) => {
-                                let t = c.sample(l)?;
-                                c.accept(t);
-                                t
-                            }
-                            Some(None) => argmax(l).map_or(0, |t| t as i32),
-                            None => anyhow::bail!("slot {} has no sampling set-up", s.slot),
-                        };
-                        self.toks.push(t);
-                    }
+                for row in rows_with_slots(seqs, &self.out, n_vocab) {
+                    let (slot, l) = row?;
+                    let t = match self.samplers.get_mut(&slot) {
+                        Some(Some(c)) => {
+                            let t = c.sample(l)?;
+                            c.accept(t);
+                            t
+                        }
+                        Some(None) => argmax(l).map_or(0, |t| t as i32),
+                        None => anyhow::bail!("slot {slot} has no sampling set-up"),
+                    };
+                    self.toks.push(t);
                 }
                 self.sealer.seal_tokens(step, &descs, &self.toks)?
             }
@@ -603,6 +592,22 @@ impl DataPlane {
         self.rt.block_on(r.tx.send(&sealed))?;
         Ok(())
     }
+}
+
+/// Each output row of a step's logits (`width` values a row), with its sequence's slot.
+fn rows_with_slots<'a>(
+    seqs: &'a [BatchSeq],
+    logits: &'a [f32],
+    width: usize,
+) -> impl Iterator<Item = anyhow::Result<(usize, &'a [f32])>> + 'a {
+    let mut rows = logits.chunks_exact(width.max(1));
+    seqs.iter()
+        .flat_map(|s| std::iter::repeat_n(s.slot, output_rows(s)))
+        .map(move |slot| {
+            rows.next()
+                .map(|l| (slot, l))
+                .ok_or_else(|| anyhow::anyhow!("missing logits row"))
+        })
 }
 
 fn output_rows(s: &BatchSeq) -> usize {
