@@ -102,11 +102,13 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]
 echo "== one machine, $(nproc) cores, $TOKENS tokens per stream, $REPS interleaved rounds, medians ==" >&2
 # Every server stays up (an idle one only answers heartbeats); the rounds alternate
 # between them so that a slow spell of the shared machine hits every side alike.
-single one2 0,1 2 18200 127.0.0.1
-single one1 0 1 18201 127.0.0.1
+# One at a time: loading (and the cluster planner's timing of each node) must not
+# compete with another server's loading for the cores.
+single one2 0,1 2 18200 127.0.0.1; wait_health 127.0.0.1 18200
+single one1 0 1 18201 127.0.0.1; wait_health 127.0.0.1 18201
 cluster_node b 1 127.0.0.1 18211 127.0.0.1 17110 127.0.0.1 127.0.0.1
 cluster_node a 0 127.0.0.1 18210 127.0.0.1 17100 127.0.0.1 127.0.0.1
-wait_health 127.0.0.1 18200; wait_health 127.0.0.1 18201; wait_health 127.0.0.1 18210
+wait_health 127.0.0.1 18210
 grep -hE "ms/layer|cluster formed" "$work/a.log" | sed -E "s/^.*(this node|peer |cluster formed)/\1/" >&2 || true
 declare -A runs
 for r in $(seq 1 "$REPS"); do
