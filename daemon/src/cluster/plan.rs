@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use ggml_shim::llama::SamplingParams;
+
 use crate::model::{LayerRange, ModelFile};
 
 /// Protocol version of the control messages.
@@ -169,53 +171,39 @@ pub struct Pong {
     pub ms_per_token: f64,
 }
 
-/// A sequence's sampling parameters, for the last stage.
+/// A sequence's sampling parameters, for the stage that samples (or, with a split
+/// head, decides what to send back).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SlotSetup {
     pub slot: usize,
-    pub temperature: f32,
-    pub top_k: i32,
-    pub top_p: f32,
-    pub min_p: f32,
-    pub repeat_penalty: f32,
-    pub repeat_last_n: i32,
-    pub frequency_penalty: f32,
-    pub presence_penalty: f32,
-    pub seed: u32,
+    #[serde(with = "SamplingParamsDef")]
+    pub sampling: SamplingParams,
     pub prompt: Vec<i32>,
 }
 
 impl SlotSetup {
-    pub fn new(slot: usize, p: &ggml_shim::llama::SamplingParams, prompt: &[i32]) -> SlotSetup {
+    pub fn new(slot: usize, sampling: &SamplingParams, prompt: &[i32]) -> SlotSetup {
         SlotSetup {
             slot,
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repeat_penalty: p.repeat_penalty,
-            repeat_last_n: p.repeat_last_n,
-            frequency_penalty: p.frequency_penalty,
-            presence_penalty: p.presence_penalty,
-            seed: p.seed,
+            sampling: *sampling,
             prompt: prompt.to_vec(),
         }
     }
+}
 
-    /// The sampling parameters it carries.
-    pub fn sampling(&self) -> ggml_shim::llama::SamplingParams {
-        ggml_shim::llama::SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            repeat_last_n: self.repeat_last_n,
-            frequency_penalty: self.frequency_penalty,
-            presence_penalty: self.presence_penalty,
-            seed: self.seed,
-        }
-    }
+/// The wire form of [`SamplingParams`] (serde checks it lists every field).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SamplingParams")]
+struct SamplingParamsDef {
+    temperature: f32,
+    top_k: i32,
+    top_p: f32,
+    min_p: f32,
+    repeat_penalty: f32,
+    repeat_last_n: i32,
+    frequency_penalty: f32,
+    presence_penalty: f32,
+    seed: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -430,7 +418,7 @@ pub fn plan_with_head_share(
 /// or top-k sampling with k ≤ [`MAX_HEAD_CANDIDATES`] and no penalties: the global
 /// top k is then among the two stages' candidates, so sampling is exact); `None`,
 /// every logit of its rows, otherwise.
-pub fn head_candidates(p: &ggml_shim::llama::SamplingParams) -> Option<usize> {
+pub fn head_candidates(p: &SamplingParams) -> Option<usize> {
     if p.is_greedy() {
         return Some(1);
     }
@@ -557,7 +545,6 @@ mod tests {
 
     #[test]
     fn candidates_are_sent_only_when_sampling_is_exact_with_them() {
-        use ggml_shim::llama::SamplingParams;
         let greedy = SamplingParams {
             temperature: 0.0,
             ..SamplingParams::default()

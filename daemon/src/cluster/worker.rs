@@ -499,7 +499,7 @@ impl DataPlane {
     }
 
     fn setup_slot(&mut self, s: SlotSetup) -> anyhow::Result<()> {
-        let params = s.sampling();
+        let params = s.sampling;
         if self.run.as_ref().is_some_and(|r| r.head_first.is_some()) {
             // the head node samples; we only need to know what to send it
             self.candidates
