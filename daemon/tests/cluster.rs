@@ -521,6 +521,25 @@ async fn cluster_ranges(h: &Harness, head: usize) -> Vec<(String, usize, usize, 
         .collect()
 }
 
+/// A single node and a 3-node cluster with explicit ranges (0-2, 2-4, 4-6) on the
+/// tiny model, both ready: (harness, single, cluster nodes head first).
+async fn single_and_three_nodes(tag: &str) -> (Harness, usize, Vec<usize>) {
+    let mut h = Harness::tiny(tag, &tiny_spec());
+    let single = h.single(&TINY_ENGINE);
+    let c = h.cluster(
+        &[
+            peer("a", Some((0, 2))),
+            peer("b", Some((2, 4))),
+            peer("c", Some((4, 6))),
+        ],
+        &TINY_ENGINE,
+    );
+    h.wait_ready(single, Duration::from_secs(60)).await;
+    let ready = h.wait_ready(c[0], Duration::from_secs(60)).await;
+    eprintln!("3-node cluster ready in {ready:?}");
+    (h, single, c)
+}
+
 fn tiny_spec() -> TinySpec {
     let mut spec = TinySpec::new(TinyArch::Gemma3);
     spec.n_layer = 6;
@@ -626,19 +645,7 @@ async fn a_split_output_head_equals_a_single_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_explicit_ranges_equal_a_single_node_and_llama_cpp() {
     let t0 = Instant::now();
-    let mut h = Harness::tiny("three", &tiny_spec());
-    let single = h.single(&TINY_ENGINE);
-    let c = h.cluster(
-        &[
-            peer("a", Some((0, 2))),
-            peer("b", Some((2, 4))),
-            peer("c", Some((4, 6))),
-        ],
-        &TINY_ENGINE,
-    );
-    h.wait_ready(single, Duration::from_secs(60)).await;
-    let ready = h.wait_ready(c[0], Duration::from_secs(60)).await;
-    eprintln!("3-node cluster ready in {ready:?}");
+    let (h, single, c) = single_and_three_nodes("three").await;
 
     let ranges = cluster_ranges(&h, c[0]).await;
     let expected = [("a", 0, 2), ("b", 2, 4), ("c", 4, 6)];
@@ -743,18 +750,7 @@ async fn three_nodes_explicit_ranges_equal_a_single_node_and_llama_cpp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_request_right_after_ready_is_answered() {
     let t0 = Instant::now();
-    let mut h = Harness::tiny("first", &tiny_spec());
-    let single = h.single(&TINY_ENGINE);
-    let c = h.cluster(
-        &[
-            peer("a", Some((0, 2))),
-            peer("b", Some((2, 4))),
-            peer("c", Some((4, 6))),
-        ],
-        &TINY_ENGINE,
-    );
-    h.wait_ready(single, Duration::from_secs(60)).await;
-    h.wait_ready(c[0], Duration::from_secs(60)).await;
+    let (h, single, c) = single_and_three_nodes("first").await;
     let body = completion(PROMPTS[1], 16);
     let r = h
         .http
