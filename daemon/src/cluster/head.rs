@@ -380,6 +380,7 @@ pub async fn form(
             samplers: HashMap::new(),
             normed: Vec::new(),
             pending: HashMap::new(),
+            spare: Vec::new(),
             full: Vec::new(),
         }),
     };
@@ -548,10 +549,35 @@ struct HeadSplit {
     /// Per step in flight: this node's logits, computed when the normalized state
     /// arrived, waiting for the last stage's part.
     pending: HashMap<u64, Vec<f32>>,
+    /// Buffers of finished steps, reused for the next ones (about 1 MB each).
+    spare: Vec<Vec<f32>>,
     full: Vec<f32>,
 }
 
 impl HeadSplit {
+    /// The token of every output row of `seqs`: this node's logits `part` (`rows`
+    /// values a row) merged with the last stage's `theirs`.
+    fn sample_rows(
+        &mut self,
+        seqs: &[SeqDesc],
+        part: &[f32],
+        theirs: &[HeadLogits],
+        n_vocab: usize,
+    ) -> Result<Vec<i32>, EngineError> {
+        let rows = self.rows;
+        let mut toks = Vec::with_capacity(theirs.len());
+        let slots = seqs
+            .iter()
+            .flat_map(|d| std::iter::repeat_n(d.slot as usize, d.output_rows() as usize));
+        for (r, slot) in slots.enumerate() {
+            let (Some(mine), Some(t)) = (part.get(r * rows..(r + 1) * rows), theirs.get(r)) else {
+                return Err(EngineError::Pipeline("head part: missing rows".into()));
+            };
+            toks.push(self.sample(slot, mine, t, n_vocab)?);
+        }
+        Ok(toks)
+    }
+
     /// One output row's token from this node's logits `mine` (ids `0..rows`) and
     /// the last stage's `theirs`.
     fn sample(
@@ -647,7 +673,7 @@ impl ClusterStepper {
             // left over from failed steps
             split.pending.clear();
         }
-        let mut part = Vec::new();
+        let mut part = split.spare.pop().unwrap_or_default();
         self.local.project(&split.normed, &mut part)?;
         split.pending.insert(frame.step_id, part);
         Ok(())
@@ -668,20 +694,9 @@ impl ClusterStepper {
                 frame.step_id
             )));
         };
-        let rows = split.rows;
-        let mut toks = Vec::with_capacity(theirs.len());
-        let mut r = 0;
-        for desc in &frame.seqs {
-            for _ in 0..desc.output_rows() {
-                let (Some(mine), Some(t)) = (part.get(r * rows..(r + 1) * rows), theirs.get(r))
-                else {
-                    return Err(EngineError::Pipeline("head part: missing rows".into()));
-                };
-                toks.push(split.sample(desc.slot as usize, mine, t, self.n_vocab)?);
-                r += 1;
-            }
-        }
-        Ok(toks)
+        let toks = split.sample_rows(&frame.seqs, &part, &theirs, self.n_vocab);
+        split.spare.push(part);
+        toks
     }
 }
 
