@@ -144,15 +144,21 @@ tar --zstd -xf "$base" -C "$root" --numeric-owner
 log "exo layer: $(basename "$deb")"
 cp "$deb" "$root/tmp/exo.deb"
 mount -t proc proc "$root/proc"; mnt_proc=$root/proc
+dpkg_log_lines=0
+[ ! -f "$root/var/log/dpkg.log" ] || dpkg_log_lines=$(wc -l <"$root/var/log/dpkg.log")
 chroot "$root" env DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/exo.deb >&2
 rm -f "$root/tmp/exo.deb"
+# dpkg logs the wall clock: its lines for exo get SOURCE_DATE_EPOCH's time instead.
+sed -i "$(( dpkg_log_lines + 1 )),\$ s/^[0-9-]\{10\} [0-9:]\{8\} /$(date -u -d "@$SOURCE_DATE_EPOCH" '+%F %T') /" \
+    "$root/var/log/dpkg.log"
 umount "$root/proc"; mnt_proc=""
 [ -L "$root/etc/systemd/system/multi-user.target.wants/exo.service" ] || die "exo.service is not enabled in the image"
 
-# Image files: first-boot model/config step, boot report, networking.
-cp -a images/rootfs/. "$root"/
-chown -R 0:0 "$root/usr/lib/exo-image" "$root/etc/systemd/system/exo-firstboot.service" \
-    "$root/etc/systemd/system/exo-boot-report.service" "$root/etc/systemd/network"
+# Image files: first-boot model/config step, boot report, networking. Owned by root,
+# not writable by group/other, dated SOURCE_DATE_EPOCH whatever the checkout's; the
+# directories that exist in the base (/etc, /usr/lib, ...) keep their owner and mode.
+tar -C images/rootfs -cf - --sort=name --owner=0 --group=0 --numeric-owner --mode=go-w \
+    --mtime="@$SOURCE_DATE_EPOCH" . | tar -C "$root" -xf - --no-overwrite-dir --numeric-owner
 ln -sf /etc/systemd/system/exo-firstboot.service "$root/etc/systemd/system/multi-user.target.wants/exo-firstboot.service"
 ln -sf /etc/systemd/system/exo-boot-report.service "$root/etc/systemd/system/multi-user.target.wants/exo-boot-report.service"
 ln -sf /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
@@ -182,9 +188,25 @@ cp "${kernels[0]}" "$out/vmlinuz"
 cp "${initrds[0]}" "$out/initrd.img"
 
 uuid() { printf '%s' "$1-$SOURCE_DATE_EPOCH" | sha256sum | sed -E 's/^(.{8})(.{4})(.{4})(.{4})(.{12}).*/\1-\2-\3-\4-\5/'; }
+# Files written by this build (dpkg, the steps above, the Pi's firmware hook) would carry
+# today's mtime: clamp every mtime to SOURCE_DATE_EPOCH.
+clamp_mtimes() { find "$@" -newermt "@$SOURCE_DATE_EPOCH" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +; }
+# mkfs.ext4 -d (e2fsprogs 1.47.0) takes each inode's atime and ctime from the source tree,
+# i.e. from this build's unpacking: set both to SOURCE_DATE_EPOCH (crtime already is).
+# Its directory order is alphasort(), hence LC_ALL=C.
+mkfs_ext4() { # mkfs_ext4 IMG SIZE_MB DIR MKFS-OPTIONS...
+    local img=$1 mb=$2 dir=$3 err; shift 3
+    LC_ALL=C mkfs.ext4 -q -F -U "$(uuid root)" -E "hash_seed=$(uuid hash)" "$@" -d "$dir" "$img" "${mb}M"
+    [ -z "$(find "$dir" -name '*"*' -print -quit)" ] || die "a file name in $dir holds a double quote (debugfs)"
+    err=$( (cd "$dir" && find . -printf '%P\n') |
+        awk -v t="@$SOURCE_DATE_EPOCH" '{ printf "sif \"/%s\" atime %s\nsif \"/%s\" ctime %s\n", $0, t, $0, t }' |
+        debugfs -w -f - "$img" 2>&1 >/dev/null | grep -v '^debugfs [0-9.]* (' || true)
+    [ -z "$err" ] || die "debugfs could not set the times in $img: $(echo "$err" | head -n 3)"
+}
 if [ $kind = virt ]; then
     size=${EXO_IMAGE_SIZE_MB:-$(( $(du -sm "$root" | cut -f1) + 768 ))}
-    mkfs.ext4 -q -F -L exo-root -U "$(uuid root)" -E "hash_seed=$(uuid hash)" -d "$root" "$out/rootfs.ext4" "${size}M"
+    clamp_mtimes "$root"
+    mkfs_ext4 "$out/rootfs.ext4" "$size" "$root" -L exo-root
     if [ $arch = amd64 ]; then console=ttyS0; else console=ttyAMA0; fi
     echo "root=/dev/vda rw console=$console" >"$out/cmdline"
     rm -rf "$root"
@@ -215,9 +237,12 @@ fw_mb=$(( $(du -sm "$fwdir" | cut -f1) + 64 ))
 root_mb=${EXO_IMAGE_SIZE_MB:-$(( $(du -sm "$root" | cut -f1) + 768 ))}
 fwimg=$out/firmware.vfat
 rm -f "$fwimg"
-mkfs.vfat -C -F 32 -n RASPIFIRM -i "$(printf '%08x' $(( SOURCE_DATE_EPOCH % 4294967296 )))" --invariant "$fwimg" $(( fw_mb * 1024 )) >/dev/null
-mcopy -s -m -i "$fwimg" "$fwdir"/* ::/
-mkfs.ext4 -q -F -L RASPIROOT -U "$(uuid root)" -E "hash_seed=$(uuid hash)" -d "$root" "$out/root.ext4" "${root_mb}M"
+# --invariant before -i: it sets a constant volume id of its own.
+mkfs.vfat -C -F 32 -n RASPIFIRM --invariant -i "$(printf '%08x' $(( SOURCE_DATE_EPOCH % 4294967296 )))" "$fwimg" $(( fw_mb * 1024 )) >/dev/null
+clamp_mtimes "$fwdir" "$root"
+# FAT keeps local time: the same in every build with TZ=UTC.
+TZ=UTC mcopy -s -m -i "$fwimg" "$fwdir"/* ::/
+mkfs_ext4 "$out/root.ext4" "$root_mb" "$root" -L RASPIROOT
 img=$out/exo-pi4.img
 rm -f "$img"
 # 4 MiB alignment for SD cards; sfdisk works on a plain file.
