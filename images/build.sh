@@ -161,6 +161,10 @@ tar -C images/rootfs -cf - --sort=name --owner=0 --group=0 --numeric-owner --mod
     --mtime="@$SOURCE_DATE_EPOCH" . | tar -C "$root" -xf - --no-overwrite-dir --numeric-owner
 ln -sf /etc/systemd/system/exo-firstboot.service "$root/etc/systemd/system/multi-user.target.wants/exo-firstboot.service"
 ln -sf /etc/systemd/system/exo-boot-report.service "$root/etc/systemd/system/multi-user.target.wants/exo-boot-report.service"
+ln -sf /etc/systemd/system/exo-ssh-host-keys.service "$root/etc/systemd/system/multi-user.target.wants/exo-ssh-host-keys.service"
+# openssh-server's postinst made host keys in the cached base: every image would share
+# them. exo-ssh-host-keys.service makes new ones on the first boot.
+rm -f "$root"/etc/ssh/ssh_host_*_key "$root"/etc/ssh/ssh_host_*_key.pub
 ln -sf /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
 mkdir -p "$root/etc/systemd/system/sockets.target.wants" "$root/etc/systemd/system/network-online.target.wants"
 ln -sf /lib/systemd/system/systemd-networkd.socket "$root/etc/systemd/system/sockets.target.wants/systemd-networkd.socket"
