@@ -70,6 +70,15 @@ EOF
     pids+=($!)
 }
 
+wait_ready() { # name: a worker has loaded and timed itself (its timing must not
+    # overlap the next node's loading)
+    for _ in $(seq 1 240); do
+        grep -q "worker $1 ready" "$work/$1.log" 2>/dev/null && return 0
+        sleep 0.25
+    done
+    echo "worker $1 did not come up" >&2; cat "$work/$1.log" >&2; return 1
+}
+
 wait_health() { # ip port [netns]
     for _ in $(seq 1 240); do
         if [ -n "${3:-}" ]; then
@@ -106,7 +115,7 @@ echo "== one machine, $(nproc) cores, $TOKENS tokens per stream, $REPS interleav
 # compete with another server's loading for the cores.
 single one2 0,1 2 18200 127.0.0.1; wait_health 127.0.0.1 18200
 single one1 0 1 18201 127.0.0.1; wait_health 127.0.0.1 18201
-cluster_node b 1 127.0.0.1 18211 127.0.0.1 17110 127.0.0.1 127.0.0.1
+cluster_node b 1 127.0.0.1 18211 127.0.0.1 17110 127.0.0.1 127.0.0.1; wait_ready b
 cluster_node a 0 127.0.0.1 18210 127.0.0.1 17100 127.0.0.1 127.0.0.1
 wait_health 127.0.0.1 18210
 grep -hE "ms/layer|cluster formed" "$work/a.log" | sed -E "s/^.*(this node|peer |cluster formed)/\1/" >&2 || true
@@ -147,6 +156,7 @@ latency_with_proxy() {
         pids+=($!)
         sleep 0.5
         PA_PORT=17300 PB_PORT=17310 cluster_node b 1 127.0.0.1 18231 127.0.0.1 17210 127.0.0.1 127.0.0.1
+        wait_ready b
         PA_PORT=17300 PB_PORT=17310 cluster_node a 0 127.0.0.1 18230 127.0.0.1 17200 127.0.0.1 127.0.0.1
         wait_health 127.0.0.1 18230
         d1=$(measure "2 stages, +${delay} ms each way, 1 stream" 127.0.0.1 18230 1)
@@ -177,6 +187,7 @@ for delay in 1ms 5ms; do
         break
     fi
     cluster_node b 1 127.0.0.1 18221 10.77.0.2 17110 10.77.0.1 10.77.0.2 exo-b
+    wait_ready b
     cluster_node a 0 127.0.0.1 18220 10.77.0.1 17100 10.77.0.1 10.77.0.2 exo-a
     wait_health 127.0.0.1 18220 exo-a
     d1=$(measure "2 stages, +$delay each way, 1 stream" 127.0.0.1 18220 1 exo-a)
