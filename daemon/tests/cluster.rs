@@ -583,25 +583,52 @@ async fn two_nodes_planned_split_equal_a_single_node() {
 /// greedy and seeded sampled answers (top-k, where the last node sends its best
 /// candidates; plain temperature and penalties, where it sends all its logits) are
 /// those of a single node.
+/// A single node and a two-node cluster of `spec` with `engine`, both ready; the
+/// cluster head's log must contain `expect`. Returns the harness, single, head.
+async fn single_and_pair(
+    name: &str,
+    spec: &TinySpec,
+    engine: &Engine,
+    expect: &str,
+) -> (Harness, usize, usize) {
+    let mut h = Harness::tiny(name, spec);
+    let single = h.single(&TINY_ENGINE);
+    let c = h.cluster(&[peer("a", None), peer("b", None)], engine);
+    h.wait_ready(single, Duration::from_secs(60)).await;
+    h.wait_ready(c[0], Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(&h.node(c[0]).log).unwrap_or_default();
+    assert!(
+        log.contains(expect),
+        "the head's log lacks {expect:?}:\n{log}"
+    );
+    (h, single, c[0])
+}
+
+/// Four concurrent greedy requests to `head` give the single node's texts.
+async fn concurrent_equals_single(h: &Harness, single: usize, head: usize, what: &str) {
+    let want = references(h, single, PROMPTS, 16).await;
+    let b: Vec<Value> = PROMPTS.iter().map(|p| completion(p, 16)).collect();
+    let got = tokio::join!(
+        h.complete(head, &b[0]),
+        h.complete(head, &b[1]),
+        h.complete(head, &b[2]),
+        h.complete(head, &b[3]),
+    );
+    let got = [got.0 .0, got.1 .0, got.2 .0, got.3 .0];
+    assert_eq!(got.to_vec(), want, "{what}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_output_head_equals_a_single_node() {
     let t0 = Instant::now();
-    let mut h = Harness::tiny("headsplit", &tiny_spec());
-    let single = h.single(&TINY_ENGINE);
     // small steps: prompts go through in several chunks, most without output rows
     let engine = Engine {
         head_share: "0.5",
         batch: 4,
         ..TINY_ENGINE
     };
-    let c = h.cluster(&[peer("a", None), peer("b", None)], &engine);
-    h.wait_ready(single, Duration::from_secs(60)).await;
-    h.wait_ready(c[0], Duration::from_secs(60)).await;
-    let log = std::fs::read_to_string(&h.node(c[0]).log).unwrap_or_default();
-    assert!(
-        log.contains("output head split"),
-        "the head did not split the output head:\n{log}"
-    );
+    let (h, single, head) =
+        single_and_pair("headsplit", &tiny_spec(), &engine, "output head split").await;
     let bodies = [
         completion(PROMPTS[0], 24),
         json!({"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0.8, "top_k": 5, "seed": 7}),
@@ -613,7 +640,7 @@ async fn a_split_output_head_equals_a_single_node() {
     let mut distinct = std::collections::HashSet::new();
     for body in &bodies {
         let (want, _) = h.complete(single, body).await;
-        let (got, _) = h.complete(c[0], body).await;
+        let (got, _) = h.complete(head, body).await;
         assert_eq!(got, want, "{body}: split head vs single node");
         distinct.insert(want);
     }
@@ -621,25 +648,49 @@ async fn a_split_output_head_equals_a_single_node() {
         distinct.len() >= 3,
         "the requests should differ: {distinct:?}"
     );
-    // concurrent requests through the split head
-    let want = references(&h, single, PROMPTS, 16).await;
-    let b: Vec<Value> = PROMPTS.iter().map(|p| completion(p, 16)).collect();
-    let got = tokio::join!(
-        h.complete(c[0], &b[0]),
-        h.complete(c[0], &b[1]),
-        h.complete(c[0], &b[2]),
-        h.complete(c[0], &b[3]),
-    );
-    let got = [got.0 .0, got.1 .0, got.2 .0, got.3 .0];
-    assert_eq!(
-        got.to_vec(),
-        want,
-        "concurrent requests through the split head"
-    );
+    concurrent_equals_single(
+        &h,
+        single,
+        head,
+        "concurrent requests through the split head",
+    )
+    .await;
     eprintln!(
         "a_split_output_head_equals_a_single_node: {:?}",
         t0.elapsed()
     );
+}
+
+/// A tied head (the embedding table, whole on the head node): a step alone in the
+/// pipeline splits it evenly by speed instead of at the configured share; steps
+/// with company use the share. Both give the single node's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_alone_splits_a_tied_head_evenly() {
+    let t0 = Instant::now();
+    let mut spec = tiny_spec();
+    spec.tied_head = true;
+    let engine = Engine {
+        head_share: "0.2",
+        ..TINY_ENGINE
+    };
+    let (h, single, head) = single_and_pair(
+        "solo",
+        &spec,
+        &engine,
+        "a step alone in the pipeline splits the head at row",
+    )
+    .await;
+    for body in [
+        completion(PROMPTS[0], 24),
+        json!({"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0.8, "top_k": 5, "seed": 7}),
+        json!({"prompt": PROMPTS[2], "max_tokens": 24, "temperature": 1.0, "seed": 3}),
+    ] {
+        let (want, _) = h.complete(single, &body).await;
+        let (got, _) = h.complete(head, &body).await;
+        assert_eq!(got, want, "{body}: a step alone vs single node");
+    }
+    concurrent_equals_single(&h, single, head, "steps with company vs single node").await;
+    eprintln!("a_step_alone_splits_a_tied_head_evenly: {:?}", t0.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

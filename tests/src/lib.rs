@@ -103,6 +103,8 @@ pub struct TinySpec {
     pub add_space_prefix: bool,
     /// `tokenizer.chat_template`; `None` writes no template.
     pub chat_template: Option<String>,
+    /// Writes no `output.weight`: the head is the token embedding (as in Gemma 3).
+    pub tied_head: bool,
 }
 
 impl TinySpec {
@@ -134,6 +136,7 @@ impl TinySpec {
             rope_freq_base_swa: None,
             add_space_prefix: !gemma,
             chat_template: Some(TINY_CHAT_TEMPLATE.to_owned()),
+            tied_head: false,
         }
     }
 
@@ -444,7 +447,9 @@ pub fn tiny_tensors(spec: &TinySpec) -> Vec<TinyTensor> {
     }
     push("output_norm.weight".into(), vec![e], f32t, one);
     // Logits with std ~2: peaked enough for greedy decoding to depend on the context.
-    push("output.weight".into(), vec![e, v], et, normal(2.0 * lin(e)));
+    if !spec.tied_head {
+        push("output.weight".into(), vec![e, v], et, normal(2.0 * lin(e)));
+    }
     out
 }
 

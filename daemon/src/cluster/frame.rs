@@ -8,7 +8,7 @@
 //!      4    1  version (2)
 //!      5    1  frame type (FrameType)
 //!      6    1  dtype (0 none, 1 f32, 2 f16)
-//!      7    1  flags (0; reserved)
+//!      7    1  flags (FLAG_SOLO on a step's data frames; 0 on control frames)
 //!      8    8  sender id (random per process start)
 //!     16    8  counter (strictly increasing per sender)
 //!     24    8  step id
@@ -45,6 +45,11 @@ pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 36;
 /// Bytes of one sequence descriptor.
 pub const SEQ_DESC_LEN: usize = 12;
+/// Flag of a step's data frames: the step was alone in the pipeline when the head
+/// sent it, so a split output head divides its rows by the plan's solo share.
+pub const FLAG_SOLO: u8 = 0x01;
+/// Every flag this version defines.
+const KNOWN_FLAGS: u8 = FLAG_SOLO;
 /// Bytes of the MAC trailer.
 pub const MAC_LEN: usize = 16;
 /// The shortest possible frame: a header and a MAC.
@@ -355,7 +360,7 @@ pub enum FrameError {
     BadOutput { index: usize, value: u8 },
     #[error("sequence {index}: non-zero padding")]
     BadPadding { index: usize },
-    #[error("frame flags {0:#04x} set (none are defined)")]
+    #[error("frame flags {0:#04x} are not defined for this frame")]
     BadFlags(u8),
     #[error("sequence {index}: no tokens")]
     EmptySeq { index: usize },
@@ -498,6 +503,7 @@ impl FrameMeta {
 struct RawHeader {
     frame_type: u8,
     dtype: u8,
+    flags: u8,
     sender_id: u64,
     counter: u64,
     step_id: u64,
@@ -511,7 +517,7 @@ impl RawHeader {
         out.push(VERSION);
         out.push(self.frame_type);
         out.push(self.dtype);
-        out.push(0);
+        out.push(self.flags);
         out.extend_from_slice(&self.sender_id.to_le_bytes());
         out.extend_from_slice(&self.counter.to_le_bytes());
         out.extend_from_slice(&self.step_id.to_le_bytes());
@@ -528,7 +534,7 @@ impl RawHeader {
         if b[4] != VERSION {
             return Err(FrameError::UnsupportedVersion { got: b[4] });
         }
-        if b[7] != 0 {
+        if b[7] & !KNOWN_FLAGS != 0 {
             return Err(FrameError::BadFlags(b[7]));
         }
         let u64_at = |o: usize| {
@@ -546,6 +552,7 @@ impl RawHeader {
         Ok(RawHeader {
             frame_type: b[5],
             dtype: b[6],
+            flags: b[7],
             sender_id: u64_at(8),
             counter: u64_at(16),
             step_id: u64_at(24),
@@ -706,6 +713,8 @@ pub struct Sealer {
     key: FrameKey,
     sender_id: u64,
     counter: u64,
+    /// Flags of the data frames sealed next ([`Sealer::set_step_flags`]).
+    step_flags: u8,
     half: Vec<u16>,
 }
 
@@ -725,8 +734,15 @@ impl Sealer {
             key,
             sender_id,
             counter: 0,
+            step_flags: 0,
             half: Vec::new(),
         }
+    }
+
+    /// Flags (e.g. [`FLAG_SOLO`]) that the data frames sealed from now on carry: a
+    /// stage sets those of the step it works on. Control frames carry none.
+    pub fn set_step_flags(&mut self, flags: u8) {
+        self.step_flags = flags & KNOWN_FLAGS;
     }
 
     /// A sealer with a fresh [`random_sender_id`].
@@ -989,6 +1005,11 @@ impl Sealer {
         let header = RawHeader {
             frame_type: meta.frame_type as u8,
             dtype: meta.dtype as u8,
+            flags: if meta.frame_type.is_control() {
+                0
+            } else {
+                self.step_flags
+            },
             sender_id: self.sender_id,
             counter,
             step_id: meta.step_id,
@@ -1111,6 +1132,8 @@ pub struct Frame<'a> {
     pub sender_id: u64,
     pub counter: u64,
     pub step_id: u64,
+    /// [`FLAG_SOLO`] or 0.
+    pub flags: u8,
     pub width: u32,
     pub seqs: Vec<SeqDesc>,
     pub payload: &'a [u8],
@@ -1364,6 +1387,9 @@ impl Opener {
         let payload = &body[desc_end..];
 
         if frame_type.is_control() {
+            if h.flags != 0 {
+                return Err(FrameError::BadFlags(h.flags));
+            }
             if dtype != Dtype::None {
                 return Err(FrameError::WrongDtype { frame_type, dtype });
             }
@@ -1392,6 +1418,7 @@ impl Opener {
                 sender_id: h.sender_id,
                 counter: h.counter,
                 step_id: h.step_id,
+                flags: h.flags,
                 width: u32::from(h.width),
                 seqs: Vec::new(),
                 payload,
@@ -1517,6 +1544,7 @@ impl Opener {
             sender_id: h.sender_id,
             counter: h.counter,
             step_id: h.step_id,
+            flags: h.flags,
             width: u32::from(h.width),
             seqs,
             payload,
@@ -1684,6 +1712,7 @@ mod tests {
                 RawHeader {
                     frame_type: FrameType::HeadPart as u8,
                     dtype: Dtype::None as u8,
+                    flags: 0,
                     sender_id: 9,
                     counter: 1,
                     step_id: 1,
@@ -1726,6 +1755,7 @@ mod tests {
         RawHeader {
             frame_type: 1,
             dtype: 0,
+            flags: 0,
             sender_id: 1,
             counter: 1,
             step_id: 0,
@@ -1979,6 +2009,7 @@ mod tests {
             RawHeader {
                 frame_type: FrameType::Activations as u8,
                 dtype: 2,
+                flags: 0,
                 sender_id: 1,
                 counter: 1,
                 step_id: 0,
@@ -2208,6 +2239,7 @@ mod tests {
         let header = |counter| RawHeader {
             frame_type: FrameType::Activations as u8,
             dtype: Dtype::F32 as u8,
+            flags: 0,
             sender_id: 3,
             counter,
             step_id: 0,
@@ -2297,6 +2329,7 @@ mod tests {
             let h = RawHeader {
                 frame_type: rng.below(13) as u8,
                 dtype: rng.below(4) as u8,
+                flags: 0,
                 sender_id: 1,
                 counter,
                 step_id: rng.next(),

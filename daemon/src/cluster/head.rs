@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use ggml_shim::llama::{argmax, SamplerChain, SamplingParams};
 
 use super::frame::{
-    Dtype, Frame, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc,
+    Dtype, Frame, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc, FLAG_SOLO,
 };
 use super::plan::{
     self, Capabilities, Hello, HelloAck, ModelCosts, NodeInfo, Plan, PlanAck, PlannedStage, Pong,
@@ -269,6 +269,10 @@ pub async fn form(
         f16: s.f16,
         senders,
         head_rows,
+        head_rows_solo: match (nodes.first(), nodes.last()) {
+            (Some(a), Some(b)) => plan::solo_head_rows(&a.caps, &b.caps, head_rows, n_vocab),
+            _ => 0,
+        },
     };
     for (p, client) in &control.peers {
         let ack: PlanAck = control
@@ -311,6 +315,19 @@ pub async fn form(
             head_rows: (head_rows > 0).then_some(0..head_rows),
         };
         tokio::task::spawn_blocking(move || Stage::load(&mf, cfg)).await??
+    };
+    // a step alone takes the even split only if this stage reaches those rows
+    let solo_rows = match local.head_reach() {
+        Some(r)
+            if r.start == 0 && plan.head_rows_solo > head_rows && plan.head_rows_solo <= r.end =>
+        {
+            tracing::info!(
+                "a step alone in the pipeline splits the head at row {}",
+                plan.head_rows_solo
+            );
+            plan.head_rows_solo
+        }
+        _ => head_rows,
     };
     let tx = PipelineTx::dial(&s.peers[1].address, &DialOptions::default()).await?;
     let view: ClusterView = Arc::new(Mutex::new(
@@ -375,8 +392,10 @@ pub async fn form(
         view: view.clone(),
         hidden: Vec::new(),
         toks: Vec::new(),
+        in_flight: 0,
         split: (head_rows > 0).then(|| HeadSplit {
             rows: head_rows,
+            solo_rows,
             samplers: HashMap::new(),
             normed: Vec::new(),
             pending: HashMap::new(),
@@ -536,6 +555,8 @@ pub struct ClusterStepper {
     allowed_last: u64,
     /// When the output head is split: this node's share, and the sampling.
     split: Option<HeadSplit>,
+    /// Steps launched and not yet answered.
+    in_flight: usize,
 }
 
 /// The head node's part of a split output head: it computes the logits of rows
@@ -543,12 +564,15 @@ pub struct ClusterStepper {
 /// them with the last stage's logits, and samples.
 struct HeadSplit {
     rows: usize,
+    /// This node's rows for a step launched alone ([`FLAG_SOLO`]; `rows` if the
+    /// even split is out of this stage's reach).
+    solo_rows: usize,
     /// Per slot: the sampler chain, or None for greedy.
     samplers: HashMap<usize, Option<SamplerChain>>,
     normed: Vec<f32>,
-    /// Per step in flight: this node's logits, computed when the normalized state
-    /// arrived, waiting for the last stage's part.
-    pending: HashMap<u64, Vec<f32>>,
+    /// Per step in flight: this node's rows and their logits, computed when the
+    /// normalized state arrived, waiting for the last stage's part.
+    pending: HashMap<u64, (usize, Vec<f32>)>,
     /// Buffers of finished steps, reused for the next ones (about 1 MB each).
     spare: Vec<Vec<f32>>,
     full: Vec<f32>,
@@ -560,11 +584,11 @@ impl HeadSplit {
     fn sample_rows(
         &mut self,
         seqs: &[SeqDesc],
+        rows: usize,
         part: &[f32],
         theirs: &[HeadLogits],
         n_vocab: usize,
     ) -> Result<Vec<i32>, EngineError> {
-        let rows = self.rows;
         let mut toks = Vec::with_capacity(theirs.len());
         let slots = seqs
             .iter()
@@ -573,7 +597,7 @@ impl HeadSplit {
             let (Some(mine), Some(t)) = (part.get(r * rows..(r + 1) * rows), theirs.get(r)) else {
                 return Err(EngineError::Pipeline("head part: missing rows".into()));
             };
-            toks.push(self.sample(slot, mine, t, n_vocab)?);
+            toks.push(self.sample(slot, rows, mine, t, n_vocab)?);
         }
         Ok(toks)
     }
@@ -583,12 +607,12 @@ impl HeadSplit {
     fn sample(
         &mut self,
         slot: usize,
+        rows: usize,
         mine: &[f32],
         theirs: &HeadLogits,
         n_vocab: usize,
     ) -> Result<i32, EngineError> {
         let bad = |why: String| EngineError::Pipeline(format!("head part: {why}"));
-        let rows = self.rows;
         if let HeadLogits::Top(c) = theirs {
             if let Some(&(id, _)) = c.iter().find(|(id, _)| (*id as usize) < rows) {
                 return Err(bad(format!("candidate {id} belongs to this node's rows")));
@@ -673,9 +697,16 @@ impl ClusterStepper {
             // left over from failed steps
             split.pending.clear();
         }
+        // The flag comes back with the step from the last stage, which split its
+        // rows by it (the frame is authenticated; ids are checked when merging).
+        let rows = if frame.flags & FLAG_SOLO != 0 {
+            split.solo_rows
+        } else {
+            split.rows
+        };
         let mut part = split.spare.pop().unwrap_or_default();
-        self.local.project(&split.normed, &mut part)?;
-        split.pending.insert(frame.step_id, part);
+        self.local.project(&split.normed, 0..rows, &mut part)?;
+        split.pending.insert(frame.step_id, (rows, part));
         Ok(())
     }
 
@@ -688,13 +719,13 @@ impl ClusterStepper {
         let theirs = frame
             .head_part()
             .map_err(|e| EngineError::Pipeline(e.to_string()))?;
-        let Some(part) = split.pending.remove(&frame.step_id) else {
+        let Some((rows, part)) = split.pending.remove(&frame.step_id) else {
             return Err(EngineError::Pipeline(format!(
                 "head part of step {} without its normalized state",
                 frame.step_id
             )));
         };
-        let toks = split.sample_rows(&frame.seqs, &part, &theirs, self.n_vocab);
+        let toks = split.sample_rows(&frame.seqs, rows, &part, &theirs, self.n_vocab);
         split.spare.push(part);
         toks
     }
@@ -759,6 +790,14 @@ impl Stepper for ClusterStepper {
             ));
         }
         let descs = SeqDesc::from_batch(seqs).map_err(|e| EngineError::Pipeline(e.to_string()))?;
+        // Alone in the pipeline, a step's head is all that both nodes wait for:
+        // split it evenly instead of by the plan's balance of whole stages.
+        let solo = self.in_flight == 0
+            && self
+                .split
+                .as_ref()
+                .is_some_and(|sp| sp.solo_rows != sp.rows);
+        self.sealer.set_step_flags(if solo { FLAG_SOLO } else { 0 });
         let bytes = self
             .sealer
             .seal_activations(step, &descs, &self.hidden, self.width, self.dtype)
@@ -774,9 +813,24 @@ impl Stepper for ClusterStepper {
                 me.tokens_sent += tokens.len() as u64;
             }
         }
-        self.send(&bytes)
+        self.send(&bytes)?;
+        self.in_flight += 1;
+        Ok(())
     }
     fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError> {
+        let r = self.wait_step();
+        self.in_flight = match &r {
+            Ok(_) => self.in_flight.saturating_sub(1),
+            // the scheduler fails every step in flight (a wrong count only makes a
+            // step take the other, equally exact, split of the head)
+            Err(_) => 0,
+        };
+        r
+    }
+}
+
+impl ClusterStepper {
+    fn wait_step(&mut self) -> Result<(u64, StepOutcome), EngineError> {
         let last = self.last_sender.load(std::sync::atomic::Ordering::SeqCst);
         if last != self.allowed_last {
             self.opener.allow_sender(last);

@@ -150,6 +150,11 @@ pub struct Plan {
     /// rows `0..head_rows`, the last stage those of the rest (0: no split).
     #[serde(default)]
     pub head_rows: usize,
+    /// The head node's rows for a step that is alone in the pipeline (flagged
+    /// [`super::frame::FLAG_SOLO`]): both nodes then wait for the head, so it is
+    /// split evenly by speed rather than to balance whole stages (0: as `head_rows`).
+    #[serde(default)]
+    pub head_rows_solo: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -346,6 +351,30 @@ pub fn plan_cluster(
 /// How much slower than the fastest split a split with fewer layers on the last
 /// node may be estimated (the estimate rests on timings that vary by more).
 const SPLIT_SLACK: f64 = 0.02;
+
+/// The head node's rows for a step alone in the pipeline, when the head is split at
+/// `head_rows` (0: no split, and then none). Such a step leaves both nodes waiting
+/// for its head, so the rows go by speed alone (the last node's layers are done by
+/// then); a share at or below `head_rows` is no change and gives 0. The last node
+/// holds rows `head_rows..`, so it can always take the smaller part; the head node
+/// can take more only with the whole table at hand (a tied head), which it checks.
+pub fn solo_head_rows(
+    head: &Capabilities,
+    last: &Capabilities,
+    head_rows: usize,
+    n_vocab: usize,
+) -> usize {
+    if head_rows == 0 || n_vocab < 2 {
+        return 0;
+    }
+    let (a, b) = (head.ms_per_layer.max(1e-3), last.ms_per_layer.max(1e-3));
+    let rows = ((n_vocab as f64 * b / (a + b)) as usize).min(n_vocab - 1);
+    if rows > head_rows {
+        rows
+    } else {
+        0
+    }
+}
 
 /// The DP behind the planners; `share` of the head runs on node 0. Returns the
 /// ranges and the time of the slowest stage.
@@ -556,6 +585,24 @@ mod tests {
             assert!(p.head_rows > 0, "{p:?}");
             assert_eq!(p.ranges[1], LayerRange::new(17, 18), "{a} {b}: {p:?}");
         }
+    }
+
+    #[test]
+    fn a_step_alone_splits_the_head_by_speed() {
+        let caps = |ms| node("x", 1000, ms).caps;
+        // equal nodes: half each, when that is more than the head node's share
+        assert_eq!(
+            solo_head_rows(&caps(0.2), &caps(0.2), 86_016, 262_144),
+            131_072
+        );
+        // a head node twice as fast takes two thirds
+        assert_eq!(
+            solo_head_rows(&caps(0.1), &caps(0.2), 86_016, 262_144),
+            174_762
+        );
+        // no split, or an even split below the share it has: nothing to change
+        assert_eq!(solo_head_rows(&caps(0.2), &caps(0.2), 0, 262_144), 0);
+        assert_eq!(solo_head_rows(&caps(0.4), &caps(0.1), 86_016, 262_144), 0);
     }
 
     #[test]

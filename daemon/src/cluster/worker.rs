@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use ggml_shim::llama::{argmax, SamplerChain};
 
-use super::frame::{Dtype, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc};
+use super::frame::{
+    Dtype, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc, FLAG_SOLO,
+};
 use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
 use crate::engine::{BatchSeq, OutputRows, Stage, StageConfig, StageInput, StageOutput};
@@ -49,6 +51,9 @@ struct RunningStage {
     /// The last stage holds head rows `head_first..n_vocab` only: it sends them
     /// with the normalized hidden state back, and the head node samples.
     head_first: Option<usize>,
+    /// For a step sent alone ([`super::frame::FLAG_SOLO`]): the head node takes rows
+    /// `0..head_solo` and this stage computes only `head_solo..n_vocab`.
+    head_solo: usize,
 }
 
 /// Shared state between the control and data sides.
@@ -278,6 +283,12 @@ impl ControlHandler {
             );
         }
         let head_first = (last && p.head_rows > 0).then_some(p.head_rows);
+        let head_solo = p.head_rows_solo.max(p.head_rows);
+        if head_solo >= n_vocab {
+            bail!(
+                "the plan gives the head node {head_solo} of the {n_vocab} head rows for a step alone"
+            );
+        }
         let stage = tokio::task::spawn_blocking(move || {
             Stage::load(
                 &mf,
@@ -326,6 +337,7 @@ impl ControlHandler {
                     dtype: if p.f16 { Dtype::F16 } else { Dtype::F32 },
                     prev_sender,
                     head_first,
+                    head_solo,
                 }),
                 ack_tx,
             ))
@@ -478,7 +490,9 @@ impl DataPlane {
             FrameType::Activations => {
                 let seqs: Vec<BatchSeq> = frame.batch();
                 frame.activations(&mut self.hidden)?;
-                let result = self.run_batch(step, &seqs);
+                self.sealer.set_step_flags(frame.flags);
+                let solo = frame.flags & FLAG_SOLO != 0;
+                let result = self.run_batch(step, &seqs, solo);
                 if let Err(e) = &result {
                     // tell the head at once instead of letting it wait
                     let range = self.run.as_ref().map(|r| r.stage.config().range);
@@ -520,7 +534,7 @@ impl DataPlane {
     }
 
     /// Computes the stage; sends activations on, or (last stage) sampled token ids.
-    fn run_batch(&mut self, step: u64, seqs: &[BatchSeq]) -> anyhow::Result<()> {
+    fn run_batch(&mut self, step: u64, seqs: &[BatchSeq], solo: bool) -> anyhow::Result<()> {
         let Some(r) = self.run.as_mut() else {
             anyhow::bail!("no plan")
         };
@@ -540,13 +554,16 @@ impl DataPlane {
             StageOutput::Normed => {
                 // the normalized state first: the head node computes its rows of the
                 // head while we compute ours
-                let first = r.head_first.unwrap_or(0);
+                let n_vocab = r.stage.hparams().n_vocab;
+                let own = r.head_first.unwrap_or(0);
+                let first = if solo { r.head_solo.max(own) } else { own };
                 let normed = self
                     .sealer
                     .seal_normed(step, &descs, &self.out, r.width, r.dtype)?;
                 self.rt.block_on(r.tx.send(&normed))?;
-                r.stage.project(&self.out, &mut self.logits)?;
-                let width = r.stage.hparams().n_vocab - first;
+                r.stage
+                    .project(&self.out, first..n_vocab, &mut self.logits)?;
+                let width = n_vocab - first;
                 let mut parts = Vec::new();
                 for row in rows_with_slots(seqs, &self.logits, width) {
                     let (slot, l) = row?;

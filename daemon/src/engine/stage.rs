@@ -77,7 +77,7 @@ pub struct Stage {
     graph: Option<CachedGraph>,
     /// Head projection graphs (split head), by rows, with their own allocator.
     project_alloc: Option<Allocator>,
-    project_graph: Option<(usize, GraphBuilder)>,
+    project_graph: Option<((usize, Range<usize>), GraphBuilder)>,
 }
 
 impl Stage {
@@ -128,13 +128,30 @@ impl Stage {
         self.weights.head_rows()
     }
 
-    /// Applies this stage's share of the output head to normalized hidden states
-    /// (`n_embd` values per row, the last stage's [`StageOutput::Normed`]): writes
-    /// the logits of its head rows, `rows.len()` values per row, into `out`.
-    pub fn project(&mut self, normed: &[f32], out: &mut Vec<f32>) -> Result<(), EngineError> {
+    /// The head rows this stage can compute on request ([`Stage::project`]).
+    pub fn head_reach(&self) -> Option<Range<usize>> {
+        self.weights.head_reach()
+    }
+
+    /// Applies vocabulary rows `rows` of the output head (inside
+    /// [`Stage::head_reach`]) to normalized hidden states (`n_embd` values per row,
+    /// the last stage's [`StageOutput::Normed`]): writes `rows.len()` logits per row
+    /// into `out`.
+    pub fn project(
+        &mut self,
+        normed: &[f32],
+        rows: Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
         let e = self.hp.n_embd;
-        if self.weights.head_rows().is_none() {
+        let Some(reach) = self.weights.head_reach() else {
             return Err(EngineError::Config("this stage holds no head rows".into()));
+        };
+        if rows.is_empty() || rows.start < reach.start || rows.end > reach.end {
+            return Err(EngineError::Config(format!(
+                "head rows {}..{} are outside this stage's {}..{}",
+                rows.start, rows.end, reach.start, reach.end
+            )));
         }
         if normed.is_empty() || !normed.len().is_multiple_of(e) {
             return Err(EngineError::Input(format!(
@@ -148,17 +165,14 @@ impl Stage {
             ));
         }
         let n = normed.len() / e;
-        if self
-            .project_graph
-            .as_ref()
-            .is_none_or(|(rows, _)| *rows != n)
-        {
+        let key = (n, rows.clone());
+        if self.project_graph.as_ref().is_none_or(|(k, _)| *k != key) {
             self.project_graph = None;
             let g = GraphBuilder::new(64)?;
             {
                 let x = g.input(DType::F32, &[e as i64, n as i64]);
                 g.name(x, PROJECT_INPUT);
-                let logits = project_head(&g, &self.hp, &self.weights, x)?;
+                let logits = project_head(&g, &self.hp, &self.weights, x, rows)?;
                 g.name(logits, RESULT);
                 g.output(logits);
             }
@@ -167,7 +181,7 @@ impl Stage {
                 None => self.project_alloc.insert(Allocator::new()?),
             };
             alloc.alloc(&g)?;
-            self.project_graph = Some((n, g));
+            self.project_graph = Some((key, g));
         }
         let Some((_, g)) = self.project_graph.as_ref() else {
             return Err(EngineError::Pipeline("no projection graph".into()));

@@ -7,6 +7,8 @@
 //! cache is written through row indices. So consecutive decode steps reuse one graph,
 //! as llama.cpp does, and skip building and allocating it.
 
+use std::ops::Range;
+
 use ggml_shim::{DType, GraphBuilder, Placement, RopeParams, Tensor, TensorSpec, TensorStore};
 
 use super::hparams::{HParams, RopeScaling};
@@ -539,7 +541,11 @@ impl<'a> StageGraph<'a> {
         if self.split_head() {
             return Ok(x);
         }
-        project_head(self.g, self.hp, self.w, x)
+        let rows = self
+            .w
+            .head_rows()
+            .ok_or_else(|| ModelError::MissingTensor(TIED_HEAD.into()))?;
+        project_head(self.g, self.hp, self.w, x, rows)
     }
 
     /// Whether this stage holds only part of the output head.
@@ -551,19 +557,30 @@ impl<'a> StageGraph<'a> {
 }
 
 /// The output head applied to normalized hidden states `x` (`[n_embd, n]`): logits
-/// of the head rows the stage holds (`[rows, n]`), with the bias and soft-cap.
+/// of vocabulary rows `rows` (`[rows.len(), n]`, inside the stage's
+/// [`StageWeights::head_reach`]), with the bias and soft-cap.
 pub fn project_head<'a>(
     g: &'a GraphBuilder,
     hp: &HParams,
     w: &'a StageWeights,
     x: Tensor<'a>,
+    rows: Range<usize>,
 ) -> Result<Tensor<'a>, ModelError> {
     let missing = || ModelError::MissingTensor(TIED_HEAD.into());
-    let rows = w.head_rows().ok_or_else(missing)?;
+    let reach = w.head_reach().ok_or_else(missing)?;
+    if rows.is_empty() || rows.start < reach.start || rows.end > reach.end {
+        return Err(ModelError::BadKey {
+            key: TIED_HEAD.into(),
+            why: format!(
+                "head rows {}..{} are outside this stage's {}..{}",
+                rows.start, rows.end, reach.start, reach.end
+            ),
+        });
+    }
     let mut head = w.get(TIED_HEAD).ok_or_else(missing)?;
-    let skip = w.head_skip();
+    let skip = rows.start - w.head_base();
     if skip != 0 || head.ne()[1] as usize != rows.len() {
-        // the share is a band of rows of the (shared) table: a view, no copy
+        // a band of rows of the stored table: a view, no copy
         let nb1 = head.nb()[1];
         head = g.view(
             head,
@@ -573,7 +590,13 @@ pub fn project_head<'a>(
         );
     }
     let mut logits = g.mul_mat(head, x);
-    if let Some(b) = w.get("output.bias") {
+    if let Some(mut b) = w.get("output.bias") {
+        // the bias holds the stage's own rows (reach is those rows when it exists)
+        let own = w.head_rows().ok_or_else(missing)?;
+        if rows != own {
+            let nb0 = b.nb()[0];
+            b = g.view(b, &[rows.len() as i64], &[], (rows.start - own.start) * nb0);
+        }
         logits = g.add(logits, b);
     }
     let cap = hp.final_logit_softcap;

@@ -242,6 +242,9 @@ pub struct StageWeights {
     head_alias: Option<String>,
     /// The vocabulary rows of the head this stage computes, if any.
     head_rows: Option<Range<usize>>,
+    /// The rows it could compute: its own, or every row of a tied head that is a
+    /// view of the embedding table.
+    head_reach: Option<Range<usize>>,
     bytes: u64,
 }
 
@@ -309,10 +312,18 @@ impl StageWeights {
             store.set(&p.name, &buf)?;
             bytes += size;
         }
+        // With the whole embedding table at hand, any rows of a tied head are in reach.
+        // (A bias, loaded for the stage's own rows only, keeps it to those.)
+        let has_bias = planned.iter().any(|p| p.name == "output.bias");
+        let head_reach = match head_alias {
+            Some(_) if !has_bias => head_rows.as_ref().map(|_| 0..mf.hparams.n_vocab),
+            _ => head_rows.clone(),
+        };
         Ok(StageWeights {
             store,
             head_alias,
             head_rows,
+            head_reach,
             bytes,
         })
     }
@@ -322,11 +333,16 @@ impl StageWeights {
         self.head_rows.clone()
     }
 
-    /// How many rows of the stored head tensor precede this stage's share: the
-    /// share's start when the head is the whole (shared) embedding table, else 0.
-    pub fn head_skip(&self) -> usize {
+    /// The vocabulary rows of the head this stage can compute on request: its own
+    /// rows, or, when its head is a view of the whole embedding table, all of them.
+    pub fn head_reach(&self) -> Option<Range<usize>> {
+        self.head_reach.clone()
+    }
+
+    /// The vocabulary row that the stored head tensor (and `output.bias`) starts at.
+    pub fn head_base(&self) -> usize {
         match (&self.head_alias, &self.head_rows) {
-            (Some(_), Some(r)) => r.start,
+            (None, Some(r)) => r.start,
             _ => 0,
         }
     }
