@@ -125,11 +125,11 @@ mod tests {
     use std::collections::HashMap;
 
     fn load(text: &str) -> Config {
-        let path = std::env::temp_dir().join(format!(
-            "exo-reload-test-{}-{}.toml",
-            std::process::id(),
-            text.len()
-        ));
+        // one file per call: tests run in parallel, and two texts may share a length
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("exo-reload-test-{}-{n}.toml", std::process::id()));
         std::fs::write(&path, text).expect("write");
         let c = Config::load_from_env_map(&path, &HashMap::new()).expect("load");
         let _ = std::fs::remove_file(&path);
