@@ -603,16 +603,17 @@ pub enum HeadLogits {
 }
 
 /// Marks a [`HeadLogits::Top`] row in the head-part encoding (in place of `first`).
-const TOP_ROW: u32 = u32::MAX;
+/// Marks a [`HeadLogits::Top`] row: the high bit of its count.
+const TOP_ROW: u32 = 1 << 31;
 
 impl HeadLogits {
-    /// Encoded as `n: u32, first: u32` then `n` logits (dense) or, with `first` =
-    /// `u32::MAX`, `n` pairs of `id: i32, logit: f32`.
+    /// Encoded as `n: u32, first: u32` then `n` logits (dense) or as
+    /// `n | 1 << 31: u32` then `n` pairs of `id: i32, logit: f32` (candidates; a
+    /// greedy row is 12 bytes).
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             HeadLogits::Top(c) => {
-                out.extend((c.len() as u32).to_le_bytes());
-                out.extend(TOP_ROW.to_le_bytes());
+                out.extend((c.len() as u32 | TOP_ROW).to_le_bytes());
                 for &(id, l) in c {
                     out.extend(id.to_le_bytes());
                     out.extend(l.to_le_bytes());
@@ -627,9 +628,9 @@ impl HeadLogits {
     }
 
     fn encoded_len(&self) -> usize {
-        8 + match self {
-            HeadLogits::Top(c) => c.len() * 8,
-            HeadLogits::Dense { logits, .. } => logits.len() * 4,
+        match self {
+            HeadLogits::Top(c) => 4 + c.len() * 8,
+            HeadLogits::Dense { logits, .. } => 8 + logits.len() * 4,
         }
     }
 
@@ -648,18 +649,28 @@ impl HeadLogits {
         let mut out = Vec::with_capacity(rows);
         let mut at = 0usize;
         for row in 0..rows {
-            let (Some(n), Some(first)) = (u32_at(bytes, at), u32_at(bytes, at + 4)) else {
+            let Some(head) = u32_at(bytes, at) else {
                 return Err(bad(row, "truncated".into()));
             };
-            at += 8;
-            let n = n as usize;
+            at += 4;
+            let top = head & TOP_ROW != 0;
+            let n = (head & !TOP_ROW) as usize;
+            let first = if top {
+                0
+            } else {
+                let Some(first) = u32_at(bytes, at) else {
+                    return Err(bad(row, "truncated".into()));
+                };
+                at += 4;
+                first
+            };
             if n == 0 || n > n_vocab {
                 return Err(bad(
                     row,
                     format!("{n} logits for a vocabulary of {n_vocab}"),
                 ));
             }
-            let width = if first == TOP_ROW { 8 } else { 4 };
+            let width = if top { 8 } else { 4 };
             let Some(body) = n.checked_mul(width).and_then(|len| bytes.get(at..at + len)) else {
                 return Err(bad(row, "truncated".into()));
             };
@@ -671,7 +682,7 @@ impl HeadLogits {
                     Ok(l)
                 }
             };
-            if first == TOP_ROW {
+            if top {
                 let mut c = Vec::with_capacity(n);
                 for p in body.chunks_exact(8) {
                     let id = i32::from_le_bytes([p[0], p[1], p[2], p[3]]);
@@ -1670,6 +1681,12 @@ mod tests {
         assert_eq!(f.head_part().expect("decode"), logits);
         // a row count that does not match the output rows is refused when sealing
         assert!(sealer.seal_head_part(5, &seqs, &logits[..1]).is_err());
+        // greedy: one candidate, 12 bytes a row
+        let one = [seq(2, 9, 1, OutputRows::Last)];
+        let bytes = sealer
+            .seal_head_part(6, &one, &[HeadLogits::Top(vec![(5, 1.0)])])
+            .expect("seal");
+        assert_eq!(bytes.len(), HEADER_LEN + SEQ_DESC_LEN + 12 + MAC_LEN);
     }
 
     #[test]
