@@ -46,8 +46,12 @@ impl Capabilities {
 /// weights read per step are shared by several tokens.
 const MEASURE_TOKENS: usize = 4;
 
-/// Timed runs (about 6 ms each for Gemma 3 270M on one core).
+/// Timed runs: up to `MEASURE_RUNS` (about 6 ms each for Gemma 3 270M on one x86
+/// core), or fewer, but at least `MEASURE_MIN_RUNS`, once `MEASURE_BUDGET` has passed
+/// (a slow node, or one under emulation at 5 s a run, would otherwise time for minutes).
 const MEASURE_RUNS: usize = 48;
+const MEASURE_MIN_RUNS: usize = 8;
+const MEASURE_BUDGET: std::time::Duration = std::time::Duration::from_millis(400);
 
 /// Bytes of weights the timing loads: enough layers that they are not measured from
 /// a warmer cache than the running model sees.
@@ -89,7 +93,11 @@ fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
     let hidden = vec![0.01f32; hp.n_embd * MEASURE_TOKENS];
     let mut out = Vec::new();
     let mut runs = Vec::with_capacity(MEASURE_RUNS);
+    let started = std::time::Instant::now();
     for i in 0..MEASURE_RUNS {
+        if i >= MEASURE_MIN_RUNS && started.elapsed() >= MEASURE_BUDGET {
+            break;
+        }
         let seqs: Vec<BatchSeq> = (0..MEASURE_TOKENS)
             .map(|slot| BatchSeq {
                 slot,
@@ -105,7 +113,7 @@ fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
         runs.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // the first runs warm the cache; the median of the rest is steadier than the best
-    let mut warm = runs.split_off(MEASURE_RUNS / 4);
+    let mut warm = runs.split_off(runs.len() / 4);
     warm.sort_by(f64::total_cmp);
     Some(warm[warm.len() / 2] / MEASURE_TOKENS as f64 / n_layers as f64)
 }
