@@ -1103,6 +1103,19 @@ impl SamplerChain {
         Self::with_logit_bias(params, 0, &[])
     }
 
+    /// The chain for a sequence with `params` whose tokens so far are `history` (its
+    /// penalties see them), or `None` for greedy decoding, which is a plain argmax.
+    pub fn for_sequence(params: &SamplingParams, history: &[i32]) -> Result<Option<SamplerChain>> {
+        if params.is_greedy() {
+            return Ok(None);
+        }
+        let mut chain = SamplerChain::new(params)?;
+        for &t in history {
+            chain.accept(t);
+        }
+        Ok(Some(chain))
+    }
+
     /// Like [`SamplerChain::new`], with `(token, bias)` logit biases applied first, as llama.cpp
     /// does for user biases and the model's suppress tokens (bias `f32::NEG_INFINITY`).
     /// `n_vocab` is only used by llama.cpp's GPU "backend sampling" path (never enabled here);

@@ -205,11 +205,8 @@ pub struct SeqDesc {
 impl SeqDesc {
     /// Rows of this sequence that produce output.
     pub fn output_rows(&self) -> u32 {
-        match self.output {
-            OutputRows::None => 0,
-            OutputRows::Last => 1,
-            OutputRows::All => self.n_tokens,
-        }
+        // n_tokens is a u32: so is the count
+        self.output.count(self.n_tokens as usize) as u32
     }
 
     /// Converts a batch for the wire; fails if a field does not fit 32 bits.

@@ -409,9 +409,7 @@ pub async fn form(
 /// The head rows of a fixed `[cluster] head_share` (0 for none).
 fn fixed_head_rows(policy: HeadSharePolicy, n_vocab: usize) -> usize {
     match policy {
-        HeadSharePolicy::Share(f) if n_vocab >= 2 => {
-            ((n_vocab as f64 * f) as usize).clamp(1, n_vocab - 1)
-        }
+        HeadSharePolicy::Share(f) if n_vocab >= 2 => plan::share_rows(f, n_vocab),
         _ => 0,
     }
 }
@@ -681,9 +679,7 @@ impl ClusterStepper {
             .block_on(self.tx.send_timeout(bytes, Some(DEAD_AFTER)))
             .map_err(|e| EngineError::Pipeline(format!("sending to the next stage: {e}")))
     }
-}
 
-impl ClusterStepper {
     /// A split head's normalized state arrived: this node computes its rows of the
     /// head now, while the last stage computes the others.
     fn start_head(&mut self, frame: &Frame<'_>) -> Result<(), EngineError> {
@@ -757,16 +753,9 @@ impl Stepper for ClusterStepper {
         prompt: &[i32],
     ) -> Result<(), EngineError> {
         if let Some(split) = self.split.as_mut() {
-            let chain = if p.is_greedy() {
-                None
-            } else {
-                let mut c = SamplerChain::new(p)?;
-                for &t in prompt {
-                    c.accept(t);
-                }
-                Some(c)
-            };
-            split.samplers.insert(slot, chain);
+            split
+                .samplers
+                .insert(slot, SamplerChain::for_sequence(p, prompt)?);
         }
         let setup = SlotSetup::new(slot, p, prompt);
         let bytes = self

@@ -304,6 +304,12 @@ pub struct ClusterPlan {
     pub head_rows: usize,
 }
 
+/// The head node's rows `0..n` for a `share` of the head (at least one row each;
+/// `n_vocab` ≥ 2).
+pub fn share_rows(share: f64, n_vocab: usize) -> usize {
+    ((n_vocab as f64 * share) as usize).clamp(1, n_vocab - 1)
+}
+
 /// Shares of the head tried for the first node, in 64ths.
 const HEAD_SHARE_STEPS: usize = 64;
 
@@ -329,7 +335,7 @@ pub fn plan_cluster(
         .filter_map(|step| {
             let share = step as f64 / HEAD_SHARE_STEPS as f64;
             let (ranges, t) = plan_with_head_share(nodes, costs, share).ok()?;
-            let head_rows = ((n_vocab as f64 * share) as usize).clamp(1, n_vocab - 1);
+            let head_rows = share_rows(share, n_vocab);
             Some((ClusterPlan { ranges, head_rows }, t))
         })
         .collect();

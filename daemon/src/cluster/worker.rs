@@ -14,7 +14,7 @@ use super::frame::{
 };
 use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
-use crate::engine::{BatchSeq, OutputRows, Stage, StageConfig, StageInput, StageOutput};
+use crate::engine::{BatchSeq, Stage, StageConfig, StageInput, StageOutput};
 use crate::model::{LayerRange, ModelFile};
 
 /// How a worker runs.
@@ -520,16 +520,8 @@ impl DataPlane {
                 .insert(s.slot, plan::head_candidates(&params));
             return Ok(());
         }
-        let chain = if params.is_greedy() {
-            None
-        } else {
-            let mut c = SamplerChain::new(&params)?;
-            for &t in &s.prompt {
-                c.accept(t);
-            }
-            Some(c)
-        };
-        self.samplers.insert(s.slot, chain);
+        self.samplers
+            .insert(s.slot, SamplerChain::for_sequence(&params, &s.prompt)?);
         Ok(())
     }
 
@@ -547,7 +539,7 @@ impl DataPlane {
             StageOutput::Hidden => self
                 .sealer
                 .seal_activations(step, &descs, &self.out, r.width, r.dtype)?,
-            StageOutput::Normed if seqs.iter().all(|s| output_rows(s) == 0) => {
+            StageOutput::Normed if seqs.iter().all(|s| s.output_rows() == 0) => {
                 // a prompt chunk without output rows: nothing to sample
                 self.sealer.seal_tokens(step, &descs, &[])?
             }
@@ -619,20 +611,12 @@ fn rows_with_slots<'a>(
 ) -> impl Iterator<Item = anyhow::Result<(usize, &'a [f32])>> + 'a {
     let mut rows = logits.chunks_exact(width.max(1));
     seqs.iter()
-        .flat_map(|s| std::iter::repeat_n(s.slot, output_rows(s)))
+        .flat_map(|s| std::iter::repeat_n(s.slot, s.output_rows()))
         .map(move |slot| {
             rows.next()
                 .map(|l| (slot, l))
                 .ok_or_else(|| anyhow::anyhow!("missing logits row"))
         })
-}
-
-fn output_rows(s: &BatchSeq) -> usize {
-    match s.output {
-        OutputRows::None => 0,
-        OutputRows::Last => 1,
-        OutputRows::All => s.n_tokens,
-    }
 }
 
 /// The `k` best of a row of logits for ids `first..`, best first; equal logits

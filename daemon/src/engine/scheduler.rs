@@ -472,21 +472,13 @@ impl Engine {
                     continue;
                 }
             };
-            let greedy = req.sampling.is_greedy();
             let mut sampler = None;
             let setup = if self.stepper.samples_remotely() {
                 self.stepper.setup_slot(slot, &req.sampling, &req.prompt)
-            } else if greedy {
-                Ok(())
             } else {
-                SamplerChain::new(&req.sampling)
+                SamplerChain::for_sequence(&req.sampling, &req.prompt)
                     .map_err(EngineError::from)
-                    .map(|mut s| {
-                        for &t in &req.prompt {
-                            s.accept(t);
-                        }
-                        sampler = Some(s);
-                    })
+                    .map(|s| sampler = s)
             };
             if let Err(e) = setup {
                 self.stepper.release_slot(slot);

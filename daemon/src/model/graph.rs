@@ -27,6 +27,17 @@ pub enum OutputRows {
     All,
 }
 
+impl OutputRows {
+    /// Output rows of a chunk of `n_tokens` tokens.
+    pub fn count(self, n_tokens: usize) -> usize {
+        match self {
+            OutputRows::None => 0,
+            OutputRows::Last => 1,
+            OutputRows::All => n_tokens,
+        }
+    }
+}
+
 /// One sequence's part of a batch: `n_tokens` new tokens at positions `pos0..`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchSeq {
@@ -35,6 +46,13 @@ pub struct BatchSeq {
     pub pos0: usize,
     pub n_tokens: usize,
     pub output: OutputRows,
+}
+
+impl BatchSeq {
+    /// Rows of this sequence that produce output.
+    pub fn output_rows(&self) -> usize {
+        self.output.count(self.n_tokens)
+    }
 }
 
 /// Per-layer F16 key/value caches for `n_slots` sequences of `n_ctx` positions each
