@@ -144,14 +144,8 @@ impl Stage {
         out: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
         let e = self.hp.n_embd;
-        let Some(reach) = self.weights.head_reach() else {
+        if self.weights.head_reach().is_none() {
             return Err(EngineError::Config("this stage holds no head rows".into()));
-        };
-        if rows.is_empty() || rows.start < reach.start || rows.end > reach.end {
-            return Err(EngineError::Config(format!(
-                "head rows {}..{} are outside this stage's {}..{}",
-                rows.start, rows.end, reach.start, reach.end
-            )));
         }
         if normed.is_empty() || !normed.len().is_multiple_of(e) {
             return Err(EngineError::Input(format!(
@@ -165,6 +159,7 @@ impl Stage {
             ));
         }
         let n = normed.len() / e;
+        // rows outside the stage's reach are refused when the graph is built
         let key = (n, rows.clone());
         if self.project_graph.as_ref().is_none_or(|(k, _)| *k != key) {
             self.project_graph = None;
