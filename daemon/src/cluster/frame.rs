@@ -202,6 +202,11 @@ pub struct SeqDesc {
     pub output: OutputRows,
 }
 
+/// Output rows of a batch (each sequence's, summed).
+pub fn output_rows_of(seqs: &[SeqDesc]) -> usize {
+    seqs.iter().map(|s| s.output_rows() as usize).sum()
+}
+
 impl SeqDesc {
     /// Rows of this sequence that produce output.
     pub fn output_rows(&self) -> u32 {
@@ -842,7 +847,7 @@ impl Sealer {
         width: usize,
         dtype: Dtype,
     ) -> Result<Vec<u8>, FrameError> {
-        let rows: usize = seqs.iter().map(|s| s.output_rows() as usize).sum();
+        let rows = output_rows_of(seqs);
         let mut out = Vec::new();
         self.seal_floats(
             FrameType::Normed,
@@ -865,7 +870,7 @@ impl Sealer {
         seqs: &[SeqDesc],
         logits: &[HeadLogits],
     ) -> Result<Vec<u8>, FrameError> {
-        let rows: usize = seqs.iter().map(|s| s.output_rows() as usize).sum();
+        let rows = output_rows_of(seqs);
         if logits.len() != rows {
             return Err(FrameError::BadHeadPart {
                 row: logits.len(),
@@ -953,7 +958,7 @@ impl Sealer {
         seqs: &[SeqDesc],
         tokens: &[i32],
     ) -> Result<Vec<u8>, FrameError> {
-        let rows: u64 = seqs.iter().map(|s| u64::from(s.output_rows())).sum();
+        let rows = output_rows_of(seqs) as u64;
         if rows != tokens.len() as u64 {
             return Err(FrameError::PayloadSize {
                 frame_type: FrameType::Tokens,
@@ -1184,7 +1189,7 @@ impl Frame<'_> {
     /// was opened).
     pub fn head_part(&self) -> Result<Vec<HeadLogits>, FrameError> {
         self.expect(FrameType::HeadPart)?;
-        let rows: usize = self.seqs.iter().map(|s| s.output_rows() as usize).sum();
+        let rows = output_rows_of(&self.seqs);
         HeadLogits::decode_all(self.payload, rows, usize::MAX >> 1)
     }
 

@@ -861,7 +861,7 @@ impl ClusterStepper {
                 let rows: u64 = if frame.frame_type == FrameType::Normed {
                     0
                 } else {
-                    frame.seqs.iter().map(|d| u64::from(d.output_rows())).sum()
+                    super::frame::output_rows_of(&frame.seqs) as u64
                 };
                 if let Ok(mut v) = self.view.lock() {
                     if let Some(last) = v.last_mut() {
