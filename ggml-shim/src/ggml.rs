@@ -277,11 +277,12 @@ impl GraphBuilder {
         self.wrap(unsafe { sys::ggml_get_rows(self.c(), table.raw(), ids.raw()) })
     }
 
-    /// `wᵀ·x`. Q8_0 weights times f32 activations take exo's prefetching kernel
-    /// where it applies ([`crate::q8_0`]); its results are bit-identical to ggml's.
+    /// `wᵀ·x`. Q8_0 and Q5_0 weights times f32 activations take exo's prefetching
+    /// kernels where they apply ([`crate::qmatmul`]); the results are bit-identical
+    /// to ggml's.
     pub fn mul_mat<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
-        if q8_0_kernel_applies(w, x) {
-            self.mul_mat_q8_0(w, x)
+        if prefetching_kernel_applies(w, x) {
+            self.mul_mat_prefetching(w, x)
         } else {
             self.mul_mat_ggml(w, x)
         }
@@ -293,12 +294,13 @@ impl GraphBuilder {
         self.wrap(unsafe { sys::ggml_mul_mat(self.c(), w.raw(), x.raw()) })
     }
 
-    /// `wᵀ·x` for Q8_0 `w` (`[k, m]`) and f32 `x` (`[k, n]`): `x` is quantized to
-    /// Q8_0 by ggml (as `ggml_mul_mat` does), then multiplied by exo's kernel.
-    fn mul_mat_q8_0<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+    /// `wᵀ·x` for Q8_0 or Q5_0 `w` (`[k, m]`) and f32 `x` (`[k, n]`): `x` is
+    /// quantized to Q8_0 by ggml (as `ggml_mul_mat` does), then multiplied by exo's
+    /// kernel.
+    fn mul_mat_prefetching<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
         let [k, m, ..] = w.ne();
         let n = x.ne()[1];
-        // SAFETY: ctx valid; the shapes were checked by q8_0_kernel_applies.
+        // SAFETY: ctx valid; the shapes were checked by prefetching_kernel_applies.
         let xq = self.wrap(unsafe {
             let q = sys::ggml_new_tensor_2d(self.c(), sys::GGML_TYPE_Q8_0, k, n);
             sys::ggml_cpy(self.c(), x.raw(), q)
@@ -316,7 +318,7 @@ impl GraphBuilder {
                 1,
                 args.as_mut_ptr(),
                 2,
-                Some(crate::q8_0::q8_0_matmul_op),
+                Some(crate::qmatmul::qmatmul_op),
                 -1,
                 std::ptr::null_mut(),
             )
@@ -481,27 +483,14 @@ impl GraphBuilder {
     }
 }
 
-/// Whether `w·x` can take the prefetching Q8_0 kernel: 2-D Q8_0 weights in their
-/// plain layout (not repacked by ggml), 2-D f32 activations with unit stride, and a
-/// build whose ggml uses the kernels it repeats.
-fn q8_0_kernel_applies(w: Tensor<'_>, x: Tensor<'_>) -> bool {
-    let (wne, xne) = (w.ne(), x.ne());
-    // SAFETY: reading the header of a live tensor.
+/// Whether `w·x` can take exo's prefetching kernels ([`crate::qmatmul`]).
+fn prefetching_kernel_applies(w: Tensor<'_>, x: Tensor<'_>) -> bool {
+    // SAFETY: reading the header of a live tensor (repacked weights carry extra).
     let repacked = unsafe { !(*w.raw()).extra.is_null() };
-    w.dtype() == DType::Q8_0
-        && x.dtype() == DType::F32
-        && !repacked
-        && wne[0] == xne[0]
-        && wne[0] % crate::q8_0::BLOCK_VALUES == 0
-        && wne[1] > 0
-        && xne[1] > 0
-        && wne[2] == 1
-        && wne[3] == 1
-        && xne[2] == 1
-        && xne[3] == 1
-        && w.nb()[0] == crate::q8_0::BLOCK_BYTES
-        && x.nb()[0] == 4
-        && crate::q8_0::prefetching_q8_0_matmul()
+    let (wt, xt) = (w.get(), x.get());
+    crate::qmatmul::applies(
+        wt.type_, wt.ne, wt.nb[0], repacked, xt.type_, xt.ne, xt.nb[0],
+    )
 }
 
 impl Drop for GraphBuilder {

@@ -10,7 +10,7 @@ pub mod cpu_guard;
 pub mod ggml;
 pub mod gguf;
 pub mod llama;
-pub mod q8_0;
+pub mod qmatmul;
 pub mod writer;
 
 pub use backend::{

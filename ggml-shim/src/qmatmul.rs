@@ -1,17 +1,17 @@
-//! A Q8_0 × Q8_0 matrix product that asks for its weights before it needs them.
+//! Quantized matrix products that ask for their weights before they need them.
 //!
-//! ggml's x86 kernels for this product (tinyBLAS `gemm4xN` for two or more columns,
-//! `ggml_vec_dot_q8_0_q8_0` for one) leave the weight stream to the hardware
-//! prefetcher. On one core that keeps them waiting on memory for about half the
-//! time: Gemma 3's 178 MB Q8_0 output head takes 34 ms for 4 tokens, of which 14 ms
-//! is arithmetic. This kernel does the same arithmetic in the same order (per output,
-//! 8 lanes accumulate `fma(d_w·d_x, lane dot, acc)` block by block, then the same
-//! horizontal sum), so its results are bit-identical to ggml's and llama.cpp's; it
-//! only prefetches the rows it will read a few kilobytes ahead.
+//! ggml's x86 kernels for Q8_0 and Q5_0 weights times Q8_0 activations (tinyBLAS
+//! `gemm4xN` for two or more columns, `ggml_vec_dot_q{8,5}_0_q8_0` for one) leave
+//! the weight stream to the hardware prefetcher. On one core that keeps them waiting
+//! on memory for about half the time: Gemma 3's 178 MB Q8_0 output head takes 34 ms
+//! for 4 tokens, of which 14 ms is arithmetic. These kernels do the same arithmetic
+//! in the same order (per output, 8 lanes accumulate `fma(d_w·d_x, lane dot, acc)`
+//! block by block, then the same horizontal sum), so their results are bit-identical
+//! to ggml's and llama.cpp's; they only prefetch the rows they will read next.
 //!
-//! It runs as a ggml custom op on ggml's threads: [`crate::GraphBuilder::mul_mat`]
-//! quantizes the activations with ggml's own `ggml_cpy` to Q8_0 (the same quantizer
-//! `ggml_mul_mat` uses), then calls [`q8_0_matmul_op`]. Only x86-64 builds whose ggml
+//! They run as a ggml custom op on ggml's threads: [`crate::GraphBuilder::mul_mat`]
+//! quantizes the activations with ggml's own `ggml_cpy` to Q8_0 (the quantizer
+//! `ggml_mul_mat` uses), then calls [`qmatmul_op`]. Only x86-64 builds whose ggml
 //! uses those AVX2 kernels take this path; everything else stays on `ggml_mul_mat`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,21 +19,82 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::sys;
 
 /// Bytes of one Q8_0 block: an f16 scale and 32 signed quants.
-pub(crate) const BLOCK_BYTES: usize = 34;
-/// Values per Q8_0 block.
-pub(crate) const BLOCK_VALUES: i64 = 32;
+const Q8_0_BYTES: usize = 34;
+/// Bytes of one Q5_0 block: an f16 scale, 32 high bits, 32 low nibbles.
+const Q5_0_BYTES: usize = 22;
+/// Values per block of either type.
+const BLOCK_VALUES: i64 = 32;
+
+/// The most activation columns (tokens) these kernels take. Up to here the product
+/// waits on memory and prefetching pays (Gemma's head: 1.25x at 1 column, 1.7x at
+/// 4, 1.5x at 8); wider products, such as prompt chunks, are bound by arithmetic,
+/// where tinyBLAS is as fast or faster (Q5_0 at 32 columns: 0.96x).
+const MAX_COLUMNS: i64 = 8;
+
+/// The weight types these kernels take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Weights {
+    Q8_0,
+    Q5_0,
+}
+
+impl Weights {
+    fn of(t: sys::ggml_type) -> Option<Weights> {
+        match t {
+            sys::GGML_TYPE_Q8_0 => Some(Weights::Q8_0),
+            sys::GGML_TYPE_Q5_0 => Some(Weights::Q5_0),
+            _ => None,
+        }
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            Weights::Q8_0 => Q8_0_BYTES,
+            Weights::Q5_0 => Q5_0_BYTES,
+        }
+    }
+}
+
+/// Whether `wᵀ·x` (`w` `[k, m]`, `x` `[k, n]`, ggml order) can take these kernels:
+/// 2-D Q8_0 or Q5_0 weights in their plain layout (`repacked` false), 2-D f32
+/// activations with unit stride and at most [`MAX_COLUMNS`] columns, and a build
+/// whose ggml uses the kernels they repeat.
+pub(crate) fn applies(
+    w_type: sys::ggml_type,
+    w_ne: [i64; 4],
+    w_nb0: usize,
+    repacked: bool,
+    x_type: sys::ggml_type,
+    x_ne: [i64; 4],
+    x_nb0: usize,
+) -> bool {
+    let Some(weights) = Weights::of(w_type) else {
+        return false;
+    };
+    !repacked
+        && x_type == sys::GGML_TYPE_F32
+        && w_ne[0] == x_ne[0]
+        && w_ne[0] % BLOCK_VALUES == 0
+        && w_ne[1] > 0
+        && (1..=MAX_COLUMNS).contains(&x_ne[1])
+        && w_ne[2..] == [1, 1]
+        && x_ne[2..] == [1, 1]
+        && w_nb0 == weights.block_bytes()
+        && x_nb0 == 4
+        && prefetching_kernels()
+}
 
 static DISABLED: AtomicBool = AtomicBool::new(false);
 
-/// Turns the prefetching kernel off (true) or back on for graphs built afterwards,
-/// for A/B measurements against ggml's own kernel.
-pub fn set_plain_q8_0_matmul(plain: bool) {
+/// Turns the prefetching kernels off (true) or back on for graphs built afterwards,
+/// for A/B measurements against ggml's own kernels.
+pub fn set_plain_kernels(plain: bool) {
     DISABLED.store(plain, Ordering::Relaxed);
 }
 
-/// Whether graphs built now use the prefetching Q8_0 kernel: this build has it and
-/// ggml's CPU code was compiled with the x86 kernels whose arithmetic it repeats.
-pub fn prefetching_q8_0_matmul() -> bool {
+/// Whether graphs built now use the prefetching kernels: this build has them and
+/// ggml's CPU code was compiled with the x86 kernels whose arithmetic they repeat.
+pub fn prefetching_kernels() -> bool {
     if DISABLED.load(Ordering::Relaxed) {
         return false;
     }
@@ -46,14 +107,14 @@ pub fn prefetching_q8_0_matmul() -> bool {
         }
 }
 
-/// The ggml custom-op entry: `dst = src[0]ᵀ · src[1]` for Q8_0 weights `src[0]`
+/// The ggml custom-op entry: `dst = src[0]ᵀ · src[1]` for Q8_0 or Q5_0 weights `src[0]`
 /// (`[k, m]`, rows `nb[1]` apart) and Q8_0 activations `src[1]` (`[k, n]`,
 /// contiguous), into the contiguous f32 `dst` (`[m, n]`). Thread `ith` of `nth`
 /// computes its own band of rows. The graph builder checked the shapes and types.
 ///
 /// # Safety
 /// Called by ggml with a live `dst` whose sources are as described above.
-pub(crate) unsafe extern "C" fn q8_0_matmul_op(
+pub(crate) unsafe extern "C" fn qmatmul_op(
     dst: *mut sys::ggml_tensor,
     ith: std::os::raw::c_int,
     nth: std::os::raw::c_int,
@@ -70,7 +131,11 @@ pub(crate) unsafe extern "C" fn q8_0_matmul_op(
         let ith = ith.max(0) as usize;
         let first = tiles * ith / nth;
         let last = tiles * (ith + 1) / nth;
+        let Some(weights) = Weights::of(w.type_) else {
+            return; // not built into a graph (applies() checked the type)
+        };
         let product = Product {
+            weights,
             w: w.data as *const u8,
             w_stride: w.nb[1],
             x: x.data as *const u8,
@@ -87,6 +152,7 @@ pub(crate) unsafe extern "C" fn q8_0_matmul_op(
 /// One product `c = wᵀ·x`: `w` rows `w_stride` bytes apart, `x` columns `x_stride`
 /// bytes apart, `c` columns `ldc` floats apart, `k` blocks per row, `n` columns.
 struct Product {
+    weights: Weights,
     w: *const u8,
     w_stride: usize,
     x: *const u8,
@@ -106,14 +172,15 @@ struct Product {
 mod x86 {
     use std::arch::x86_64::*;
 
-    pub(super) const COMPILED: bool = true;
     use std::ops::Range;
 
-    use super::{Product, BLOCK_BYTES};
+    pub(super) const COMPILED: bool = true;
+
+    use super::{Product, Weights, Q5_0_BYTES, Q8_0_BYTES};
 
     /// How far ahead of the tile being read its successor's weights are prefetched,
     /// in tiles (4 rows, 2.7 KB for Gemma's head). One tile ahead measured best on a
-    /// Xeon core (`examples/q8_0_matmul.rs`): 1, 2 and 3 tiles gave 13.0, 14.7 and
+    /// Xeon core (`examples/qmatmul.rs`): 1, 2 and 3 tiles gave 13.0, 14.7 and
     /// 14.4 ms for one column, 19.2, 20.0 and 20.4 ms for four (ggml: 16.0, 33.2).
     const AHEAD_TILES: usize = 1;
 
@@ -144,16 +211,67 @@ mod x86 {
         }
     }
 
+    /// A weight block: its f16 scale and its 32 values as signed bytes.
+    trait Block {
+        const BYTES: usize;
+        unsafe fn values(block: *const u8) -> __m256i;
+    }
+
+    /// The f16 scale at the start of a block of either type.
     #[inline(always)]
     unsafe fn scale(block: *const u8) -> u16 {
-        // SAFETY: the caller points at a Q8_0 block; its first 2 bytes are the scale.
+        // SAFETY: the caller points at a Q8_0 or Q5_0 block; it starts with the scale.
         unsafe { (block as *const u16).read_unaligned() }
     }
 
+    struct Q8_0;
+    impl Block for Q8_0 {
+        const BYTES: usize = Q8_0_BYTES;
+        #[inline(always)]
+        unsafe fn values(block: *const u8) -> __m256i {
+            // SAFETY: the caller points at a Q8_0 block; 32 quant bytes follow the scale.
+            unsafe { _mm256_loadu_si256(block.add(2) as *const __m256i) }
+        }
+    }
+
+    struct Q5_0;
+    impl Block for Q5_0 {
+        const BYTES: usize = Q5_0_BYTES;
+        /// Low nibbles (values 0-15 then 16-31), minus 16 where the high bit is clear:
+        /// tinyBLAS's `denibble | bittobyte`.
+        #[inline(always)]
+        unsafe fn values(block: *const u8) -> __m256i {
+            // SAFETY: the caller points at a Q5_0 block: scale, 4 bytes qh, 16 bytes qs.
+            unsafe {
+                let qh = (block.add(2) as *const i32).read_unaligned();
+                let qs = _mm_loadu_si128(block.add(6) as *const __m128i);
+                let nibbles = _mm256_and_si256(
+                    _mm256_set1_epi8(15),
+                    _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16(qs, 4)),
+                );
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(qh),
+                    _mm256_set_epi64x(
+                        0x0303030303030303,
+                        0x0202020202020202,
+                        0x0101010101010101,
+                        0x0000000000000000,
+                    ),
+                );
+                let set = _mm256_cmpeq_epi8(
+                    _mm256_set1_epi64x(-1),
+                    _mm256_or_si256(_mm256_set1_epi64x(0x7fbfdfeff7fbfdfe), spread),
+                );
+                _mm256_or_si256(nibbles, _mm256_andnot_si256(set, _mm256_set1_epi8(-16)))
+            }
+        }
+    }
+
+    /// The activations' Q8_0 quants.
     #[inline(always)]
     unsafe fn quants(block: *const u8) -> __m256i {
-        // SAFETY: the caller points at a Q8_0 block; 32 quant bytes follow the scale.
-        unsafe { _mm256_loadu_si256(block.add(2) as *const __m256i) }
+        // SAFETY: the caller points at a Q8_0 block.
+        unsafe { Q8_0::values(block) }
     }
 
     #[inline(always)]
@@ -180,7 +298,22 @@ mod x86 {
     /// # Safety
     /// The product's pointers cover `rows.end` weight rows and its `n` columns.
     pub(super) unsafe fn matmul(p: &Product, rows: Range<usize>) {
-        let ctx = Ctx { p, end: rows.end };
+        // SAFETY: forwarded contract.
+        unsafe {
+            match p.weights {
+                Weights::Q8_0 => matmul_of::<Q8_0>(p, rows),
+                Weights::Q5_0 => matmul_of::<Q5_0>(p, rows),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn matmul_of<B: Block>(p: &Product, rows: Range<usize>) {
+        let ctx = Ctx::<B> {
+            p,
+            end: rows.end,
+            _block: std::marker::PhantomData,
+        };
         let n = p.n;
         let mut i = rows.start;
         // SAFETY (whole loop): every tile stays inside rows and the n columns.
@@ -216,13 +349,14 @@ mod x86 {
         }
     }
 
-    struct Ctx<'a> {
+    struct Ctx<'a, B> {
         p: &'a Product,
         /// One past the last row this thread computes (prefetches stop there).
         end: usize,
+        _block: std::marker::PhantomData<B>,
     }
 
-    impl Ctx<'_> {
+    impl<B: Block> Ctx<'_, B> {
         /// Rows `i..i+4` × columns `j..j+RN` (tinyBLAS's 4×RN tile).
         #[inline(always)]
         unsafe fn tile4<const RN: usize>(&self, i: usize, j: usize, prefetch: bool) {
@@ -242,10 +376,10 @@ mod x86 {
                         prefetch_slice(base, len, l, self.p.k);
                     }
                     let b = [
-                        row(0).add(l * BLOCK_BYTES),
-                        row(1).add(l * BLOCK_BYTES),
-                        row(2).add(l * BLOCK_BYTES),
-                        row(3).add(l * BLOCK_BYTES),
+                        row(0).add(l * B::BYTES),
+                        row(1).add(l * B::BYTES),
+                        row(2).add(l * B::BYTES),
+                        row(3).add(l * B::BYTES),
                     ];
                     let da = _mm_cvtph_ps(_mm_set_epi16(
                         0,
@@ -257,9 +391,14 @@ mod x86 {
                         scale(b[1]) as i16,
                         scale(b[0]) as i16,
                     ));
-                    let a = [quants(b[0]), quants(b[1]), quants(b[2]), quants(b[3])];
+                    let a = [
+                        B::values(b[0]),
+                        B::values(b[1]),
+                        B::values(b[2]),
+                        B::values(b[3]),
+                    ];
                     for (jj, acc) in acc.iter_mut().enumerate() {
-                        let xb = self.p.x.add((j + jj) * self.p.x_stride + l * BLOCK_BYTES);
+                        let xb = self.p.x.add((j + jj) * self.p.x_stride + l * Q8_0_BYTES);
                         let db = _mm_set1_ps(f16_to_f32(scale(xb)));
                         let d = _mm256_castps128_ps256(_mm_mul_ps(da, db));
                         let d = _mm256_permute2f128_ps::<0>(d, d);
@@ -304,11 +443,11 @@ mod x86 {
                 let row = self.p.w.add(i * self.p.w_stride);
                 let mut acc = [_mm256_setzero_ps(); RN];
                 for l in 0..self.p.k {
-                    let wb = row.add(l * BLOCK_BYTES);
+                    let wb = row.add(l * B::BYTES);
                     let dw = f16_to_f32(scale(wb));
-                    let a = quants(wb);
+                    let a = B::values(wb);
                     for (jj, acc) in acc.iter_mut().enumerate() {
-                        let xb = self.p.x.add((j + jj) * self.p.x_stride + l * BLOCK_BYTES);
+                        let xb = self.p.x.add((j + jj) * self.p.x_stride + l * Q8_0_BYTES);
                         let d = _mm256_set1_ps(dw * f16_to_f32(scale(xb)));
                         *acc = _mm256_fmadd_ps(d, lane_dot(a, quants(xb)), *acc);
                     }
@@ -357,15 +496,16 @@ mod tests {
         }
     }
 
-    /// `m` rows of `k` values as Q8_0 blocks with scales of varied magnitude.
-    fn q8_0_rows(rng: &mut Rng, k: usize, m: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(m * k / 32 * BLOCK_BYTES);
+    /// `m` rows of `k` values as blocks of `weights`, with scales of varied size and
+    /// every quant byte (and Q5_0 high bit) random.
+    fn rows(rng: &mut Rng, weights: Weights, k: usize, m: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(m * k / 32 * weights.block_bytes());
         for _ in 0..m * k / 32 {
             let mut d = [0u16];
             f32_to_f16_bits(&[rng.unit().abs() * 0.02 + 1e-4], &mut d);
             out.extend_from_slice(&d[0].to_le_bytes());
-            for _ in 0..32 {
-                out.push((rng.next() % 255) as u8 ^ 0x80);
+            for _ in 2..weights.block_bytes() {
+                out.push(rng.next() as u8);
             }
         }
         out
@@ -373,12 +513,23 @@ mod tests {
 
     /// Computes `wᵀ·x` with exo's kernel and with ggml's; returns both and whether
     /// the first really was exo's custom op.
-    fn both(k: usize, m: usize, n: usize, threads: usize, seed: u64) -> (Vec<f32>, Vec<f32>, bool) {
+    fn both(
+        weights: Weights,
+        k: usize,
+        m: usize,
+        n: usize,
+        threads: usize,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<f32>, bool) {
         let mut rng = Rng(seed);
-        let w = q8_0_rows(&mut rng, k, m);
+        let w = rows(&mut rng, weights, k, m);
         let x: Vec<f32> = (0..k * n).map(|_| rng.unit() * 3.0).collect();
+        let dtype = match weights {
+            Weights::Q8_0 => DType::Q8_0,
+            Weights::Q5_0 => DType::from_raw(sys::GGML_TYPE_Q5_0).expect("q5_0"),
+        };
         let g = GraphBuilder::new(64).expect("graph");
-        let wt = g.input(DType::Q8_0, &[k as i64, m as i64]);
+        let wt = g.input(dtype, &[k as i64, m as i64]);
         g.name(wt, "w");
         let xt = g.input(DType::F32, &[k as i64, n as i64]);
         g.name(xt, "x");
@@ -389,7 +540,7 @@ mod tests {
         g.name(theirs, "theirs");
         g.output(theirs);
         // SAFETY (test): reading the op of a live node.
-        let custom = unsafe { (*ours.raw()).op == crate::sys::GGML_OP_CUSTOM };
+        let custom = unsafe { (*ours.raw()).op == sys::GGML_OP_CUSTOM };
         let mut alloc = Allocator::new().expect("allocator");
         alloc.alloc(&g).expect("alloc");
         set_tensor_data(g.find("w").expect("w"), &w).expect("set w");
@@ -402,31 +553,33 @@ mod tests {
         (a, b, custom)
     }
 
-    /// The prefetching kernel gives ggml's results to the bit, for one column
-    /// (ggml's vec_dot), several (tinyBLAS), ragged tiles, rows not a multiple of 4,
-    /// and one or two threads.
+    /// The prefetching kernels give ggml's results to the bit, for Q8_0 and Q5_0
+    /// weights, one column (ggml's vec_dot), several (tinyBLAS), ragged tiles, rows
+    /// not a multiple of 4, and one or two threads.
     #[test]
-    fn prefetching_kernel_equals_ggml_bit_for_bit() {
+    fn prefetching_kernels_equal_ggml_bit_for_bit() {
         let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-        let available = prefetching_q8_0_matmul();
+        let available = prefetching_kernels();
         if !available {
-            eprintln!("skipped: this build keeps ggml's own Q8_0 kernel");
+            eprintln!("skipped: this build keeps ggml's own kernels");
         }
         let mut seed = 0x9e37_79b9_7f4a_7c15;
-        for (k, m) in [(640, 4096), (64, 37), (96, 5)] {
-            for n in [1, 2, 3, 4, 5, 7, 8, 9, 13] {
-                for threads in [1, 2] {
-                    seed += 1;
-                    let (ours, theirs, custom) = both(k, m, n, threads, seed);
-                    assert_eq!(custom, available, "the kernel is used where it applies");
-                    assert_eq!(ours.len(), m * n);
-                    assert!(ours.iter().any(|v| *v != 0.0), "non-trivial output");
-                    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        for weights in [Weights::Q8_0, Weights::Q5_0] {
+            for (k, m) in [(640, 4096), (64, 37), (96, 5)] {
+                for n in 1..=MAX_COLUMNS as usize {
+                    for threads in [1, 2] {
+                        seed += 1;
+                        let (ours, theirs, custom) = both(weights, k, m, n, threads, seed);
+                        let case = format!("{weights:?} k {k} m {m} n {n} threads {threads}");
                         assert_eq!(
-                            a.to_bits(),
-                            b.to_bits(),
-                            "k {k} m {m} n {n} threads {threads}: element {i}: {a} vs {b}"
+                            custom, available,
+                            "{case}: the kernel is used where it applies"
                         );
+                        assert_eq!(ours.len(), m * n);
+                        assert!(ours.iter().any(|v| *v != 0.0), "{case}: non-trivial output");
+                        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                            assert_eq!(a.to_bits(), b.to_bits(), "{case}: element {i}: {a} vs {b}");
+                        }
                     }
                 }
             }
@@ -434,11 +587,19 @@ mod tests {
     }
 
     #[test]
-    fn plain_switch_keeps_ggml_kernel() {
+    fn wide_products_keep_ggml_kernels() {
         let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-        set_plain_q8_0_matmul(true);
-        let (_, _, custom) = both(64, 8, 4, 1, 7);
-        set_plain_q8_0_matmul(false);
+        let (ours, theirs, custom) = both(Weights::Q5_0, 64, 8, MAX_COLUMNS as usize + 1, 1, 3);
+        assert!(!custom);
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn plain_switch_keeps_ggml_kernels() {
+        let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        set_plain_kernels(true);
+        let (_, _, custom) = both(Weights::Q8_0, 64, 8, 4, 1, 7);
+        set_plain_kernels(false);
         assert!(!custom);
     }
 }

@@ -1,32 +1,42 @@
-//! Times exo's prefetching Q8_0 matrix product against ggml's own on a matrix the
-//! size of Gemma 3's output head (262144 × 640), one thread, interleaved repetitions.
+//! Times exo's prefetching matrix products against ggml's own, one thread, medians of
+//! interleaved repetitions, for 1 to 64 columns. By default a Q8_0 matrix the size of
+//! Gemma 3's output head (262144 × 640); `q5_0` times Q5_0 weights instead.
 //!
-//! `cargo run --release -p ggml-shim --example q8_0_matmul [rows] [reps]`
+//! `cargo run --release -p ggml-shim --example qmatmul [q8_0|q5_0] [rows] [reps]`
 
 use std::time::Instant;
 
-use ggml_shim::q8_0::set_plain_q8_0_matmul;
+use ggml_shim::qmatmul::set_plain_kernels;
 use ggml_shim::{
     f32_to_f16_bits, set_tensor_data, Allocator, CpuBackend, DType, GraphBuilder, Placement,
     TensorSpec, TensorStore,
 };
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    let q5_0 = args.next_if(|a| a == "q5_0" || a == "q8_0").as_deref() == Some("q5_0");
     let m: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(262_144);
     let reps: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(9);
     let k = 640usize;
-    let mut w = Vec::with_capacity(m * k / 32 * 34);
+    let (dtype, block) = if q5_0 {
+        (
+            DType::from_raw(ggml_shim::sys::GGML_TYPE_Q5_0).expect("q5_0"),
+            22,
+        )
+    } else {
+        (DType::Q8_0, 34)
+    };
+    let mut w = Vec::with_capacity(m * k / 32 * block);
     let mut d = [0u16];
     f32_to_f16_bits(&[0.01], &mut d);
     for b in 0..m * k / 32 {
         w.extend_from_slice(&d[0].to_le_bytes());
-        w.extend((0..32).map(|q| ((b * 7 + q * 13) % 255) as u8 ^ 0x80));
+        w.extend((2..block).map(|q| ((b * 7 + q * 13) % 255) as u8 ^ 0x80));
     }
     // the weights live in a store, as a model's do (huge pages where the kernel has them)
     let spec = TensorSpec {
         name: "w".into(),
-        dtype: DType::Q8_0,
+        dtype,
         ne: vec![k as i64, m as i64],
         placement: Placement::Plain,
     };
@@ -34,17 +44,17 @@ fn main() {
     store.set("w", &w).expect("weights");
     let wt = store.get("w").expect("w");
     let mut backend = CpuBackend::new(1).expect("backend");
-    println!("rows {m}, k {k}, 1 thread, median of {reps}");
+    println!("{dtype} rows {m}, k {k}, 1 thread, median of {reps}");
     println!(
         "{:>4} {:>10} {:>10} {:>7}",
         "n", "exo ms", "ggml ms", "ratio"
     );
-    for n in [1usize, 2, 4, 8, 16] {
+    for n in [1usize, 2, 4, 8, 16, 32, 64] {
         let x: Vec<f32> = (0..k * n).map(|i| ((i * 31) % 17) as f32 - 8.0).collect();
         let mut times = [Vec::new(), Vec::new()];
         let mut graphs = Vec::new();
         for plain in [false, true] {
-            set_plain_q8_0_matmul(plain);
+            set_plain_kernels(plain);
             let g = GraphBuilder::new(16).expect("graph");
             let xt = g.input(DType::F32, &[k as i64, n as i64]);
             g.name(xt, "x");
@@ -54,7 +64,7 @@ fn main() {
             set_tensor_data(g.find("x").expect("x"), &x).expect("x");
             graphs.push((g, alloc));
         }
-        set_plain_q8_0_matmul(false);
+        set_plain_kernels(false);
         for _ in 0..reps {
             for (i, (g, _)) in graphs.iter().enumerate() {
                 let t = Instant::now();
