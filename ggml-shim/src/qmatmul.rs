@@ -178,23 +178,77 @@ mod x86 {
 
     use super::{Product, Weights, Q5_0_BYTES, Q8_0_BYTES};
 
-    /// How far ahead of the tile being read its successor's weights are prefetched,
-    /// in tiles (4 rows, 2.7 KB for Gemma's head). One tile ahead measured best on a
-    /// Xeon core (`examples/qmatmul.rs`): 1, 2 and 3 tiles gave 13.0, 14.7 and
-    /// 14.4 ms for one column, 19.2, 20.0 and 20.4 ms for four (ggml: 16.0, 33.2).
-    const AHEAD_TILES: usize = 1;
+    /// How far ahead of the tile being read the weights are prefetched, in tiles
+    /// (4 rows, 2.7 KB for Gemma's head): one tile for one column, two for more.
+    /// Measured on a Xeon core (`examples/qmatmul.rs`, Gemma's head): one column
+    /// 13.0 ms one tile ahead, 16.2 two (ggml 16.1); four columns 18.4 and 17.4 ms
+    /// (ggml 33.2).
+    fn ahead_tiles(columns: usize) -> usize {
+        if columns == 1 {
+            1
+        } else {
+            2
+        }
+    }
 
-    /// The 8 int32 lanes of a block's dot product, as f32 (exact: |lane| ≤ 4·127·128).
+    /// One weight block's values, prepared for dot products with many columns.
+    ///
+    /// With VNNI, `dpbusd` multiplies unsigned by signed bytes: a column's quants go
+    /// in offset by 128 (`x ^ 0x80`), and the row brings `-128·Σw` per lane as the
+    /// starting sum, so one instruction per row and column gives `Σ w·x` exactly.
+    /// Without VNNI, ggml's sign trick (`|w|` times `x` signed like `w`, through
+    /// `maddubs`, which saturates and so cannot take the offset). Either way the
+    /// lanes are the exact int32 sums ggml computes (|lane| ≤ 4·128·127).
+    #[derive(Clone, Copy)]
+    struct Row {
+        w: __m256i,
+        #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+        start: __m256i,
+    }
+
     #[inline(always)]
-    unsafe fn lane_dot(w: __m256i, x: __m256i) -> __m256 {
+    unsafe fn prep_row(w: __m256i) -> Row {
         // SAFETY: register-only AVX2 (and VNNI where compiled) arithmetic.
         unsafe {
-            let u = _mm256_sign_epi8(w, w);
-            let s = _mm256_sign_epi8(x, w);
             #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
-            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+            let row = {
+                let offset_sum =
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w);
+                Row {
+                    w,
+                    start: _mm256_sub_epi32(_mm256_setzero_si256(), offset_sum),
+                }
+            };
             #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
-            let sums = _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(u, s));
+            let row = Row { w };
+            row
+        }
+    }
+
+    /// A column's Q8_0 quants as [`dot`] takes them.
+    #[inline(always)]
+    unsafe fn column(block: *const u8) -> __m256i {
+        // SAFETY: the caller points at a Q8_0 block.
+        unsafe {
+            let x = Q8_0::values(block);
+            #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+            let x = _mm256_xor_si256(x, _mm256_set1_epi8(-128));
+            x
+        }
+    }
+
+    /// The 8 int32 lanes of a row block times a column block, as f32 (exact).
+    #[inline(always)]
+    unsafe fn dot(r: Row, x: __m256i) -> __m256 {
+        // SAFETY: register-only AVX2 (and VNNI where compiled) arithmetic.
+        unsafe {
+            #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+            let sums = _mm256_dpbusd_epi32(r.start, x, r.w);
+            #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+            let sums = _mm256_madd_epi16(
+                _mm256_set1_epi16(1),
+                _mm256_maddubs_epi16(_mm256_sign_epi8(r.w, r.w), _mm256_sign_epi8(x, r.w)),
+            );
             _mm256_cvtepi32_ps(sums)
         }
     }
@@ -267,29 +321,40 @@ mod x86 {
         }
     }
 
-    /// The activations' Q8_0 quants.
-    #[inline(always)]
-    unsafe fn quants(block: *const u8) -> __m256i {
-        // SAFETY: the caller points at a Q8_0 block.
-        unsafe { Q8_0::values(block) }
-    }
-
     #[inline(always)]
     fn f16_to_f32(h: u16) -> f32 {
         // SAFETY: register-only F16C conversion.
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))) }
     }
 
-    /// Prefetches the `l`-th of `k` slices of the `len` bytes at `base`.
-    #[inline(always)]
-    unsafe fn prefetch_slice(base: *const u8, len: usize, l: usize, k: usize) {
-        let lo = len * l / k;
-        let hi = len * (l + 1) / k;
-        let mut off = lo & !63;
-        while off < hi {
-            // SAFETY: a prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off) as *const i8) };
-            off += 64;
+    /// Prefetches `len` bytes at `base` a few cache lines per call, spread over the
+    /// `k` block steps of a tile (no division in the loop: it would cost as much as
+    /// the arithmetic it overlaps).
+    struct Prefetch {
+        next: *const u8,
+        end: *const u8,
+        per_step: usize,
+    }
+
+    impl Prefetch {
+        #[inline(always)]
+        fn new(base: *const u8, len: usize, k: usize) -> Prefetch {
+            Prefetch {
+                next: base,
+                end: base.wrapping_add(len),
+                per_step: len.div_ceil(64).div_ceil(k.max(1)),
+            }
+        }
+
+        #[inline(always)]
+        fn step(&mut self) {
+            for _ in 0..self.per_step {
+                if self.next < self.end {
+                    // SAFETY: a prefetch never faults, whatever the address.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next as *const i8) };
+                    self.next = self.next.wrapping_add(64);
+                }
+            }
         }
     }
 
@@ -363,17 +428,18 @@ mod x86 {
             // SAFETY: rows i..i+4 and columns j..j+RN exist (see matmul).
             unsafe {
                 let row = |r: usize| self.p.w.add((i + r) * self.p.w_stride);
-                let ahead_row = i + 4 * AHEAD_TILES;
-                let ahead = (prefetch && ahead_row < self.end).then(|| {
-                    (
+                let ahead_row = i + 4 * ahead_tiles(self.p.n);
+                let mut ahead = (prefetch && ahead_row < self.end).then(|| {
+                    Prefetch::new(
                         self.p.w.add(ahead_row * self.p.w_stride),
                         (4 * self.p.w_stride).min((self.end - ahead_row) * self.p.w_stride),
+                        self.p.k,
                     )
                 });
                 let mut acc = [[_mm256_setzero_ps(); 4]; RN];
                 for l in 0..self.p.k {
-                    if let Some((base, len)) = ahead {
-                        prefetch_slice(base, len, l, self.p.k);
+                    if let Some(ahead) = ahead.as_mut() {
+                        ahead.step();
                     }
                     let b = [
                         row(0).add(l * B::BYTES),
@@ -392,37 +458,25 @@ mod x86 {
                         scale(b[0]) as i16,
                     ));
                     let a = [
-                        B::values(b[0]),
-                        B::values(b[1]),
-                        B::values(b[2]),
-                        B::values(b[3]),
+                        prep_row(B::values(b[0])),
+                        prep_row(B::values(b[1])),
+                        prep_row(B::values(b[2])),
+                        prep_row(B::values(b[3])),
                     ];
                     for (jj, acc) in acc.iter_mut().enumerate() {
                         let xb = self.p.x.add((j + jj) * self.p.x_stride + l * Q8_0_BYTES);
                         let db = _mm_set1_ps(f16_to_f32(scale(xb)));
                         let d = _mm256_castps128_ps256(_mm_mul_ps(da, db));
                         let d = _mm256_permute2f128_ps::<0>(d, d);
-                        let xq = quants(xb);
-                        acc[0] = _mm256_fmadd_ps(
-                            _mm256_shuffle_ps::<0>(d, d),
-                            lane_dot(a[0], xq),
-                            acc[0],
-                        );
-                        acc[1] = _mm256_fmadd_ps(
-                            _mm256_shuffle_ps::<85>(d, d),
-                            lane_dot(a[1], xq),
-                            acc[1],
-                        );
-                        acc[2] = _mm256_fmadd_ps(
-                            _mm256_shuffle_ps::<170>(d, d),
-                            lane_dot(a[2], xq),
-                            acc[2],
-                        );
-                        acc[3] = _mm256_fmadd_ps(
-                            _mm256_shuffle_ps::<255>(d, d),
-                            lane_dot(a[3], xq),
-                            acc[3],
-                        );
+                        let xq = column(xb);
+                        acc[0] =
+                            _mm256_fmadd_ps(_mm256_shuffle_ps::<0>(d, d), dot(a[0], xq), acc[0]);
+                        acc[1] =
+                            _mm256_fmadd_ps(_mm256_shuffle_ps::<85>(d, d), dot(a[1], xq), acc[1]);
+                        acc[2] =
+                            _mm256_fmadd_ps(_mm256_shuffle_ps::<170>(d, d), dot(a[2], xq), acc[2]);
+                        acc[3] =
+                            _mm256_fmadd_ps(_mm256_shuffle_ps::<255>(d, d), dot(a[3], xq), acc[3]);
                     }
                 }
                 for (jj, acc) in acc.iter().enumerate() {
@@ -445,11 +499,11 @@ mod x86 {
                 for l in 0..self.p.k {
                     let wb = row.add(l * B::BYTES);
                     let dw = f16_to_f32(scale(wb));
-                    let a = B::values(wb);
+                    let a = prep_row(B::values(wb));
                     for (jj, acc) in acc.iter_mut().enumerate() {
                         let xb = self.p.x.add((j + jj) * self.p.x_stride + l * Q8_0_BYTES);
                         let d = _mm256_set1_ps(dw * f16_to_f32(scale(xb)));
-                        *acc = _mm256_fmadd_ps(d, lane_dot(a, quants(xb)), *acc);
+                        *acc = _mm256_fmadd_ps(d, dot(a, column(xb)), *acc);
                     }
                 }
                 for (jj, v) in acc.iter().enumerate() {

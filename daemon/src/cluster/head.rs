@@ -151,13 +151,7 @@ pub async fn form(
         let threads = s.threads;
         tokio::task::spawn_blocking(move || Capabilities::measure(&mf, threads)).await?
     };
-    tracing::info!(
-        "this node ({}): {} MB free, {} cores, {:.3} ms/layer",
-        s.name,
-        my_caps.free_memory / 1_000_000,
-        my_caps.cores,
-        my_caps.ms_per_layer
-    );
+    tracing::info!("this node ({}): {my_caps}", s.name);
     let mut nodes = vec![NodeInfo {
         name: s.name.clone(),
         caps: my_caps,
@@ -205,13 +199,7 @@ pub async fn form(
                 p.name
             );
         }
-        tracing::info!(
-            "peer {}: {} MB free, {} cores, {:.3} ms/layer",
-            p.name,
-            ack.caps.free_memory / 1_000_000,
-            ack.caps.cores,
-            ack.caps.ms_per_layer
-        );
+        tracing::info!("peer {}: {}", p.name, ack.caps);
         senders.push(ack.data_sender);
         nodes.push(NodeInfo {
             name: p.name.clone(),

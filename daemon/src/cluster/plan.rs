@@ -24,21 +24,51 @@ pub struct Capabilities {
     pub threads: usize,
     /// Measured milliseconds for one transformer layer and one token.
     pub ms_per_layer: f64,
+    /// Measured milliseconds for one token through one MB of the output head (its
+    /// kernel differs from the layers'); 0 when not measured: the head then counts
+    /// by its bytes at the layers' speed.
+    #[serde(default)]
+    pub ms_per_head_mb: f64,
 }
 
 impl Capabilities {
-    /// Free memory from sysinfo, cores, and a measured ms/layer.
+    /// Free memory from sysinfo, cores, and measured speeds.
     pub fn measure(mf: &ModelFile, threads: usize) -> Capabilities {
         let mut sys = sysinfo::System::new();
         sys.refresh_memory();
         let free_memory = sys.available_memory();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (ms_per_layer, ms_per_head_mb) = measure_speed(mf, threads).unwrap_or((1.0, 0.0));
         Capabilities {
             free_memory,
             cores,
             threads,
-            ms_per_layer: measure_layer_ms(mf, threads).unwrap_or(1.0),
+            ms_per_layer,
+            ms_per_head_mb,
         }
+    }
+
+    /// Milliseconds for one token through `bytes` of the output head, given the
+    /// average bytes of a layer.
+    fn head_ms(&self, bytes: f64, avg_layer_bytes: f64) -> f64 {
+        if self.ms_per_head_mb > 0.0 {
+            bytes / 1e6 * self.ms_per_head_mb
+        } else {
+            bytes / avg_layer_bytes * self.ms_per_layer.max(1e-3)
+        }
+    }
+}
+
+impl std::fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} MB free, {} cores, {:.3} ms/layer, {:.4} ms per MB of head",
+            self.free_memory / 1_000_000,
+            self.cores,
+            self.ms_per_layer,
+            self.ms_per_head_mb
+        )
     }
 }
 
@@ -53,16 +83,17 @@ const MEASURE_RUNS: usize = 48;
 const MEASURE_MIN_RUNS: usize = 8;
 const MEASURE_BUDGET: std::time::Duration = std::time::Duration::from_millis(400);
 
-/// Bytes of weights the timing loads: enough layers that they are not measured from
-/// a warmer cache than the running model sees.
+/// Bytes of weights the timing loads, of layers and of the head each: enough that
+/// they are not measured from a much warmer cache than the running model sees.
 const MEASURE_BYTES: u64 = 32_000_000;
 
-/// Times a run of middle layers on a few tokens: the best of several runs, in ms per
-/// layer and token. The planner counts the output head by its bytes at the same
-/// speed (a timing of a band of the head, warmer in the cache than the whole head,
-/// came out several times cheaper per byte than the running head; by bytes it is
-/// within about 10% on Gemma 3 270M).
-fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
+/// Times a run of middle layers and a band of the output head on a few tokens, in
+/// interleaved runs: ms per layer and token, and ms per MB of head and token.
+/// A band of the head runs a little warmer in the cache than the whole head (about
+/// 15% with exo's prefetching kernel; ggml's own kernel, at twice the cost per byte
+/// on the whole head, made a band unusable). Without a head (0), the head counts
+/// by its bytes at the layers' speed.
+fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
     use crate::engine::{BatchSeq, OutputRows, Stage, StageConfig, StageInput};
     let hp = &mf.hparams;
     let n = hp.n_layer;
@@ -78,6 +109,9 @@ fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
         end += 1;
     }
     let n_layers = end - 1;
+    let row_bytes = (costs.head_bytes / hp.n_vocab.max(1) as u64).max(1);
+    let band = ((MEASURE_BYTES / row_bytes) as usize).clamp(1, hp.n_vocab.max(1));
+    let band_mb = (band as u64 * row_bytes) as f64 / 1e6;
     let mut stage = Stage::load(
         mf,
         StageConfig {
@@ -86,13 +120,13 @@ fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
             n_slots: MEASURE_TOKENS,
             n_threads: threads,
             repack: true,
-            head_rows: None,
+            head_rows: (costs.head_bytes > 0).then_some(0..band),
         },
     )
     .ok()?;
     let hidden = vec![0.01f32; hp.n_embd * MEASURE_TOKENS];
     let mut out = Vec::new();
-    let mut runs = Vec::with_capacity(MEASURE_RUNS);
+    let (mut layer_runs, mut head_runs) = (Vec::new(), Vec::new());
     let started = std::time::Instant::now();
     for i in 0..MEASURE_RUNS {
         if i >= MEASURE_MIN_RUNS && started.elapsed() >= MEASURE_BUDGET {
@@ -110,12 +144,23 @@ fn measure_layer_ms(mf: &ModelFile, threads: usize) -> Option<f64> {
         stage
             .forward(&seqs, StageInput::Hidden(&hidden), &mut out)
             .ok()?;
-        runs.push(t.elapsed().as_secs_f64() * 1e3);
+        layer_runs.push(t.elapsed().as_secs_f64() * 1e3);
+        if costs.head_bytes > 0 {
+            let t = std::time::Instant::now();
+            stage.project(&hidden, 0..band, &mut out).ok()?;
+            head_runs.push(t.elapsed().as_secs_f64() * 1e3);
+        }
     }
-    // the first runs warm the cache; the median of the rest is steadier than the best
-    let mut warm = runs.split_off(runs.len() / 4);
-    warm.sort_by(f64::total_cmp);
-    Some(warm[warm.len() / 2] / MEASURE_TOKENS as f64 / n_layers as f64)
+    let per_token = |runs: &mut Vec<f64>, units: f64| -> f64 {
+        // the first runs warm the cache; the median of the rest is steadier than the best
+        let mut warm = runs.split_off(runs.len() / 4);
+        warm.sort_by(f64::total_cmp);
+        warm.get(warm.len() / 2)
+            .map_or(0.0, |ms| ms / MEASURE_TOKENS as f64 / units)
+    };
+    let ms_per_layer = per_token(&mut layer_runs, n_layers as f64);
+    let ms_per_head_mb = per_token(&mut head_runs, band_mb);
+    Some((ms_per_layer, ms_per_head_mb))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -381,7 +426,11 @@ pub fn solo_head_rows(
     if head_rows == 0 || n_vocab < 2 {
         return 0;
     }
-    let (a, b) = (head.ms_per_layer.max(1e-3), last.ms_per_layer.max(1e-3));
+    // relative speeds on the head: 1 MB of it on each node
+    let (a, b) = (
+        head.head_ms(1e6, 1e6).max(1e-9),
+        last.head_ms(1e6, 1e6).max(1e-9),
+    );
     let rows = ((n_vocab as f64 * b / (a + b)) as usize).min(n_vocab - 1);
     if rows > head_rows {
         rows
@@ -412,9 +461,7 @@ pub fn plan_with_head_share(
         pre[i + 1] = pre[i] + costs.layer_bytes[i];
     }
     let tied = costs.head_bytes == costs.embd_bytes;
-    let head_ms = |node: usize, bytes: f64| -> f64 {
-        bytes / avg_layer * nodes[node].caps.ms_per_layer.max(1e-3)
-    };
+    let head_ms = |node: usize, bytes: f64| nodes[node].caps.head_ms(bytes, avg_layer);
     let stage = |node: usize, a: usize, b: usize| -> Option<f64> {
         let layers = pre[b] - pre[a];
         let mut mem = layers + costs.kv_bytes_per_layer * (b - a) as u64;
@@ -510,6 +557,7 @@ mod tests {
                 cores: 4,
                 threads: 4,
                 ms_per_layer: ms,
+                ms_per_head_mb: 0.0,
             },
         }
     }
@@ -521,6 +569,34 @@ mod tests {
             head_bytes: head_mb * 1_000_000,
             kv_bytes_per_layer: 1_000_000,
         }
+    }
+
+    /// A head measured cheaper per byte than the layers (a different kernel) leaves
+    /// the first node a smaller share of it; measured at the layers' speed, the plan
+    /// is the one counted by bytes.
+    #[test]
+    fn the_head_counts_at_its_measured_speed() {
+        let plan = |ms_per_head_mb: f64| {
+            let mut nodes = [node("a", 1000, 1.0), node("b", 1000, 1.0)];
+            for n in &mut nodes {
+                n.caps.ms_per_head_mb = ms_per_head_mb;
+            }
+            plan_cluster(&nodes, &costs(18, 178), 262_144).unwrap()
+        };
+        let by_bytes = plan(0.0);
+        // 1 ms per 4 MB layer: the layers' speed per MB
+        assert_eq!(plan(0.25), by_bytes);
+        let cheap = plan(0.125);
+        assert!(cheap.head_rows > 0 && by_bytes.head_rows > 0);
+        assert!(
+            cheap.head_rows < by_bytes.head_rows,
+            "{cheap:?} vs {by_bytes:?}"
+        );
+        // both stages cost about the same: a = 17 layers + its rows, b = 1 + the rest
+        let share = cheap.head_rows as f64 / 262_144.0;
+        let a = cheap.ranges[0].len() as f64 + 178.0 * 0.125 * share;
+        let b = cheap.ranges[1].len() as f64 + 178.0 * 0.125 * (1.0 - share);
+        assert!((a - b).abs() <= 1.5, "a {a} ms, b {b} ms");
     }
 
     #[test]

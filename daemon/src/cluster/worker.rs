@@ -92,12 +92,10 @@ pub async fn run(
         .await
         .with_context(|| format!("data plane on {}", s.listen))?;
     tracing::info!(
-        "worker {} ready: data {} control {} ({} MB free, {:.2} ms/layer)",
+        "worker {} ready: data {} control {} ({caps})",
         s.name,
         s.listen,
         s.control_listen,
-        caps.free_memory / 1_000_000,
-        caps.ms_per_layer
     );
     let status = Arc::new(Mutex::new(Status::default()));
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<DataCmd>();
