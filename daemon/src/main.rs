@@ -355,11 +355,16 @@ fn status(path: &Path) -> Result<()> {
         "{:<12} {:<28} {:>8} {:>15} {:>8} {:>9} {:>11}",
         "peer", "address", "layers", "head rows", "state", "rtt ms", "ms/token"
     );
-    for p in peers {
-        let head = match (p["head_rows"][0].as_u64(), p["head_rows"][1].as_u64()) {
-            (Some(a), Some(b)) => format!("{a}..{b}"),
-            _ => "-".to_string(),
-        };
+    let rows = |v: &serde_json::Value| match (v[0].as_u64(), v[1].as_u64()) {
+        (Some(a), Some(b)) => Some(format!("{a}..{b}")),
+        _ => None,
+    };
+    let mut alone = Vec::new();
+    for p in &peers {
+        let head = rows(&p["head_rows"]).unwrap_or_else(|| "-".to_string());
+        if let Some(r) = rows(&p["head_rows_alone"]) {
+            alone.push(format!("{} rows {r}", p["name"].as_str().unwrap_or("?")));
+        }
         println!(
             "{:<12} {:<28} {:>8} {:>15} {:>8} {:>9.2} {:>11.2}",
             p["name"].as_str().unwrap_or("?"),
@@ -369,6 +374,12 @@ fn status(path: &Path) -> Result<()> {
             if p["alive"] == true { "up" } else { "MISSING" },
             p["rtt_ms"].as_f64().unwrap_or(0.0),
             p["ms_per_token"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if !alone.is_empty() {
+        println!(
+            "a step alone in the pipeline splits the head: {}",
+            alone.join(", ")
         );
     }
     Ok(())
@@ -550,6 +561,12 @@ fn inspect(path: &Path) -> Result<()> {
         println!("output head  tied to token_embd.weight (read for every generated token)");
     }
     println!("ggml cpu     {}", ggml_shim::cpu_features());
+    let kernels = if ggml_shim::qmatmul::prefetching_kernels() {
+        "exo's prefetching kernels for Q8_0 and Q5_0 weights (up to 8 tokens), ggml's for the rest"
+    } else {
+        "ggml's"
+    };
+    println!("matmul       {kernels}");
     Ok(())
 }
 

@@ -680,6 +680,29 @@ async fn a_step_alone_splits_a_tied_head_evenly() {
         "a step alone in the pipeline splits the head at row",
     )
     .await;
+    // /v1/cluster (and so `exo status`) shows both splits: the busy pipeline's
+    // share, and the larger one of a step alone, which meet at the same row
+    let (_, v) = h.get_json(head, "/v1/cluster").await;
+    let pair = |p: &serde_json::Value, key: &str| {
+        let r = &p[key];
+        (
+            r[0].as_u64().unwrap_or(u64::MAX),
+            r[1].as_u64().unwrap_or(u64::MAX),
+        )
+    };
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(peers.len(), 2, "{v}");
+    let (busy, alone) = (
+        pair(&peers[0], "head_rows"),
+        pair(&peers[0], "head_rows_alone"),
+    );
+    assert_eq!((busy.0, alone.0), (0, 0), "{v}");
+    assert!(
+        alone.1 > busy.1,
+        "a step alone gives the head node more rows: {v}"
+    );
+    assert_eq!(pair(&peers[1], "head_rows_alone").0, alone.1, "{v}");
+    assert_eq!(pair(&peers[1], "head_rows").0, busy.1, "{v}");
     for body in [
         completion(PROMPTS[0], 24),
         json!({"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0.8, "top_k": 5, "seed": 7}),

@@ -59,6 +59,8 @@ pub struct PeerState {
     pub end: usize,
     /// The rows of the output head this peer computes, when it computes any.
     pub head_rows: Option<(usize, usize)>,
+    /// The rows it computes for a step alone in the pipeline, when those differ.
+    pub head_rows_alone: Option<(usize, usize)>,
     pub alive: bool,
     pub rtt_ms: f64,
     pub ms_per_token: f64,
@@ -331,6 +333,15 @@ pub async fn form(
                     Some((0, head_rows))
                 } else if i + 1 == plan.stages.len() {
                     Some((head_rows, n_vocab))
+                } else {
+                    None
+                },
+                head_rows_alone: if solo_rows == head_rows {
+                    None
+                } else if i == 0 {
+                    Some((0, solo_rows))
+                } else if i + 1 == plan.stages.len() {
+                    Some((solo_rows, n_vocab))
                 } else {
                     None
                 },
