@@ -11,7 +11,7 @@
 //!
 //! They run as a ggml custom op on ggml's threads: [`crate::GraphBuilder::mul_mat`]
 //! quantizes the activations with ggml's own `ggml_cpy` to Q8_0 (the quantizer
-//! `ggml_mul_mat` uses), then calls [`qmatmul_op`]. Only x86-64 builds whose ggml
+//! `ggml_mul_mat` uses), then calls `qmatmul_op`. Only x86-64 builds whose ggml
 //! uses those AVX2 kernels take this path; everything else stays on `ggml_mul_mat`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,12 +171,11 @@ struct Product {
 ))]
 mod x86 {
     use std::arch::x86_64::*;
-
     use std::ops::Range;
 
-    pub(super) const COMPILED: bool = true;
-
     use super::{Product, Weights, Q5_0_BYTES, Q8_0_BYTES};
+
+    pub(super) const COMPILED: bool = true;
 
     /// How far ahead of the tile being read the weights are prefetched, in tiles
     /// (4 rows, 2.7 KB for Gemma's head): one tile for one column, two for more.
@@ -514,7 +513,7 @@ mod x86 {
     }
 }
 
-/// Other targets keep ggml's kernels ([`prefetching_q8_0_matmul`] is false there).
+/// Other targets keep ggml's kernels ([`prefetching_kernels`] is false there).
 #[cfg(not(all(
     target_arch = "x86_64",
     target_feature = "avx2",
