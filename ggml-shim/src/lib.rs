@@ -2,8 +2,9 @@
 //!
 //! Every `unsafe` block of the project lives in this crate, each with a one-line
 //! `SAFETY:` reason. The crate knows nothing of exo: it offers RAII contexts,
-//! graphs, CPU backend and buffers, a GGUF reader and writer, and llama.cpp's
-//! vocabulary, samplers and full model (the oracle).
+//! graphs, CPU backend and buffers, a GGUF reader and writer, llama.cpp's
+//! vocabulary, samplers and full model (the oracle), and matrix products for
+//! quantized weights that prefetch them (`qmatmul`, bit-identical to ggml's).
 
 pub mod backend;
 pub mod cpu_guard;
