@@ -92,6 +92,12 @@ pub fn set_plain_kernels(plain: bool) {
     DISABLED.store(plain, Ordering::Relaxed);
 }
 
+/// Whether matrix products with weights of `dtype` (and at most 8 tokens) take the
+/// prefetching kernels in graphs built now.
+pub fn takes(dtype: crate::DType) -> bool {
+    Weights::of(dtype.raw()).is_some() && prefetching_kernels()
+}
+
 /// Whether graphs built now use the prefetching kernels: this build has them and
 /// ggml's CPU code was compiled with the x86 kernels whose arithmetic they repeat.
 pub fn prefetching_kernels() -> bool {

@@ -90,10 +90,11 @@ const MEASURE_BYTES: u64 = 32_000_000;
 
 /// Times a run of middle layers and a band of the output head on a few tokens, in
 /// interleaved runs: ms per layer and token, and ms per MB of head and token.
-/// A band of the head runs a little warmer in the cache than the whole head (about
-/// 15% with exo's prefetching kernel; ggml's own kernel, at twice the cost per byte
-/// on the whole head, made a band unusable). Without a head (0), the head counts
-/// by its bytes at the layers' speed.
+/// A band of the head runs a little warmer in the cache than the whole head: about
+/// 15% with exo's prefetching kernels. ggml's own kernels, which wait on memory,
+/// ran a band at half the cost per byte of the whole head, so where they do the
+/// head's work (other CPUs, other head types) the head is not timed (0): it counts
+/// by its bytes at the layers' speed, within about 10% on Gemma 3 270M with them.
 fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
     use crate::engine::{BatchSeq, OutputRows, Stage, StageConfig, StageInput};
     let hp = &mf.hparams;
@@ -113,6 +114,11 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
     let row_bytes = (costs.head_bytes / hp.n_vocab.max(1) as u64).max(1);
     let band = ((MEASURE_BYTES / row_bytes) as usize).clamp(1, hp.n_vocab.max(1));
     let band_mb = (band as u64 * row_bytes) as f64 / 1e6;
+    let head_type = ["output.weight", "token_embd.weight"]
+        .iter()
+        .find_map(|name| mf.gguf.tensors().iter().find(|t| t.name == *name))
+        .map(|t| t.dtype);
+    let time_head = costs.head_bytes > 0 && head_type.is_some_and(ggml_shim::qmatmul::takes);
     let mut stage = Stage::load(
         mf,
         StageConfig {
@@ -121,7 +127,7 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
             n_slots: MEASURE_TOKENS,
             n_threads: threads,
             repack: true,
-            head_rows: (costs.head_bytes > 0).then_some(0..band),
+            head_rows: time_head.then_some(0..band),
         },
     )
     .ok()?;
@@ -146,7 +152,7 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
             .forward(&seqs, StageInput::Hidden(&hidden), &mut out)
             .ok()?;
         layer_runs.push(t.elapsed().as_secs_f64() * 1e3);
-        if costs.head_bytes > 0 {
+        if time_head {
             let t = std::time::Instant::now();
             stage.project(&hidden, 0..band, &mut out).ok()?;
             head_runs.push(t.elapsed().as_secs_f64() * 1e3);
