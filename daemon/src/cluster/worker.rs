@@ -618,7 +618,8 @@ fn rows_with_slots<'a>(
 }
 
 /// The `k` best of a row of logits for ids `first..`, best first; equal logits
-/// by lower id (as argmax). NaN never wins.
+/// by lower id (as argmax). NaN never wins. Keeps only `k` candidates (a heap whose
+/// top is the worst kept), not the whole row.
 fn top_k(row: &[f32], k: usize, first: usize) -> Vec<(i32, f32)> {
     let k = k.min(row.len());
     if k == 1 {
@@ -626,19 +627,40 @@ fn top_k(row: &[f32], k: usize, first: usize) -> Vec<(i32, f32)> {
             .map(|i| vec![((first + i) as i32, row[i])])
             .unwrap_or_default();
     }
-    let better = |a: &(i32, f32), b: &(i32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let mut all: Vec<(i32, f32)> = row
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| !l.is_nan())
-        .map(|(i, &l)| ((first + i) as i32, l))
-        .collect();
-    if all.len() > k {
-        all.select_nth_unstable_by(k - 1, better);
-        all.truncate(k);
+    /// A candidate ordered so that the greater one is the worse: lower logit, or
+    /// the same logit and a higher id.
+    #[derive(PartialEq)]
+    struct Kept((i32, f32));
+    impl Eq for Kept {}
+    impl PartialOrd for Kept {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
     }
-    all.sort_unstable_by(better);
-    all
+    impl Ord for Kept {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            other
+                .0
+                 .1
+                .total_cmp(&self.0 .1)
+                .then(self.0 .0.cmp(&other.0 .0))
+        }
+    }
+    let mut kept = std::collections::BinaryHeap::with_capacity(k + 1);
+    for (i, &l) in row.iter().enumerate() {
+        if l.is_nan() {
+            continue;
+        }
+        let c = Kept(((first + i) as i32, l));
+        if kept.len() < k {
+            kept.push(c);
+        } else if kept.peek().is_some_and(|worst| c < *worst) {
+            kept.pop();
+            kept.push(c);
+        }
+    }
+    // ascending in this order is best first
+    kept.into_sorted_vec().into_iter().map(|c| c.0).collect()
 }
 
 #[cfg(test)]
@@ -654,5 +676,16 @@ mod tests {
             vec![(101, 3.0), (103, 3.0), (105, 2.0)]
         );
         assert_eq!(top_k(&row, 10, 0).len(), 5, "NaN is never a candidate");
+        // against sorting the whole row, on ties and a long row
+        let long: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 613) as f32 / 7.0).collect();
+        let mut all: Vec<(i32, f32)> = long
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as i32 + 9, l))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for k in [2, 40, 256] {
+            assert_eq!(top_k(&long, k, 9), all[..k].to_vec(), "k {k}");
+        }
     }
 }
