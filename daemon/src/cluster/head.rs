@@ -211,6 +211,7 @@ pub async fn form(
     // the plan: explicit ranges, or the planner's
     let n_layer = mf.hparams.n_layer;
     let n_vocab = mf.hparams.n_vocab;
+    let costs = ModelCosts::of(&mf, s.n_ctx, s.n_slots);
     let (ranges, head_rows): (Vec<LayerRange>, usize) =
         if s.peers.iter().all(|p| p.layers.is_some()) {
             let r: Vec<LayerRange> = s
@@ -226,7 +227,6 @@ pub async fn form(
             }
             (r, fixed_head_rows(s.head_share, n_vocab))
         } else {
-            let costs = ModelCosts::of(&mf, s.n_ctx, s.n_slots);
             match s.head_share {
                 HeadSharePolicy::Auto => {
                     let p = plan::plan_cluster(&nodes, &costs, n_vocab)?;
@@ -260,7 +260,13 @@ pub async fn form(
         senders,
         head_rows,
         head_rows_solo: match (nodes.first(), nodes.last()) {
-            (Some(a), Some(b)) => plan::solo_head_rows(&a.caps, &b.caps, head_rows, n_vocab),
+            (Some(a), Some(b)) => plan::solo_head_rows(
+                &a.caps,
+                &b.caps,
+                costs.avg_layer_bytes(),
+                head_rows,
+                n_vocab,
+            ),
             _ => 0,
         },
     };

@@ -330,6 +330,12 @@ impl ModelCosts {
             kv_bytes_per_layer: (2 * hp.n_embd_kv() * 2 * n_ctx * n_slots) as u64,
         }
     }
+
+    /// The average bytes of a layer (at least 1).
+    pub fn avg_layer_bytes(&self) -> f64 {
+        let n = self.layer_bytes.len().max(1) as f64;
+        (self.layer_bytes.iter().sum::<u64>() as f64 / n).max(1.0)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -427,6 +433,7 @@ const SPLIT_SLACK: f64 = 0.02;
 pub fn solo_head_rows(
     head: &Capabilities,
     last: &Capabilities,
+    avg_layer_bytes: f64,
     head_rows: usize,
     n_vocab: usize,
 ) -> usize {
@@ -435,8 +442,8 @@ pub fn solo_head_rows(
     }
     // relative speeds on the head: 1 MB of it on each node
     let (a, b) = (
-        head.head_ms(1e6, 1e6).max(1e-9),
-        last.head_ms(1e6, 1e6).max(1e-9),
+        head.head_ms(1e6, avg_layer_bytes).max(1e-9),
+        last.head_ms(1e6, avg_layer_bytes).max(1e-9),
     );
     let rows = ((n_vocab as f64 * b / (a + b)) as usize).min(n_vocab - 1);
     if rows > head_rows {
@@ -461,7 +468,7 @@ pub fn plan_with_head_share(
             nodes: p,
         });
     }
-    let avg_layer = (costs.layer_bytes.iter().sum::<u64>() as f64 / n_layer as f64).max(1.0);
+    let avg_layer = costs.avg_layer_bytes();
     // prefix sums of layer bytes
     let mut pre = vec![0u64; n_layer + 1];
     for i in 0..n_layer {
@@ -689,17 +696,28 @@ mod tests {
         let caps = |ms| node("x", 1000, ms).caps;
         // equal nodes: half each, when that is more than the head node's share
         assert_eq!(
-            solo_head_rows(&caps(0.2), &caps(0.2), 86_016, 262_144),
+            solo_head_rows(&caps(0.2), &caps(0.2), 4e6, 86_016, 262_144),
             131_072
         );
         // a head node twice as fast takes two thirds
         assert_eq!(
-            solo_head_rows(&caps(0.1), &caps(0.2), 86_016, 262_144),
+            solo_head_rows(&caps(0.1), &caps(0.2), 4e6, 86_016, 262_144),
             174_762
         );
+        // one node timed its head, the other counts it by bytes at its layers' speed
+        // (0.2 ms per 4 MB layer = 0.05 ms per MB): the same speed, half each
+        let mut timed = caps(0.2);
+        timed.ms_per_head_mb = 0.05;
+        assert_eq!(
+            solo_head_rows(&timed, &caps(0.2), 4e6, 86_016, 262_144),
+            131_072
+        );
         // no split, or an even split below the share it has: nothing to change
-        assert_eq!(solo_head_rows(&caps(0.2), &caps(0.2), 0, 262_144), 0);
-        assert_eq!(solo_head_rows(&caps(0.4), &caps(0.1), 86_016, 262_144), 0);
+        assert_eq!(solo_head_rows(&caps(0.2), &caps(0.2), 4e6, 0, 262_144), 0);
+        assert_eq!(
+            solo_head_rows(&caps(0.4), &caps(0.1), 4e6, 86_016, 262_144),
+            0
+        );
     }
 
     #[test]
