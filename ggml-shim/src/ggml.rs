@@ -281,7 +281,7 @@ impl GraphBuilder {
     /// kernels where they apply ([`crate::qmatmul`]); the results are bit-identical
     /// to ggml's.
     pub fn mul_mat<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
-        if prefetching_kernel_applies(w, x) {
+        if crate::qmatmul::applies(w, x) {
             self.mul_mat_prefetching(w, x)
         } else {
             self.mul_mat_ggml(w, x)
@@ -289,7 +289,7 @@ impl GraphBuilder {
     }
 
     /// `wᵀ·x` by ggml's own kernels.
-    pub fn mul_mat_ggml<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+    pub(crate) fn mul_mat_ggml<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: both tensors are live for 'a.
         self.wrap(unsafe { sys::ggml_mul_mat(self.c(), w.raw(), x.raw()) })
     }
@@ -300,7 +300,7 @@ impl GraphBuilder {
     fn mul_mat_prefetching<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
         let [k, m, ..] = w.ne();
         let n = x.ne()[1];
-        // SAFETY: ctx valid; the shapes were checked by prefetching_kernel_applies.
+        // SAFETY: ctx valid; the shapes were checked by qmatmul::applies.
         let xq = self.wrap(unsafe {
             let q = sys::ggml_new_tensor_2d(self.c(), sys::GGML_TYPE_Q8_0, k, n);
             sys::ggml_cpy(self.c(), x.raw(), q)
@@ -481,16 +481,6 @@ impl GraphBuilder {
         unsafe { sys::ggml_flash_attn_ext_set_prec(t, sys::GGML_PREC_F32) };
         self.wrap(t)
     }
-}
-
-/// Whether `w·x` can take exo's prefetching kernels ([`crate::qmatmul`]).
-fn prefetching_kernel_applies(w: Tensor<'_>, x: Tensor<'_>) -> bool {
-    // SAFETY: reading the header of a live tensor (repacked weights carry extra).
-    let repacked = unsafe { !(*w.raw()).extra.is_null() };
-    let (wt, xt) = (w.get(), x.get());
-    crate::qmatmul::applies(
-        wt.type_, wt.ne, wt.nb[0], repacked, xt.type_, xt.ne, xt.nb[0],
-    )
 }
 
 impl Drop for GraphBuilder {

@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::sys;
+use crate::{sys, DType, Tensor};
 
 /// Bytes of one Q8_0 block: an f16 scale and 32 signed quants.
 const Q8_0_BYTES: usize = 34;
@@ -56,31 +56,26 @@ impl Weights {
 }
 
 /// Whether `wᵀ·x` (`w` `[k, m]`, `x` `[k, n]`, ggml order) can take these kernels:
-/// 2-D Q8_0 or Q5_0 weights in their plain layout (`repacked` false), 2-D f32
-/// activations with unit stride and at most [`MAX_COLUMNS`] columns, and a build
-/// whose ggml uses the kernels they repeat.
-pub(crate) fn applies(
-    w_type: sys::ggml_type,
-    w_ne: [i64; 4],
-    w_nb0: usize,
-    repacked: bool,
-    x_type: sys::ggml_type,
-    x_ne: [i64; 4],
-    x_nb0: usize,
-) -> bool {
-    let Some(weights) = Weights::of(w_type) else {
+/// 2-D Q8_0 or Q5_0 weights in their plain layout (not repacked by ggml, which marks
+/// such tensors with `extra`), 2-D f32 activations with unit stride and at most
+/// [`MAX_COLUMNS`] columns, and a build whose ggml uses the kernels they repeat.
+pub(crate) fn applies(w: Tensor<'_>, x: Tensor<'_>) -> bool {
+    let Some(weights) = Weights::of(w.dtype().raw()) else {
         return false;
     };
+    // SAFETY: reading the header of a live tensor.
+    let repacked = unsafe { !(*w.raw()).extra.is_null() };
+    let (w_ne, x_ne) = (w.ne(), x.ne());
     !repacked
-        && x_type == sys::GGML_TYPE_F32
+        && x.dtype() == DType::F32
         && w_ne[0] == x_ne[0]
         && w_ne[0] % BLOCK_VALUES == 0
         && w_ne[1] > 0
         && (1..=MAX_COLUMNS).contains(&x_ne[1])
         && w_ne[2..] == [1, 1]
         && x_ne[2..] == [1, 1]
-        && w_nb0 == weights.block_bytes()
-        && x_nb0 == 4
+        && w.nb()[0] == weights.block_bytes()
+        && x.nb()[0] == 4
         && prefetching_kernels()
 }
 
@@ -94,7 +89,7 @@ pub fn set_plain_kernels(plain: bool) {
 
 /// Whether matrix products with weights of `dtype` (and at most 8 tokens) take the
 /// prefetching kernels in graphs built now.
-pub fn takes(dtype: crate::DType) -> bool {
+pub fn takes(dtype: DType) -> bool {
     Weights::of(dtype.raw()).is_some() && prefetching_kernels()
 }
 

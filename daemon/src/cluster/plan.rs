@@ -114,11 +114,10 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
     let row_bytes = (costs.head_bytes / hp.n_vocab.max(1) as u64).max(1);
     let band = ((MEASURE_BYTES / row_bytes) as usize).clamp(1, hp.n_vocab.max(1));
     let band_mb = (band as u64 * row_bytes) as f64 / 1e6;
-    let head_type = ["output.weight", "token_embd.weight"]
-        .iter()
-        .find_map(|name| mf.gguf.tensors().iter().find(|t| t.name == *name))
-        .map(|t| t.dtype);
-    let time_head = costs.head_bytes > 0 && head_type.is_some_and(ggml_shim::qmatmul::takes);
+    let time_head = costs.head_bytes > 0
+        && mf
+            .head_tensor()
+            .is_some_and(|t| ggml_shim::qmatmul::takes(t.dtype));
     let mut stage = Stage::load(
         mf,
         StageConfig {

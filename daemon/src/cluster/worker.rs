@@ -630,7 +630,10 @@ fn top_k(row: &[f32], k: usize, first: usize) -> Vec<(i32, f32)> {
     /// A candidate ordered so that the greater one is the worse: lower logit, or
     /// the same logit and a higher id.
     #[derive(PartialEq)]
-    struct Kept((i32, f32));
+    struct Kept {
+        id: i32,
+        logit: f32,
+    }
     impl Eq for Kept {}
     impl PartialOrd for Kept {
         fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
@@ -640,18 +643,20 @@ fn top_k(row: &[f32], k: usize, first: usize) -> Vec<(i32, f32)> {
     impl Ord for Kept {
         fn cmp(&self, other: &Self) -> std::cmp::Ordering {
             other
-                .0
-                 .1
-                .total_cmp(&self.0 .1)
-                .then(self.0 .0.cmp(&other.0 .0))
+                .logit
+                .total_cmp(&self.logit)
+                .then(self.id.cmp(&other.id))
         }
     }
     let mut kept = std::collections::BinaryHeap::with_capacity(k + 1);
-    for (i, &l) in row.iter().enumerate() {
-        if l.is_nan() {
+    for (i, &logit) in row.iter().enumerate() {
+        if logit.is_nan() {
             continue;
         }
-        let c = Kept(((first + i) as i32, l));
+        let c = Kept {
+            id: (first + i) as i32,
+            logit,
+        };
         if kept.len() < k {
             kept.push(c);
         } else if kept.peek().is_some_and(|worst| c < *worst) {
@@ -660,7 +665,10 @@ fn top_k(row: &[f32], k: usize, first: usize) -> Vec<(i32, f32)> {
         }
     }
     // ascending in this order is best first
-    kept.into_sorted_vec().into_iter().map(|c| c.0).collect()
+    kept.into_sorted_vec()
+        .into_iter()
+        .map(|c| (c.id, c.logit))
+        .collect()
 }
 
 #[cfg(test)]

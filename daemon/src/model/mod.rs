@@ -202,4 +202,11 @@ impl ModelFile {
         )?;
         Ok(mf)
     }
+
+    /// The output head's tensor: `output.weight`, or the token embedding when tied.
+    pub fn head_tensor(&self) -> Option<&ggml_shim::TensorInfo> {
+        self.gguf
+            .tensor("output.weight")
+            .or_else(|| self.gguf.tensor("token_embd.weight"))
+    }
 }

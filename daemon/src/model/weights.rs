@@ -190,15 +190,10 @@ pub fn plan(
         });
     }
     if let Some(rows) = head_rows {
-        // The head: `output.weight`, or the token embedding when tied.
-        let (info, name) = match mf.gguf.tensor("output.weight") {
-            Some(i) => (i, "output.weight"),
-            None => match mf.gguf.tensor("token_embd.weight") {
-                Some(i) => (i, "token_embd.weight"),
-                None => return Err(ModelError::MissingTensor("token_embd.weight".into())),
-            },
+        let Some(info) = mf.head_tensor() else {
+            return Err(ModelError::MissingTensor("token_embd.weight".into()));
         };
-        check(info, name, &[e, v])?;
+        check(info, &info.name, &[e, v])?;
         out.push(PlannedTensor {
             name: TIED_HEAD.into(),
             source: info.clone(),
