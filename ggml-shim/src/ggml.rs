@@ -288,6 +288,55 @@ impl GraphBuilder {
         }
     }
 
+    /// `wᵀ·x` where every column of the result has the bits ggml gives that column as
+    /// a product of its own (a one-token step), whatever the other columns are: the
+    /// product of batch-invariant decoding ([`crate::columns`]).
+    pub fn mul_mat_per_column<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        let [k, m, ..] = w.ne();
+        let n = x.ne()[1];
+        if n <= 1 || x.ne()[2..] != [1, 1] || crate::qmatmul::applies(w, x) {
+            return self.mul_mat(w, x);
+        }
+        // SAFETY: x is live.
+        let x = if unsafe { sys::ggml_is_contiguous(x.raw()) } {
+            x
+        } else {
+            self.cont(x)
+        };
+        if let Some(layout) = crate::columns::repacked_layout(w) {
+            // SAFETY: ctx valid; x is [k, n] f32 (checked by the caller's shapes), the
+            // copy quantizes it with ggml's CPU quantizer for the layout's type, as
+            // ggml's repacked product does for a lone column.
+            let xq = self.wrap(unsafe {
+                let q = sys::ggml_new_tensor_2d(self.c(), layout.activations, k, n);
+                sys::ggml_cpy(self.c(), x.raw(), q)
+            });
+            let mut args = [w.raw(), xq.raw()];
+            // SAFETY: ctx valid; args are two live tensors; the op reads them as its
+            // sources and writes the fresh [m, n] f32 result; userdata is the
+            // layout's kernel, which the op calls; -1 = all of ggml's threads.
+            return self.wrap(unsafe {
+                sys::ggml_custom_4d(
+                    self.c(),
+                    sys::GGML_TYPE_F32,
+                    m,
+                    n,
+                    1,
+                    1,
+                    args.as_mut_ptr(),
+                    2,
+                    Some(crate::columns::gemv_columns_op),
+                    -1,
+                    layout.kernel_ptr(),
+                )
+            });
+        }
+        // n planes of one column each: ggml multiplies every plane by vec_dot.
+        let planes = self.reshape(x, &[k, 1, n]);
+        let y = self.mul_mat_ggml(w, planes);
+        self.reshape(y, &[m, n])
+    }
+
     /// `wᵀ·x` by ggml's own kernels.
     pub(crate) fn mul_mat_ggml<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: both tensors are live for 'a.

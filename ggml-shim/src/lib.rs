@@ -4,9 +4,11 @@
 //! `SAFETY:` reason. The crate knows nothing of exo: it offers RAII contexts,
 //! graphs, CPU backend and buffers, a GGUF reader and writer, llama.cpp's
 //! vocabulary, samplers and full model (the oracle), and matrix products for
-//! quantized weights that prefetch them (`qmatmul`, bit-identical to ggml's).
+//! quantized weights that prefetch them (`qmatmul`, bit-identical to ggml's), and
+//! products whose every column has the bits of a one-token product (`columns`).
 
 pub mod backend;
+pub mod columns;
 pub mod cpu_guard;
 pub mod ggml;
 pub mod gguf;
@@ -58,4 +60,24 @@ pub fn cpu_features() -> String {
         }
     }
     f.join(" ")
+}
+
+/// A deterministic pseudo-random stream (xorshift), for the kernels' test data.
+#[cfg(test)]
+mod test_rng {
+    pub(crate) struct Rng(pub(crate) u64);
+
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// A value in [-1, 1].
+        pub(crate) fn unit(&mut self) -> f32 {
+            (self.next() % 20001) as f32 / 10000.0 - 1.0
+        }
+    }
 }

@@ -206,23 +206,24 @@ mod x86 {
         start: __m256i,
     }
 
+    #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
     #[inline(always)]
     unsafe fn prep_row(w: __m256i) -> Row {
-        // SAFETY: register-only AVX2 (and VNNI where compiled) arithmetic.
+        // SAFETY: register-only AVX2 and VNNI arithmetic.
         unsafe {
-            #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
-            let row = {
-                let offset_sum =
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w);
-                Row {
-                    w,
-                    start: _mm256_sub_epi32(_mm256_setzero_si256(), offset_sum),
-                }
-            };
-            #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
-            let row = Row { w };
-            row
+            let offset_sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w);
+            Row {
+                w,
+                start: _mm256_sub_epi32(_mm256_setzero_si256(), offset_sum),
+            }
         }
+    }
+
+    /// Without VNNI a row is used as it is (the sign trick works on the raw bytes).
+    #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+    #[inline(always)]
+    unsafe fn prep_row(w: __m256i) -> Row {
+        Row { w }
     }
 
     /// A column's Q8_0 quants as [`dot`] takes them.
@@ -530,25 +531,12 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use crate::{f32_to_f16_bits, get_tensor_f32, set_tensor_data, Allocator, CpuBackend};
     use crate::{DType, GraphBuilder};
 
     /// The switch is process-wide: tests that build graphs hold this lock.
     static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    /// A deterministic pseudo-random stream (xorshift), for test data.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn unit(&mut self) -> f32 {
-            (self.next() % 20001) as f32 / 10000.0 - 1.0
-        }
-    }
 
     /// `m` rows of `k` values as blocks of `weights`, with scales of varied size and
     /// every quant byte (and Q5_0 high bit) random.
