@@ -371,7 +371,8 @@ pub async fn form(
     ));
     let limits = Limits {
         max_seqs: s.n_slots,
-        max_tokens: s.batch.max(1),
+        // a step carries up to `batch` prompt tokens plus one token per slot
+        max_tokens: s.batch.max(1) + s.n_slots,
         width: mf.hparams.n_embd,
         n_ctx: s.n_ctx,
         n_slots: s.n_slots,

@@ -308,7 +308,8 @@ impl ControlHandler {
         let width = self.mf.hparams.n_embd;
         let limits = Limits {
             max_seqs: n_slots,
-            max_tokens: p.batch.max(1),
+            // a step carries up to `batch` prompt tokens plus one token per slot
+            max_tokens: p.batch.max(1) + n_slots,
             width,
             n_ctx,
             n_slots,

@@ -530,7 +530,6 @@ impl Engine {
         let mut seqs = Vec::new();
         let mut tokens = Vec::new();
         let mut slots = Vec::new();
-        let mut budget = self.cfg.batch.max(1);
         for &i in ready.iter().take(take) {
             let a = &self.active[i];
             if let Some(t) = a.next {
@@ -542,16 +541,20 @@ impl Engine {
                 });
                 tokens.push(t);
                 slots.push(a.slot);
-                budget = budget.saturating_sub(1);
             }
         }
+        // Prompts go in whole chunks of `batch` tokens (the last one shorter), cut at
+        // the same places whatever else runs: a chunk's results depend on its
+        // length, so a prompt is processed exactly as alone (llama.cpp's ubatches).
+        // The decode tokens above come on top of this budget.
+        let mut budget = self.cfg.batch.max(1);
         for &i in ready.iter().take(take) {
             let a = &self.active[i];
-            if budget == 0 {
-                break;
-            }
             if a.next.is_none() && a.fed < a.prompt.len() {
-                let n = (a.prompt.len() - a.fed).min(budget);
+                let n = (a.prompt.len() - a.fed).min(self.cfg.batch.max(1));
+                if n > budget {
+                    break;
+                }
                 let done = a.fed + n == a.prompt.len();
                 seqs.push(BatchSeq {
                     slot: a.slot,
@@ -685,5 +688,136 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    const N_VOCAB: usize = 8;
+
+    /// A stepper whose every output row picks token 3, recording the batches.
+    struct Recorder {
+        batches: Arc<Mutex<Vec<Vec<BatchSeq>>>>,
+        done: VecDeque<(u64, StepOutcome)>,
+        free: Vec<usize>,
+    }
+
+    impl Stepper for Recorder {
+        fn n_ctx(&self) -> usize {
+            256
+        }
+        fn n_vocab(&self) -> usize {
+            N_VOCAB
+        }
+        fn max_in_flight(&self) -> usize {
+            1
+        }
+        fn acquire_slot(&mut self) -> Result<usize, EngineError> {
+            self.free
+                .pop()
+                .ok_or_else(|| EngineError::Pipeline("no slot".into()))
+        }
+        fn release_slot(&mut self, slot: usize) {
+            self.free.push(slot);
+        }
+        fn launch(&mut self, step: u64, seqs: &[BatchSeq], _: &[i32]) -> Result<(), EngineError> {
+            self.batches.lock().expect("lock").push(seqs.to_vec());
+            // slow enough that the later requests arrive while the first decodes
+            std::thread::sleep(Duration::from_millis(2));
+            let rows: usize = seqs.iter().map(|s| s.output_rows()).sum();
+            let mut logits = vec![0.0; rows * N_VOCAB];
+            for row in logits.chunks_mut(N_VOCAB) {
+                row[3] = 1.0;
+            }
+            self.done.push_back((step, StepOutcome::Logits(logits)));
+            Ok(())
+        }
+        fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError> {
+            self.done
+                .pop_front()
+                .ok_or_else(|| EngineError::Pipeline("no step in flight".into()))
+        }
+    }
+
+    /// A prompt is cut into chunks of `batch` tokens at the same places whether it
+    /// runs alone or next to decoding sequences (a chunk's results depend on its
+    /// length), and the step's decode tokens come on top of the chunk.
+    #[test]
+    fn prompts_are_cut_at_the_same_places_whatever_else_runs() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let stepper = Recorder {
+            batches: batches.clone(),
+            done: VecDeque::new(),
+            free: vec![3, 2, 1, 0],
+        };
+        let cfg = SchedulerConfig {
+            max_slots: 4,
+            max_queue: 8,
+            batch: 5,
+        };
+        let (handle, join) =
+            spawn_with(Box::new(stepper), cfg, Arc::new(|_| false), None).expect("spawn");
+        let mut receivers = Vec::new();
+        for (len, max_tokens) in [(2, 30), (12, 4), (7, 4)] {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            handle
+                .submit(GenRequest {
+                    prompt: (0..len).map(|t| t % 5).collect(),
+                    max_tokens,
+                    sampling: SamplingParams {
+                        temperature: 0.0,
+                        ..SamplingParams::default()
+                    },
+                    events: tx,
+                })
+                .expect("submit");
+            receivers.push(rx);
+        }
+        for mut rx in receivers {
+            while let Some(e) = rx.blocking_recv() {
+                if matches!(e, GenEvent::Done { .. }) {
+                    break;
+                }
+            }
+        }
+        handle.shutdown(Duration::from_secs(1));
+        join.join().expect("engine thread");
+        let batches = batches.lock().expect("lock");
+        let mut chunks = 0;
+        let mut with_decoders = 0;
+        for seqs in batches.iter() {
+            let prompt_tokens: usize = seqs
+                .iter()
+                .filter(|s| s.n_tokens > 1)
+                .map(|s| s.n_tokens)
+                .sum();
+            assert!(
+                prompt_tokens <= 5,
+                "{seqs:?}: more prompt tokens than batch"
+            );
+            for s in seqs {
+                // a decode token continues a sequence past its prompt; anything else is
+                // a chunk, which starts at a multiple of 5 and is 5 long unless last
+                if s.output == OutputRows::Last && s.n_tokens == 1 && s.pos0 > 0 {
+                    continue;
+                }
+                chunks += 1;
+                assert_eq!(s.pos0 % 5, 0, "{seqs:?}: chunk at {}", s.pos0);
+                if s.output == OutputRows::None {
+                    assert_eq!(s.n_tokens, 5, "{seqs:?}: a chunk before the last is whole");
+                }
+                if seqs.iter().any(|o| o.n_tokens == 1 && o.pos0 > 0) {
+                    with_decoders += 1;
+                }
+            }
+        }
+        assert!(chunks >= 5, "{batches:?}");
+        assert!(
+            with_decoders >= 2,
+            "chunks ran next to decoding sequences: {batches:?}"
+        );
     }
 }

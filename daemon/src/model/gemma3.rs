@@ -27,10 +27,9 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let cur = sg.rms_norm(cur, sg.lw(il, "post_attention_norm.weight")?);
         let sa_out = sg.g.add(cur, sg.select_rows(il, x));
         let cur = sg.rms_norm(sa_out, sg.lw(il, "ffn_norm.weight")?);
-        let gate = sg.g.mul_mat(sg.lw(il, "ffn_gate.weight")?, cur);
-        let up = sg.g.mul_mat(sg.lw(il, "ffn_up.weight")?, cur);
-        let cur =
-            sg.g.mul_mat(sg.lw(il, "ffn_down.weight")?, sg.g.geglu_split(gate, up));
+        let gate = sg.matmul(sg.lw(il, "ffn_gate.weight")?, cur);
+        let up = sg.matmul(sg.lw(il, "ffn_up.weight")?, cur);
+        let cur = sg.matmul(sg.lw(il, "ffn_down.weight")?, sg.g.geglu_split(gate, up));
         let cur = sg.rms_norm(cur, sg.lw(il, "post_ffw_norm.weight")?);
         x = sg.g.add(cur, sa_out);
     }

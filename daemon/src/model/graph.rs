@@ -407,9 +407,25 @@ impl<'a> StageGraph<'a> {
         self.g.mul(n, w)
     }
 
+    /// `w · x` for the step's activations `x` (`[k, columns]`), batch-invariant: the
+    /// columns of a decoding sequence (one token) and of an output row get the bits
+    /// of a one-token product; a prompt chunk's columns get ggml's product of that
+    /// chunk alone. So each sequence's result is what llama.cpp computes for it
+    /// decoding alone, whatever else the step holds.
+    pub fn matmul(&self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        let columns = x.ne()[1] as usize;
+        let runs = if columns == self.n_tokens {
+            column_runs(self.shape.seqs.iter().map(|&(_, n, _, _)| (n, n > 1)))
+        } else {
+            // the rows kept for output on the last layer (`select_rows`)
+            output_runs(self.shape.seqs.iter().map(|&(_, n, o, _)| (n, o)))
+        };
+        product_by_runs(self.g, w, x, &runs)
+    }
+
     /// `w · x (+ b)`.
     pub fn linear(&self, w: Tensor<'a>, x: Tensor<'a>, b: Option<Tensor<'a>>) -> Tensor<'a> {
-        let y = self.g.mul_mat(w, x);
+        let y = self.matmul(w, x);
         match b {
             Some(b) => self.g.add(y, b),
             None => y,
@@ -607,7 +623,9 @@ pub fn project_head<'a>(
             skip * nb1,
         );
     }
-    let mut logits = g.mul_mat(head, x);
+    // every output row as a one-token product: a row's logits do not depend on the
+    // others in the step, nor on how the head is split over nodes
+    let mut logits = g.mul_mat_per_column(head, x);
     if let Some(mut b) = w.get("output.bias") {
         // the bias holds the stage's own rows (reach is those rows when it exists)
         let own = w.head_rows().ok_or_else(missing)?;
@@ -624,4 +642,112 @@ pub fn project_head<'a>(
         logits = g.scale(logits, cap);
     }
     Ok(logits)
+}
+
+/// A run of consecutive columns of a step's activations: `len` columns that are one
+/// prompt chunk (`chunk`: ggml's product of the chunk), or single tokens of
+/// sequences (each a one-token product).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnRun {
+    pub len: usize,
+    pub chunk: bool,
+}
+
+/// The runs of a step's columns, from each sequence's column count and whether they
+/// form one chunk: neighbouring single columns merge into one run.
+fn column_runs(seqs: impl Iterator<Item = (usize, bool)>) -> Vec<ColumnRun> {
+    let mut runs: Vec<ColumnRun> = Vec::new();
+    for (len, chunk) in seqs.filter(|&(len, _)| len > 0) {
+        let chunk = chunk && len > 1;
+        match runs.last_mut() {
+            Some(last) if !chunk && !last.chunk => last.len += len,
+            _ => runs.push(ColumnRun { len, chunk }),
+        }
+    }
+    runs
+}
+
+/// The runs of the output rows (after `select_rows`): a sequence's last row alone,
+/// or all rows of its chunk.
+fn output_runs(seqs: impl Iterator<Item = (usize, OutputRows)>) -> Vec<ColumnRun> {
+    column_runs(seqs.map(|(n, o)| (o.count(n), o == OutputRows::All)))
+}
+
+/// `w · x` over the column runs of `x`: single-token runs by the per-column
+/// product, chunks by ggml's product of the chunk alone; the results side by side.
+fn product_by_runs<'a>(
+    g: &'a GraphBuilder,
+    w: Tensor<'a>,
+    x: Tensor<'a>,
+    runs: &[ColumnRun],
+) -> Tensor<'a> {
+    let product = |x: Tensor<'a>, chunk: bool| {
+        if chunk {
+            g.mul_mat(w, x)
+        } else {
+            g.mul_mat_per_column(w, x)
+        }
+    };
+    if let [only] = runs {
+        return product(x, only.chunk);
+    }
+    let (k, nb1) = (x.ne()[0], x.nb()[1]);
+    let mut out: Option<Tensor<'a>> = None;
+    let mut first = 0usize;
+    for run in runs {
+        let part = g.view(x, &[k, run.len as i64], &[nb1], first * nb1);
+        let y = product(part, run.chunk);
+        out = Some(match out {
+            None => y,
+            Some(prev) => g.concat(prev, y, 1),
+        });
+        first += run.len;
+    }
+    out.unwrap_or_else(|| product(x, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(len: usize, chunk: bool) -> ColumnRun {
+        ColumnRun { len, chunk }
+    }
+
+    #[test]
+    fn decoding_columns_merge_and_prompt_chunks_stand_alone() {
+        // three decoding sequences, a prompt chunk, one more decoder, a 1-token prompt
+        let seqs = [
+            (1, false),
+            (1, false),
+            (1, false),
+            (7, true),
+            (1, false),
+            (1, true),
+        ];
+        assert_eq!(
+            column_runs(seqs.into_iter()),
+            [run(3, false), run(7, true), run(2, false)]
+        );
+        // two prompt chunks side by side stay two products
+        assert_eq!(
+            column_runs([(4, true), (5, true)].into_iter()),
+            [run(4, true), run(5, true)]
+        );
+    }
+
+    #[test]
+    fn output_rows_are_single_columns_unless_every_row_is_wanted() {
+        let seqs = [
+            (1, OutputRows::Last),
+            (9, OutputRows::None),
+            (6, OutputRows::Last),
+            (3, OutputRows::All),
+            (1, OutputRows::Last),
+        ];
+        assert_eq!(
+            output_runs(seqs.into_iter()),
+            [run(2, false), run(3, true), run(1, false)]
+        );
+    }
 }

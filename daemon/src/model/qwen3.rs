@@ -14,7 +14,7 @@ pub(super) fn build<'a>(sg: &StageGraph<'a>) -> Result<Tensor<'a>, ModelError> {
         let q = sg.rope(il, sg.rms_norm(q, sg.lw(il, "attn_q_norm.weight")?));
         let k = sg.rope(il, sg.rms_norm(k, sg.lw(il, "attn_k_norm.weight")?));
         let h = sg.attention(il, q, k, v, kq_scale)?;
-        let h = sg.g.mul_mat(sg.lw(il, "attn_output.weight")?, h);
+        let h = sg.matmul(sg.lw(il, "attn_output.weight")?, h);
         let after_attn = sg.g.add(sg.select_rows(il, h), sg.select_rows(il, x));
         let h = sg.rms_norm(after_attn, sg.lw(il, "ffn_norm.weight")?);
         x = sg.g.add(sg.ffn_silu(il, h)?, after_attn);
