@@ -104,8 +104,9 @@ pub struct ClusterConfig {
     pub key: Option<ClusterKey>,
     /// The file the key was read from, when it came from one.
     pub key_file: Option<PathBuf>,
-    /// Activations on the wire: "f16" (2 bytes a value; bf16 for a frame whose values
-    /// would overflow f16) or "f32" (exact).
+    /// Activations on the wire: "f32" (exact, the default: a cluster answers exactly
+    /// as one node) or "f16" (2 bytes a value, bf16 for a frame whose values would
+    /// overflow f16; for slow links, answers may differ from one node's).
     pub activations: WireActivations,
     /// Whether the output head is split by vocabulary between the last node and the
     /// head node.
@@ -139,8 +140,8 @@ impl Serialize for HeadSharePolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WireActivations {
-    #[default]
     F16,
+    #[default]
     F32,
 }
 
@@ -1268,8 +1269,8 @@ fn resolve(raw: RawFile, origins: &Origins<'_>) -> Result<Config, ConfigError> {
         cluster_key,
     )?;
     let activations = match raw.cluster.activations.as_deref() {
-        None | Some("f16") => WireActivations::F16,
-        Some("f32") => WireActivations::F32,
+        Some("f16") => WireActivations::F16,
+        None | Some("f32") => WireActivations::F32,
         Some(other) => {
             return Err(ConfigError::Invalid {
                 at: origins.at("cluster.activations"),
