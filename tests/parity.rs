@@ -513,3 +513,147 @@ fn real_gemma3_split_head_matches_whole_head() {
     // (2 where the Q8_0 table is not repacked, as on x86: the tied head is a view)
     assert!(check_head_split(&path, &prompt, &[0.35]) >= 1);
 }
+
+// ---- batch invariance: a sequence's logits do not depend on its company ----
+
+/// One run of sequence A (slot 0) with `company` other sequences: all prompts go in
+/// one step, then every sequence decodes greedily for `steps` steps; at step 2 a
+/// late sequence's prompt joins the step (a prompt chunk next to decoding tokens).
+/// Returns A's logits at every step and the late sequence's first logits.
+fn run_with_company(
+    mf: &ModelFile,
+    prompts: &[Vec<i32>],
+    company: usize,
+    late: Option<&[i32]>,
+    steps: usize,
+) -> (Vec<Vec<f32>>, Option<Vec<f32>>) {
+    let n_vocab = mf.hparams.n_vocab;
+    let n_slots = company + 1 + usize::from(late.is_some());
+    let mut p = pipeline(mf, whole(mf), 128, n_slots);
+    let seqs: Vec<BatchSeq> = prompts[..=company]
+        .iter()
+        .enumerate()
+        .map(|(slot, pr)| BatchSeq {
+            slot,
+            pos0: 0,
+            n_tokens: pr.len(),
+            output: OutputRows::Last,
+        })
+        .collect();
+    let mut rows = p
+        .step(&seqs, &prompts[..=company].concat())
+        .expect("prefill")
+        .to_vec();
+    let mut pos: Vec<usize> = prompts[..=company].iter().map(|pr| pr.len()).collect();
+    let mut a_logits = vec![rows[..n_vocab].to_vec()];
+    let mut late_logits = None;
+    for step in 0..steps {
+        let next: Vec<i32> = rows
+            .chunks(n_vocab)
+            .take(company + 1)
+            .map(|r| ggml_shim::llama::argmax(r).expect("argmax") as i32)
+            .collect();
+        let mut seqs: Vec<BatchSeq> = (0..=company)
+            .map(|slot| BatchSeq {
+                slot,
+                pos0: pos[slot],
+                n_tokens: 1,
+                output: OutputRows::Last,
+            })
+            .collect();
+        let mut tokens = next.clone();
+        let late_now = late.filter(|_| step == 2);
+        if let Some(l) = late_now {
+            seqs.push(BatchSeq {
+                slot: company + 1,
+                pos0: 0,
+                n_tokens: l.len(),
+                output: OutputRows::Last,
+            });
+            tokens.extend_from_slice(l);
+        }
+        rows = p.step(&seqs, &tokens).expect("decode").to_vec();
+        if late_now.is_some() {
+            late_logits = Some(rows[(company + 1) * n_vocab..].to_vec());
+        }
+        a_logits.push(rows[..n_vocab].to_vec());
+        for x in pos.iter_mut() {
+            *x += 1;
+        }
+    }
+    (a_logits, late_logits)
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// On the real Gemma 3 270M (Q4_K matrices repacked by ggml, Q6_K ones plain, Q5_0,
+/// and a Q8_0 head): sequence A's logits at every step have the same bits whether
+/// the step holds 1, 2, 5 or 8 sequences, and whether a prompt chunk joins it; the
+/// late prompt's logits equal its own run alone; A alone equals llama.cpp decoding
+/// it alone (greedy tokens, and logits within the parity tolerance).
+#[test]
+fn real_gemma3_logits_do_not_depend_on_the_batch() {
+    let Some(path) = real() else { return };
+    init_backend();
+    let mf = ModelFile::open(&path).expect("open");
+    let tok = Tokenizer::load(&path, mf.hparams.arch.name()).expect("tokenizer");
+    let texts = [
+        "Once upon a time, in a small village,",
+        "The capital of France is",
+        "Write a short poem about the sea and the wind that",
+        "1, 2, 3, 4,",
+        "The three most important things to know about Rome are",
+        "Q: What is the boiling point of water?\nA:",
+        "a",
+        "In 1969, the first humans landed on the Moon. The mission was called",
+    ];
+    let prompts: Vec<Vec<i32>> = texts
+        .iter()
+        .map(|t| tok.encode(t).expect("tokenize"))
+        .collect();
+    let late = tok
+        .encode("My favourite colour is blue because")
+        .expect("tokenize");
+    let steps = 12;
+    let (alone, _) = run_with_company(&mf, &prompts, 0, None, steps);
+    let (late_alone, _) = run_with_company(&mf, std::slice::from_ref(&late), 0, None, 0);
+    for company in [1, 4, 7] {
+        for with_late in [false, true] {
+            let (a, l) = run_with_company(
+                &mf,
+                &prompts,
+                company,
+                with_late.then_some(&late[..]),
+                steps,
+            );
+            for (step, (got, want)) in a.iter().zip(&alone).enumerate() {
+                assert!(
+                    same_bits(got, want),
+                    "A's logits at step {step} with {company} others (late prompt: {with_late}) \
+                     differ from A alone (relative {:.2e})",
+                    rel_max_diff(got, want)
+                );
+            }
+            if let Some(l) = l {
+                assert!(
+                    same_bits(&l, &late_alone[0]),
+                    "a prompt processed next to {} decoding sequences differs from alone",
+                    company + 1
+                );
+            }
+        }
+    }
+    // A alone against llama.cpp decoding it alone
+    let oracle = OracleModel::load(&path, 1).expect("oracle");
+    let mut octx = oracle.context(128, 128, 1).expect("oracle context");
+    let want = octx
+        .greedy_generate(&prompts[0], steps + 1)
+        .expect("oracle");
+    let got: Vec<i32> = alone
+        .iter()
+        .map(|r| ggml_shim::llama::argmax(r).expect("argmax") as i32)
+        .collect();
+    assert_eq!(got, want, "A's greedy tokens vs llama.cpp");
+}

@@ -19,7 +19,6 @@ use exo::cluster::frame::{Dtype, FrameKey, FrameType, Sealer, SeqDesc};
 use exo::cluster::transport::{DialOptions, PipelineTx};
 use exo::engine::OutputRows;
 use exo_tests::{write_tiny_model, TempDir, TinyArch, TinySpec};
-use ggml_shim::writer::WriterType;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -185,18 +184,23 @@ impl Drop for Harness {
 
 struct Engine {
     ctx: usize,
+    /// `[cluster] activations`; "" leaves the key out (the default wire).
     activations: &'static str,
-    /// `[cluster] head_share`.
+    /// `[cluster] head_share`; "" leaves the key out.
     head_share: &'static str,
     /// `[engine] batch`: prompt tokens per step.
     batch: usize,
+    /// `[engine] max_slots`.
+    max_slots: usize,
 }
 
+/// The settings of most tests: the default wire and head split.
 const TINY_ENGINE: Engine = Engine {
     ctx: 256,
-    activations: "f32",
-    head_share: "auto",
+    activations: "",
+    head_share: "",
     batch: 512,
+    max_slots: 4,
 };
 
 impl Harness {
@@ -244,9 +248,10 @@ impl Harness {
     fn common_sections(&self, http_port: u16, engine: &Engine) -> String {
         format!(
             "[model]\npath = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\n\n\
-             [engine]\nthreads = 1\nctx = {}\nmax_slots = 4\nbatch = {}\n",
+             [engine]\nthreads = 1\nctx = {}\nmax_slots = {}\nbatch = {}\n",
             self.model.display(),
             engine.ctx,
+            engine.max_slots,
             engine.batch
         )
     }
@@ -293,14 +298,21 @@ impl Harness {
         let first = self.nodes.len();
         for (p, (http, data)) in peers.iter().zip(&ports) {
             let config = self.dir.path().join(format!("{}.toml", p.name));
+            let optional = |key: &str, value: &str| {
+                if value.is_empty() {
+                    String::new()
+                } else {
+                    format!("{key} = \"{value}\"\n")
+                }
+            };
             let text = format!(
                 "[node]\nname = \"{}\"\nlisten = \"tcp://127.0.0.1:{data}\"\n\n{}\n\
-                 [cluster]\nkey = \"{}\"\nactivations = \"{}\"\nhead_share = \"{}\"\n{list}",
+                 [cluster]\nkey = \"{}\"\n{}{}{list}",
                 p.name,
                 self.common_sections(*http, engine),
                 p.key,
-                engine.activations,
-                engine.head_share
+                optional("activations", engine.activations),
+                optional("head_share", engine.head_share)
             );
             std::fs::write(&config, text).expect("write config");
             self.nodes.push(Node {
@@ -541,14 +553,12 @@ async fn single_and_three_nodes(tag: &str) -> (Harness, usize, Vec<usize>) {
     (h, single, c)
 }
 
-/// The tiny model of the cluster tests, in Q8_0: its products give the same bits
-/// for a row whatever else is in the batch (ggml's f32 product does not: one token
-/// and two tokens take kernels that round differently), so concurrent requests,
-/// batched differently by one node and by a pipeline, must give equal text.
+/// The tiny model of the cluster tests, with f32 weights, whose batched ggml product
+/// rounds differently from a one-token one: concurrent requests, batched differently
+/// by one node and by a pipeline, must still give equal text.
 fn tiny_spec() -> TinySpec {
     let mut spec = TinySpec::new(TinyArch::Gemma3);
     spec.n_layer = 6;
-    spec.weight_type = WriterType::Q8_0;
     spec
 }
 
@@ -1127,18 +1137,15 @@ async fn a_batch_from_outside_the_session_is_refused_and_harmless() {
 async fn a_killed_node_fails_the_stream_and_rejoins_after_a_restart() {
     let t0 = Instant::now();
     let mut spec = tiny_spec();
-    // f32 weights: on them the chosen prompt runs to max_tokens (requests here go one
-    // at a time, so batching does not matter)
-    spec.weight_type = WriterType::F32;
+    // on these weights the chosen prompt runs to max_tokens
     spec.n_layer = 9;
     spec.n_embd = 256;
     spec.n_ff = 1024;
     spec.n_ctx_train = 1024;
     let engine = Engine {
         ctx: 512,
-        activations: "f32",
-        head_share: "auto",
         batch: 512,
+        ..TINY_ENGINE
     };
     let mut h = Harness::tiny("heal", &spec);
     let single = h.single(&engine);
@@ -1251,8 +1258,65 @@ async fn a_killed_node_fails_the_stream_and_rejoins_after_a_restart() {
 
 // ------------------------------------------------------------------ 6. real model
 
+/// Eight requests for the real model, sent together: the prompt of the issue three
+/// times, and others of other lengths; (prompt, max_tokens, streamed).
+const REAL_REQUESTS: [(&str, usize, bool); 8] = [
+    ("Once upon a time, in a small village,", 24, false),
+    ("Once upon a time, in a small village,", 24, true),
+    ("The capital of France is", 16, false),
+    ("Once upon a time, in a small village,", 24, false),
+    (
+        "Write a short poem about the sea and the wind that",
+        32,
+        true,
+    ),
+    ("1, 2, 3, 4,", 12, false),
+    (
+        "The three most important things to know about the history of Rome are",
+        28,
+        false,
+    ),
+    (
+        "Q: What is the boiling point of water in Celsius?\nA:",
+        20,
+        true,
+    ),
+];
+
+/// The texts of [`REAL_REQUESTS`] on node `i`, all at once (prompts as token ids).
+async fn real_answers_together(h: &Harness, i: usize, ids: &[Vec<i32>]) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for ((_, max_tokens, stream), ids) in REAL_REQUESTS.iter().zip(ids) {
+        let http = h.http.clone();
+        let url = h.node(i).url("/v1/completions");
+        let body = json!({"prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                          "stream": stream});
+        let stream = *stream;
+        tasks.push(tokio::spawn(async move {
+            let r = http.post(url).json(&body).send().await.expect("POST");
+            assert_eq!(r.status(), StatusCode::OK);
+            let text = r.text().await.expect("body");
+            if stream {
+                stream_text(&text)
+            } else {
+                let v: Value = serde_json::from_str(&text).expect("JSON");
+                text_of(&v)
+            }
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+/// One answer everywhere, on the real Gemma 3 270M (Q4_K, Q6_K, Q5_0 and Q8_0
+/// matrices) with default settings: each request alone equals llama.cpp's greedy
+/// continuation; sent together (one batch, mixed lengths, some streamed), each gives
+/// its text alone, on one node, on two nodes and on three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_gemma_over_two_nodes_equals_one_node() {
+async fn real_gemma_answers_alone_batched_and_split_equal_llama_cpp() {
     let Some(path) = exo_tests::real_model_path() else {
         assert!(
             std::env::var_os("EXO_REQUIRE_REAL_MODEL").is_none(),
@@ -1264,23 +1328,77 @@ async fn real_gemma_over_two_nodes_equals_one_node() {
     let t0 = Instant::now();
     let dir = TempDir::new("cluster-real").expect("temp dir");
     let mut h = Harness::with_model(dir, path);
-    let single = h.single(&TINY_ENGINE);
-    let c = h.cluster(&[peer("a", None), peer("b", None)], &TINY_ENGINE);
-    h.wait_ready(single, Duration::from_secs(60)).await;
-    h.wait_ready(c[0], Duration::from_secs(60)).await;
-    eprintln!("real model: cluster {:?}", cluster_ranges(&h, c[0]).await);
-    let prompts = [
-        "The capital of France is",
-        "Once upon a time, in a small village by the sea,",
-    ];
-    for p in prompts {
-        let (want, _) = h.complete(single, &completion(p, 24)).await;
-        let (got, _) = h.complete(c[0], &completion(p, 24)).await;
-        assert!(!want.trim().is_empty(), "empty completion for {p:?}");
-        assert_eq!(got, want, "prompt {p:?}: 2-node cluster vs single node");
+    let engine = Engine {
+        max_slots: 8,
+        ..TINY_ENGINE
+    };
+    let single = h.single(&engine);
+    let two = h.cluster(&[peer("a", None), peer("b", None)], &engine);
+    let three = h.cluster(
+        &[peer("x", None), peer("y", None), peer("z", None)],
+        &engine,
+    );
+    let tok = exo::tokenizer::Tokenizer::load(&h.model, "gemma3").expect("tokenizer");
+    let ids: Vec<Vec<i32>> = REAL_REQUESTS
+        .iter()
+        .map(|(p, _, _)| tok.encode(p).expect("encode"))
+        .collect();
+    // llama.cpp, while the nodes start
+    let model = h.model.clone();
+    let wanted: Vec<(usize, Vec<i32>)> = REAL_REQUESTS
+        .iter()
+        .zip(&ids)
+        .map(|((_, n, _), ids)| (*n, ids.clone()))
+        .collect();
+    let oracle = tokio::task::spawn_blocking(move || {
+        wanted
+            .iter()
+            .map(|(n, ids)| oracle_text(&model, ids, *n).0)
+            .collect::<Vec<String>>()
+    })
+    .await
+    .expect("oracle");
+    for i in [single, two[0], three[0]] {
+        h.wait_ready(i, Duration::from_secs(120)).await;
     }
     eprintln!(
-        "real_gemma_over_two_nodes_equals_one_node: {:?}",
+        "real model: two nodes {:?}, three nodes {:?}",
+        cluster_ranges(&h, two[0]).await,
+        cluster_ranges(&h, three[0]).await
+    );
+    let mut alone = Vec::new();
+    for (((p, n, _), ids), want) in REAL_REQUESTS.iter().zip(&ids).zip(&oracle) {
+        let body = json!({"prompt": ids, "max_tokens": n, "temperature": 0});
+        let (got, _) = h.complete(single, &body).await;
+        assert!(!got.trim().is_empty(), "empty completion for {p:?}");
+        assert_eq!(&got, want, "{p:?} alone vs llama.cpp");
+        alone.push(got);
+    }
+    let steps = |m: &str| metric(m, "exo_step_seconds_count").expect("steps");
+    let before = steps(&h.metrics(single).await);
+    for (i, what) in [
+        (single, "one node"),
+        (two[0], "two nodes"),
+        (three[0], "three nodes"),
+    ] {
+        let together = real_answers_together(&h, i, &ids).await;
+        for (k, (got, want)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(
+                got, want,
+                "request {k} ({:?}) sent with 7 others to {what} vs alone",
+                REAL_REQUESTS[k].0
+            );
+        }
+    }
+    // the eight really shared steps on the single node
+    let tokens: usize = REAL_REQUESTS.iter().map(|(_, n, _)| n).sum();
+    let batched_steps = steps(&h.metrics(single).await) - before;
+    assert!(
+        batched_steps * 2.0 < tokens as f64,
+        "{batched_steps} steps for up to {tokens} tokens: not batched"
+    );
+    eprintln!(
+        "real_gemma_answers_alone_batched_and_split_equal_llama_cpp: {:?}",
         t0.elapsed()
     );
 }
