@@ -6,12 +6,15 @@
 #  (d) (a)/(b) again with 1 ms and 5 ms of added link latency between the two stages,
 #      using network namespaces and tc netem (root, iproute2, sch_netem), else a
 #      userspace delay proxy (scripts/delay-proxy.py)
-# Nodes use activations = "f16" (the default wire format).
+# Nodes use the default wire format (activations = "f32", exact); WIRE=f16 for the
+# half-size one. EXO=path runs another build of exo (e.g. an older one, for before/after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build --release -p exo
-EXO=$PWD/target/release/exo
+EXO=${EXO:-$PWD/target/release/exo}
+wire_line=""
+[ -n "${WIRE:-}" ] && wire_line="activations = \"$WIRE\""
 MODEL=$PWD/models/gemma-3-270m-Q4_K_M.gguf
 TOKENS=${TOKENS:-64}
 REPS=${REPS:-3}
@@ -55,6 +58,7 @@ ctx = 1024
 max_slots = 8
 [cluster]
 key = "bench-cluster-secret-0123456789"
+$wire_line
 [[peer]]
 name = "a"
 address = "tcp://$7:${PA_PORT:-17100}"
@@ -144,7 +148,7 @@ echo >&2
 echo "medians: 1 node both cores 1 stream $one_both_1; 2 stages 1 stream $two_1; 1 node one core 8 streams $one_core_8; 2 stages 8 streams $two_8 (tok/s)" >&2
 echo "(a) single stream: 2 stages / 1 node on both cores = $(echo "$two_1 / $one_both_1" | bc -l | cut -c1-5)x" >&2
 echo "(b) 8 streams: 2 stages (1 core each) / 1 node (1 core) = $(echo "$two_8 / $one_core_8" | bc -l | cut -c1-5)x (aim >= 1.7x)" >&2
-echo "(c) bytes per token per hop: a -> b $(hop a), b -> a $(hop b) (aim <= 2*n_embd+64 = $((2*n_embd+64)))" >&2
+echo "(c) bytes per token per hop: a -> b $(hop a), b -> a $(hop b) (f32: 4*n_embd+64 = $((4*n_embd+64)), f16: 2*n_embd+64 = $((2*n_embd+64)))" >&2
 
 # (d) added link latency. With netem (root, iproute2, a kernel with sch_netem): two
 # network namespaces joined by a veth pair, the delay on both ends. Otherwise the

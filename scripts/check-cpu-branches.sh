@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Lints (and unit-tests the kernels of) the x86-64 code branches that depend on the
+# CPU a build targets (`cfg(target_feature = ...)` in ggml-shim), whatever CPU this
+# machine has: AVX2 without AVX-512 (x86-64-v3, the .deb's baseline) and AVX-512
+# with VNNI. The main build covers the branch of this CPU (target-cpu=native).
+#
+# Each branch builds in its own target dir, so the main build stays warm. ggml's C++
+# is built unoptimized there (LLAMA_LIB_PROFILE=Debug): faster to compile, and the
+# kernel tests only compare bits. The VNNI branch is linted only: its tests need a
+# CPU that has VNNI (the main build runs them there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(uname -m)" = x86_64 ] || { echo "check-cpu-branches: not x86-64, nothing to do"; exit 0; }
+export CARGO_TERM_COLOR=never LLAMA_LIB_PROFILE=Debug
+
+echo "check-cpu-branches: AVX2 only (x86-64-v3)"
+RUSTFLAGS="-C target-cpu=x86-64-v3" CARGO_TARGET_DIR=target/branch-x86-64-v3 \
+    cargo clippy --release --workspace --all-targets -- -D warnings
+# the kernels against ggml's, on this branch's code (the CPU runs AVX2 code anyway)
+RUSTFLAGS="-C target-cpu=x86-64-v3" CARGO_TARGET_DIR=target/branch-x86-64-v3 \
+    cargo test --release -p ggml-shim --lib -- qmatmul columns
+
+echo "check-cpu-branches: AVX-512 with VNNI (x86-64-v4 + avx512vnni)"
+RUSTFLAGS="-C target-cpu=x86-64-v4 -C target-feature=+avx512vnni" \
+    CARGO_TARGET_DIR=target/branch-x86-64-v4-vnni \
+    cargo clippy --release --workspace --all-targets -- -D warnings
