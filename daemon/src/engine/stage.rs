@@ -291,7 +291,11 @@ impl Stage {
             // Drop the old graph first: the allocator's buffer is about to be reused.
             self.graph = None;
             let n_seq = seqs.len().max(1);
-            let max_nodes = 256 + self.cfg.range.len() * (64 + 24 * n_seq) + 8 * n_seq;
+            // per layer: attention per sequence (24), and up to 8 matrix products
+            // of up to n_seq + 1 column runs, each a view, a product of at most 4
+            // nodes and a concat (48 per run)
+            let per_layer = 64 + 24 * n_seq + 48 * (n_seq + 1);
+            let max_nodes = 256 + self.cfg.range.len() * per_layer + 8 * n_seq;
             let g = GraphBuilder::new(max_nodes)?;
             {
                 let sg = StageGraph::new(
