@@ -69,12 +69,43 @@ gemv_kernels!(
     ggml_gemv_q2_K_8x8_q8_K,
 );
 
-/// A repacked layout (8 rows interleaved): its one-column kernel, and the type ggml
-/// quantizes the activations to for it.
-#[derive(Clone, Copy)]
-pub(crate) struct Repacked {
-    gemv: Gemv,
-    pub(crate) activations: sys::ggml_type,
+/// A repacked layout (8 rows interleaved) exo multiplies column by column.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Repacked {
+    Q4_0,
+    Q4_K,
+    Q2_K,
+}
+
+impl Repacked {
+    /// ggml's one-column kernel of the layout.
+    fn gemv(self) -> Gemv {
+        match self {
+            Repacked::Q4_0 => ggml_gemv_q4_0_8x8_q8_0,
+            Repacked::Q4_K => ggml_gemv_q4_K_8x8_q8_K,
+            Repacked::Q2_K => ggml_gemv_q2_K_8x8_q8_K,
+        }
+    }
+
+    /// The type ggml quantizes the activations to for this layout.
+    pub(crate) fn activations(self) -> sys::ggml_type {
+        match self {
+            Repacked::Q4_0 => sys::GGML_TYPE_Q8_0,
+            Repacked::Q4_K | Repacked::Q2_K => sys::GGML_TYPE_Q8_K,
+        }
+    }
+
+    /// The layout as the custom op's `userdata`, and back.
+    pub(crate) fn as_userdata(self) -> *mut c_void {
+        self as usize as *mut c_void
+    }
+
+    fn from_userdata(p: *mut c_void) -> Option<Repacked> {
+        [Repacked::Q4_0, Repacked::Q4_K, Repacked::Q2_K]
+            .into_iter()
+            .find(|r| *r as usize == p as usize)
+    }
 }
 
 /// The layout ggml repacked `w` into, as `ggml_repack_get_optimal_repack_type`
@@ -95,59 +126,75 @@ pub(crate) fn repacked_layout(w: Tensor<'_>) -> Option<Repacked> {
             sys::ggml_cpu_has_avx512() != 0,
         )
     };
-    let (gemv, activations): (Gemv, _) = match w.dtype().raw() {
-        sys::GGML_TYPE_Q4_0 if avx2 => (ggml_gemv_q4_0_8x8_q8_0, sys::GGML_TYPE_Q8_0),
-        sys::GGML_TYPE_Q4_K if avx2 => (ggml_gemv_q4_K_8x8_q8_K, sys::GGML_TYPE_Q8_K),
-        sys::GGML_TYPE_Q2_K if avx512 => (ggml_gemv_q2_K_8x8_q8_K, sys::GGML_TYPE_Q8_K),
+    let layout = match w.dtype().raw() {
+        sys::GGML_TYPE_Q4_0 if avx2 => Repacked::Q4_0,
+        sys::GGML_TYPE_Q4_K if avx2 => Repacked::Q4_K,
+        sys::GGML_TYPE_Q2_K if avx512 => Repacked::Q2_K,
         _ => return None,
     };
-    (rows % 8 == 0).then_some(Repacked { gemv, activations })
+    (rows % 8 == 0).then_some(layout)
 }
 
 /// The ggml custom-op entry: `dst = src[0]ᵀ · src[1]` for repacked weights `src[0]`
 /// (`[k, m]`) and activations `src[1]` (`[k, n]`, already quantized to the layout's
 /// activation type, contiguous) into the contiguous f32 `dst` (`[m, n]`), each
-/// column by ggml's one-column kernel. `userdata` is the layout's kernel. Thread
+/// column with ggml's one-column arithmetic. `userdata` names the layout. Thread
 /// `ith` of `nth` computes its own band of interleaved row groups.
 ///
 /// # Safety
 /// Called by ggml with a live `dst` whose sources are as described above, and with
-/// `userdata` a [`Gemv`] of the layout `src[0]` was repacked into.
+/// `userdata` the [`Repacked::as_userdata`] of the layout `src[0]` was repacked into.
 pub(crate) unsafe extern "C" fn gemv_columns_op(
     dst: *mut sys::ggml_tensor,
     ith: c_int,
     nth: c_int,
     userdata: *mut c_void,
 ) {
-    // SAFETY: ggml passes a live dst; its sources and userdata were set when the node
-    // was built (see GraphBuilder::mul_mat_per_column).
+    let Some(layout) = Repacked::from_userdata(userdata) else {
+        return; // not built into a graph (mul_mat_per_column passes a layout)
+    };
+    // SAFETY: ggml passes a live dst; its sources were set when the node was built
+    // (see GraphBuilder::mul_mat_per_column).
     unsafe {
-        let gemv: Gemv = std::mem::transmute::<*mut c_void, Gemv>(userdata);
         let d = &*dst;
         let w = &*d.src[0];
         let x = &*d.src[1];
-        let (k, m, n) = (w.ne[0] as c_int, w.ne[1] as usize, x.ne[1] as usize);
+        let (k, m, n) = (w.ne[0] as usize, w.ne[1] as usize, x.ne[1] as usize);
         let groups = m / 8;
         let (nth, ith) = (nth.max(1) as usize, ith.max(0) as usize);
         let rows = (groups * ith / nth * 8)..(groups * (ith + 1) / nth * 8);
+        let column = |j: usize| (x.data as *const u8).add(j * x.nb[1]);
+        let out = |j: usize, r: usize| ((d.data as *mut u8).add(j * d.nb[1]) as *mut f32).add(r);
         let mut r0 = rows.start;
         while r0 < rows.end {
             let band = BAND_ROWS.min(rows.end - r0);
-            let wb = (w.data as *const u8).add(r0 * w.nb[1]) as *const c_void;
-            for j in 0..n {
-                let xj = (x.data as *const u8).add(j * x.nb[1]) as *const c_void;
-                let out = (d.data as *mut u8).add(j * d.nb[1]) as *mut f32;
-                gemv(k, out.add(r0), m, wb, xj, 1, band as c_int);
+            let wb = (w.data as *const u8).add(r0 * w.nb[1]);
+            if layout == Repacked::Q4_K && crate::q4k_columns::AVAILABLE {
+                // the band unpacked once for up to 8 columns at a time
+                let mut j0 = 0;
+                while j0 < n {
+                    let j1 = (j0 + crate::q4k_columns::MAX_COLUMNS).min(n);
+                    let xs: Vec<*const u8> = (j0..j1).map(column).collect();
+                    let outs: Vec<*mut f32> = (j0..j1).map(|j| out(j, r0)).collect();
+                    crate::q4k_columns::matmul(k, wb, band / 8, &xs, &outs);
+                    j0 = j1;
+                }
+            } else {
+                for j in 0..n {
+                    let gemv = layout.gemv();
+                    gemv(
+                        k as c_int,
+                        out(j, r0),
+                        m,
+                        wb.cast(),
+                        column(j).cast(),
+                        1,
+                        band as c_int,
+                    );
+                }
             }
             r0 += band;
         }
-    }
-}
-
-impl Repacked {
-    /// The kernel, as the custom op's `userdata`.
-    pub(crate) fn kernel_ptr(&self) -> *mut c_void {
-        self.gemv as *mut c_void
     }
 }
 
@@ -166,24 +213,7 @@ mod tests {
     /// `m` rows of `k` random values stored as `ty` (quantized by ggml).
     fn weights(rng: &mut Rng, ty: WriterType, k: usize, m: usize) -> Vec<u8> {
         let values: Vec<f32> = (0..k * m).map(|_| rng.unit() * 0.5).collect();
-        let bytes = ty.row_size(k) * m;
-        let mut words = vec![0u64; bytes.div_ceil(8)];
-        // SAFETY (test): values holds m rows of k floats, words holds the quantized
-        // bytes 8-aligned; k is a multiple of the block size; no type needs an imatrix.
-        let written = unsafe {
-            crate::sys::ggml_quantize_chunk(
-                ty.to_ggml(),
-                values.as_ptr(),
-                words.as_mut_ptr().cast(),
-                0,
-                m as i64,
-                k as i64,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(written, bytes);
-        // SAFETY (test): words holds at least `bytes` initialized bytes.
-        unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes) }.to_vec()
+        crate::writer::weight_bytes(ty, k, &values).expect("weights")
     }
 
     /// Per product: its column count and the result of every column.

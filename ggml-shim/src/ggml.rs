@@ -308,13 +308,13 @@ impl GraphBuilder {
             // copy quantizes it with ggml's CPU quantizer for the layout's type, as
             // ggml's repacked product does for a lone column.
             let xq = self.wrap(unsafe {
-                let q = sys::ggml_new_tensor_2d(self.c(), layout.activations, k, n);
+                let q = sys::ggml_new_tensor_2d(self.c(), layout.activations(), k, n);
                 sys::ggml_cpy(self.c(), x.raw(), q)
             });
             let mut args = [w.raw(), xq.raw()];
             // SAFETY: ctx valid; args are two live tensors; the op reads them as its
-            // sources and writes the fresh [m, n] f32 result; userdata is the
-            // layout's kernel, which the op calls; -1 = all of ggml's threads.
+            // sources and writes the fresh [m, n] f32 result; userdata names the
+            // layout (a small integer); -1 = all of ggml's threads.
             return self.wrap(unsafe {
                 sys::ggml_custom_4d(
                     self.c(),
@@ -327,7 +327,7 @@ impl GraphBuilder {
                     2,
                     Some(crate::columns::gemv_columns_op),
                     -1,
-                    layout.kernel_ptr(),
+                    layout.as_userdata(),
                 )
             });
         }

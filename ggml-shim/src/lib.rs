@@ -13,6 +13,7 @@ pub mod cpu_guard;
 pub mod ggml;
 pub mod gguf;
 pub mod llama;
+mod q4k_columns;
 pub mod qmatmul;
 pub mod writer;
 

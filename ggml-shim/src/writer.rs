@@ -262,6 +262,66 @@ impl TensorData {
     }
 }
 
+/// Rows of `ne0` values (`data.len() / ne0` of them) stored as `ty`: converted (f16,
+/// bf16), quantized by ggml's own quantizers, or copied (f32). `ne0` must be a
+/// multiple of the type's block size and the values finite for non-f32 types (the
+/// callers check both).
+fn encode_rows(ty: WriterType, ne0: usize, data: &[f32]) -> Result<TensorData, String> {
+    let nrows = data.len() / ne0.max(1);
+    let mut buf = TensorData::zeroed(ty.row_size(ne0) * nrows);
+    if ty == WriterType::F32 {
+        for (dst, v) in buf.bytes_mut().chunks_exact_mut(4).zip(data) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        return Ok(buf);
+    }
+    // SAFETY: `data` holds nrows*ne0 floats; `buf` holds ggml_row_size(ty, ne0)*nrows
+    // 8-aligned bytes; ne0 is a multiple of the block size and no supported type
+    // needs an importance matrix, so ggml's asserts hold.
+    let written = unsafe {
+        sys::ggml_quantize_chunk(
+            ty.to_ggml(),
+            data.as_ptr(),
+            buf.words.as_mut_ptr().cast(),
+            0,
+            nrows as i64,
+            ne0 as i64,
+            std::ptr::null(),
+        )
+    };
+    if written != buf.nbytes {
+        return Err(format!(
+            "quantizer wrote {written} bytes, expected {}",
+            buf.nbytes
+        ));
+    }
+    Ok(buf)
+}
+
+/// The bytes of `values` (rows of `ne0`) stored as `ty`, as a GGUF file or a
+/// [`crate::TensorStore`] takes them; for tests and benchmarks that make weights.
+pub fn weight_bytes(ty: WriterType, ne0: usize, values: &[f32]) -> Result<Vec<u8>, WriterError> {
+    let block = ty.block_size();
+    if ne0 == 0 || !ne0.is_multiple_of(block) || !values.len().is_multiple_of(ne0) {
+        return Err(WriterError::BlockSize {
+            name: "weights".into(),
+            ty,
+            ne0,
+            block,
+        });
+    }
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(WriterError::NonFinite {
+            name: "weights".into(),
+            index,
+        });
+    }
+    Ok(encode_rows(ty, ne0, values)
+        .map_err(WriterError::Ggml)?
+        .bytes()
+        .to_vec())
+}
+
 /// Builder of a GGUF file: key/value metadata plus tensors.
 ///
 /// Tensor data is converted when added and kept by the writer until [`GgufWriter::write`].
@@ -548,35 +608,8 @@ impl GgufWriter {
                 });
             }
         }
-        let ne0 = shape[0];
-        let nrows = n / ne0;
-        let mut buf = TensorData::zeroed(ty.row_size(ne0) * nrows);
-        if ty == WriterType::F32 {
-            for (dst, v) in buf.bytes_mut().chunks_exact_mut(4).zip(data) {
-                dst.copy_from_slice(&v.to_le_bytes());
-            }
-        } else {
-            // SAFETY: `data` holds nrows*ne0 floats; `buf` holds ggml_row_size(ty, ne0)*nrows
-            // 8-aligned bytes; ne0 is a multiple of the block size and no supported type
-            // needs an importance matrix, so ggml's asserts hold.
-            let written = unsafe {
-                sys::ggml_quantize_chunk(
-                    ty.to_ggml(),
-                    data.as_ptr(),
-                    buf.words.as_mut_ptr().cast(),
-                    0,
-                    nrows as i64,
-                    ne0 as i64,
-                    std::ptr::null(),
-                )
-            };
-            if written != buf.nbytes {
-                return Err(WriterError::Ggml(format!(
-                    "tensor {name:?}: quantizer wrote {written} bytes, expected {}",
-                    buf.nbytes
-                )));
-            }
-        }
+        let buf = encode_rows(ty, shape[0], data)
+            .map_err(|why| WriterError::Ggml(format!("tensor {name:?}: {why}")))?;
         self.push_tensor(name, &cname, shape, ty, buf)
     }
 
