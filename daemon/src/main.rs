@@ -567,6 +567,10 @@ fn inspect(path: &Path) -> Result<()> {
         "ggml's"
     };
     println!("matmul       {kernels}");
+    println!(
+        "decoding     batch-invariant: each sequence's tokens as one-token products, \
+         whatever else the step holds"
+    );
     Ok(())
 }
 
