@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release -p ggml-shim --example columns [threads] [reps]`
 
-use std::time::Instant;
+mod timing;
 
 use ggml_shim::writer::{weight_bytes, WriterType};
 use ggml_shim::{
@@ -69,19 +69,8 @@ fn main() {
                 set_tensor_data(g.find("x").expect("x"), &x).expect("x");
                 graphs.push((g, alloc));
             }
-            let mut times = [Vec::new(), Vec::new()];
-            for _ in 0..reps {
-                for (i, (g, _)) in graphs.iter().enumerate() {
-                    let t = Instant::now();
-                    backend.compute(g).expect("compute");
-                    times[i].push(t.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-            let med = |v: &mut Vec<f64>| {
-                v.sort_by(|a, b| a.total_cmp(b));
-                v[v.len() / 2]
-            };
-            let (a, b) = (med(&mut times[0]), med(&mut times[1]));
+            let t = timing::interleaved_medians(&mut backend, &graphs, reps);
+            let (a, b) = (t[0], t[1]);
             println!("{label:<22} {n:>3} {a:>12.3} {b:>10.3} {:>6.2}x", b / a);
         }
     }

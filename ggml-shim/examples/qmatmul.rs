@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release -p ggml-shim --example qmatmul [q8_0|q5_0] [rows] [reps]`
 
-use std::time::Instant;
+mod timing;
 
 use ggml_shim::qmatmul::set_plain_kernels;
 use ggml_shim::{
@@ -52,7 +52,6 @@ fn main() {
     );
     for n in [1usize, 2, 4, 8] {
         let x: Vec<f32> = (0..k * n).map(|i| ((i * 31) % 17) as f32 - 8.0).collect();
-        let mut times = [Vec::new(), Vec::new()];
         let mut graphs = Vec::new();
         for plain in [false, true] {
             set_plain_kernels(plain);
@@ -66,18 +65,8 @@ fn main() {
             graphs.push((g, alloc));
         }
         set_plain_kernels(false);
-        for _ in 0..reps {
-            for (i, (g, _)) in graphs.iter().enumerate() {
-                let t = Instant::now();
-                backend.compute(g).expect("compute");
-                times[i].push(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
-        };
-        let (a, b) = (med(&mut times[0]), med(&mut times[1]));
+        let t = timing::interleaved_medians(&mut backend, &graphs, reps);
+        let (a, b) = (t[0], t[1]);
         println!("{n:>4} {a:>10.2} {b:>10.2} {:>6.2}x", b / a);
     }
 }
