@@ -380,3 +380,32 @@ fn check_config_checks_the_model_file() {
         }
     }
 }
+
+/// `exo check-config` says which wire format is in force: the exact one unless the
+/// file asks for f16.
+#[test]
+fn check_config_prints_the_wire_format_in_force() {
+    let dir = TempDir::new("checkwire").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Qwen3);
+    let config = dir.path().join("exo.toml");
+    let cfg = config.display().to_string();
+    let cluster = "[node]\nname = \"a\"\nlisten = \"tcp://127.0.0.1:5555\"\n\
+                   [cluster]\nkey = \"0123456789abcdef0123\"\n";
+    let peers = "[[peer]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:5555\"\n\
+                 [[peer]]\nname = \"b\"\naddress = \"tcp://127.0.0.1:5557\"\n";
+    for (line, want) in [("", "f32"), ("activations = \"f16\"\n", "f16")] {
+        let text = format!("[model]\npath = \"{model}\"\n{cluster}{line}{peers}");
+        std::fs::write(&config, text).expect("config");
+        let out = exo(&["check-config", "--config", &cfg]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("activations = \"{want}\"")),
+            "{line:?}: {stdout}"
+        );
+    }
+}
