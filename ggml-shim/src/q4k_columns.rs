@@ -8,11 +8,6 @@
 //! every output has ggml's bits ([`crate::columns`] tests them against ggml's own
 //! one-column product).
 
-/// Bytes of one `block_q4_Kx8` (8 f16 scales, 8 f16 mins, 96 scale bytes, 1024
-/// quant bytes) and of one `block_q8_K` (f32 scale, 256 quants, 16 i16 sums).
-pub(crate) const Q4_KX8_BYTES: usize = 1152;
-pub(crate) const Q8_K_BYTES: usize = 292;
-
 /// Whether this build has the kernel (ggml takes its AVX2 path there too).
 pub(crate) const AVAILABLE: bool = cfg!(all(
     target_arch = "x86_64",
@@ -44,6 +39,10 @@ pub(crate) unsafe fn matmul(
     outs: &[*mut f32],
 ) {
     use std::arch::x86_64::*;
+    /// Bytes of one `block_q4_Kx8` (8 f16 scales, 8 f16 mins, 96 scale bytes, 1024
+    /// quant bytes) and of one `block_q8_K` (f32 scale, 256 quants, 16 i16 sums).
+    const Q4_KX8_BYTES: usize = 1152;
+    const Q8_K_BYTES: usize = 292;
     let nb = k / 256;
     let n = xs.len().min(outs.len()).min(MAX_COLUMNS);
     // SAFETY (whole body): register arithmetic and loads inside the blocks the caller

@@ -152,6 +152,15 @@ pub(crate) unsafe extern "C" fn qmatmul_op(
 
 /// One product `c = wᵀ·x`: `w` rows `w_stride` bytes apart, `x` columns `x_stride`
 /// bytes apart, `c` columns `ldc` floats apart, `k` blocks per row, `n` columns.
+#[cfg_attr(
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )),
+    allow(dead_code)
+)]
 struct Product {
     weights: Weights,
     w: *const u8,
