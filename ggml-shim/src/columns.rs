@@ -179,22 +179,19 @@ pub(crate) fn repacked_layout(w: Tensor<'_>) -> Option<Repacked> {
     }
     let rows = w.ne()[1];
     // SAFETY: pure queries of ggml's CPU features.
-    let (avx2, avx512, neon, i8mm, dotprod, sve32) = unsafe {
+    let (avx2, avx512, neon, i8mm, dotprod) = unsafe {
         (
             sys::ggml_cpu_has_avx2() != 0,
             sys::ggml_cpu_has_avx512() != 0,
             sys::ggml_cpu_has_neon() != 0,
             sys::ggml_cpu_has_matmul_int8() != 0,
             sys::ggml_cpu_has_dotprod() != 0,
-            sys::ggml_cpu_has_sve() != 0 && sys::ggml_cpu_get_sve_cnt() == 32,
         )
     };
     let (by8, by4) = (rows % 8 == 0, rows % 4 == 0);
-    // ggml's own order of tests, first match wins
-    let q4_0_8x8 = avx2 || (sve32 && i8mm);
     let (i8mm, dotprod) = (neon && i8mm, neon && dotprod);
     let layout = match w.dtype().raw() {
-        sys::GGML_TYPE_Q4_0 if q4_0_8x8 && by8 => Repacked::Q4_0_8x8,
+        sys::GGML_TYPE_Q4_0 if avx2 && by8 => Repacked::Q4_0_8x8,
         sys::GGML_TYPE_Q4_0 if i8mm && by4 => Repacked::Q4_0_4x8,
         sys::GGML_TYPE_Q4_0 if dotprod && by4 => Repacked::Q4_0_4x4,
         sys::GGML_TYPE_Q4_K if avx2 && by8 => Repacked::Q4_K_8x8,
