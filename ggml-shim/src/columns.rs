@@ -15,9 +15,8 @@
 //! each column exactly what ggml gives it as a one-token product, in one pass over
 //! the weights:
 //!
-//! - weights repacked by ggml (x86-64: Q4_0, Q4_K and, with AVX-512, Q2_K; arm64
-//!   with dotprod or i8mm: Q4_0, Q4_K, Q5_K, Q6_K, Q8_0) go through ggml's own
-//!   one-column kernel (`ggml_gemv_*`) for every column, on
+//! - weights repacked by ggml (x86-64: Q4_0, Q4_K and, with AVX-512, Q2_K) go
+//!   through ggml's own one-column kernel (`ggml_gemv_*`) for every column, on
 //!   bands of rows small enough to stay in cache while all columns pass; for Q4_K,
 //!   [`crate::q4k_columns`] repeats that kernel's instructions for up to 8 columns
 //!   per unpacked block (faster than ggml's batched `gemm`: 1.33x at 8 columns);
@@ -68,89 +67,34 @@ macro_rules! gemv_kernels {
 
 gemv_kernels!(
     ggml_gemv_q4_0_8x8_q8_0,
-    ggml_gemv_q4_0_4x8_q8_0,
-    ggml_gemv_q4_0_4x4_q8_0,
     ggml_gemv_q4_K_8x8_q8_K,
-    ggml_gemv_q4_K_8x4_q8_K,
-    ggml_gemv_q5_K_8x8_q8_K,
-    ggml_gemv_q5_K_8x4_q8_K,
-    ggml_gemv_q6_K_8x8_q8_K,
-    ggml_gemv_q6_K_8x4_q8_K,
-    ggml_gemv_q8_0_4x8_q8_0,
-    ggml_gemv_q8_0_4x4_q8_0,
     ggml_gemv_q2_K_8x8_q8_K,
 );
 
-/// A layout ggml repacks weights into (`ggml_repack_get_optimal_repack_type`), named
-/// as ggml names them: `q4_K_8x4` interleaves 8 rows in chunks of 4 bytes.
+/// A repacked layout (8 rows interleaved) exo multiplies column by column.
 #[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Repacked {
-    Q4_0_8x8,
-    Q4_0_4x8,
-    Q4_0_4x4,
-    Q4_K_8x8,
-    Q4_K_8x4,
-    Q5_K_8x8,
-    Q5_K_8x4,
-    Q6_K_8x8,
-    Q6_K_8x4,
-    Q8_0_4x8,
-    Q8_0_4x4,
-    Q2_K_8x8,
+    Q4_0,
+    Q4_K,
+    Q2_K,
 }
 
 impl Repacked {
-    const ALL: [Repacked; 12] = [
-        Repacked::Q4_0_8x8,
-        Repacked::Q4_0_4x8,
-        Repacked::Q4_0_4x4,
-        Repacked::Q4_K_8x8,
-        Repacked::Q4_K_8x4,
-        Repacked::Q5_K_8x8,
-        Repacked::Q5_K_8x4,
-        Repacked::Q6_K_8x8,
-        Repacked::Q6_K_8x4,
-        Repacked::Q8_0_4x8,
-        Repacked::Q8_0_4x4,
-        Repacked::Q2_K_8x8,
-    ];
-
     /// ggml's one-column kernel of the layout.
     fn gemv(self) -> Gemv {
         match self {
-            Repacked::Q4_0_8x8 => ggml_gemv_q4_0_8x8_q8_0,
-            Repacked::Q4_0_4x8 => ggml_gemv_q4_0_4x8_q8_0,
-            Repacked::Q4_0_4x4 => ggml_gemv_q4_0_4x4_q8_0,
-            Repacked::Q4_K_8x8 => ggml_gemv_q4_K_8x8_q8_K,
-            Repacked::Q4_K_8x4 => ggml_gemv_q4_K_8x4_q8_K,
-            Repacked::Q5_K_8x8 => ggml_gemv_q5_K_8x8_q8_K,
-            Repacked::Q5_K_8x4 => ggml_gemv_q5_K_8x4_q8_K,
-            Repacked::Q6_K_8x8 => ggml_gemv_q6_K_8x8_q8_K,
-            Repacked::Q6_K_8x4 => ggml_gemv_q6_K_8x4_q8_K,
-            Repacked::Q8_0_4x8 => ggml_gemv_q8_0_4x8_q8_0,
-            Repacked::Q8_0_4x4 => ggml_gemv_q8_0_4x4_q8_0,
-            Repacked::Q2_K_8x8 => ggml_gemv_q2_K_8x8_q8_K,
-        }
-    }
-
-    /// Rows interleaved in one group (the kernels' unit of rows).
-    fn group_rows(self) -> usize {
-        match self {
-            Repacked::Q4_0_4x8 | Repacked::Q4_0_4x4 | Repacked::Q8_0_4x8 | Repacked::Q8_0_4x4 => 4,
-            _ => 8,
+            Repacked::Q4_0 => ggml_gemv_q4_0_8x8_q8_0,
+            Repacked::Q4_K => ggml_gemv_q4_K_8x8_q8_K,
+            Repacked::Q2_K => ggml_gemv_q2_K_8x8_q8_K,
         }
     }
 
     /// The type ggml quantizes the activations to for this layout.
     pub(crate) fn activations(self) -> sys::ggml_type {
         match self {
-            Repacked::Q4_0_8x8
-            | Repacked::Q4_0_4x8
-            | Repacked::Q4_0_4x4
-            | Repacked::Q8_0_4x8
-            | Repacked::Q8_0_4x4 => sys::GGML_TYPE_Q8_0,
-            _ => sys::GGML_TYPE_Q8_K,
+            Repacked::Q4_0 => sys::GGML_TYPE_Q8_0,
+            Repacked::Q4_K | Repacked::Q2_K => sys::GGML_TYPE_Q8_K,
         }
     }
 
@@ -160,53 +104,37 @@ impl Repacked {
     }
 
     fn from_userdata(p: *mut c_void) -> Option<Repacked> {
-        Repacked::ALL
+        [Repacked::Q4_0, Repacked::Q4_K, Repacked::Q2_K]
             .into_iter()
             .find(|r| *r as usize == p as usize)
     }
 }
 
-/// The layout ggml repacked `w` into: ggml's choice
-/// (`ggml_repack_get_optimal_repack_type`) for the types listed, from the same CPU
-/// queries; `None` for plain weights and for other layouts (IQ4_NL, MXFP4, RISC-V),
-/// which take the `[k, 1, n]` path: exact too, but the repack reads its weights
-/// once per column there.
+/// The layout ggml repacked `w` into, as `ggml_repack_get_optimal_repack_type`
+/// chooses it on x86-64; `None` for plain weights and for layouts not listed here
+/// (those take the `[k, 1, n]` path, which is exact for them too, but reads the
+/// weights once per column).
 pub(crate) fn repacked_layout(w: Tensor<'_>) -> Option<Repacked> {
     // SAFETY: reading the header of a live tensor.
     let repacked = unsafe { !(*w.raw()).extra.is_null() };
-    if !repacked || w.ne()[2..] != [1, 1] {
+    if !repacked || !cfg!(target_arch = "x86_64") || w.ne()[2..] != [1, 1] {
         return None;
     }
     let rows = w.ne()[1];
-    // SAFETY: pure queries of ggml's CPU features.
-    let (avx2, avx512, neon, i8mm, dotprod) = unsafe {
+    // SAFETY: pure queries of ggml's compile-time CPU features.
+    let (avx2, avx512) = unsafe {
         (
             sys::ggml_cpu_has_avx2() != 0,
             sys::ggml_cpu_has_avx512() != 0,
-            sys::ggml_cpu_has_neon() != 0,
-            sys::ggml_cpu_has_matmul_int8() != 0,
-            sys::ggml_cpu_has_dotprod() != 0,
         )
     };
-    let (by8, by4) = (rows % 8 == 0, rows % 4 == 0);
-    let (i8mm, dotprod) = (neon && i8mm, neon && dotprod);
     let layout = match w.dtype().raw() {
-        sys::GGML_TYPE_Q4_0 if avx2 && by8 => Repacked::Q4_0_8x8,
-        sys::GGML_TYPE_Q4_0 if i8mm && by4 => Repacked::Q4_0_4x8,
-        sys::GGML_TYPE_Q4_0 if dotprod && by4 => Repacked::Q4_0_4x4,
-        sys::GGML_TYPE_Q4_K if avx2 && by8 => Repacked::Q4_K_8x8,
-        sys::GGML_TYPE_Q4_K if i8mm && by8 => Repacked::Q4_K_8x8,
-        sys::GGML_TYPE_Q4_K if dotprod && by8 => Repacked::Q4_K_8x4,
-        sys::GGML_TYPE_Q5_K if i8mm && by8 => Repacked::Q5_K_8x8,
-        sys::GGML_TYPE_Q5_K if dotprod && by8 => Repacked::Q5_K_8x4,
-        sys::GGML_TYPE_Q6_K if i8mm && by8 => Repacked::Q6_K_8x8,
-        sys::GGML_TYPE_Q6_K if dotprod && by8 => Repacked::Q6_K_8x4,
-        sys::GGML_TYPE_Q8_0 if i8mm && by4 => Repacked::Q8_0_4x8,
-        sys::GGML_TYPE_Q8_0 if dotprod && by4 => Repacked::Q8_0_4x4,
-        sys::GGML_TYPE_Q2_K if avx512 && by8 => Repacked::Q2_K_8x8,
+        sys::GGML_TYPE_Q4_0 if avx2 => Repacked::Q4_0,
+        sys::GGML_TYPE_Q4_K if avx2 => Repacked::Q4_K,
+        sys::GGML_TYPE_Q2_K if avx512 => Repacked::Q2_K,
         _ => return None,
     };
-    Some(layout)
+    (rows % 8 == 0).then_some(layout)
 }
 
 /// The ggml custom-op entry: `dst = src[0]ᵀ · src[1]` for repacked weights `src[0]`
@@ -234,17 +162,16 @@ pub(crate) unsafe extern "C" fn gemv_columns_op(
         let w = &*d.src[0];
         let x = &*d.src[1];
         let (k, m, n) = (w.ne[0] as usize, w.ne[1] as usize, x.ne[1] as usize);
-        let g = layout.group_rows();
-        let groups = m / g;
+        let groups = m / 8;
         let (nth, ith) = (nth.max(1) as usize, ith.max(0) as usize);
-        let rows = (groups * ith / nth * g)..(groups * (ith + 1) / nth * g);
+        let rows = (groups * ith / nth * 8)..(groups * (ith + 1) / nth * 8);
         let column = |j: usize| (x.data as *const u8).add(j * x.nb[1]);
         let out = |j: usize, r: usize| ((d.data as *mut u8).add(j * d.nb[1]) as *mut f32).add(r);
         let mut r0 = rows.start;
         while r0 < rows.end {
             let band = BAND_ROWS.min(rows.end - r0);
             let wb = (w.data as *const u8).add(r0 * w.nb[1]);
-            if layout == Repacked::Q4_K_8x8 && crate::q4k_columns::AVAILABLE {
+            if layout == Repacked::Q4_K && crate::q4k_columns::AVAILABLE {
                 // the band unpacked once for up to 8 columns at a time
                 let mut j0 = 0;
                 while j0 < n {
@@ -409,7 +336,7 @@ mod tests {
                                 break;
                             }
                         }
-                        if p.repacked {
+                        if p.repacked && cfg!(target_arch = "x86_64") {
                             assert!(
                                 p.custom,
                                 "{case}: repacked weights take ggml's gemv per column"
