@@ -220,7 +220,8 @@ mod tests {
 
     /// Per product: its column count and the result of every column.
     struct Products {
-        /// (n, per-column product of the first n columns)
+        /// (n, per-column product of the first n columns), by `mul_mat_per_column`
+        /// and by the plane path
         per_column: Vec<(usize, Vec<f32>)>,
         /// (n, ggml's own product of the first n columns)
         batched: Vec<(usize, Vec<f32>)>,
@@ -255,6 +256,10 @@ mod tests {
             custom |= unsafe { (*y.raw()).op == crate::sys::GGML_OP_CUSTOM };
             g.name(y, &format!("per_column_{n}"));
             g.output(y);
+            // the path of repacked layouts exo has no kernel for (arm64's)
+            let y = g.mul_mat_planes(w, xs);
+            g.name(y, &format!("planes_{n}"));
+            g.output(y);
             let y = g.mul_mat_ggml(w, xs);
             g.name(y, &format!("batched_{n}"));
             g.output(y);
@@ -279,7 +284,12 @@ mod tests {
         Products {
             per_column: COUNTS
                 .iter()
-                .map(|&n| (n, read(&format!("per_column_{n}"))))
+                .flat_map(|&n| {
+                    [
+                        (n, read(&format!("per_column_{n}"))),
+                        (n, read(&format!("planes_{n}"))),
+                    ]
+                })
                 .collect(),
             batched: COUNTS
                 .iter()

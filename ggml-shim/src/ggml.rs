@@ -331,7 +331,14 @@ impl GraphBuilder {
                 )
             });
         }
-        // n planes of one column each: ggml multiplies every plane by vec_dot.
+        self.mul_mat_planes(w, x)
+    }
+
+    /// `wᵀ·x` with the `n` columns of a contiguous `x` as `n` planes of one column
+    /// each: ggml multiplies every plane as a one-token product (`vec_dot`, or a
+    /// repack's `gemv`), reading repacked weights once per plane.
+    pub(crate) fn mul_mat_planes<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        let (k, m, n) = (w.ne()[0], w.ne()[1], x.ne()[1]);
         let planes = self.reshape(x, &[k, 1, n]);
         let y = self.mul_mat_ggml(w, planes);
         self.reshape(y, &[m, n])
