@@ -648,9 +648,9 @@ pub fn project_head<'a>(
 /// prompt chunk (`chunk`: ggml's product of the chunk), or single tokens of
 /// sequences (each a one-token product).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ColumnRun {
-    pub len: usize,
-    pub chunk: bool,
+struct ColumnRun {
+    len: usize,
+    chunk: bool,
 }
 
 /// The runs of a step's columns, from each sequence's column count and whether they
