@@ -176,9 +176,13 @@ pub(crate) unsafe extern "C" fn gemv_columns_op(
                 let mut j0 = 0;
                 while j0 < n {
                     let j1 = (j0 + crate::q4k_columns::MAX_COLUMNS).min(n);
-                    let xs: Vec<*const u8> = (j0..j1).map(column).collect();
-                    let outs: Vec<*mut f32> = (j0..j1).map(|j| out(j, r0)).collect();
-                    crate::q4k_columns::matmul(k, wb, band / 8, &xs, &outs);
+                    let mut xs = [std::ptr::null::<u8>(); crate::q4k_columns::MAX_COLUMNS];
+                    let mut outs = [std::ptr::null_mut::<f32>(); crate::q4k_columns::MAX_COLUMNS];
+                    for (i, j) in (j0..j1).enumerate() {
+                        (xs[i], outs[i]) = (column(j), out(j, r0));
+                    }
+                    let used = j1 - j0;
+                    crate::q4k_columns::matmul(k, wb, band / 8, &xs[..used], &outs[..used]);
                     j0 = j1;
                 }
             } else {
