@@ -292,7 +292,6 @@ impl GraphBuilder {
     /// a product of its own (a one-token step), whatever the other columns are: the
     /// product of batch-invariant decoding ([`crate::columns`]).
     pub fn mul_mat_per_column<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
-        let [k, m, ..] = w.ne();
         let n = x.ne()[1];
         if n <= 1 || x.ne()[2..] != [1, 1] || crate::qmatmul::applies(w, x) {
             return self.mul_mat(w, x);
@@ -304,32 +303,13 @@ impl GraphBuilder {
             self.cont(x)
         };
         if let Some(layout) = crate::columns::repacked_layout(w) {
-            // SAFETY: ctx valid; x is [k, n] f32 (checked by the caller's shapes), the
-            // copy quantizes it with ggml's CPU quantizer for the layout's type, as
-            // ggml's repacked product does for a lone column.
-            let xq = self.wrap(unsafe {
-                let q = sys::ggml_new_tensor_2d(self.c(), layout.activations(), k, n);
-                sys::ggml_cpy(self.c(), x.raw(), q)
-            });
-            let mut args = [w.raw(), xq.raw()];
-            // SAFETY: ctx valid; args are two live tensors; the op reads them as its
-            // sources and writes the fresh [m, n] f32 result; userdata names the
-            // layout (a small integer); -1 = all of ggml's threads.
-            return self.wrap(unsafe {
-                sys::ggml_custom_4d(
-                    self.c(),
-                    sys::GGML_TYPE_F32,
-                    m,
-                    n,
-                    1,
-                    1,
-                    args.as_mut_ptr(),
-                    2,
-                    Some(crate::columns::gemv_columns_op),
-                    -1,
-                    layout.as_userdata(),
-                )
-            });
+            return self.quantized_product(
+                w,
+                x,
+                layout.activations(),
+                crate::columns::gemv_columns_op,
+                layout.as_userdata(),
+            );
         }
         self.mul_mat_planes(w, x)
     }
@@ -350,20 +330,46 @@ impl GraphBuilder {
         self.wrap(unsafe { sys::ggml_mul_mat(self.c(), w.raw(), x.raw()) })
     }
 
-    /// `wᵀ·x` for Q8_0 or Q5_0 `w` (`[k, m]`) and f32 `x` (`[k, n]`): `x` is
-    /// quantized to Q8_0 by ggml (as `ggml_mul_mat` does), then multiplied by exo's
-    /// kernel.
+    /// `wᵀ·x` for Q8_0 or Q5_0 `w` (`[k, m]`) and f32 `x` (`[k, n]`) by exo's
+    /// prefetching kernel ([`crate::qmatmul`]).
     fn mul_mat_prefetching<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        self.quantized_product(
+            w,
+            x,
+            sys::GGML_TYPE_Q8_0,
+            crate::qmatmul::qmatmul_op,
+            std::ptr::null_mut(),
+        )
+    }
+
+    /// `wᵀ·x` (`w` `[k, m]`, f32 `x` `[k, n]`) by one of exo's kernels as a ggml
+    /// custom op: `x` is first quantized to `activations` by ggml's own CPU quantizer
+    /// (as `ggml_mul_mat` does), then `op` computes the `[m, n]` f32 result from `w`
+    /// and the quantized `x`, with `userdata`, on all of ggml's threads.
+    fn quantized_product<'a>(
+        &'a self,
+        w: Tensor<'a>,
+        x: Tensor<'a>,
+        activations: sys::ggml_type,
+        op: unsafe extern "C" fn(
+            *mut sys::ggml_tensor,
+            std::os::raw::c_int,
+            std::os::raw::c_int,
+            *mut std::os::raw::c_void,
+        ),
+        userdata: *mut std::os::raw::c_void,
+    ) -> Tensor<'a> {
         let [k, m, ..] = w.ne();
         let n = x.ne()[1];
-        // SAFETY: ctx valid; the shapes were checked by qmatmul::applies.
+        // SAFETY: ctx valid; x is [k, n] f32 (the callers checked the shapes).
         let xq = self.wrap(unsafe {
-            let q = sys::ggml_new_tensor_2d(self.c(), sys::GGML_TYPE_Q8_0, k, n);
+            let q = sys::ggml_new_tensor_2d(self.c(), activations, k, n);
             sys::ggml_cpy(self.c(), x.raw(), q)
         });
         let mut args = [w.raw(), xq.raw()];
         // SAFETY: ctx valid; args are two live tensors; the op reads them as its
-        // sources and writes the fresh [m, n] f32 result; -1 = all of ggml's threads.
+        // sources and writes the fresh [m, n] f32 result; the callers pass the
+        // userdata their op expects; -1 = all of ggml's threads.
         self.wrap(unsafe {
             sys::ggml_custom_4d(
                 self.c(),
@@ -374,9 +380,9 @@ impl GraphBuilder {
                 1,
                 args.as_mut_ptr(),
                 2,
-                Some(crate::qmatmul::qmatmul_op),
+                Some(op),
                 -1,
-                std::ptr::null_mut(),
+                userdata,
             )
         })
     }
