@@ -19,7 +19,7 @@ use super::plan::{
 };
 use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
 use crate::config::HeadSharePolicy;
-use crate::engine::scheduler::{StepOutcome, Stepper};
+use crate::engine::scheduler::{max_step_tokens, StepOutcome, Stepper};
 use crate::engine::{BatchSeq, EngineError, SlotPool, Stage, StageConfig, StageInput, StageOutput};
 use crate::model::{LayerRange, ModelFile};
 
@@ -371,8 +371,7 @@ pub async fn form(
     ));
     let limits = Limits {
         max_seqs: s.n_slots,
-        // a step carries up to `batch` prompt tokens plus one token per slot
-        max_tokens: s.batch.max(1) + s.n_slots,
+        max_tokens: max_step_tokens(s.batch, s.n_slots),
         width: mf.hparams.n_embd,
         n_ctx: s.n_ctx,
         n_slots: s.n_slots,

@@ -14,6 +14,7 @@ use super::frame::{
 };
 use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
+use crate::engine::scheduler::max_step_tokens;
 use crate::engine::{BatchSeq, Stage, StageConfig, StageInput, StageOutput};
 use crate::model::{LayerRange, ModelFile};
 
@@ -308,8 +309,7 @@ impl ControlHandler {
         let width = self.mf.hparams.n_embd;
         let limits = Limits {
             max_seqs: n_slots,
-            // a step carries up to `batch` prompt tokens plus one token per slot
-            max_tokens: p.batch.max(1) + n_slots,
+            max_tokens: max_step_tokens(p.batch, n_slots),
             width,
             n_ctx,
             n_slots,

@@ -22,8 +22,15 @@ pub struct SchedulerConfig {
     pub max_slots: usize,
     /// Requests waiting for a slot beyond which new ones are refused.
     pub max_queue: usize,
-    /// Tokens per step (decode tokens plus prompt chunks).
+    /// Prompt tokens per step, and the length of a prompt chunk; a step carries one
+    /// more token per decoding sequence ([`max_step_tokens`]).
     pub batch: usize,
+}
+
+/// The most tokens one step holds: a prompt budget of `batch` plus one decode token
+/// for each of `n_slots` sequences.
+pub fn max_step_tokens(batch: usize, n_slots: usize) -> usize {
+    batch.max(1) + n_slots
 }
 
 /// Why a generation ended.
@@ -547,11 +554,12 @@ impl Engine {
         // the same places whatever else runs: a chunk's results depend on its
         // length, so a prompt is processed exactly as alone (llama.cpp's ubatches).
         // The decode tokens above come on top of this budget.
-        let mut budget = self.cfg.batch.max(1);
+        let chunk = self.cfg.batch.max(1);
+        let mut budget = chunk;
         for &i in ready.iter().take(take) {
             let a = &self.active[i];
             if a.next.is_none() && a.fed < a.prompt.len() {
-                let n = (a.prompt.len() - a.fed).min(self.cfg.batch.max(1));
+                let n = (a.prompt.len() - a.fed).min(chunk);
                 if n > budget {
                     break;
                 }
