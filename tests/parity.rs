@@ -403,13 +403,13 @@ fn check_head_split(path: &Path, prompt: &[i32], fractions: &[f64]) -> usize {
     init_backend();
     let mf = ModelFile::open(path).expect("open model");
     let (n, v) = (mf.hparams.n_layer, mf.hparams.n_vocab);
-    let cfg = |range: LayerRange, head_rows: Option<std::ops::Range<usize>>| StageConfig {
+    let cfg = |range: LayerRange, lm_head_rows: Option<std::ops::Range<usize>>| StageConfig {
         range,
         n_ctx: 64,
         n_slots: 1,
         n_threads: 1,
         repack: true,
-        head_rows,
+        lm_head_rows,
     };
     let seqs = [BatchSeq {
         slot: 0,
@@ -446,7 +446,7 @@ fn check_head_split(path: &Path, prompt: &[i32], fractions: &[f64]) -> usize {
         // suffix of its rows.
         let mut cuts = vec![va];
         checked += 1;
-        if a.head_reach() == Some(0..v) {
+        if a.lm_head_reach() == Some(0..v) {
             cuts.push((va + v) / 2);
             checked += 1;
         }

@@ -87,7 +87,7 @@ fn exo_decode(p: &mut Pipeline, first: i32, pos0: usize, n: usize) -> Result<()>
             n_tokens: 1,
             output: OutputRows::Last,
         };
-        t = argmax(p.step(&[seq], &[t])?).unwrap_or(0) as i32;
+        t = argmax(&p.step(&[seq], &[t])?).unwrap_or(0) as i32;
     }
     Ok(())
 }

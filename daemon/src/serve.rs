@@ -219,12 +219,12 @@ fn head_loading(
                     format!("loading the vocabulary of {}", settings.model.display())
                 })?,
             );
-            let (stepper, view) = head::form(mf, h.clone(), app.frames.clone()).await?;
+            let (pipeline, view) = head::form(mf, h.clone(), app.frames.clone()).await?;
             let _ = app.cluster.set(view);
             let tok = tokenizer.clone();
             let observer: Arc<dyn StepObserver> = app.metrics.clone();
-            let (scheduler, _join) = scheduler::spawn_with(
-                Box::new(stepper),
+            let (scheduler, _join) = scheduler::spawn(
+                pipeline,
                 SchedulerConfig {
                     max_slots: h.n_slots,
                     max_queue: settings.max_queue,

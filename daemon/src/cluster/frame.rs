@@ -595,14 +595,8 @@ fn append_mac(key: &FrameKey, out: &mut Vec<u8>, start: usize) {
     out.extend_from_slice(&mac);
 }
 
-/// One output row's logits from a stage holding part of the output head.
-#[derive(Debug, Clone, PartialEq)]
-pub enum HeadLogits {
-    /// The best candidates of the stage's rows, `(token id, logit)`.
-    Top(Vec<(i32, f32)>),
-    /// Every logit of the stage's rows: ids `first..first + logits.len()`.
-    Dense { first: u32, logits: Vec<f32> },
-}
+/// One output row's logits from a stage holding part of the `lm_head`.
+pub use crate::engine::PartialLogits as HeadLogits;
 
 /// Marks a [`HeadLogits::Top`] row in the head-part encoding (in place of `first`).
 /// Marks a [`HeadLogits::Top`] row: the high bit of its count.

@@ -4,6 +4,7 @@
 pub mod frame;
 pub mod head;
 pub mod plan;
+pub mod remote;
 pub mod transport;
 pub mod worker;
 

@@ -126,7 +126,7 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
             n_slots: MEASURE_TOKENS,
             n_threads: threads,
             repack: true,
-            head_rows: time_head.then_some(0..band),
+            lm_head_rows: time_head.then_some(0..band),
         },
     )
     .ok()?;

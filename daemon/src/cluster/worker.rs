@@ -7,15 +7,14 @@ use std::path::PathBuf;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ggml_shim::llama::{argmax, SamplerChain};
-
-use super::frame::{
-    Dtype, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc, FLAG_SOLO,
-};
+use super::frame::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer, SeqDesc, FLAG_SOLO};
 use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
+use crate::engine::sampler::lm_head_candidates;
 use crate::engine::scheduler::max_step_tokens;
-use crate::engine::{BatchSeq, Stage, StageConfig, StageInput, StageOutput};
+use crate::engine::{
+    BatchSeq, PartialLogits, Stage, StageConfig, StageInput, StageOutput, TokenSampler,
+};
 use crate::model::{LayerRange, ModelFile};
 
 /// How a worker runs.
@@ -297,7 +296,7 @@ impl ControlHandler {
                     n_slots,
                     n_threads: threads,
                     repack: true,
-                    head_rows: head_first.map(|a| a..n_vocab),
+                    lm_head_rows: head_first.map(|a| a..n_vocab),
                 },
             )
         })
@@ -374,9 +373,9 @@ struct DataPlane {
     run: Option<Box<RunningStage>>,
     opener: Opener,
     sealer: Sealer,
-    /// Per slot: the sampler chain, or None for greedy (last stage only).
-    samplers: HashMap<usize, Option<SamplerChain>>,
-    /// Per slot with a split head: how many candidates to send (None: all logits).
+    /// Per slot: its sampler (last stage only).
+    samplers: HashMap<usize, TokenSampler>,
+    /// Per slot with a split `lm_head`: how many candidates to send (None: all logits).
     candidates: HashMap<usize, Option<usize>>,
     hidden: Vec<f32>,
     out: Vec<f32>,
@@ -515,12 +514,11 @@ impl DataPlane {
         let params = s.sampling;
         if self.run.as_ref().is_some_and(|r| r.head_first.is_some()) {
             // the head node samples; we only need to know what to send it
-            self.candidates
-                .insert(s.slot, plan::head_candidates(&params));
+            self.candidates.insert(s.slot, lm_head_candidates(&params));
             return Ok(());
         }
         self.samplers
-            .insert(s.slot, SamplerChain::for_sequence(&params, &s.prompt)?);
+            .insert(s.slot, TokenSampler::new(&params, &s.prompt)?);
         Ok(())
     }
 
@@ -558,14 +556,10 @@ impl DataPlane {
                 let mut parts = Vec::new();
                 for row in rows_with_slots(seqs, &self.logits, width) {
                     let (slot, l) = row?;
-                    parts.push(match self.candidates.get(&slot) {
-                        Some(Some(k)) => HeadLogits::Top(top_k(l, *k, first)),
-                        Some(None) => HeadLogits::Dense {
-                            first: u32::try_from(first)?,
-                            logits: l.to_vec(),
-                        },
-                        None => anyhow::bail!("slot {slot} has no sampling set-up"),
-                    });
+                    let Some(&candidates) = self.candidates.get(&slot) else {
+                        anyhow::bail!("slot {slot} has no sampling set-up");
+                    };
+                    parts.push(PartialLogits::of_row(candidates, l, first));
                 }
                 self.sealer.seal_head_part(step, &descs, &parts)?
             }
@@ -574,16 +568,10 @@ impl DataPlane {
                 self.toks.clear();
                 for row in rows_with_slots(seqs, &self.out, n_vocab) {
                     let (slot, l) = row?;
-                    let t = match self.samplers.get_mut(&slot) {
-                        Some(Some(c)) => {
-                            let t = c.sample(l)?;
-                            c.accept(t);
-                            t
-                        }
-                        Some(None) => argmax(l).map_or(0, |t| t as i32),
-                        None => anyhow::bail!("slot {slot} has no sampling set-up"),
+                    let Some(sampler) = self.samplers.get_mut(&slot) else {
+                        anyhow::bail!("slot {slot} has no sampling set-up");
                     };
-                    self.toks.push(t);
+                    self.toks.push(sampler.pick(l)?);
                 }
                 self.sealer.seal_tokens(step, &descs, &self.toks)?
             }
@@ -616,85 +604,4 @@ fn rows_with_slots<'a>(
                 .map(|l| (slot, l))
                 .ok_or_else(|| anyhow::anyhow!("missing logits row"))
         })
-}
-
-/// The `k` best of a row of logits for ids `first..`, best first; equal logits
-/// by lower id (as argmax). NaN never wins. Keeps only `k` candidates (a heap whose
-/// top is the worst kept), not the whole row.
-fn top_k(row: &[f32], k: usize, first: usize) -> Vec<(i32, f32)> {
-    let k = k.min(row.len());
-    if k == 1 {
-        return argmax(row)
-            .map(|i| vec![((first + i) as i32, row[i])])
-            .unwrap_or_default();
-    }
-    /// A candidate ordered so that the greater one is the worse: lower logit, or
-    /// the same logit and a higher id.
-    #[derive(PartialEq)]
-    struct Kept {
-        id: i32,
-        logit: f32,
-    }
-    impl Eq for Kept {}
-    impl PartialOrd for Kept {
-        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-            Some(self.cmp(other))
-        }
-    }
-    impl Ord for Kept {
-        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-            other
-                .logit
-                .total_cmp(&self.logit)
-                .then(self.id.cmp(&other.id))
-        }
-    }
-    let mut kept = std::collections::BinaryHeap::with_capacity(k + 1);
-    for (i, &logit) in row.iter().enumerate() {
-        if logit.is_nan() {
-            continue;
-        }
-        let c = Kept {
-            id: (first + i) as i32,
-            logit,
-        };
-        if kept.len() < k {
-            kept.push(c);
-        } else if kept.peek().is_some_and(|worst| c < *worst) {
-            kept.pop();
-            kept.push(c);
-        }
-    }
-    // ascending in this order is best first
-    kept.into_sorted_vec()
-        .into_iter()
-        .map(|c| (c.id, c.logit))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::top_k;
-
-    #[test]
-    fn top_k_keeps_the_best_with_ids_offset() {
-        let row = [0.5f32, 3.0, -1.0, 3.0, f32::NAN, 2.0];
-        assert_eq!(top_k(&row, 1, 100), vec![(101, 3.0)]);
-        assert_eq!(
-            top_k(&row, 3, 100),
-            vec![(101, 3.0), (103, 3.0), (105, 2.0)]
-        );
-        assert_eq!(top_k(&row, 10, 0).len(), 5, "NaN is never a candidate");
-        // against sorting the whole row, on ties and a long row
-        let long: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 613) as f32 / 7.0).collect();
-        let mut all: Vec<(i32, f32)> = long
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as i32 + 9, l))
-            .collect();
-        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        for k in [2, 40, 256] {
-            assert_eq!(top_k(&long, k, 9), all[..k].to_vec(), "k {k}");
-        }
-    }
 }

@@ -3,9 +3,9 @@
 
 use std::time::Instant;
 
-use ggml_shim::llama::{argmax, SamplerChain, SamplingParams};
+use ggml_shim::llama::SamplingParams;
 
-use super::{BatchSeq, EngineError, OutputRows, Pipeline};
+use super::{BatchSeq, EngineError, OutputRows, Pipeline, TokenSampler};
 
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
@@ -96,7 +96,7 @@ fn prefill(
             n_tokens: part.len(),
             output,
         };
-        out.extend_from_slice(p.step(&[seq], part)?);
+        out.extend_from_slice(&p.step(&[seq], part)?);
     }
     Ok(out)
 }
@@ -111,11 +111,7 @@ pub fn generate(
     mut on_token: impl FnMut(i32) -> bool,
 ) -> Result<Generation, EngineError> {
     check_context(p, prompt.len(), params.max_tokens)?;
-    let mut sampler = SamplerChain::new(&params.sampling)?;
-    for &t in prompt {
-        sampler.accept(t);
-    }
-    let greedy = params.sampling.is_greedy();
+    let mut sampler = TokenSampler::new(&params.sampling, prompt)?;
     let slot = p.slots.acquire()?;
     let guard = SlotGuard { pipeline: p, slot };
     let t0 = Instant::now();
@@ -125,17 +121,7 @@ pub fn generate(
     let mut tokens = Vec::new();
     let mut stop = StopReason::Length;
     let mut pos = prompt.len();
-    let mut pick = |logits: &[f32]| -> Result<i32, EngineError> {
-        if greedy {
-            return argmax(logits)
-                .map(|i| i as i32)
-                .ok_or_else(|| EngineError::Input("empty logits".into()));
-        }
-        let t = sampler.sample(logits)?;
-        sampler.accept(t);
-        Ok(t)
-    };
-    let mut next = pick(&logits)?;
+    let mut next = sampler.pick(&logits)?;
     drop(logits);
     while tokens.len() < params.max_tokens {
         if is_eog(next) {
@@ -156,7 +142,7 @@ pub fn generate(
             n_tokens: 1,
             output: OutputRows::Last,
         };
-        next = pick(guard.pipeline.step(&[seq], &[next])?)?;
+        next = sampler.pick(&guard.pipeline.step(&[seq], &[next])?)?;
         pos += 1;
     }
     Ok(Generation {
@@ -174,7 +160,7 @@ pub fn prompt_logits(
     chunk: usize,
 ) -> Result<Vec<Vec<f32>>, EngineError> {
     check_context(p, prompt.len(), 0)?;
-    let n_vocab = p.hparams().n_vocab;
+    let n_vocab = p.n_vocab();
     let slot = p.slots.acquire()?;
     let guard = SlotGuard { pipeline: p, slot };
     let flat = prefill(guard.pipeline, slot, prompt, chunk, true)?;

@@ -1,16 +1,23 @@
-//! The engine: stages behind one link trait, a local pipeline of them, sequence
-//! slots, chunked prefill and batched decode.
+//! The engine: stages behind one link trait ([`Link`]), a pipeline of them,
+//! sequence slots, the scheduler (chunked prefill and batched decode) and the one
+//! sampler.
 
 mod generate;
+mod link;
+mod pipeline;
+pub mod sampler;
 pub mod scheduler;
 mod stage;
 
 pub use generate::{generate, prompt_logits, GenerateParams, Generation, StopReason};
+pub use link::{Link, LinkOutput};
+pub use pipeline::{Pipeline, PipelineConfig, StepOutcome};
+pub use sampler::{PartialLogits, TokenSampler};
 pub use stage::{Stage, StageConfig, StageInput, StageOutput};
 
 pub use crate::model::graph::OutputRows;
 pub use crate::model::BatchSeq;
-use crate::model::{HParams, LayerRange, ModelError, ModelFile};
+use crate::model::{LayerRange, ModelError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -36,40 +43,6 @@ pub enum EngineError {
     NoFreeSlot(usize),
     #[error("pipeline: {0}")]
     Pipeline(String),
-}
-
-/// One stage of a pipeline, local or remote: the scheduler drives every stage
-/// through this trait and never sees where it runs.
-pub trait StageLink: Send {
-    /// Runs one step; writes activations (or, on the last stage, logits) into `out`.
-    fn forward(
-        &mut self,
-        seqs: &[BatchSeq],
-        input: StageInput<'_>,
-        out: &mut Vec<f32>,
-    ) -> Result<StageOutput, EngineError>;
-    fn range(&self) -> LayerRange;
-    /// Parks or wakes local compute threads (a no-op for remote stages).
-    fn set_paused(&mut self, _paused: bool) {}
-}
-
-impl StageLink for Stage {
-    fn set_paused(&mut self, paused: bool) {
-        Stage::set_paused(self, paused)
-    }
-
-    fn forward(
-        &mut self,
-        seqs: &[BatchSeq],
-        input: StageInput<'_>,
-        out: &mut Vec<f32>,
-    ) -> Result<StageOutput, EngineError> {
-        Stage::forward(self, seqs, input, out)
-    }
-
-    fn range(&self) -> LayerRange {
-        self.config().range
-    }
 }
 
 /// Encodes activations for another stage (little-endian f32) into `out`.
@@ -148,127 +121,5 @@ impl SlotPool {
 
     pub fn n_busy(&self) -> usize {
         self.n - self.free.len()
-    }
-}
-
-/// A chain of stages covering all layers, driven step by step. Activations cross
-/// from stage to stage as bytes, exactly as they would over the network.
-pub struct Pipeline {
-    links: Vec<Box<dyn StageLink>>,
-    hp: HParams,
-    n_ctx: usize,
-    pub slots: SlotPool,
-    /// Reused buffers: a stage's output, the bytes on the "wire", the next input.
-    out: Vec<f32>,
-    wire: Vec<u8>,
-    hidden: Vec<f32>,
-}
-
-/// How to build a local pipeline.
-#[derive(Debug, Clone)]
-pub struct PipelineConfig {
-    pub n_ctx: usize,
-    pub n_slots: usize,
-    pub n_threads: usize,
-    pub repack: bool,
-    /// Layer ranges, in order, covering `0..n_layer`.
-    pub ranges: Vec<LayerRange>,
-}
-
-impl Pipeline {
-    /// Loads every range as a local stage.
-    pub fn local(mf: &ModelFile, cfg: &PipelineConfig) -> Result<Pipeline, EngineError> {
-        let mut links: Vec<Box<dyn StageLink>> = Vec::new();
-        for r in &cfg.ranges {
-            links.push(Box::new(Stage::load(
-                mf,
-                StageConfig {
-                    range: *r,
-                    n_ctx: cfg.n_ctx,
-                    n_slots: cfg.n_slots,
-                    n_threads: cfg.n_threads,
-                    repack: cfg.repack,
-                    head_rows: None,
-                },
-            )?));
-        }
-        Pipeline::new(links, mf.hparams.clone(), cfg.n_ctx, cfg.n_slots)
-    }
-
-    /// A pipeline over given links, which must cover all layers in order.
-    pub fn new(
-        links: Vec<Box<dyn StageLink>>,
-        hp: HParams,
-        n_ctx: usize,
-        n_slots: usize,
-    ) -> Result<Pipeline, EngineError> {
-        let mut expect = 0;
-        for l in &links {
-            let r = l.range();
-            if r.start != expect {
-                return Err(EngineError::Pipeline(format!(
-                    "stage {r} does not start at layer {expect}"
-                )));
-            }
-            expect = r.end;
-        }
-        if expect != hp.n_layer || links.is_empty() {
-            return Err(EngineError::Pipeline(format!(
-                "stages end at layer {expect}, the model has {}",
-                hp.n_layer
-            )));
-        }
-        Ok(Pipeline {
-            links,
-            hp,
-            n_ctx,
-            slots: SlotPool::new(n_slots),
-            out: Vec::new(),
-            wire: Vec::new(),
-            hidden: Vec::new(),
-        })
-    }
-
-    pub fn hparams(&self) -> &HParams {
-        &self.hp
-    }
-
-    pub fn n_ctx(&self) -> usize {
-        self.n_ctx
-    }
-
-    /// Parks (or wakes) the compute threads of the local stages.
-    pub fn set_paused(&mut self, paused: bool) {
-        for l in &mut self.links {
-            l.set_paused(paused);
-        }
-    }
-
-    /// Runs one step through all stages; returns logits of the requested rows
-    /// (`n_vocab` values per row), valid until the next step.
-    pub fn step(&mut self, seqs: &[BatchSeq], tokens: &[i32]) -> Result<&[f32], EngineError> {
-        let n = self.links.len();
-        for i in 0..n {
-            if i > 0 {
-                decode_activations(&self.wire, &mut self.hidden)?;
-            }
-            let input = if i == 0 {
-                StageInput::Tokens(tokens)
-            } else {
-                StageInput::Hidden(&self.hidden)
-            };
-            let link = &mut self.links[i];
-            match link.forward(seqs, input, &mut self.out)? {
-                StageOutput::Hidden if i + 1 < n => encode_activations(&self.out, &mut self.wire),
-                StageOutput::Logits if i + 1 == n => return Ok(&self.out),
-                _ => {
-                    return Err(EngineError::Pipeline(format!(
-                        "stage {} returned the wrong kind of output",
-                        link.range()
-                    )))
-                }
-            }
-        }
-        Err(EngineError::Pipeline("no stage produced logits".into()))
     }
 }

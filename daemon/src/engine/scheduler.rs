@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ggml_shim::llama::{argmax, SamplerChain, SamplingParams};
+use ggml_shim::llama::SamplingParams;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{BatchSeq, EngineError, OutputRows, Pipeline};
+use super::{BatchSeq, EngineError, OutputRows, Pipeline, StepOutcome, TokenSampler};
 
 /// How the scheduler runs.
 #[derive(Debug, Clone)]
@@ -169,99 +169,9 @@ impl SchedulerHandle {
     }
 }
 
-/// What a step produced: logits to sample here, or tokens a remote last stage
-/// already sampled (one per output row, in batch order).
-#[derive(Debug)]
-pub enum StepOutcome {
-    Logits(Vec<f32>),
-    Tokens(Vec<i32>),
-}
-
-/// What the scheduler drives: a local pipeline, or a cluster whose stages run on
-/// other machines. Several steps may be in flight at once (one per pipeline stage),
-/// so every stage computes at the same time.
-pub trait Stepper: Send {
-    fn n_ctx(&self) -> usize;
-    fn n_vocab(&self) -> usize;
-    /// Steps that may be in flight at once.
-    fn max_in_flight(&self) -> usize;
-    fn acquire_slot(&mut self) -> Result<usize, EngineError>;
-    fn release_slot(&mut self, slot: usize);
-    /// Whether this stepper samples remotely; then `setup_slot` carries each new
-    /// sequence's sampling parameters to where sampling happens.
-    fn samples_remotely(&self) -> bool {
-        false
-    }
-    fn setup_slot(
-        &mut self,
-        _slot: usize,
-        _sampling: &SamplingParams,
-        _prompt: &[i32],
-    ) -> Result<(), EngineError> {
-        Ok(())
-    }
-    /// Starts a step (the local part may run before this returns).
-    fn launch(&mut self, step: u64, seqs: &[BatchSeq], tokens: &[i32]) -> Result<(), EngineError>;
-    /// Waits for some launched step to complete.
-    fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError>;
-}
-
-/// The local pipeline runs a step to completion in `launch`.
-pub struct LocalStepper {
-    pipeline: Pipeline,
-    done: VecDeque<(u64, StepOutcome)>,
-}
-
-impl LocalStepper {
-    pub fn new(pipeline: Pipeline) -> LocalStepper {
-        LocalStepper {
-            pipeline,
-            done: VecDeque::new(),
-        }
-    }
-}
-
-impl Stepper for LocalStepper {
-    fn n_ctx(&self) -> usize {
-        self.pipeline.n_ctx()
-    }
-    fn n_vocab(&self) -> usize {
-        self.pipeline.hparams().n_vocab
-    }
-    fn max_in_flight(&self) -> usize {
-        1
-    }
-    fn acquire_slot(&mut self) -> Result<usize, EngineError> {
-        self.pipeline.slots.acquire()
-    }
-    fn release_slot(&mut self, slot: usize) {
-        self.pipeline.slots.release(slot);
-    }
-    fn launch(&mut self, step: u64, seqs: &[BatchSeq], tokens: &[i32]) -> Result<(), EngineError> {
-        let logits = self.pipeline.step(seqs, tokens)?.to_vec();
-        self.done.push_back((step, StepOutcome::Logits(logits)));
-        Ok(())
-    }
-    fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError> {
-        self.done
-            .pop_front()
-            .ok_or_else(|| EngineError::Pipeline("no step in flight".into()))
-    }
-}
-
-/// Starts the engine thread over a local pipeline.
+/// Starts the engine thread over a pipeline (local stages, remote ones, or both).
 pub fn spawn(
     pipeline: Pipeline,
-    cfg: SchedulerConfig,
-    is_eog: Arc<dyn Fn(i32) -> bool + Send + Sync>,
-    observer: Option<Arc<dyn StepObserver>>,
-) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
-    spawn_with(Box::new(LocalStepper::new(pipeline)), cfg, is_eog, observer)
-}
-
-/// Starts the engine thread over any stepper.
-pub fn spawn_with(
-    stepper: Box<dyn Stepper>,
     cfg: SchedulerConfig,
     is_eog: Arc<dyn Fn(i32) -> bool + Send + Sync>,
     observer: Option<Arc<dyn StepObserver>>,
@@ -272,12 +182,12 @@ pub fn spawn_with(
         tx,
         stats: stats.clone(),
         max_queue: cfg.max_queue,
-        n_ctx: stepper.n_ctx(),
-        n_vocab: stepper.n_vocab(),
+        n_ctx: pipeline.n_ctx(),
+        n_vocab: pipeline.n_vocab(),
         closing: Arc::new(AtomicBool::new(false)),
     };
     let mut engine = Engine {
-        stepper,
+        pipeline,
         cfg,
         is_eog,
         observer,
@@ -303,7 +213,7 @@ struct Active {
     next: Option<i32>,
     generated: usize,
     max_tokens: usize,
-    sampler: Option<SamplerChain>,
+    sampler: TokenSampler,
     events: UnboundedSender<GenEvent>,
     /// Part of a step in flight: wait for its result before stepping it again.
     busy: bool,
@@ -327,7 +237,7 @@ struct InFlight {
 }
 
 struct Engine {
-    stepper: Box<dyn Stepper>,
+    pipeline: Pipeline,
     cfg: SchedulerConfig,
     is_eog: Arc<dyn Fn(i32) -> bool + Send + Sync>,
     observer: Option<Arc<dyn StepObserver>>,
@@ -361,7 +271,7 @@ impl Engine {
             self.drop_cancelled();
             self.admit();
             // Launch while the pipeline has room and some sequence is ready; else wait.
-            let launched = if self.in_flight.len() < self.stepper.max_in_flight() {
+            let launched = if self.in_flight.len() < self.pipeline.max_in_flight() {
                 match self.launch() {
                     Ok(l) => l,
                     Err(e) => {
@@ -414,7 +324,7 @@ impl Engine {
 
     fn finish(&mut self, idx: usize, reason: FinishReason) {
         let a = self.active.swap_remove(idx);
-        self.stepper.release_slot(a.slot);
+        self.pipeline.slots.release(a.slot);
         self.stats.active.store(self.active.len(), Ordering::SeqCst);
         let _ = a.events.send(GenEvent::Done {
             reason,
@@ -450,7 +360,7 @@ impl Engine {
     /// At the shutdown deadline: what still runs is cut short.
     fn cancel_all(&mut self) {
         for a in std::mem::take(&mut self.active) {
-            self.stepper.release_slot(a.slot);
+            self.pipeline.slots.release(a.slot);
             let _ = a.events.send(GenEvent::ShuttingDown);
         }
         self.stats.active.store(0, Ordering::SeqCst);
@@ -459,7 +369,7 @@ impl Engine {
     fn fail_all(&mut self, msg: &str) {
         tracing::error!("engine step failed: {msg}");
         for a in std::mem::take(&mut self.active) {
-            self.stepper.release_slot(a.slot);
+            self.pipeline.slots.release(a.slot);
             let _ = a.events.send(GenEvent::Error(msg.to_string()));
         }
         self.in_flight.clear();
@@ -472,26 +382,28 @@ impl Engine {
                 break;
             };
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-            let slot = match self.stepper.acquire_slot() {
+            let slot = match self.pipeline.slots.acquire() {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = req.events.send(GenEvent::Error(e.to_string()));
                     continue;
                 }
             };
-            let mut sampler = None;
-            let setup = if self.stepper.samples_remotely() {
-                self.stepper.setup_slot(slot, &req.sampling, &req.prompt)
-            } else {
-                SamplerChain::for_sequence(&req.sampling, &req.prompt)
-                    .map_err(EngineError::from)
-                    .map(|s| sampler = s)
+            // the sampler stays with the sequence; the pipeline is told too (a last
+            // stage on another node samples there)
+            let setup = TokenSampler::new(&req.sampling, &req.prompt).and_then(|s| {
+                self.pipeline
+                    .open_slot(slot, &req.sampling, &req.prompt)
+                    .map(|()| s)
+            });
+            let sampler = match setup {
+                Ok(s) => s,
+                Err(e) => {
+                    self.pipeline.slots.release(slot);
+                    let _ = req.events.send(GenEvent::Error(e.to_string()));
+                    continue;
+                }
             };
-            if let Err(e) = setup {
-                self.stepper.release_slot(slot);
-                let _ = req.events.send(GenEvent::Error(e.to_string()));
-                continue;
-            }
             self.active.push(Active {
                 slot,
                 prompt: req.prompt,
@@ -525,10 +437,10 @@ impl Engine {
         // micro-batch takes at most its share, so that uneven batches (one request
         // arrived alone, the others together) even out within a few steps instead of
         // staying 1 + 7 for good (small batches cost more per token).
-        let take = if self.stepper.max_in_flight() > 1 {
+        let take = if self.pipeline.max_in_flight() > 1 {
             self.active
                 .len()
-                .div_ceil(self.stepper.max_in_flight())
+                .div_ceil(self.pipeline.max_in_flight())
                 .max(1)
                 .min(ready.len())
         } else {
@@ -604,13 +516,13 @@ impl Engine {
             n_tokens: tokens.len(),
             started,
         });
-        self.stepper.launch(id, &seqs, &tokens)?;
+        self.pipeline.launch(id, &seqs, &tokens)?;
         Ok(true)
     }
 
     /// Waits for one step and hands its results to the sequences.
     fn complete(&mut self) -> Result<(), EngineError> {
-        let (id, outcome) = self.stepper.wait()?;
+        let (id, outcome) = self.pipeline.wait()?;
         let Some(pos) = self.in_flight.iter().position(|f| f.id == id) else {
             // a late or stray answer (a step that already failed): not ours any more
             tracing::warn!("result of step {id}, which is not in flight, ignored");
@@ -624,7 +536,7 @@ impl Engine {
                 flight.started.elapsed().as_secs_f64(),
             );
         }
-        let n_vocab = self.stepper.n_vocab();
+        let n_vocab = self.pipeline.n_vocab();
         let mut finished = Vec::new();
         let mut row = 0;
         for (seq, &slot) in flight.seqs.iter().zip(&flight.slots) {
@@ -644,26 +556,7 @@ impl Engine {
             }
             let r = row;
             row += 1;
-            let t = match &outcome {
-                StepOutcome::Tokens(t) => *t.get(r).ok_or_else(|| {
-                    EngineError::Pipeline("fewer tokens than outputs came back".into())
-                })?,
-                StepOutcome::Logits(logits) => {
-                    let Some(l) = logits.get(r * n_vocab..(r + 1) * n_vocab) else {
-                        return Err(EngineError::Pipeline(
-                            "fewer logit rows than outputs".into(),
-                        ));
-                    };
-                    match a.sampler.as_mut() {
-                        None => argmax(l).map(|t| t as i32).unwrap_or(0),
-                        Some(s) => {
-                            let t = s.sample(l)?;
-                            s.accept(t);
-                            t
-                        }
-                    }
-                }
-            };
+            let t = pick(&outcome, r, &mut a.sampler, n_vocab)?;
             if a.cancelled {
                 finished.push((slot, FinishReason::Cancelled));
                 continue;
@@ -699,39 +592,58 @@ impl Engine {
     }
 }
 
+/// The token of output row `r` of a step: sampled by the last stage, or picked
+/// here from the row's logits (whole, or the two parts of a split `lm_head`).
+fn pick(
+    outcome: &StepOutcome,
+    r: usize,
+    sampler: &mut TokenSampler,
+    n_vocab: usize,
+) -> Result<i32, EngineError> {
+    let missing = || EngineError::Pipeline("fewer results than output rows came back".into());
+    match outcome {
+        StepOutcome::Tokens(t) => t.get(r).copied().ok_or_else(missing),
+        StepOutcome::Logits(logits) => {
+            let row = logits
+                .get(r * n_vocab..(r + 1) * n_vocab)
+                .ok_or_else(missing)?;
+            sampler.pick(row)
+        }
+        StepOutcome::Split { rows, mine, theirs } => {
+            let (Some(mine), Some(theirs)) = (mine.get(r * rows..(r + 1) * rows), theirs.get(r))
+            else {
+                return Err(missing());
+            };
+            sampler.pick_split(mine, theirs, n_vocab)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{Link, LinkOutput, StageInput};
+    use crate::model::LayerRange;
     use std::sync::Mutex;
 
     const N_VOCAB: usize = 8;
 
-    /// A stepper whose every output row picks token 3, recording the batches.
+    /// A stage whose every output row picks token 3, recording the batches.
     struct Recorder {
         batches: Arc<Mutex<Vec<Vec<BatchSeq>>>>,
-        done: VecDeque<(u64, StepOutcome)>,
-        free: Vec<usize>,
+        done: VecDeque<(u64, LinkOutput)>,
     }
 
-    impl Stepper for Recorder {
-        fn n_ctx(&self) -> usize {
-            256
+    impl Link for Recorder {
+        fn range(&self) -> LayerRange {
+            LayerRange::new(0, 1)
         }
-        fn n_vocab(&self) -> usize {
-            N_VOCAB
-        }
-        fn max_in_flight(&self) -> usize {
-            1
-        }
-        fn acquire_slot(&mut self) -> Result<usize, EngineError> {
-            self.free
-                .pop()
-                .ok_or_else(|| EngineError::Pipeline("no slot".into()))
-        }
-        fn release_slot(&mut self, slot: usize) {
-            self.free.push(slot);
-        }
-        fn launch(&mut self, step: u64, seqs: &[BatchSeq], _: &[i32]) -> Result<(), EngineError> {
+        fn launch(
+            &mut self,
+            step: u64,
+            seqs: &[BatchSeq],
+            _: StageInput<'_>,
+        ) -> Result<(), EngineError> {
             self.batches.lock().expect("lock").push(seqs.to_vec());
             // slow enough that the later requests arrive while the first decodes
             std::thread::sleep(Duration::from_millis(2));
@@ -740,10 +652,10 @@ mod tests {
             for row in logits.chunks_mut(N_VOCAB) {
                 row[3] = 1.0;
             }
-            self.done.push_back((step, StepOutcome::Logits(logits)));
+            self.done.push_back((step, LinkOutput::Logits(logits)));
             Ok(())
         }
-        fn wait(&mut self) -> Result<(u64, StepOutcome), EngineError> {
+        fn wait(&mut self) -> Result<(u64, LinkOutput), EngineError> {
             self.done
                 .pop_front()
                 .ok_or_else(|| EngineError::Pipeline("no step in flight".into()))
@@ -756,18 +668,17 @@ mod tests {
     #[test]
     fn prompts_are_cut_at_the_same_places_whatever_else_runs() {
         let batches = Arc::new(Mutex::new(Vec::new()));
-        let stepper = Recorder {
+        let stage = Recorder {
             batches: batches.clone(),
             done: VecDeque::new(),
-            free: vec![3, 2, 1, 0],
         };
+        let pipeline = Pipeline::new(vec![Box::new(stage)], 1, N_VOCAB, 256, 4).expect("pipeline");
         let cfg = SchedulerConfig {
             max_slots: 4,
             max_queue: 8,
             batch: 5,
         };
-        let (handle, join) =
-            spawn_with(Box::new(stepper), cfg, Arc::new(|_| false), None).expect("spawn");
+        let (handle, join) = spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn");
         let mut receivers = Vec::new();
         for (len, max_tokens) in [(2, 30), (12, 4), (7, 4)] {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -1,16 +1,17 @@
 //! A stage: one contiguous layer range of a model with its weights, KV cache and
 //! CPU backend, computing one batched step at a time.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 
 use ggml_shim::{Allocator, CpuBackend, DType, GraphBuilder};
 
-use crate::model::graph::{project_head, KvCache, StepShape};
+use crate::model::graph::{project_lm_head, KvCache, StepShape};
 use crate::model::{
-    BatchSeq, GraphInputs, HParams, HeadShare, LayerRange, ModelFile, StageGraph, StageWeights,
+    BatchSeq, GraphInputs, HParams, LayerRange, LmHeadShare, ModelFile, StageGraph, StageWeights,
 };
 
-use super::EngineError;
+use super::{EngineError, LinkOutput};
 
 /// What a stage is asked to hold and how to run it.
 #[derive(Debug, Clone)]
@@ -23,11 +24,11 @@ pub struct StageConfig {
     pub n_threads: usize,
     /// Let ggml repack matmul weights for its fastest CPU kernels (as llama.cpp does).
     pub repack: bool,
-    /// The rows (vocabulary entries) of the output head this stage holds when the
+    /// The rows (vocabulary entries) of the `lm_head` this stage holds when the
     /// head is split between stages: the last stage computes their logits at the
     /// end of each step, another stage in [`Stage::project`]. None: the whole head
     /// on the last stage, none elsewhere.
-    pub head_rows: Option<Range<usize>>,
+    pub lm_head_rows: Option<Range<usize>>,
 }
 
 /// The input of one step.
@@ -46,15 +47,15 @@ pub enum StageOutput {
     Hidden,
     /// Logits of the requested rows, `n_vocab` values per row.
     Logits,
-    /// The last stage of a split head: the normalized final hidden state of the
+    /// The last stage of a split `lm_head`: the normalized final hidden state of the
     /// requested rows, `n_embd` values per row, for [`Stage::project`] here and on
-    /// the stage holding the other head rows.
+    /// the stage holding the other `lm_head` rows.
     Normed,
 }
 
 /// Name of the output tensor of every stage graph.
 const RESULT: &str = "stage_result";
-/// Name of the input of a head projection graph.
+/// Name of the input of an `lm_head` projection graph.
 const PROJECT_INPUT: &str = "inp_normed";
 
 /// The last step's graph, kept while steps keep the same shape.
@@ -75,9 +76,11 @@ pub struct Stage {
     alloc: Allocator,
     inputs: GraphInputs,
     graph: Option<CachedGraph>,
-    /// Head projection graphs (split head), by rows, with their own allocator.
+    /// `lm_head` projection graphs (split `lm_head`), by rows, with their own allocator.
     project_alloc: Option<Allocator>,
     project_graph: Option<((usize, Range<usize>), GraphBuilder)>,
+    /// Results of launched steps not yet taken ([`Link`](super::Link)).
+    pub(super) finished: VecDeque<(u64, LinkOutput)>,
 }
 
 impl Stage {
@@ -93,14 +96,14 @@ impl Stage {
         }
         let first = cfg.range.start == 0;
         let last = cfg.range.end == hp.n_layer;
-        let head = match (&cfg.head_rows, last) {
-            (Some(r), _) => HeadShare::Rows(r.clone()),
-            (None, true) => HeadShare::All,
-            (None, false) => HeadShare::None,
+        let head = match (&cfg.lm_head_rows, last) {
+            (Some(r), _) => LmHeadShare::Rows(r.clone()),
+            (None, true) => LmHeadShare::All,
+            (None, false) => LmHeadShare::None,
         };
-        if first && last && cfg.head_rows.is_some() {
+        if first && last && cfg.lm_head_rows.is_some() {
             return Err(EngineError::Config(
-                "a stage holding the whole model cannot share its head".into(),
+                "a stage holding the whole model cannot share its lm_head".into(),
             ));
         }
         let weights = StageWeights::load(mf, cfg.range, first, last, &head, cfg.repack)?;
@@ -120,21 +123,22 @@ impl Stage {
             graph: None,
             project_alloc: None,
             project_graph: None,
+            finished: VecDeque::new(),
         })
     }
 
-    /// The head rows this stage computes logits for, if any.
-    pub fn head_rows(&self) -> Option<Range<usize>> {
-        self.weights.head_rows()
+    /// The `lm_head` rows this stage computes logits for, if any.
+    pub fn lm_head_rows(&self) -> Option<Range<usize>> {
+        self.weights.lm_head_rows()
     }
 
-    /// The head rows this stage can compute on request ([`Stage::project`]).
-    pub fn head_reach(&self) -> Option<Range<usize>> {
-        self.weights.head_reach()
+    /// The `lm_head` rows this stage can compute on request ([`Stage::project`]).
+    pub fn lm_head_reach(&self) -> Option<Range<usize>> {
+        self.weights.lm_head_reach()
     }
 
-    /// Applies vocabulary rows `rows` of the output head (inside
-    /// [`Stage::head_reach`]) to normalized hidden states (`n_embd` values per row,
+    /// Applies vocabulary rows `rows` of the `lm_head` (inside
+    /// [`Stage::lm_head_reach`]) to normalized hidden states (`n_embd` values per row,
     /// the last stage's [`StageOutput::Normed`]): writes `rows.len()` logits per row
     /// into `out`.
     pub fn project(
@@ -144,8 +148,10 @@ impl Stage {
         out: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
         let e = self.hp.n_embd;
-        if self.weights.head_reach().is_none() {
-            return Err(EngineError::Config("this stage holds no head rows".into()));
+        if self.weights.lm_head_reach().is_none() {
+            return Err(EngineError::Config(
+                "this stage holds no lm_head rows".into(),
+            ));
         }
         if normed.is_empty() || !normed.len().is_multiple_of(e) {
             return Err(EngineError::Input(format!(
@@ -167,7 +173,7 @@ impl Stage {
             {
                 let x = g.input(DType::F32, &[e as i64, n as i64]);
                 g.name(x, PROJECT_INPUT);
-                let logits = project_head(&g, &self.hp, &self.weights, x, rows)?;
+                let logits = project_lm_head(&g, &self.hp, &self.weights, x, rows)?;
                 g.name(logits, RESULT);
                 g.output(logits);
             }
@@ -325,7 +331,7 @@ impl Stage {
         self.backend.compute(&cached.builder)?;
         let split = self
             .weights
-            .head_rows()
+            .lm_head_rows()
             .is_some_and(|r| r.len() != self.hp.n_vocab);
         let kind = match (self.last, split) {
             (true, true) => StageOutput::Normed,

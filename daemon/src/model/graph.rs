@@ -1,5 +1,5 @@
 //! The building blocks every architecture file shares: stage inputs, the KV cache,
-//! attention over several sequences in one batch, norms and the output head.
+//! attention over several sequences in one batch, norms and the `lm_head`.
 //!
 //! A step's graph depends only on its *shape* (which slots, how many tokens, which
 //! rows give output, how far each sequence's padded attention window reaches), never
@@ -560,40 +560,40 @@ impl<'a> StageGraph<'a> {
     /// activations otherwise.
     pub fn finish(&self, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
         if self.last && self.n_out > 0 {
-            self.head(x)
+            self.lm_head(x)
         } else {
             Ok(x)
         }
     }
 
-    /// Final norm and output head (last stage): logits `[n_vocab, n_out]`; or, when
+    /// Final norm and `lm_head` (last stage): logits `[n_vocab, n_out]`; or, when
     /// the stage holds only part of the head (split by vocabulary), the normalized
     /// hidden state `[n_embd, n_out]`, to which every holder of a part applies its
-    /// rows ([`project_head`]).
-    pub fn head(&self, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
+    /// rows ([`project_lm_head`]).
+    pub fn lm_head(&self, x: Tensor<'a>) -> Result<Tensor<'a>, ModelError> {
         let x = self.rms_norm(x, self.gw("output_norm.weight")?);
-        if self.split_head() {
+        if self.split_lm_head() {
             return Ok(x);
         }
         let rows = self
             .w
-            .head_rows()
+            .lm_head_rows()
             .ok_or_else(|| ModelError::MissingTensor(TIED_HEAD.into()))?;
-        project_head(self.g, self.hp, self.w, x, rows)
+        project_lm_head(self.g, self.hp, self.w, x, rows)
     }
 
-    /// Whether this stage holds only part of the output head.
-    pub fn split_head(&self) -> bool {
+    /// Whether this stage holds only part of the `lm_head`.
+    pub fn split_lm_head(&self) -> bool {
         self.w
-            .head_rows()
+            .lm_head_rows()
             .is_some_and(|r| r.len() != self.hp.n_vocab)
     }
 }
 
-/// The output head applied to normalized hidden states `x` (`[n_embd, n]`): logits
+/// The `lm_head` applied to normalized hidden states `x` (`[n_embd, n]`): logits
 /// of vocabulary rows `rows` (`[rows.len(), n]`, inside the stage's
-/// [`StageWeights::head_reach`]), with the bias and soft-cap.
-pub fn project_head<'a>(
+/// [`StageWeights::lm_head_reach`]), with the bias and soft-cap.
+pub fn project_lm_head<'a>(
     g: &'a GraphBuilder,
     hp: &HParams,
     w: &'a StageWeights,
@@ -601,18 +601,18 @@ pub fn project_head<'a>(
     rows: Range<usize>,
 ) -> Result<Tensor<'a>, ModelError> {
     let missing = || ModelError::MissingTensor(TIED_HEAD.into());
-    let reach = w.head_reach().ok_or_else(missing)?;
+    let reach = w.lm_head_reach().ok_or_else(missing)?;
     if rows.is_empty() || rows.start < reach.start || rows.end > reach.end {
         return Err(ModelError::BadKey {
             key: TIED_HEAD.into(),
             why: format!(
-                "head rows {}..{} are outside this stage's {}..{}",
+                "lm_head rows {}..{} are outside this stage's {}..{}",
                 rows.start, rows.end, reach.start, reach.end
             ),
         });
     }
     let mut head = w.get(TIED_HEAD).ok_or_else(missing)?;
-    let skip = rows.start - w.head_base();
+    let skip = rows.start - w.lm_head_base();
     if skip != 0 || head.ne()[1] as usize != rows.len() {
         // a band of rows of the stored table: a view, no copy
         let nb1 = head.nb()[1];
@@ -628,7 +628,7 @@ pub fn project_head<'a>(
     let mut logits = g.mul_mat_per_column(head, x);
     if let Some(mut b) = w.get("output.bias") {
         // the bias holds the stage's own rows (reach is those rows when it exists)
-        let own = w.head_rows().ok_or_else(missing)?;
+        let own = w.lm_head_rows().ok_or_else(missing)?;
         if rows != own {
             let nb0 = b.nb()[0];
             b = g.view(b, &[rows.len() as i64], &[], (rows.start - own.start) * nb0);

@@ -16,7 +16,7 @@ use ggml_shim::{Gguf, GgufError};
 
 pub use graph::{BatchSeq, GraphInputs, StageGraph};
 pub use hparams::HParams;
-pub use weights::{HeadShare, StageWeights};
+pub use weights::{LmHeadShare, StageWeights};
 
 /// A supported transformer architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,12 +198,12 @@ impl ModelFile {
             LayerRange::new(0, mf.hparams.n_layer),
             true,
             true,
-            &weights::HeadShare::All,
+            &weights::LmHeadShare::All,
         )?;
         Ok(mf)
     }
 
-    /// The output head's tensor: `output.weight`, or the token embedding when tied.
+    /// The `lm_head`'s tensor: `output.weight`, or the token embedding when tied.
     pub fn head_tensor(&self) -> Option<&ggml_shim::TensorInfo> {
         self.gguf
             .tensor("output.weight")

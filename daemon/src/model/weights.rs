@@ -9,7 +9,7 @@ use ggml_shim::{Placement, Tensor, TensorInfo, TensorSpec, TensorStore};
 
 use super::{Arch, LayerRange, ModelError, ModelFile};
 
-/// The GGUF name of the output head when it is tied to the token embedding.
+/// The GGUF name of the `lm_head` when it is tied to the token embedding.
 pub const TIED_HEAD: &str = "output.weight";
 
 /// One tensor a stage loads.
@@ -22,7 +22,7 @@ pub struct PlannedTensor {
     pub placement: Placement,
     /// Layer index, or None for embedding / output tensors.
     pub layer: Option<usize>,
-    /// Only these rows (of the last dimension) are loaded: a share of the output head.
+    /// Only these rows (of the last dimension) are loaded: a share of the `lm_head`.
     pub rows: Option<Range<usize>>,
 }
 
@@ -48,9 +48,9 @@ impl PlannedTensor {
     }
 }
 
-/// Which rows (vocabulary entries) of the output head a stage holds.
+/// Which rows (vocabulary entries) of the `lm_head` a stage holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeadShare {
+pub enum LmHeadShare {
     /// No head (a stage that does not end the model and computes no logits).
     None,
     /// The whole head (the last stage of an unsplit pipeline).
@@ -69,25 +69,25 @@ struct Want<'a> {
 }
 
 /// Lists and validates the tensors for layers `range` (plus the embedding when
-/// `first`, the final norm when `last`, and the share `head` of the output head).
+/// `first`, the final norm when `last`, and the share `head` of the `lm_head`).
 pub fn plan(
     mf: &ModelFile,
     range: LayerRange,
     first: bool,
     last: bool,
-    head: &HeadShare,
+    head: &LmHeadShare,
 ) -> Result<Vec<PlannedTensor>, ModelError> {
     let hp = &mf.hparams;
     range.validate(hp.n_layer)?;
-    let head_rows = match head {
-        HeadShare::None => None,
-        HeadShare::All => Some(0..hp.n_vocab),
-        HeadShare::Rows(r) => {
+    let lm_head_rows = match head {
+        LmHeadShare::None => None,
+        LmHeadShare::All => Some(0..hp.n_vocab),
+        LmHeadShare::Rows(r) => {
             if r.start >= r.end || r.end > hp.n_vocab {
                 return Err(ModelError::BadKey {
                     key: "output.weight".into(),
                     why: format!(
-                        "head rows {}..{} are not inside the vocabulary of {}",
+                        "lm_head rows {}..{} are not inside the vocabulary of {}",
                         r.start, r.end, hp.n_vocab
                     ),
                 });
@@ -159,7 +159,7 @@ pub fn plan(
     if last {
         want("output_norm.weight".into(), vec![e], true, P, None);
     }
-    if head_rows.is_some() && *arch == Arch::Qwen2 {
+    if lm_head_rows.is_some() && *arch == Arch::Qwen2 {
         want("output.bias".into(), vec![v], false, P, None);
     }
     if mf.gguf.tensor("blk.0.attn_qkv.weight").is_some() {
@@ -179,7 +179,7 @@ pub fn plan(
         };
         check(info, &w.name, &w.shape)?;
         let rows = (w.name == "output.bias")
-            .then(|| head_rows.clone())
+            .then(|| lm_head_rows.clone())
             .flatten();
         out.push(PlannedTensor {
             name: w.name,
@@ -189,7 +189,7 @@ pub fn plan(
             rows: rows.filter(|r| r.len() != v),
         });
     }
-    if let Some(rows) = head_rows {
+    if let Some(rows) = lm_head_rows {
         let Some(info) = mf.head_tensor() else {
             return Err(ModelError::MissingTensor("token_embd.weight".into()));
         };
@@ -236,10 +236,10 @@ pub struct StageWeights {
     /// When the tied head shares the embedding's memory, the head name maps to it.
     head_alias: Option<String>,
     /// The vocabulary rows of the head this stage computes, if any.
-    head_rows: Option<Range<usize>>,
+    lm_head_rows: Option<Range<usize>>,
     /// The rows it could compute: its own, or every row of a tied head that is a
     /// view of the embedding table.
-    head_reach: Option<Range<usize>>,
+    lm_head_reach: Option<Range<usize>>,
     bytes: u64,
 }
 
@@ -249,14 +249,14 @@ impl StageWeights {
         range: LayerRange,
         first: bool,
         last: bool,
-        head: &HeadShare,
+        head: &LmHeadShare,
         allow_repack: bool,
     ) -> Result<StageWeights, ModelError> {
         let planned = plan(mf, range, first, last, head)?;
-        let head_rows = match head {
-            HeadShare::None => None,
-            HeadShare::All => Some(0..mf.hparams.n_vocab),
-            HeadShare::Rows(r) => Some(r.clone()),
+        let lm_head_rows = match head {
+            LmHeadShare::None => None,
+            LmHeadShare::All => Some(0..mf.hparams.n_vocab),
+            LmHeadShare::Rows(r) => Some(r.clone()),
         };
         // A tied head that would not be repacked shares the embedding tensor.
         let mut head_alias = None;
@@ -310,33 +310,33 @@ impl StageWeights {
         // With the whole embedding table at hand, any rows of a tied head are in reach.
         // (A bias, loaded for the stage's own rows only, keeps it to those.)
         let has_bias = planned.iter().any(|p| p.name == "output.bias");
-        let head_reach = match head_alias {
-            Some(_) if !has_bias => head_rows.as_ref().map(|_| 0..mf.hparams.n_vocab),
-            _ => head_rows.clone(),
+        let lm_head_reach = match head_alias {
+            Some(_) if !has_bias => lm_head_rows.as_ref().map(|_| 0..mf.hparams.n_vocab),
+            _ => lm_head_rows.clone(),
         };
         Ok(StageWeights {
             store,
             head_alias,
-            head_rows,
-            head_reach,
+            lm_head_rows,
+            lm_head_reach,
             bytes,
         })
     }
 
-    /// The vocabulary rows of the output head this stage computes.
-    pub fn head_rows(&self) -> Option<Range<usize>> {
-        self.head_rows.clone()
+    /// The vocabulary rows of the `lm_head` this stage computes.
+    pub fn lm_head_rows(&self) -> Option<Range<usize>> {
+        self.lm_head_rows.clone()
     }
 
     /// The vocabulary rows of the head this stage can compute on request: its own
     /// rows, or, when its head is a view of the whole embedding table, all of them.
-    pub fn head_reach(&self) -> Option<Range<usize>> {
-        self.head_reach.clone()
+    pub fn lm_head_reach(&self) -> Option<Range<usize>> {
+        self.lm_head_reach.clone()
     }
 
     /// The vocabulary row that the stored head tensor (and `output.bias`) starts at.
-    pub fn head_base(&self) -> usize {
-        match (&self.head_alias, &self.head_rows) {
+    pub fn lm_head_base(&self) -> usize {
+        match (&self.head_alias, &self.lm_head_rows) {
             (None, Some(r)) => r.start,
             _ => 0,
         }
