@@ -42,18 +42,7 @@ pub struct HParams {
 
 impl HParams {
     pub fn from_gguf(g: &Gguf) -> Result<HParams, ModelError> {
-        let arch_name = match g.get("general.architecture") {
-            Some(Value::Str(s)) => s,
-            Some(v) => {
-                return Err(ModelError::BadKey {
-                    key: "general.architecture".into(),
-                    why: format!("expected a string, found {}", v.type_name()),
-                })
-            }
-            None => return Err(ModelError::MissingKey("general.architecture".into())),
-        };
-        let arch = Arch::from_name(&arch_name)
-            .ok_or_else(|| ModelError::UnsupportedArch(arch_name.clone()))?;
+        let (arch, arch_name) = arch_of(g)?;
         let a = arch_name.as_str();
         let k = |s: &str| format!("{a}.{s}");
 
@@ -108,6 +97,77 @@ impl HParams {
             },
         };
 
+        let rope = Rope::of(g, &k, n_ctx_train)?;
+        let (mut n_swa, mut swa_layers) = (0, vec![false; n_layer]);
+        let (mut rope_freq_base_swa, mut final_logit_softcap) = (10000.0, 0.0);
+        if arch == Arch::Gemma3 {
+            (n_swa, swa_layers, rope_freq_base_swa) = gemma3_sliding_window(g, &k, n_layer)?;
+            final_logit_softcap = opt_f32(g, &k("final_logit_softcapping"))?.unwrap_or(0.0);
+        }
+
+        Ok(HParams {
+            arch,
+            n_vocab,
+            n_ctx_train,
+            n_embd,
+            n_layer,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim_k,
+            head_dim_v,
+            n_rot,
+            rms_eps,
+            rope_freq_base: rope.freq_base,
+            rope_freq_scale: rope.freq_scale,
+            rope_scaling: rope.scaling,
+            rope_attn_factor: rope.attn_factor,
+            n_ctx_orig: rope.n_ctx_orig,
+            n_swa,
+            swa_layers,
+            rope_freq_base_swa,
+            final_logit_softcap,
+        })
+    }
+
+    pub fn n_embd_q(&self) -> usize {
+        self.head_dim_k * self.n_head
+    }
+
+    pub fn n_embd_kv(&self) -> usize {
+        self.head_dim_k * self.n_head_kv
+    }
+}
+
+/// The architecture named by `general.architecture`, and the name (the prefix of
+/// the other keys).
+fn arch_of(g: &Gguf) -> Result<(Arch, String), ModelError> {
+    let arch_name = match g.get("general.architecture") {
+        Some(Value::Str(s)) => s,
+        Some(v) => {
+            return Err(ModelError::BadKey {
+                key: "general.architecture".into(),
+                why: format!("expected a string, found {}", v.type_name()),
+            })
+        }
+        None => return Err(ModelError::MissingKey("general.architecture".into())),
+    };
+    let arch = Arch::from_name(&arch_name)
+        .ok_or_else(|| ModelError::UnsupportedArch(arch_name.clone()))?;
+    Ok((arch, arch_name))
+}
+
+/// RoPE settings: frequency base and scaling.
+struct Rope {
+    freq_base: f32,
+    freq_scale: f32,
+    scaling: RopeScaling,
+    attn_factor: f32,
+    n_ctx_orig: usize,
+}
+
+impl Rope {
+    fn of(g: &Gguf, k: &dyn Fn(&str) -> String, n_ctx_train: usize) -> Result<Rope, ModelError> {
         let rope_freq_base = opt_f32(g, &k("rope.freq_base"))?.unwrap_or(10000.0);
         let scaling_name = match g.get(&k("rope.scaling.type")) {
             Some(Value::Str(s)) => s,
@@ -149,64 +209,42 @@ impl HParams {
         let rope_attn_factor = opt_f32(g, &k("rope.scaling.attn_factor"))?.unwrap_or(1.0);
         let n_ctx_orig =
             opt_usize(g, &k("rope.scaling.original_context_length"))?.unwrap_or(n_ctx_train);
-
-        let mut n_swa = 0;
-        let mut swa_layers = vec![false; n_layer];
-        let mut rope_freq_base_swa = 10000.0;
-        let mut final_logit_softcap = 0.0;
-        if arch == Arch::Gemma3 {
-            n_swa = opt_usize(g, &k("attention.sliding_window"))?.unwrap_or(0);
-            if n_swa > 0 {
-                match g.get(&k("attention.sliding_window_pattern")) {
-                    Some(Value::ArrOther(_)) | Some(Value::ArrI32(_)) | Some(Value::ArrU32(_)) => {
-                        return Err(ModelError::BadKey {
-                            key: k("attention.sliding_window_pattern"),
-                            why: "per-layer pattern arrays are not supported".into(),
-                        });
-                    }
-                    _ => {}
-                }
-                let pattern = opt_usize(g, &k("attention.sliding_window_pattern"))?.unwrap_or(6);
-                for (il, s) in swa_layers.iter_mut().enumerate() {
-                    *s = pattern == 0 || il % pattern < pattern - 1;
-                }
-                rope_freq_base_swa = opt_f32(g, &k("rope.freq_base_swa"))?.unwrap_or(10000.0);
-            }
-            final_logit_softcap = opt_f32(g, &k("final_logit_softcapping"))?.unwrap_or(0.0);
-        }
-
-        Ok(HParams {
-            arch,
-            n_vocab,
-            n_ctx_train,
-            n_embd,
-            n_layer,
-            n_ff,
-            n_head,
-            n_head_kv,
-            head_dim_k,
-            head_dim_v,
-            n_rot,
-            rms_eps,
-            rope_freq_base,
-            rope_freq_scale,
-            rope_scaling,
-            rope_attn_factor,
+        Ok(Rope {
+            freq_base: rope_freq_base,
+            freq_scale: rope_freq_scale,
+            scaling: rope_scaling,
+            attn_factor: rope_attn_factor,
             n_ctx_orig,
-            n_swa,
-            swa_layers,
-            rope_freq_base_swa,
-            final_logit_softcap,
         })
     }
+}
 
-    pub fn n_embd_q(&self) -> usize {
-        self.head_dim_k * self.n_head
+/// Gemma 3's sliding window: its size, which layers use it, and their RoPE base.
+fn gemma3_sliding_window(
+    g: &Gguf,
+    k: &dyn Fn(&str) -> String,
+    n_layer: usize,
+) -> Result<(usize, Vec<bool>, f32), ModelError> {
+    let mut swa_layers = vec![false; n_layer];
+    let n_swa = opt_usize(g, &k("attention.sliding_window"))?.unwrap_or(0);
+    if n_swa == 0 {
+        return Ok((0, swa_layers, 10000.0));
     }
-
-    pub fn n_embd_kv(&self) -> usize {
-        self.head_dim_k * self.n_head_kv
+    match g.get(&k("attention.sliding_window_pattern")) {
+        Some(Value::ArrOther(_)) | Some(Value::ArrI32(_)) | Some(Value::ArrU32(_)) => {
+            return Err(ModelError::BadKey {
+                key: k("attention.sliding_window_pattern"),
+                why: "per-layer pattern arrays are not supported".into(),
+            });
+        }
+        _ => {}
     }
+    let pattern = opt_usize(g, &k("attention.sliding_window_pattern"))?.unwrap_or(6);
+    for (il, s) in swa_layers.iter_mut().enumerate() {
+        *s = pattern == 0 || il % pattern < pattern - 1;
+    }
+    let base = opt_f32(g, &k("rope.freq_base_swa"))?.unwrap_or(10000.0);
+    Ok((n_swa, swa_layers, base))
 }
 
 fn req_usize(g: &Gguf, key: &str) -> Result<usize, ModelError> {

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use ggml_shim::{Placement, Tensor, TensorInfo, TensorSpec, TensorStore};
 
-use super::{Arch, LayerRange, ModelError, ModelFile};
+use super::{Arch, HParams, LayerRange, ModelError, ModelFile};
 
 /// The GGUF name of the `lm_head` when it is tied to the token embedding.
 pub const TIED_HEAD: &str = "output.weight";
@@ -59,13 +59,13 @@ pub enum LmHeadShare {
     Rows(Range<usize>),
 }
 
-struct Want<'a> {
+/// A tensor the stage needs (or may use, when not `required`).
+struct Want {
     name: String,
     shape: Vec<usize>,
     required: bool,
     placement: Placement,
     layer: Option<usize>,
-    _arch: &'a Arch,
 }
 
 /// Lists and validates the tensors for layers `range` (plus the embedding when
@@ -79,7 +79,55 @@ pub fn plan(
 ) -> Result<Vec<PlannedTensor>, ModelError> {
     let hp = &mf.hparams;
     range.validate(hp.n_layer)?;
-    let lm_head_rows = match head {
+    let lm_head_rows = lm_head_rows_of(hp, head)?;
+    let (e, v) = (hp.n_embd, hp.n_vocab);
+    if mf.gguf.tensor("blk.0.attn_qkv.weight").is_some() {
+        return Err(ModelError::BadKey {
+            key: "blk.0.attn_qkv.weight".into(),
+            why: "fused QKV weights are not supported".into(),
+        });
+    }
+    let wants = wanted(hp, range, first, last, lm_head_rows.is_some());
+
+    let mut out = Vec::new();
+    for w in wants {
+        let Some(info) = mf.gguf.tensor(&w.name) else {
+            if w.required {
+                return Err(ModelError::MissingTensor(w.name));
+            }
+            continue;
+        };
+        check(info, &w.name, &w.shape)?;
+        let rows = (w.name == "output.bias")
+            .then(|| lm_head_rows.clone())
+            .flatten();
+        out.push(PlannedTensor {
+            name: w.name,
+            source: info.clone(),
+            placement: w.placement,
+            layer: w.layer,
+            rows: rows.filter(|r| r.len() != v),
+        });
+    }
+    if let Some(rows) = lm_head_rows {
+        let Some(info) = mf.head_tensor() else {
+            return Err(ModelError::MissingTensor("token_embd.weight".into()));
+        };
+        check(info, &info.name, &[e, v])?;
+        out.push(PlannedTensor {
+            name: TIED_HEAD.into(),
+            source: info.clone(),
+            placement: Placement::MatmulWeight,
+            layer: None,
+            rows: (rows.len() != v).then_some(rows),
+        });
+    }
+    Ok(out)
+}
+
+/// The rows of the `lm_head` a stage with share `head` holds.
+fn lm_head_rows_of(hp: &HParams, head: &LmHeadShare) -> Result<Option<Range<usize>>, ModelError> {
+    Ok(match head {
         LmHeadShare::None => None,
         LmHeadShare::All => Some(0..hp.n_vocab),
         LmHeadShare::Rows(r) => {
@@ -94,7 +142,12 @@ pub fn plan(
             }
             Some(r.clone())
         }
-    };
+    })
+}
+
+/// The tensors of layers `range` (and of the ends of the model a stage holds), by
+/// architecture, with their expected shapes.
+fn wanted(hp: &HParams, range: LayerRange, first: bool, last: bool, lm_head: bool) -> Vec<Want> {
     let (e, v, f, d) = (hp.n_embd, hp.n_vocab, hp.n_ff, hp.head_dim_k);
     let (nq, nkv) = (hp.n_embd_q(), hp.n_embd_kv());
     let arch = &hp.arch;
@@ -110,7 +163,6 @@ pub fn plan(
             required,
             placement,
             layer,
-            _arch: arch,
         });
     };
     use Placement::{MatmulWeight as M, Plain as P};
@@ -159,50 +211,10 @@ pub fn plan(
     if last {
         want("output_norm.weight".into(), vec![e], true, P, None);
     }
-    if lm_head_rows.is_some() && *arch == Arch::Qwen2 {
+    if lm_head && *arch == Arch::Qwen2 {
         want("output.bias".into(), vec![v], false, P, None);
     }
-    if mf.gguf.tensor("blk.0.attn_qkv.weight").is_some() {
-        return Err(ModelError::BadKey {
-            key: "blk.0.attn_qkv.weight".into(),
-            why: "fused QKV weights are not supported".into(),
-        });
-    }
-
-    let mut out = Vec::new();
-    for w in wants {
-        let Some(info) = mf.gguf.tensor(&w.name) else {
-            if w.required {
-                return Err(ModelError::MissingTensor(w.name));
-            }
-            continue;
-        };
-        check(info, &w.name, &w.shape)?;
-        let rows = (w.name == "output.bias")
-            .then(|| lm_head_rows.clone())
-            .flatten();
-        out.push(PlannedTensor {
-            name: w.name,
-            source: info.clone(),
-            placement: w.placement,
-            layer: w.layer,
-            rows: rows.filter(|r| r.len() != v),
-        });
-    }
-    if let Some(rows) = lm_head_rows {
-        let Some(info) = mf.head_tensor() else {
-            return Err(ModelError::MissingTensor("token_embd.weight".into()));
-        };
-        check(info, &info.name, &[e, v])?;
-        out.push(PlannedTensor {
-            name: TIED_HEAD.into(),
-            source: info.clone(),
-            placement: M,
-            layer: None,
-            rows: (rows.len() != v).then_some(rows),
-        });
-    }
-    Ok(out)
+    wants
 }
 
 fn check(info: &TensorInfo, name: &str, want: &[usize]) -> Result<(), ModelError> {
