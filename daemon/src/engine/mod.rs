@@ -1,6 +1,7 @@
 //! The engine: stages behind one link trait, a local pipeline of them, sequence
 //! slots, chunked prefill and batched decode.
 
+pub mod codec;
 mod generate;
 pub mod scheduler;
 mod stage;
