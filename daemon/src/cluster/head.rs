@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ggml_shim::llama::{argmax, SamplerChain, SamplingParams};
 
-use super::frame::{
-    Dtype, Frame, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc, FLAG_SOLO,
-};
 use super::plan::{
     self, Capabilities, Hello, HelloAck, ModelCosts, NodeInfo, Plan, PlanAck, PlannedStage, Pong,
     SlotSetup,
 };
 use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
+use super::wire::{
+    Dtype, Frame, FrameKey, FrameType, HeadLogits, Limits, Opener, Payload, Sealer, FLAG_SOLO,
+};
 use crate::config::HeadSharePolicy;
 use crate::engine::scheduler::{max_step_tokens, StepOutcome, Stepper};
 use crate::engine::{BatchSeq, EngineError, SlotPool, Stage, StageConfig, StageInput, StageOutput};
@@ -118,7 +118,7 @@ impl Control {
 pub async fn form(
     mf: Arc<ModelFile>,
     s: HeadSettings,
-    frame_stats: Arc<super::frame::OpenerStats>,
+    frame_stats: Arc<super::wire::OpenerStats>,
 ) -> anyhow::Result<(ClusterStepper, ClusterView)> {
     let key = FrameKey::derive(&s.key);
     let model_id = plan::model_id(&mf);
@@ -171,8 +171,8 @@ pub async fn form(
             {
                 Ok(a) => break a,
                 Err(e)
-                    if e.downcast_ref::<super::frame::FrameError>()
-                        .is_some_and(|f| f.reason() == super::frame::DropReason::Forged) =>
+                    if e.downcast_ref::<super::wire::FrameError>()
+                        .is_some_and(|f| f.reason() == super::wire::DropReason::Forged) =>
                 {
                     bail!(
                         "peer {} does not share the cluster key: its reply fails authentication",
@@ -396,7 +396,6 @@ pub async fn form(
         slots: SlotPool::new(s.n_slots),
         view: view.clone(),
         hidden: Vec::new(),
-        toks: Vec::new(),
         in_flight: 0,
         split: (head_rows > 0).then(|| HeadSplit {
             rows: head_rows,
@@ -420,7 +419,7 @@ fn fixed_head_rows(policy: HeadSharePolicy, n_vocab: usize) -> usize {
 }
 
 fn rand_epoch() -> u64 {
-    super::frame::random_sender_id()
+    super::wire::random_sender_id()
 }
 
 /// Gives a restarted peer (index `i` among the workers) the plan again, with its new
@@ -552,7 +551,6 @@ pub struct ClusterStepper {
     slots: SlotPool,
     view: ClusterView,
     hidden: Vec<f32>,
-    toks: Vec<i32>,
     /// The last stage's data sender id (changes when it restarts) and the one allowed.
     last_sender: Arc<std::sync::atomic::AtomicU64>,
     allowed_last: u64,
@@ -586,7 +584,7 @@ impl HeadSplit {
     /// values a row) merged with the last stage's `theirs`.
     fn sample_rows(
         &mut self,
-        seqs: &[SeqDesc],
+        seqs: &[BatchSeq],
         rows: usize,
         part: &[f32],
         theirs: &[HeadLogits],
@@ -595,7 +593,7 @@ impl HeadSplit {
         let mut toks = Vec::with_capacity(theirs.len());
         let slots = seqs
             .iter()
-            .flat_map(|d| std::iter::repeat_n(d.slot as usize, d.output_rows() as usize));
+            .flat_map(|d| std::iter::repeat_n(d.slot, d.output_rows()));
         for (r, slot) in slots.enumerate() {
             let (Some(mine), Some(t)) = (part.get(r * rows..(r + 1) * rows), theirs.get(r)) else {
                 return Err(EngineError::Pipeline("head part: missing rows".into()));
@@ -726,7 +724,7 @@ impl ClusterStepper {
                 frame.step_id
             )));
         };
-        let toks = split.sample_rows(&frame.seqs, rows, &part, &theirs, self.n_vocab);
+        let toks = split.sample_rows(&frame.seqs, rows, &part, theirs, self.n_vocab);
         split.spare.push(part);
         toks
     }
@@ -783,7 +781,6 @@ impl Stepper for ClusterStepper {
                 "the head's stage must not be the last".into(),
             ));
         }
-        let descs = SeqDesc::from_batch(seqs).map_err(|e| EngineError::Pipeline(e.to_string()))?;
         // Alone in the pipeline, a step's head is all that both nodes wait for:
         // split it evenly instead of by the plan's balance of whole stages.
         let solo = self.in_flight == 0
@@ -794,7 +791,11 @@ impl Stepper for ClusterStepper {
         self.sealer.set_step_flags(if solo { FLAG_SOLO } else { 0 });
         let bytes = self
             .sealer
-            .seal_activations(step, &descs, &self.hidden, self.width, self.dtype)
+            .seal(
+                step,
+                seqs,
+                Payload::activations(&self.hidden, self.width, self.dtype),
+            )
             .map_err(|e| EngineError::Pipeline(e.to_string()))?;
         if let Ok(mut v) = self.view.lock() {
             if let Some(me) = v.first_mut() {
@@ -866,7 +867,7 @@ impl ClusterStepper {
                 let rows: u64 = if frame.frame_type == FrameType::Normed {
                     0
                 } else {
-                    super::frame::output_rows_of(&frame.seqs) as u64
+                    BatchSeq::output_rows_of(&frame.seqs) as u64
                 };
                 if let Ok(mut v) = self.view.lock() {
                     if let Some(last) = v.last_mut() {
@@ -897,10 +898,10 @@ impl ClusterStepper {
                 );
                 continue;
             }
-            frame
-                .tokens(&mut self.toks)
+            let toks = frame
+                .tokens()
                 .map_err(|e| EngineError::Pipeline(e.to_string()))?;
-            return Ok((frame.step_id, StepOutcome::Tokens(self.toks.clone())));
+            return Ok((frame.step_id, StepOutcome::Tokens(toks.to_vec())));
         }
     }
 }

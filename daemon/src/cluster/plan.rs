@@ -210,7 +210,7 @@ pub struct Plan {
     #[serde(default)]
     pub head_rows: usize,
     /// The head node's rows for a step that is alone in the pipeline (flagged
-    /// [`super::frame::FLAG_SOLO`]): both nodes then wait for the head, so it is
+    /// [`super::wire::FLAG_SOLO`]): both nodes then wait for the head, so it is
     /// split evenly by speed rather than to balance whole stages (0: as `head_rows`).
     #[serde(default)]
     pub head_rows_solo: usize,

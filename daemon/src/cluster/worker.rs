@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use ggml_shim::llama::{argmax, SamplerChain};
 
-use super::frame::{
-    Dtype, FrameKey, FrameType, HeadLogits, Limits, Opener, Sealer, SeqDesc, FLAG_SOLO,
-};
 use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
+use super::wire::{
+    Dtype, FrameKey, FrameType, HeadLogits, Limits, Opener, Payload, Sealer, FLAG_SOLO,
+};
 use crate::engine::scheduler::max_step_tokens;
 use crate::engine::{BatchSeq, Stage, StageConfig, StageInput, StageOutput};
 use crate::model::{LayerRange, ModelFile};
@@ -52,7 +52,7 @@ struct RunningStage {
     /// The last stage holds head rows `head_first..n_vocab` only: it sends them
     /// with the normalized hidden state back, and the head node samples.
     head_first: Option<usize>,
-    /// For a step sent alone ([`super::frame::FLAG_SOLO`]): the head node takes rows
+    /// For a step sent alone ([`super::wire::FLAG_SOLO`]): the head node takes rows
     /// `0..head_solo` and this stage computes only `head_solo..n_vocab`.
     head_solo: usize,
 }
@@ -67,7 +67,7 @@ struct Status {
 /// Serves as a worker until `shutdown` resolves.
 pub async fn run(
     s: WorkerSettings,
-    frame_stats: Arc<super::frame::OpenerStats>,
+    frame_stats: Arc<super::wire::OpenerStats>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -102,7 +102,7 @@ pub async fn run(
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<DataCmd>();
     let rt = tokio::runtime::Handle::current();
     let control_stats = frame_stats.clone();
-    let data_sender = super::frame::random_sender_id();
+    let data_sender = super::wire::random_sender_id();
     let data = {
         let key = key.clone();
         let status = status.clone();
@@ -369,7 +369,7 @@ impl ControlHandler {
 struct DataPlane {
     rt: tokio::runtime::Handle,
     key: FrameKey,
-    stats: Arc<super::frame::OpenerStats>,
+    stats: Arc<super::wire::OpenerStats>,
     status: Arc<Mutex<Status>>,
     run: Option<Box<RunningStage>>,
     opener: Opener,
@@ -392,7 +392,7 @@ fn data_loop(
     key: FrameKey,
     data_sender: u64,
     status: Arc<Mutex<Status>>,
-    stats: Arc<super::frame::OpenerStats>,
+    stats: Arc<super::wire::OpenerStats>,
 ) {
     let mut dp = DataPlane {
         rt,
@@ -487,7 +487,7 @@ impl DataPlane {
                 self.send(&sealed)
             }
             FrameType::Activations => {
-                let seqs: Vec<BatchSeq> = frame.batch();
+                let seqs: Vec<BatchSeq> = frame.seqs.clone();
                 frame.activations(&mut self.hidden)?;
                 self.sealer.set_step_flags(frame.flags);
                 let solo = frame.flags & FLAG_SOLO != 0;
@@ -533,14 +533,15 @@ impl DataPlane {
         let kind = r
             .stage
             .forward(seqs, StageInput::Hidden(&self.hidden), &mut self.out)?;
-        let descs = SeqDesc::from_batch(seqs)?;
         let sealed = match kind {
-            StageOutput::Hidden => self
-                .sealer
-                .seal_activations(step, &descs, &self.out, r.width, r.dtype)?,
+            StageOutput::Hidden => self.sealer.seal(
+                step,
+                seqs,
+                Payload::activations(&self.out, r.width, r.dtype),
+            )?,
             StageOutput::Normed if seqs.iter().all(|s| s.output_rows() == 0) => {
                 // a prompt chunk without output rows: nothing to sample
-                self.sealer.seal_tokens(step, &descs, &[])?
+                self.sealer.seal(step, seqs, Payload::Tokens(&[]))?
             }
             StageOutput::Normed => {
                 // the normalized state first: the head node computes its rows of the
@@ -548,9 +549,9 @@ impl DataPlane {
                 let n_vocab = r.stage.hparams().n_vocab;
                 let own = r.head_first.unwrap_or(0);
                 let first = if solo { r.head_solo.max(own) } else { own };
-                let normed = self
-                    .sealer
-                    .seal_normed(step, &descs, &self.out, r.width, r.dtype)?;
+                let normed =
+                    self.sealer
+                        .seal(step, seqs, Payload::normed(&self.out, r.width, r.dtype))?;
                 self.rt.block_on(r.tx.send(&normed))?;
                 r.stage
                     .project(&self.out, first..n_vocab, &mut self.logits)?;
@@ -567,7 +568,7 @@ impl DataPlane {
                         None => anyhow::bail!("slot {slot} has no sampling set-up"),
                     });
                 }
-                self.sealer.seal_head_part(step, &descs, &parts)?
+                self.sealer.seal(step, seqs, Payload::HeadPart(&parts))?
             }
             StageOutput::Logits => {
                 let n_vocab = r.stage.hparams().n_vocab;
@@ -585,7 +586,7 @@ impl DataPlane {
                     };
                     self.toks.push(t);
                 }
-                self.sealer.seal_tokens(step, &descs, &self.toks)?
+                self.sealer.seal(step, seqs, Payload::Tokens(&self.toks))?
             }
         };
         let n_tokens = seqs.iter().map(|s| s.n_tokens).sum::<usize>().max(1);
