@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ggml_shim::llama::{argmax, SamplerChain, SamplingParams};
 
-use super::plan::{
-    self, Capabilities, Hello, HelloAck, ModelCosts, NodeInfo, Plan, PlanAck, PlannedStage, Pong,
-    SlotSetup,
-};
+use super::capabilities::Capabilities;
+use super::planner::{self, ModelCosts, NodeInfo};
+use super::proto::{self, Hello, HelloAck, Plan, PlanAck, PlannedStage, Pong, SlotSetup};
 use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
 use super::wire::{
     Dtype, Frame, FrameKey, FrameType, HeadLogits, Limits, Opener, Payload, Sealer, FLAG_SOLO,
@@ -107,7 +106,7 @@ impl Control {
             .map_err(|_| anyhow::anyhow!("opener poisoned"))?;
         let frame = opener.open(reply.as_bytes(), &Limits::control_only())?;
         if frame.frame_type == FrameType::Error {
-            let e: plan::ErrorMsg = frame.control()?;
+            let e: proto::ErrorMsg = frame.control()?;
             bail!("{}", e.message);
         }
         Ok(frame.control()?)
@@ -121,7 +120,7 @@ pub async fn form(
     frame_stats: Arc<super::wire::OpenerStats>,
 ) -> anyhow::Result<(ClusterStepper, ClusterView)> {
     let key = FrameKey::derive(&s.key);
-    let model_id = plan::model_id(&mf);
+    let model_hash = proto::model_hash(&mf);
     // our own data plane first: the last stage dials it
     let rx = PipelineRx::listen(&s.listen)
         .await
@@ -160,8 +159,8 @@ pub async fn form(
     }];
     let hello = Hello {
         from: s.name.clone(),
-        protocol: plan::PROTOCOL,
-        model_id: model_id.clone(),
+        protocol: proto::PROTOCOL,
+        model_hash: model_hash.clone(),
     };
     for (p, client) in &control.peers {
         let ack: HelloAck = loop {
@@ -185,12 +184,12 @@ pub async fn form(
                 }
             }
         };
-        if ack.model_id != model_id {
+        if ack.model_hash != model_hash {
             bail!(
                 "peer {} has a different model (id {}…, ours {}…): every node needs the same GGUF file",
                 p.name,
-                &ack.model_id[..12.min(ack.model_id.len())],
-                &model_id[..12]
+                &ack.model_hash[..12.min(ack.model_hash.len())],
+                &model_hash[..12]
             );
         }
         if ack.name != p.name {
@@ -229,19 +228,19 @@ pub async fn form(
         } else {
             match s.head_share {
                 HeadSharePolicy::Auto => {
-                    let p = plan::plan_cluster(&nodes, &costs, n_vocab)?;
+                    let p = planner::plan_cluster(&nodes, &costs, n_vocab)?;
                     (p.ranges, p.head_rows)
                 }
-                HeadSharePolicy::Off => (plan::plan_ranges(&nodes, &costs)?, 0),
+                HeadSharePolicy::Off => (planner::plan_ranges(&nodes, &costs)?, 0),
                 HeadSharePolicy::Share(f) => (
-                    plan::plan_with_head_share(&nodes, &costs, f)?.0,
+                    planner::plan_with_head_share(&nodes, &costs, f)?.0,
                     fixed_head_rows(s.head_share, n_vocab),
                 ),
             }
         };
     let plan = Plan {
         epoch: rand_epoch(),
-        model_id: model_id.clone(),
+        model_hash: model_hash.clone(),
         stages: s
             .peers
             .iter()
@@ -260,7 +259,7 @@ pub async fn form(
         senders,
         head_rows,
         head_rows_solo: match (nodes.first(), nodes.last()) {
-            (Some(a), Some(b)) => plan::solo_head_rows(
+            (Some(a), Some(b)) => planner::solo_head_rows(
                 &a.caps,
                 &b.caps,
                 costs.avg_layer_bytes(),
@@ -413,7 +412,7 @@ pub async fn form(
 /// The head rows of a fixed `[cluster] head_share` (0 for none).
 fn fixed_head_rows(policy: HeadSharePolicy, n_vocab: usize) -> usize {
     match policy {
-        HeadSharePolicy::Share(f) if n_vocab >= 2 => plan::share_rows(f, n_vocab),
+        HeadSharePolicy::Share(f) if n_vocab >= 2 => planner::share_rows(f, n_vocab),
         _ => 0,
     }
 }
@@ -433,13 +432,13 @@ async fn rejoin(
     let (p, client) = &control.peers[i];
     let hello = Hello {
         from: plan.stages[0].name.clone(),
-        protocol: plan::PROTOCOL,
-        model_id: plan.model_id.clone(),
+        protocol: proto::PROTOCOL,
+        model_hash: plan.model_hash.clone(),
     };
     let ack: HelloAck = control
         .ask(client, FrameType::Hello, &hello, DEAD_AFTER)
         .await?;
-    if ack.model_id != plan.model_id {
+    if ack.model_hash != plan.model_hash {
         bail!("peer {} now has a different model", p.name);
     }
     plan.senders[i + 1] = ack.data_sender;
@@ -878,7 +877,7 @@ impl ClusterStepper {
             }
             if frame.frame_type == FrameType::Error {
                 let msg = frame
-                    .control::<plan::ErrorMsg>()
+                    .control::<proto::ErrorMsg>()
                     .map(|m| m.message)
                     .unwrap_or_else(|_| "a stage failed".into());
                 return Err(EngineError::Pipeline(msg));

@@ -1,8 +1,13 @@
-//! The cluster's wire layer: authenticated frames ([`wire`]) over nng sockets
-//! ([`transport`]).
+//! The cluster: authenticated frames ([`wire`]) over nng sockets ([`transport`]),
+//! the control messages nodes exchange ([`proto`]), what a node offers
+//! ([`capabilities`]) and the planner that splits the model between nodes
+//! ([`planner`]); the head node forms the cluster ([`head`]), workers run their
+//! stages ([`worker`]).
 
+pub mod capabilities;
 pub mod head;
-pub mod plan;
+pub mod planner;
+pub mod proto;
 pub mod transport;
 pub mod wire;
 pub mod worker;

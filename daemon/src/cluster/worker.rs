@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use ggml_shim::llama::{argmax, SamplerChain};
 
-use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
+use super::capabilities::Capabilities;
+use super::proto::{self, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
 use super::wire::{
     Dtype, FrameKey, FrameType, HeadLogits, Limits, Opener, Payload, Sealer, FLAG_SOLO,
@@ -82,7 +83,7 @@ pub async fn run(
         Ok((mf, caps))
     })
     .await??;
-    let id = plan::model_id(&mf);
+    let id = proto::model_hash(&mf);
     let key = FrameKey::derive(&s.key);
     let control = Arc::new(
         ControlServer::listen(&s.control_listen)
@@ -125,7 +126,7 @@ pub async fn run(
         let control = control.clone();
         let handler = Arc::new(tokio::sync::Mutex::new(ControlHandler {
             name: s.name.clone(),
-            model_id: id,
+            model_hash: id,
             caps,
             mf,
             threads: s.threads,
@@ -153,7 +154,7 @@ pub async fn run(
 
 struct ControlHandler {
     name: String,
-    model_id: String,
+    model_hash: String,
     caps: Capabilities,
     mf: Arc<ModelFile>,
     threads: usize,
@@ -182,18 +183,18 @@ impl ControlHandler {
                 let Ok(h) = frame.control::<Hello>() else {
                     return self.error("bad hello");
                 };
-                if h.model_id != self.model_id {
+                if h.model_hash != self.model_hash {
                     tracing::error!(
                         "head {} runs another model ({}), this node has {}",
                         h.from,
-                        h.model_id,
-                        self.model_id
+                        h.model_hash,
+                        self.model_hash
                     );
                 }
                 let ack = HelloAck {
                     name: self.name.clone(),
-                    protocol: plan::PROTOCOL,
-                    model_id: self.model_id.clone(),
+                    protocol: proto::PROTOCOL,
+                    model_hash: self.model_hash.clone(),
                     caps: self.caps.clone(),
                     planned: epoch != 0,
                     data_sender: self.data_sender,
@@ -236,11 +237,11 @@ impl ControlHandler {
 
     async fn apply(&mut self, p: Plan) -> anyhow::Result<()> {
         use anyhow::{bail, Context};
-        if p.model_id != self.model_id {
+        if p.model_hash != self.model_hash {
             bail!(
                 "the head serves model {} but this node has {} ({}): install the same GGUF file",
-                &p.model_id[..12.min(p.model_id.len())],
-                &self.model_id[..12],
+                &p.model_hash[..12.min(p.model_hash.len())],
+                &self.model_hash[..12],
                 self.mf.gguf.path().display()
             );
         }
@@ -356,7 +357,7 @@ impl ControlHandler {
     }
 
     fn error(&mut self, message: &str) -> Vec<u8> {
-        let msg = plan::ErrorMsg {
+        let msg = proto::ErrorMsg {
             message: message.to_string(),
         };
         self.sealer
@@ -495,7 +496,7 @@ impl DataPlane {
                 if let Err(e) = &result {
                     // tell the head at once instead of letting it wait
                     let range = self.run.as_ref().map(|r| r.stage.config().range);
-                    let msg = plan::ErrorMsg {
+                    let msg = proto::ErrorMsg {
                         message: format!(
                             "stage {}: {e:#}",
                             range.map_or("?".into(), |r| r.to_string())
@@ -516,7 +517,7 @@ impl DataPlane {
         if self.run.as_ref().is_some_and(|r| r.head_first.is_some()) {
             // the head node samples; we only need to know what to send it
             self.candidates
-                .insert(s.slot, plan::head_candidates(&params));
+                .insert(s.slot, proto::head_candidates(&params));
             return Ok(());
         }
         self.samplers
