@@ -25,9 +25,9 @@
 //! descriptors and a 32-byte MAC: 90 bytes of framing.) A 128-bit MAC is the usual
 //! truncation of a keyed hash; forging one still takes 2^128 tries.
 //!
-//! By concern: [`header`] (the header and descriptors), [`mac`] (the key and MAC),
-//! [`payload`] (what frames carry, typed), [`seal`] (the sender's side) and
-//! [`open`] (the receiver's side). [`Opener::open`] validates a frame completely
+//! By concern: `header.rs` (the header and descriptors), `mac.rs` (the key and
+//! MAC), `payload.rs` (what frames carry, typed), `seal.rs` (the sender's side),
+//! `open.rs` (the receiver's side) and `error.rs`. [`Opener::open`] validates a frame completely
 //! (structure, MAC, replay, shapes against the receiver's [`Limits`]) and decodes its
 //! payload once, before the caller sees it, so a [`Frame`] that comes out of it can
 //! be handed to ggml as is.
