@@ -15,9 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use exo::cluster::frame::{Dtype, FrameKey, FrameType, Sealer, SeqDesc};
 use exo::cluster::transport::{DialOptions, PipelineTx};
-use exo::engine::OutputRows;
+use exo::cluster::wire::{Dtype, FrameKey, FrameType, Payload, Sealer};
+use exo::engine::{BatchSeq, OutputRows};
 use exo_tests::{write_tiny_model, TempDir, TinyArch, TinySpec};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -1009,14 +1009,18 @@ async fn forged_malformed_and_replayed_frames_are_counted_and_dropped() {
     tx.send_timeout(&junk, t).await.expect("send junk");
     // (b) a well-formed frame sealed under another key
     let mut stranger = Sealer::new(FrameKey::derive(b"another-secret-of-32-chars-long!"), 7);
-    let seqs = [SeqDesc {
+    let seqs = [BatchSeq {
         slot: 0,
         pos0: 0,
         n_tokens: 1,
         output: OutputRows::Last,
     }];
     let forged = stranger
-        .seal_activations(1, &seqs, &[0.01; TINY_EMBD], TINY_EMBD, Dtype::F32)
+        .seal(
+            1,
+            &seqs,
+            Payload::activations(&[0.01; TINY_EMBD], TINY_EMBD, Dtype::F32),
+        )
         .expect("seal");
     tx.send_timeout(&forged, t).await.expect("send forged");
     let ping = stranger
@@ -1028,7 +1032,11 @@ async fn forged_malformed_and_replayed_frames_are_counted_and_dropped() {
     // (counted with the replays)
     let mut insider = Sealer::new(FrameKey::derive(KEY.as_bytes()), 0x5eed);
     let bad_width = insider
-        .seal_activations(1, &seqs, &[0.01; TINY_EMBD + 1], TINY_EMBD + 1, Dtype::F32)
+        .seal(
+            1,
+            &seqs,
+            Payload::activations(&[0.01; TINY_EMBD + 1], TINY_EMBD + 1, Dtype::F32),
+        )
         .expect("seal");
     tx.send_timeout(&bad_width, t).await.expect("send");
     tx.send_timeout(&bad_width, t).await.expect("send again");
@@ -1077,19 +1085,17 @@ async fn a_batch_from_outside_the_session_is_refused_and_harmless() {
         .await
         .expect("dial the worker's data plane");
     let mut insider = Sealer::new(FrameKey::derive(KEY.as_bytes()), 0x0dd_5eed);
-    let seqs = [SeqDesc {
+    let seqs = [BatchSeq {
         slot: 0,
         pos0: 0,
         n_tokens: 1,
         output: OutputRows::Last,
     }];
     let frame = insider
-        .seal_activations(
+        .seal(
             0xDEAD_BEEF,
             &seqs,
-            &[0.01; TINY_EMBD],
-            TINY_EMBD,
-            Dtype::F32,
+            Payload::activations(&[0.01; TINY_EMBD], TINY_EMBD, Dtype::F32),
         )
         .expect("seal");
     tx.send_timeout(&frame, Some(Duration::from_secs(5)))

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::frame::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer};
-use super::plan::{
-    self, Capabilities, Hello, HelloAck, ModelCosts, NodeInfo, Plan, PlanAck, PlannedStage, Pong,
-};
+use super::capabilities::Capabilities;
+use super::planner::{self, ModelCosts, NodeInfo};
+use super::proto::{self, Hello, HelloAck, Plan, PlanAck, PlannedStage, Pong};
 use super::remote::{FirstStage, LmHeadSplit, RemoteStages, SEND_TIMEOUT};
 use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
+use super::wire::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer};
 use crate::config::HeadSharePolicy;
 use crate::engine::scheduler::max_step_tokens;
 use crate::engine::{Pipeline, Stage, StageConfig};
@@ -85,7 +85,7 @@ impl Control {
     async fn connect(
         peers: &[PeerSpec],
         key: &FrameKey,
-        frame_stats: Arc<super::frame::OpenerStats>,
+        frame_stats: Arc<super::wire::OpenerStats>,
     ) -> anyhow::Result<Control> {
         let mut control = Control {
             peers: Vec::new(),
@@ -127,7 +127,7 @@ impl Control {
             .map_err(|_| anyhow::anyhow!("opener poisoned"))?;
         let frame = opener.open(reply.as_bytes(), &Limits::control_only())?;
         if frame.frame_type == FrameType::Error {
-            let e: plan::ErrorMsg = frame.control()?;
+            let e: proto::ErrorMsg = frame.control()?;
             bail!("{}", e.message);
         }
         Ok(frame.control()?)
@@ -139,7 +139,7 @@ impl Control {
 pub async fn form(
     mf: Arc<ModelFile>,
     s: HeadSettings,
-    frame_stats: Arc<super::frame::OpenerStats>,
+    frame_stats: Arc<super::wire::OpenerStats>,
 ) -> anyhow::Result<(Pipeline, ClusterView)> {
     let key = FrameKey::derive(&s.key);
     // our own data plane first: the last stage dials it
@@ -149,7 +149,7 @@ pub async fn form(
     let control = Control::connect(&s.peers[1..], &key, frame_stats.clone()).await?;
     // the head's data-plane sealer; every stage's data sender id goes into the plan
     let data_sealer = Sealer::with_random_id(key.clone());
-    let model_hash = plan::model_id(&mf);
+    let model_hash = proto::model_hash(&mf);
     let (nodes, senders) = greet(&control, &s, &mf, &model_hash, data_sealer.sender_id()).await?;
     let plan = make_plan(&s, &mf, &nodes, senders, model_hash)?;
     for (p, client) in &control.peers {
@@ -268,8 +268,8 @@ async fn greet(
     let mut senders = vec![own_sender];
     let hello = Hello {
         from: s.name.clone(),
-        protocol: plan::PROTOCOL,
-        model_id: model_hash.to_string(),
+        protocol: proto::PROTOCOL,
+        model_hash: model_hash.to_string(),
     };
     for (p, client) in &control.peers {
         let ack: HelloAck = loop {
@@ -279,8 +279,8 @@ async fn greet(
             {
                 Ok(a) => break a,
                 Err(e)
-                    if e.downcast_ref::<super::frame::FrameError>()
-                        .is_some_and(|f| f.reason() == super::frame::DropReason::Forged) =>
+                    if e.downcast_ref::<super::wire::FrameError>()
+                        .is_some_and(|f| f.reason() == super::wire::DropReason::Forged) =>
                 {
                     bail!(
                         "peer {} does not share the cluster key: its reply fails authentication",
@@ -293,11 +293,11 @@ async fn greet(
                 }
             }
         };
-        if ack.model_id != model_hash {
+        if ack.model_hash != model_hash {
             bail!(
                 "peer {} has a different model (id {}…, ours {}…): every node needs the same GGUF file",
                 p.name,
-                &ack.model_id[..12.min(ack.model_id.len())],
+                &ack.model_hash[..12.min(ack.model_hash.len())],
                 &model_hash[..12.min(model_hash.len())]
             );
         }
@@ -348,19 +348,19 @@ fn make_plan(
         } else {
             match s.head_share {
                 HeadSharePolicy::Auto => {
-                    let p = plan::plan_cluster(nodes, &costs, n_vocab)?;
+                    let p = planner::plan_cluster(nodes, &costs, n_vocab)?;
                     (p.ranges, p.head_rows)
                 }
-                HeadSharePolicy::Off => (plan::plan_ranges(nodes, &costs)?, 0),
+                HeadSharePolicy::Off => (planner::plan_ranges(nodes, &costs)?, 0),
                 HeadSharePolicy::Share(f) => (
-                    plan::plan_with_head_share(nodes, &costs, f)?.0,
+                    planner::plan_with_head_share(nodes, &costs, f)?.0,
                     fixed_lm_head_rows(s.head_share, n_vocab),
                 ),
             }
         };
     Ok(Plan {
         epoch: rand_epoch(),
-        model_id: model_hash,
+        model_hash,
         stages: s
             .peers
             .iter()
@@ -379,7 +379,7 @@ fn make_plan(
         senders,
         head_rows: lm_head_rows,
         head_rows_solo: match (nodes.first(), nodes.last()) {
-            (Some(a), Some(b)) => plan::solo_head_rows(
+            (Some(a), Some(b)) => planner::solo_head_rows(
                 &a.caps,
                 &b.caps,
                 costs.avg_layer_bytes(),
@@ -453,13 +453,13 @@ fn initial_view(plan: &Plan, n_vocab: usize, solo_rows: usize) -> ClusterView {
 /// The `lm_head` rows of a fixed `[cluster] head_share` (0 for none).
 fn fixed_lm_head_rows(policy: HeadSharePolicy, n_vocab: usize) -> usize {
     match policy {
-        HeadSharePolicy::Share(f) if n_vocab >= 2 => plan::share_rows(f, n_vocab),
+        HeadSharePolicy::Share(f) if n_vocab >= 2 => planner::share_rows(f, n_vocab),
         _ => 0,
     }
 }
 
 fn rand_epoch() -> u64 {
-    super::frame::random_sender_id()
+    super::wire::random_sender_id()
 }
 
 /// Gives a restarted peer (index `i` among the workers) the plan again, with its new
@@ -473,13 +473,13 @@ async fn rejoin(
     let (p, client) = &control.peers[i];
     let hello = Hello {
         from: plan.stages[0].name.clone(),
-        protocol: plan::PROTOCOL,
-        model_id: plan.model_id.clone(),
+        protocol: proto::PROTOCOL,
+        model_hash: plan.model_hash.clone(),
     };
     let ack: HelloAck = control
         .ask(client, FrameType::Hello, &hello, DEAD_AFTER)
         .await?;
-    if ack.model_id != plan.model_id {
+    if ack.model_hash != plan.model_hash {
         bail!("peer {} now has a different model", p.name);
     }
     plan.senders[i + 1] = ack.data_sender;

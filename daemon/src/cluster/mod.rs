@@ -1,17 +1,23 @@
-//! The cluster's wire layer: authenticated frames ([`frame`]) over nng sockets
-//! ([`transport`]).
+//! The cluster: authenticated frames ([`wire`]) over nng sockets ([`transport`]),
+//! the control messages nodes exchange ([`proto`]), what a node offers
+//! ([`capabilities`]) and the planner that splits the model between nodes
+//! ([`planner`]); the head node forms the cluster ([`head`]) and drives the
+//! other nodes' stages as one link of its pipeline ([`remote`]); workers run their
+//! stages ([`worker`]).
 
-pub mod frame;
+pub mod capabilities;
 pub mod head;
-pub mod plan;
+pub mod planner;
+pub mod proto;
 pub mod remote;
 pub mod transport;
+pub mod wire;
 pub mod worker;
 
-pub use frame::{
-    random_sender_id, DropReason, Dtype, Frame, FrameError, FrameKey, FrameMeta, FrameType, Limits,
-    Opener, OpenerStats, Sealer, SeqDesc, StatsSnapshot,
-};
 pub use transport::{
     ControlClient, ControlServer, DialOptions, Packet, PipelineRx, PipelineTx, TransportError,
+};
+pub use wire::{
+    random_sender_id, DropReason, Dtype, Frame, FrameError, FrameKey, FrameType, Limits, Opener,
+    OpenerStats, Sealer, StatsSnapshot,
 };

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use ggml_shim::llama::SamplingParams;
 
-use super::frame::{Dtype, Frame, FrameType, Limits, Opener, Sealer, SeqDesc, FLAG_SOLO};
 use super::head::ClusterView;
-use super::plan::{self, SlotSetup};
+use super::proto::{self, SlotSetup};
 use super::transport::{PipelineRx, PipelineTx};
+use super::wire::{
+    Dtype, Frame, FrameError, FrameType, Limits, Opener, Payload, Sealer, FLAG_SOLO,
+};
 use crate::engine::{BatchSeq, EngineError, Link, LinkOutput, Stage, StageInput};
 use crate::model::LayerRange;
 
@@ -120,9 +122,7 @@ impl RemoteStages {
     /// Counts the return hop where it arrives (a split `lm_head`'s rows once).
     fn count_return(&self, frame: &Frame<'_>, bytes: usize) {
         let rows: u64 = match frame.frame_type {
-            FrameType::Tokens | FrameType::HeadPart => {
-                super::frame::output_rows_of(&frame.seqs) as u64
-            }
+            FrameType::Tokens | FrameType::HeadPart => BatchSeq::output_rows_of(&frame.seqs) as u64,
             FrameType::Normed => 0,
             _ => return,
         };
@@ -136,11 +136,11 @@ impl RemoteStages {
 
     /// What an arrived frame means for the step it belongs to (None: not a result).
     fn output_of(&self, frame: &Frame<'_>) -> Result<Option<LinkOutput>, EngineError> {
-        let wire = |e: super::frame::FrameError| EngineError::Pipeline(e.to_string());
+        let wire = |e: FrameError| EngineError::Pipeline(e.to_string());
         Ok(Some(match (frame.frame_type, self.split) {
             (FrameType::Error, _) => {
                 let msg = frame
-                    .control::<plan::ErrorMsg>()
+                    .control::<proto::ErrorMsg>()
                     .map(|m| m.message)
                     .unwrap_or_else(|_| "a stage failed".into());
                 return Err(EngineError::Pipeline(msg));
@@ -158,13 +158,9 @@ impl RemoteStages {
                 LinkOutput::Normed { rows, normed }
             }
             (FrameType::HeadPart, Some(_)) => {
-                LinkOutput::LmHeadPart(frame.head_part().map_err(wire)?)
+                LinkOutput::LmHeadPart(frame.head_part().map_err(wire)?.to_vec())
             }
-            (FrameType::Tokens, _) => {
-                let mut toks = Vec::new();
-                frame.tokens(&mut toks).map_err(wire)?;
-                LinkOutput::Tokens(toks)
-            }
+            (FrameType::Tokens, _) => LinkOutput::Tokens(frame.tokens().map_err(wire)?.to_vec()),
             (other, _) => {
                 tracing::warn!("unexpected {} frame on the head's data plane", other.name());
                 return Ok(None);
@@ -255,14 +251,17 @@ impl Link for RemoteStages {
                 "the remote stages take activations".into(),
             ));
         };
-        let descs = SeqDesc::from_batch(seqs).map_err(|e| EngineError::Pipeline(e.to_string()))?;
         // Alone in the pipeline, a step's lm_head is all that both nodes wait for:
         // split it evenly instead of by the plan's balance of whole stages.
         let solo = self.in_flight == 0 && self.split.is_some_and(|s| s.solo_rows != s.rows);
         self.sealer.set_step_flags(if solo { FLAG_SOLO } else { 0 });
         let bytes = self
             .sealer
-            .seal_activations(step, &descs, hidden, self.width, self.dtype)
+            .seal(
+                step,
+                seqs,
+                Payload::activations(hidden, self.width, self.dtype),
+            )
             .map_err(|e| EngineError::Pipeline(e.to_string()))?;
         if let Ok(mut v) = self.view.lock() {
             if let Some(me) = v.first_mut() {

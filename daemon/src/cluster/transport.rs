@@ -1,6 +1,6 @@
 //! Thin async wrappers over nng (through `anng`): push/pull for the activation
 //! pipeline, req/rep for control. They move opaque bytes; authentication and
-//! validation are [`super::frame`]'s job.
+//! validation are [`super::wire`]'s job.
 //!
 //! Every operation that waits on a peer takes a timeout, so a dead peer turns into
 //! an error instead of a hang. nng reconnects dialers by itself when a peer comes

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::frame::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer, SeqDesc, FLAG_SOLO};
-use super::plan::{self, Capabilities, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
+use super::capabilities::Capabilities;
+use super::proto::{self, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
+use super::wire::{Dtype, FrameKey, FrameType, Limits, Opener, Payload, Sealer, FLAG_SOLO};
 use crate::engine::sampler::lm_head_candidates;
 use crate::engine::scheduler::max_step_tokens;
 use crate::engine::{
@@ -51,7 +52,7 @@ struct RunningStage {
     /// The last stage holds head rows `head_first..n_vocab` only: it sends them
     /// with the normalized hidden state back, and the head node samples.
     head_first: Option<usize>,
-    /// For a step sent alone ([`super::frame::FLAG_SOLO`]): the head node takes rows
+    /// For a step sent alone ([`super::wire::FLAG_SOLO`]): the head node takes rows
     /// `0..head_solo` and this stage computes only `head_solo..n_vocab`.
     head_solo: usize,
 }
@@ -66,7 +67,7 @@ struct Status {
 /// Serves as a worker until `shutdown` resolves.
 pub async fn run(
     s: WorkerSettings,
-    frame_stats: Arc<super::frame::OpenerStats>,
+    frame_stats: Arc<super::wire::OpenerStats>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -81,7 +82,7 @@ pub async fn run(
         Ok((mf, caps))
     })
     .await??;
-    let id = plan::model_id(&mf);
+    let id = proto::model_hash(&mf);
     let key = FrameKey::derive(&s.key);
     let control = Arc::new(
         ControlServer::listen(&s.control_listen)
@@ -101,7 +102,7 @@ pub async fn run(
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<DataCmd>();
     let rt = tokio::runtime::Handle::current();
     let control_stats = frame_stats.clone();
-    let data_sender = super::frame::random_sender_id();
+    let data_sender = super::wire::random_sender_id();
     let data = {
         let key = key.clone();
         let status = status.clone();
@@ -124,7 +125,7 @@ pub async fn run(
         let control = control.clone();
         let handler = Arc::new(tokio::sync::Mutex::new(ControlHandler {
             name: s.name.clone(),
-            model_id: id,
+            model_hash: id,
             caps,
             mf,
             threads: s.threads,
@@ -152,7 +153,7 @@ pub async fn run(
 
 struct ControlHandler {
     name: String,
-    model_id: String,
+    model_hash: String,
     caps: Capabilities,
     mf: Arc<ModelFile>,
     threads: usize,
@@ -181,18 +182,18 @@ impl ControlHandler {
                 let Ok(h) = frame.control::<Hello>() else {
                     return self.error("bad hello");
                 };
-                if h.model_id != self.model_id {
+                if h.model_hash != self.model_hash {
                     tracing::error!(
                         "head {} runs another model ({}), this node has {}",
                         h.from,
-                        h.model_id,
-                        self.model_id
+                        h.model_hash,
+                        self.model_hash
                     );
                 }
                 let ack = HelloAck {
                     name: self.name.clone(),
-                    protocol: plan::PROTOCOL,
-                    model_id: self.model_id.clone(),
+                    protocol: proto::PROTOCOL,
+                    model_hash: self.model_hash.clone(),
                     caps: self.caps.clone(),
                     planned: epoch != 0,
                     data_sender: self.data_sender,
@@ -235,11 +236,11 @@ impl ControlHandler {
 
     async fn apply(&mut self, p: Plan) -> anyhow::Result<()> {
         use anyhow::{bail, Context};
-        if p.model_id != self.model_id {
+        if p.model_hash != self.model_hash {
             bail!(
                 "the head serves model {} but this node has {} ({}): install the same GGUF file",
-                &p.model_id[..12.min(p.model_id.len())],
-                &self.model_id[..12],
+                &p.model_hash[..12.min(p.model_hash.len())],
+                &self.model_hash[..12],
                 self.mf.gguf.path().display()
             );
         }
@@ -355,7 +356,7 @@ impl ControlHandler {
     }
 
     fn error(&mut self, message: &str) -> Vec<u8> {
-        let msg = plan::ErrorMsg {
+        let msg = proto::ErrorMsg {
             message: message.to_string(),
         };
         self.sealer
@@ -368,7 +369,7 @@ impl ControlHandler {
 struct DataPlane {
     rt: tokio::runtime::Handle,
     key: FrameKey,
-    stats: Arc<super::frame::OpenerStats>,
+    stats: Arc<super::wire::OpenerStats>,
     status: Arc<Mutex<Status>>,
     run: Option<Box<RunningStage>>,
     opener: Opener,
@@ -391,7 +392,7 @@ fn data_loop(
     key: FrameKey,
     data_sender: u64,
     status: Arc<Mutex<Status>>,
-    stats: Arc<super::frame::OpenerStats>,
+    stats: Arc<super::wire::OpenerStats>,
 ) {
     let mut dp = DataPlane {
         rt,
@@ -486,7 +487,7 @@ impl DataPlane {
                 self.send(&sealed)
             }
             FrameType::Activations => {
-                let seqs: Vec<BatchSeq> = frame.batch();
+                let seqs: Vec<BatchSeq> = frame.seqs.clone();
                 frame.activations(&mut self.hidden)?;
                 self.sealer.set_step_flags(frame.flags);
                 let solo = frame.flags & FLAG_SOLO != 0;
@@ -494,7 +495,7 @@ impl DataPlane {
                 if let Err(e) = &result {
                     // tell the head at once instead of letting it wait
                     let range = self.run.as_ref().map(|r| r.stage.config().range);
-                    let msg = plan::ErrorMsg {
+                    let msg = proto::ErrorMsg {
                         message: format!(
                             "stage {}: {e:#}",
                             range.map_or("?".into(), |r| r.to_string())
@@ -531,14 +532,15 @@ impl DataPlane {
         let kind = r
             .stage
             .forward(seqs, StageInput::Hidden(&self.hidden), &mut self.out)?;
-        let descs = SeqDesc::from_batch(seqs)?;
         let sealed = match kind {
-            StageOutput::Hidden => self
-                .sealer
-                .seal_activations(step, &descs, &self.out, r.width, r.dtype)?,
+            StageOutput::Hidden => self.sealer.seal(
+                step,
+                seqs,
+                Payload::activations(&self.out, r.width, r.dtype),
+            )?,
             StageOutput::Normed if seqs.iter().all(|s| s.output_rows() == 0) => {
                 // a prompt chunk without output rows: nothing to sample
-                self.sealer.seal_tokens(step, &descs, &[])?
+                self.sealer.seal(step, seqs, Payload::Tokens(&[]))?
             }
             StageOutput::Normed => {
                 // the normalized state first: the head node computes its rows of the
@@ -546,9 +548,9 @@ impl DataPlane {
                 let n_vocab = r.stage.hparams().n_vocab;
                 let own = r.head_first.unwrap_or(0);
                 let first = if solo { r.head_solo.max(own) } else { own };
-                let normed = self
-                    .sealer
-                    .seal_normed(step, &descs, &self.out, r.width, r.dtype)?;
+                let normed =
+                    self.sealer
+                        .seal(step, seqs, Payload::normed(&self.out, r.width, r.dtype))?;
                 self.rt.block_on(r.tx.send(&normed))?;
                 r.stage
                     .project(&self.out, first..n_vocab, &mut self.logits)?;
@@ -561,7 +563,7 @@ impl DataPlane {
                     };
                     parts.push(PartialLogits::of_row(candidates, l, first));
                 }
-                self.sealer.seal_head_part(step, &descs, &parts)?
+                self.sealer.seal(step, seqs, Payload::HeadPart(&parts))?
             }
             StageOutput::Logits => {
                 let n_vocab = r.stage.hparams().n_vocab;
@@ -573,7 +575,7 @@ impl DataPlane {
                     };
                     self.toks.push(sampler.pick(l)?);
                 }
-                self.sealer.seal_tokens(step, &descs, &self.toks)?
+                self.sealer.seal(step, seqs, Payload::Tokens(&self.toks))?
             }
         };
         let n_tokens = seqs.iter().map(|s| s.n_tokens).sum::<usize>().max(1);

@@ -2,6 +2,7 @@
 //! sequence slots, the scheduler (chunked prefill and batched decode) and the one
 //! sampler.
 
+pub mod codec;
 mod generate;
 mod link;
 mod pipeline;
@@ -43,29 +44,6 @@ pub enum EngineError {
     NoFreeSlot(usize),
     #[error("pipeline: {0}")]
     Pipeline(String),
-}
-
-/// Encodes activations for another stage (little-endian f32) into `out`.
-pub fn encode_activations(h: &[f32], out: &mut Vec<u8>) {
-    out.clear();
-    out.extend(h.iter().flat_map(|v| v.to_le_bytes()));
-}
-
-/// Decodes activations received from another stage into `out`.
-pub fn decode_activations(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), EngineError> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(EngineError::Input(format!(
-            "activation of {} bytes is not whole f32 values",
-            bytes.len()
-        )));
-    }
-    out.clear();
-    out.extend(
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-    );
-    Ok(())
 }
 
 /// Splits `n_layer` layers at the given cut points into contiguous ranges.

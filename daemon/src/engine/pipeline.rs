@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use ggml_shim::llama::SamplingParams;
 
+use super::codec::{self, Dtype};
 use super::link::{Link, LinkOutput};
 use super::sampler::PartialLogits;
 use super::stage::{Stage, StageConfig, StageInput};
-use super::{decode_activations, encode_activations, EngineError, SlotPool};
+use super::{EngineError, SlotPool};
 use crate::model::{BatchSeq, LayerRange, ModelFile};
 
 /// What a step produced, for the sampler.
@@ -46,6 +47,8 @@ pub struct Pipeline {
     n_vocab: usize,
     n_ctx: usize,
     pub slots: SlotPool,
+    /// How activations cross from a local link to the next (as on the network).
+    activations: Dtype,
     /// Reused buffers: the bytes on the "wire" and the next link's input.
     wire: Vec<u8>,
     hidden: Vec<f32>,
@@ -103,10 +106,17 @@ impl Pipeline {
             n_vocab,
             n_ctx,
             slots: SlotPool::new(n_slots),
+            activations: Dtype::F32,
             wire: Vec::new(),
             hidden: Vec::new(),
             lm_head_parts: HashMap::new(),
         })
+    }
+
+    /// Activations between local links travel as `dtype` (f32 unless told).
+    pub fn with_activations(mut self, dtype: Dtype) -> Pipeline {
+        self.activations = dtype;
+        self
     }
 
     pub fn n_vocab(&self) -> usize {
@@ -170,8 +180,12 @@ impl Pipeline {
             // a link in the middle hands its activations on at once
             match link.wait()? {
                 (id, LinkOutput::Hidden(h)) if id == step => {
-                    encode_activations(&h, &mut self.wire);
-                    decode_activations(&self.wire, &mut self.hidden)?;
+                    // the one codec of the wire, with its f16 → bf16 fallback
+                    let dtype = self.activations.fitting(&h);
+                    self.wire.clear();
+                    codec::encode(&h, dtype, &mut self.wire);
+                    codec::decode(&self.wire, dtype, &mut self.hidden)
+                        .map_err(|e| EngineError::Input(e.to_string()))?;
                 }
                 _ => {
                     return Err(EngineError::Pipeline(format!(

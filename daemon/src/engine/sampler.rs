@@ -136,8 +136,8 @@ impl PartialLogits {
     /// What a stage sends of its rows `first..` (one row of logits) for a sequence
     /// with `params`: its best candidates when those are enough to sample exactly
     /// ([`lm_head_candidates`]), else every logit.
-    pub fn of_row(params_candidates: Option<usize>, row: &[f32], first: usize) -> PartialLogits {
-        match params_candidates {
+    pub fn of_row(candidates: Option<usize>, row: &[f32], first: usize) -> PartialLogits {
+        match candidates {
             Some(k) => PartialLogits::Top(top_k(row, k, first)),
             None => PartialLogits::Dense {
                 first: first as u32,
@@ -246,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn lm_head_candidates_are_exact_only_where_top_k_decides() {
+    fn candidates_are_sent_only_when_sampling_is_exact_with_them() {
         let greedy = SamplingParams {
             temperature: 0.0,
             ..SamplingParams::default()
@@ -266,6 +266,13 @@ mod tests {
             ..top40
         };
         assert_eq!(lm_head_candidates(&penalised), None);
+        let no_top_k = SamplingParams { top_k: 0, ..top40 };
+        assert_eq!(lm_head_candidates(&no_top_k), None);
+        let huge_k = SamplingParams {
+            top_k: 100_000,
+            ..top40
+        };
+        assert_eq!(lm_head_candidates(&huge_k), None);
     }
 
     #[test]

@@ -53,6 +53,11 @@ impl BatchSeq {
     pub fn output_rows(&self) -> usize {
         self.output.count(self.n_tokens)
     }
+
+    /// Output rows of a batch (each sequence's, summed).
+    pub fn output_rows_of(seqs: &[BatchSeq]) -> usize {
+        seqs.iter().map(BatchSeq::output_rows).sum()
+    }
 }
 
 /// Per-layer F16 key/value caches for `n_slots` sequences of `n_ctx` positions each

@@ -1,0 +1,181 @@
+//! The control messages nodes exchange (hello, plan, health, slot set-up,
+//! errors), their protocol version, and the model's identity they agree on. They
+//! travel as JSON in control frames ([`super::wire`]); Rust names may differ from
+//! the JSON field names, which are the protocol's.
+
+use serde::{Deserialize, Serialize};
+
+use ggml_shim::llama::SamplingParams;
+
+use super::capabilities::Capabilities;
+use crate::model::ModelFile;
+
+/// Protocol version of the control messages.
+pub const PROTOCOL: u32 = 1;
+
+/// The identity of a model in the cluster: BLAKE3 of its GGUF header and tensor
+/// table (the API's model id is the file's stem instead).
+pub fn model_hash(mf: &ModelFile) -> String {
+    blake3::hash(&mf.gguf.meta_bytes()).to_hex().to_string()
+}
+
+/// The head's greeting ([`super::wire::FrameType::Hello`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub from: String,
+    pub protocol: u32,
+    /// [`model_hash`] of the sender's model.
+    #[serde(rename = "model_id")]
+    pub model_hash: String,
+}
+
+/// A node's answer to [`Hello`]: who it is, its model and what it offers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub name: String,
+    pub protocol: u32,
+    /// [`model_hash`] of the sender's model.
+    #[serde(rename = "model_id")]
+    pub model_hash: String,
+    pub caps: Capabilities,
+    /// Whether the node currently runs a plan (false after a restart).
+    pub planned: bool,
+    /// The sender id of this node's data-plane frames (random per process start).
+    pub data_sender: u64,
+}
+
+/// The agreed plan, sent by the head to every node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Plan {
+    /// Identifies this plan (changes when the cluster re-forms).
+    pub epoch: u64,
+    /// [`model_hash`] of the model every stage runs.
+    #[serde(rename = "model_id")]
+    pub model_hash: String,
+    /// Ranges in pipeline order, one per peer name.
+    pub stages: Vec<PlannedStage>,
+    pub n_ctx: usize,
+    pub n_slots: usize,
+    /// Max tokens per step (frame limit).
+    pub batch: usize,
+    /// Activations on the wire as f16 (else f32).
+    pub f16: bool,
+    /// Data-plane sender id of every stage, in order: a node accepts batches only
+    /// from the stage before it (the head only from the last stage).
+    pub senders: Vec<u64>,
+    /// The output head split by vocabulary: the head node computes the logits of
+    /// rows `0..head_rows`, the last stage those of the rest (0: no split).
+    #[serde(default)]
+    pub head_rows: usize,
+    /// The head node's rows for a step that is alone in the pipeline (flagged
+    /// [`super::wire::FLAG_SOLO`]): both nodes then wait for the head, so it is
+    /// split evenly by speed rather than to balance whole stages (0: as `head_rows`).
+    #[serde(default)]
+    pub head_rows_solo: usize,
+}
+
+/// One node's place in a [`Plan`]: its layers `start..end`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlannedStage {
+    pub name: String,
+    /// Where this stage receives its input (its data address).
+    pub address: String,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A node's answer to a [`Plan`]: taken, or why not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanAck {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub sender_id: u64,
+}
+
+/// A node's answer to a ping: its plan and speed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pong {
+    pub name: String,
+    /// The epoch of the plan the node runs, 0 when none.
+    pub epoch: u64,
+    /// Milliseconds per token of this node's stage (moving average), 0 if unknown.
+    pub ms_per_token: f64,
+}
+
+/// A sequence's sampling parameters, for the stage that samples (or, with a split
+/// head, decides what to send back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlotSetup {
+    pub slot: usize,
+    #[serde(with = "SamplingParamsDef")]
+    pub sampling: SamplingParams,
+    pub prompt: Vec<i32>,
+}
+
+impl SlotSetup {
+    pub fn new(slot: usize, sampling: &SamplingParams, prompt: &[i32]) -> SlotSetup {
+        SlotSetup {
+            slot,
+            sampling: *sampling,
+            prompt: prompt.to_vec(),
+        }
+    }
+}
+
+/// The wire form of [`SamplingParams`] (serde checks it lists every field).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SamplingParams")]
+struct SamplingParamsDef {
+    temperature: f32,
+    top_k: i32,
+    top_p: f32,
+    min_p: f32,
+    repeat_penalty: f32,
+    repeat_last_n: i32,
+    frequency_penalty: f32,
+    presence_penalty: f32,
+    seed: u32,
+}
+
+/// Why a request or a step failed ([`super::wire::FrameType::Error`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON field names are the protocol's: `model_id` carries the hash.
+    #[test]
+    fn the_model_hash_travels_as_model_id() {
+        let hello = Hello {
+            from: "head".into(),
+            protocol: PROTOCOL,
+            model_hash: "abc123".into(),
+        };
+        let json = serde_json::to_value(&hello).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"from": "head", "protocol": 1, "model_id": "abc123"})
+        );
+        let plan: Plan = serde_json::from_value(serde_json::json!({
+            "epoch": 3, "model_id": "abc123", "stages": [], "n_ctx": 64, "n_slots": 2,
+            "batch": 8, "f16": true, "senders": [7]
+        }))
+        .expect("a plan of this protocol");
+        assert_eq!(plan.model_hash, "abc123");
+        assert_eq!(
+            serde_json::to_value(&plan).expect("json")["model_id"],
+            "abc123"
+        );
+        let ack: HelloAck = serde_json::from_value(serde_json::json!({
+            "name": "b", "protocol": 1, "model_id": "abc123", "planned": false,
+            "data_sender": 9, "caps": {"free_memory": 1, "cores": 1, "threads": 1,
+            "ms_per_layer": 1.0}
+        }))
+        .expect("a hello-ack of this protocol");
+        assert_eq!(ack.model_hash, "abc123");
+    }
+}
