@@ -1,5 +1,5 @@
 //! What a node offers the planner: free memory, cores, and its speed, measured by
-//! timing a few layers and a band of the output head of the model it serves.
+//! timing a few layers and a band of the `lm_head` of the model it serves.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,11 +15,11 @@ pub struct Capabilities {
     pub threads: usize,
     /// Measured milliseconds for one transformer layer and one token.
     pub ms_per_layer: f64,
-    /// Measured milliseconds for one token through one MB of the output head (its
-    /// kernel differs from the layers'); 0 when not measured: the head then counts
+    /// Measured milliseconds for one token through one MB of the `lm_head` (its
+    /// kernel differs from the layers'); 0 when not measured: the `lm_head` then counts
     /// by its bytes at the layers' speed.
-    #[serde(default)]
-    pub ms_per_head_mb: f64,
+    #[serde(default, rename = "ms_per_head_mb")]
+    pub ms_per_lm_head_mb: f64,
 }
 
 impl Capabilities {
@@ -29,21 +29,21 @@ impl Capabilities {
         sys.refresh_memory();
         let free_memory = sys.available_memory();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (ms_per_layer, ms_per_head_mb) = measure_speed(mf, threads).unwrap_or((1.0, 0.0));
+        let (ms_per_layer, ms_per_lm_head_mb) = measure_speed(mf, threads).unwrap_or((1.0, 0.0));
         Capabilities {
             free_memory,
             cores,
             threads,
             ms_per_layer,
-            ms_per_head_mb,
+            ms_per_lm_head_mb,
         }
     }
 
-    /// Milliseconds for one token through `bytes` of the output head, given the
+    /// Milliseconds for one token through `bytes` of the `lm_head`, given the
     /// average bytes of a layer.
-    pub(super) fn head_ms(&self, bytes: f64, avg_layer_bytes: f64) -> f64 {
-        if self.ms_per_head_mb > 0.0 {
-            bytes / 1e6 * self.ms_per_head_mb
+    pub(super) fn lm_head_ms(&self, bytes: f64, avg_layer_bytes: f64) -> f64 {
+        if self.ms_per_lm_head_mb > 0.0 {
+            bytes / 1e6 * self.ms_per_lm_head_mb
         } else {
             bytes / avg_layer_bytes * self.ms_per_layer.max(1e-3)
         }
@@ -58,7 +58,7 @@ impl std::fmt::Display for Capabilities {
             self.free_memory / 1_000_000,
             self.cores,
             self.ms_per_layer,
-            self.ms_per_head_mb
+            self.ms_per_lm_head_mb
         )
     }
 }
@@ -67,7 +67,7 @@ impl std::fmt::Display for Capabilities {
 /// weights read per step are shared by several tokens.
 const MEASURE_TOKENS: usize = 4;
 
-/// Timed runs: up to `MEASURE_RUNS` (about 9 ms each, layers and head band, for
+/// Timed runs: up to `MEASURE_RUNS` (about 9 ms each, layers and `lm_head` band, for
 /// Gemma 3 270M on one x86 core), or fewer, but at least `MEASURE_MIN_RUNS`, once
 /// `MEASURE_BUDGET` has passed (a slow node, or one under emulation at ~10 s a run,
 /// would otherwise time for minutes).
@@ -75,15 +75,15 @@ const MEASURE_RUNS: usize = 48;
 const MEASURE_MIN_RUNS: usize = 5;
 const MEASURE_BUDGET: std::time::Duration = std::time::Duration::from_millis(400);
 
-/// Bytes of weights the timing loads, of layers and of the head each: enough that
+/// Bytes of weights the timing loads, of layers and of the `lm_head` each: enough that
 /// they are not measured from a much warmer cache than the running model sees.
 const MEASURE_BYTES: u64 = 32_000_000;
 
-/// Times a run of middle layers and a band of the output head on a few tokens, in
-/// interleaved runs: ms per layer and token, and ms per MB of head and token.
-/// A band of the head runs a little warmer in the cache than the whole head: about
+/// Times a run of middle layers and a band of the `lm_head` on a few tokens, in
+/// interleaved runs: ms per layer and token, and ms per MB of `lm_head` and token.
+/// A band of the `lm_head` runs a little warmer in the cache than the whole `lm_head`: about
 /// 15% with exo's prefetching kernels. ggml's own kernels, which wait on memory,
-/// ran a band at half the cost per byte of the whole head, so where they do the
+/// ran a band at half the cost per byte of the whole `lm_head`, so where they do the
 /// head's work (other CPUs, other head types) the head is not timed (0): it counts
 /// by its bytes at the layers' speed, within about 10% on Gemma 3 270M with them.
 fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
@@ -102,10 +102,10 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
         end += 1;
     }
     let n_layers = end - 1;
-    let row_bytes = (costs.head_bytes / hp.n_vocab.max(1) as u64).max(1);
+    let row_bytes = (costs.lm_head_bytes / hp.n_vocab.max(1) as u64).max(1);
     let band = ((MEASURE_BYTES / row_bytes) as usize).clamp(1, hp.n_vocab.max(1));
     let band_mb = (band as u64 * row_bytes) as f64 / 1e6;
-    let time_head = costs.head_bytes > 0
+    let time_lm_head = costs.lm_head_bytes > 0
         && mf
             .head_tensor()
             .is_some_and(|t| ggml_shim::qmatmul::takes(t.dtype));
@@ -117,13 +117,13 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
             n_slots: MEASURE_TOKENS,
             n_threads: threads,
             repack: true,
-            lm_head_rows: time_head.then_some(0..band),
+            lm_head_rows: time_lm_head.then_some(0..band),
         },
     )
     .ok()?;
     let hidden = vec![0.01f32; hp.n_embd * MEASURE_TOKENS];
     let mut out = Vec::new();
-    let (mut layer_runs, mut head_runs) = (Vec::new(), Vec::new());
+    let (mut layer_runs, mut lm_head_runs) = (Vec::new(), Vec::new());
     let started = std::time::Instant::now();
     for i in 0..MEASURE_RUNS {
         if i >= MEASURE_MIN_RUNS && started.elapsed() >= MEASURE_BUDGET {
@@ -142,10 +142,10 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
             .forward(&seqs, StageInput::Hidden(&hidden), &mut out)
             .ok()?;
         layer_runs.push(t.elapsed().as_secs_f64() * 1e3);
-        if time_head {
+        if time_lm_head {
             let t = std::time::Instant::now();
             stage.project(&hidden, 0..band, &mut out).ok()?;
-            head_runs.push(t.elapsed().as_secs_f64() * 1e3);
+            lm_head_runs.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
     let per_token = |runs: &mut Vec<f64>, units: f64| -> f64 {
@@ -156,6 +156,6 @@ fn measure_speed(mf: &ModelFile, threads: usize) -> Option<(f64, f64)> {
             .map_or(0.0, |ms| ms / MEASURE_TOKENS as f64 / units)
     };
     let ms_per_layer = per_token(&mut layer_runs, n_layers as f64);
-    let ms_per_head_mb = per_token(&mut head_runs, band_mb);
-    Some((ms_per_layer, ms_per_head_mb))
+    let ms_per_lm_head_mb = per_token(&mut lm_head_runs, band_mb);
+    Some((ms_per_layer, ms_per_lm_head_mb))
 }

@@ -43,7 +43,7 @@ pub struct HeadSettings {
     pub n_slots: usize,
     pub batch: usize,
     pub f16: bool,
-    /// Whether (and how much of) the output head this node computes.
+    /// Whether (and how much of) the `lm_head` this node computes.
     pub head_share: crate::config::HeadSharePolicy,
 }
 
@@ -54,10 +54,12 @@ pub struct PeerState {
     pub address: String,
     pub start: usize,
     pub end: usize,
-    /// The rows of the output head this peer computes, when it computes any.
-    pub head_rows: Option<(usize, usize)>,
+    /// The rows of the `lm_head` this peer computes, when it computes any.
+    #[serde(rename = "head_rows")]
+    pub lm_head_rows: Option<(usize, usize)>,
     /// The rows it computes for a step alone in the pipeline, when those differ.
-    pub head_rows_alone: Option<(usize, usize)>,
+    #[serde(rename = "head_rows_alone")]
+    pub lm_head_rows_alone: Option<(usize, usize)>,
     pub alive: bool,
     pub rtt_ms: f64,
     pub ms_per_token: f64,
@@ -166,7 +168,7 @@ pub async fn form(
         }
     }
     log_formed(&s.name, &plan, mf.hparams.n_vocab);
-    let lm_head_rows = plan.head_rows;
+    let lm_head_rows = plan.lm_head_rows;
     let stage = {
         let mf = mf.clone();
         let cfg = StageConfig {
@@ -183,14 +185,14 @@ pub async fn form(
     let solo_rows = match stage.lm_head_reach() {
         Some(r)
             if r.start == 0
-                && plan.head_rows_solo > lm_head_rows
-                && plan.head_rows_solo <= r.end =>
+                && plan.lm_head_rows_solo > lm_head_rows
+                && plan.lm_head_rows_solo <= r.end =>
         {
             tracing::info!(
                 "a step alone in the pipeline splits the head at row {}",
-                plan.head_rows_solo
+                plan.lm_head_rows_solo
             );
-            plan.head_rows_solo
+            plan.lm_head_rows_solo
         }
         _ => lm_head_rows,
     };
@@ -349,11 +351,11 @@ fn make_plan(
             match s.head_share {
                 HeadSharePolicy::Auto => {
                     let p = planner::plan_cluster(nodes, &costs, n_vocab)?;
-                    (p.ranges, p.head_rows)
+                    (p.ranges, p.lm_head_rows)
                 }
                 HeadSharePolicy::Off => (planner::plan_ranges(nodes, &costs)?, 0),
                 HeadSharePolicy::Share(f) => (
-                    planner::plan_with_head_share(nodes, &costs, f)?.0,
+                    planner::plan_with_lm_head_share(nodes, &costs, f)?.0,
                     fixed_lm_head_rows(s.head_share, n_vocab),
                 ),
             }
@@ -377,9 +379,9 @@ fn make_plan(
         batch: s.batch,
         f16: s.f16,
         senders,
-        head_rows: lm_head_rows,
-        head_rows_solo: match (nodes.first(), nodes.last()) {
-            (Some(a), Some(b)) => planner::solo_head_rows(
+        lm_head_rows,
+        lm_head_rows_solo: match (nodes.first(), nodes.last()) {
+            (Some(a), Some(b)) => planner::solo_lm_head_rows(
                 &a.caps,
                 &b.caps,
                 costs.avg_layer_bytes(),
@@ -397,7 +399,7 @@ fn log_formed(name: &str, plan: &Plan, n_vocab: usize) {
         .iter()
         .map(|st| format!("{} {}..{}", st.name, st.start, st.end))
         .collect();
-    let rows = plan.head_rows;
+    let rows = plan.lm_head_rows;
     if rows > 0 {
         tracing::info!(
             "cluster formed: {}; output head split: {name} computes vocabulary rows 0..{rows}, {} the other {}",
@@ -412,7 +414,7 @@ fn log_formed(name: &str, plan: &Plan, n_vocab: usize) {
 
 /// Every node as /health first shows it: alive, with its layers and `lm_head` rows.
 fn initial_view(plan: &Plan, n_vocab: usize, solo_rows: usize) -> ClusterView {
-    let rows = plan.head_rows;
+    let rows = plan.lm_head_rows;
     let n = plan.stages.len();
     // the first node's and the last node's share of the lm_head, split at `at`
     let share = |i: usize, at: usize| {
@@ -433,8 +435,8 @@ fn initial_view(plan: &Plan, n_vocab: usize, solo_rows: usize) -> ClusterView {
                 address: st.address.clone(),
                 start: st.start,
                 end: st.end,
-                head_rows: share(i, rows),
-                head_rows_alone: if solo_rows == rows {
+                lm_head_rows: share(i, rows),
+                lm_head_rows_alone: if solo_rows == rows {
                     None
                 } else {
                     share(i, solo_rows)

@@ -1,5 +1,5 @@
 //! The planner: pure functions from the nodes' capabilities and the model's
-//! costs to contiguous layer ranges and a split of the output head. No I/O.
+//! costs to contiguous layer ranges and a split of the `lm_head`. No I/O.
 
 use super::capabilities::Capabilities;
 use crate::model::{LayerRange, ModelFile};
@@ -16,7 +16,7 @@ pub struct NodeInfo {
 pub struct ModelCosts {
     pub layer_bytes: Vec<u64>,
     pub embd_bytes: u64,
-    pub head_bytes: u64,
+    pub lm_head_bytes: u64,
     /// KV cache bytes per layer for the planned context and slots.
     pub kv_bytes_per_layer: u64,
 }
@@ -25,7 +25,7 @@ impl ModelCosts {
     pub fn of(mf: &ModelFile, n_ctx: usize, n_slots: usize) -> ModelCosts {
         let hp = &mf.hparams;
         let mut layer_bytes = vec![0u64; hp.n_layer];
-        let (mut embd_bytes, mut head_bytes) = (0, 0);
+        let (mut embd_bytes, mut lm_head_bytes) = (0, 0);
         for t in mf.gguf.tensors() {
             if let Some(il) = t
                 .name
@@ -39,16 +39,16 @@ impl ModelCosts {
             } else if t.name == "token_embd.weight" {
                 embd_bytes = t.size;
             } else if t.name == "output.weight" {
-                head_bytes = t.size;
+                lm_head_bytes = t.size;
             }
         }
-        if head_bytes == 0 {
-            head_bytes = embd_bytes; // tied head: the embedding table is read per token
+        if lm_head_bytes == 0 {
+            lm_head_bytes = embd_bytes; // tied `lm_head`: the embedding table is read per token
         }
         ModelCosts {
             layer_bytes,
             embd_bytes,
-            head_bytes,
+            lm_head_bytes,
             kv_bytes_per_layer: (2 * hp.n_embd_kv() * 2 * n_ctx * n_slots) as u64,
         }
     }
@@ -71,18 +71,18 @@ pub enum PlanError {
 
 /// Contiguous ranges, one per node in order, that keep every node within its memory
 /// and make the slowest stage as fast as possible. A stage's time per token is the
-/// bytes it reads per token (its layers, plus the output head on the last stage)
+/// bytes it reads per token (its layers, plus the `lm_head` on the last stage)
 /// at that node's measured speed, so a big head counts for what it costs.
 pub fn plan_ranges(nodes: &[NodeInfo], costs: &ModelCosts) -> Result<Vec<LayerRange>, PlanError> {
-    plan_with_head_share(nodes, costs, 0.0).map(|(r, _)| r)
+    plan_with_lm_head_share(nodes, costs, 0.0).map(|(r, _)| r)
 }
 
-/// A plan: layer ranges, and the rows of the output head the first node computes.
+/// A plan: layer ranges, and the rows of the `lm_head` the first node computes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterPlan {
     pub ranges: Vec<LayerRange>,
-    /// Vocabulary rows `0..head_rows` of the head run on the first node (0: none).
-    pub head_rows: usize,
+    /// Vocabulary rows `0..lm_head_rows` of the `lm_head` run on the first node (0: none).
+    pub lm_head_rows: usize,
 }
 
 /// The head node's rows `0..n` for a `share` of the head (at least one row each;
@@ -92,10 +92,10 @@ pub fn share_rows(share: f64, n_vocab: usize) -> usize {
 }
 
 /// Shares of the head tried for the first node, in 64ths.
-const HEAD_SHARE_STEPS: usize = 64;
+const LM_HEAD_SHARE_STEPS: usize = 64;
 
-/// Like [`plan_ranges`], and also splits the output head by vocabulary between the
-/// last node and the first (which holds the embedding, and with a tied head the
+/// Like [`plan_ranges`], and also splits the `lm_head` by vocabulary between the
+/// last node and the first (which holds the embedding, and with a tied `lm_head` the
 /// very same table) when that makes the slowest stage faster. A model whose head is
 /// a large part of its bytes (Gemma 3 270M: about 70%) cannot be balanced by whole
 /// layers alone.
@@ -104,20 +104,26 @@ pub fn plan_cluster(
     costs: &ModelCosts,
     n_vocab: usize,
 ) -> Result<ClusterPlan, PlanError> {
-    let (ranges, unsplit) = plan_with_head_share(nodes, costs, 0.0)?;
+    let (ranges, unsplit) = plan_with_lm_head_share(nodes, costs, 0.0)?;
     let whole = ClusterPlan {
         ranges,
-        head_rows: 0,
+        lm_head_rows: 0,
     };
     if nodes.len() < 2 || n_vocab < 2 {
         return Ok(whole);
     }
-    let splits: Vec<(ClusterPlan, f64)> = (1..HEAD_SHARE_STEPS)
+    let splits: Vec<(ClusterPlan, f64)> = (1..LM_HEAD_SHARE_STEPS)
         .filter_map(|step| {
-            let share = step as f64 / HEAD_SHARE_STEPS as f64;
-            let (ranges, t) = plan_with_head_share(nodes, costs, share).ok()?;
-            let head_rows = share_rows(share, n_vocab);
-            Some((ClusterPlan { ranges, head_rows }, t))
+            let share = step as f64 / LM_HEAD_SHARE_STEPS as f64;
+            let (ranges, t) = plan_with_lm_head_share(nodes, costs, share).ok()?;
+            let lm_head_rows = share_rows(share, n_vocab);
+            Some((
+                ClusterPlan {
+                    ranges,
+                    lm_head_rows,
+                },
+                t,
+            ))
         })
         .collect();
     let Some(fastest) = splits.iter().map(|(_, t)| *t).min_by(f64::total_cmp) else {
@@ -127,9 +133,9 @@ pub fn plan_cluster(
     if fastest >= unsplit * 0.97 {
         return Ok(whole);
     }
-    // Layers and head rows trade almost freely, so many splits are about as fast.
+    // Layers and `lm_head` rows trade almost freely, so many splits are about as fast.
     // Prefer the fewest layers on the last node: its normalized state, which the
-    // head node's share of the head waits for, then leaves the soonest.
+    // head node's share of the `lm_head` waits for, then leaves the soonest.
     let last = nodes.len() - 1;
     Ok(splits
         .into_iter()
@@ -148,28 +154,28 @@ pub fn plan_cluster(
 const SPLIT_SLACK: f64 = 0.02;
 
 /// The head node's rows for a step alone in the pipeline, when the head is split at
-/// `head_rows` (0: no split, and then none). Such a step leaves both nodes waiting
+/// `lm_head_rows` (0: no split, and then none). Such a step leaves both nodes waiting
 /// for its head, so the rows go by speed alone (the last node's layers are done by
-/// then); a share at or below `head_rows` is no change and gives 0. The last node
-/// holds rows `head_rows..`, so it can always take the smaller part; the head node
-/// can take more only with the whole table at hand (a tied head), which it checks.
-pub fn solo_head_rows(
+/// then); a share at or below `lm_head_rows` is no change and gives 0. The last node
+/// holds rows `lm_head_rows..`, so it can always take the smaller part; the head node
+/// can take more only with the whole table at hand (a tied `lm_head`), which it checks.
+pub fn solo_lm_head_rows(
     head: &Capabilities,
     last: &Capabilities,
     avg_layer_bytes: f64,
-    head_rows: usize,
+    lm_head_rows: usize,
     n_vocab: usize,
 ) -> usize {
-    if head_rows == 0 || n_vocab < 2 {
+    if lm_head_rows == 0 || n_vocab < 2 {
         return 0;
     }
     // relative speeds on the head: 1 MB of it on each node
     let (a, b) = (
-        head.head_ms(1e6, avg_layer_bytes).max(1e-9),
-        last.head_ms(1e6, avg_layer_bytes).max(1e-9),
+        head.lm_head_ms(1e6, avg_layer_bytes).max(1e-9),
+        last.lm_head_ms(1e6, avg_layer_bytes).max(1e-9),
     );
     let rows = ((n_vocab as f64 * b / (a + b)) as usize).min(n_vocab - 1);
-    if rows > head_rows {
+    if rows > lm_head_rows {
         rows
     } else {
         0
@@ -178,7 +184,7 @@ pub fn solo_head_rows(
 
 /// The DP behind the planners; `share` of the head runs on node 0. Returns the
 /// ranges and the time of the slowest stage.
-pub fn plan_with_head_share(
+pub fn plan_with_lm_head_share(
     nodes: &[NodeInfo],
     costs: &ModelCosts,
     share: f64,
@@ -197,8 +203,8 @@ pub fn plan_with_head_share(
     for i in 0..n_layer {
         pre[i + 1] = pre[i] + costs.layer_bytes[i];
     }
-    let tied = costs.head_bytes == costs.embd_bytes;
-    let head_ms = |node: usize, bytes: f64| nodes[node].caps.head_ms(bytes, avg_layer);
+    let tied = costs.lm_head_bytes == costs.embd_bytes;
+    let lm_head_ms = |node: usize, bytes: f64| nodes[node].caps.lm_head_ms(bytes, avg_layer);
     let stage = |node: usize, a: usize, b: usize| -> Option<f64> {
         let layers = pre[b] - pre[a];
         let mut mem = layers + costs.kv_bytes_per_layer * (b - a) as u64;
@@ -206,16 +212,16 @@ pub fn plan_with_head_share(
         if a == 0 {
             mem += costs.embd_bytes;
             if share > 0.0 {
-                let h = costs.head_bytes as f64 * share;
-                ms += head_ms(node, h);
+                let h = costs.lm_head_bytes as f64 * share;
+                ms += lm_head_ms(node, h);
                 if !tied {
                     mem += h as u64;
                 }
             }
         }
         if b == n_layer {
-            let h = costs.head_bytes as f64 * if a == 0 { 1.0 } else { 1.0 - share };
-            ms += head_ms(node, h);
+            let h = costs.lm_head_bytes as f64 * if a == 0 { 1.0 } else { 1.0 - share };
+            ms += lm_head_ms(node, h);
             if !(a == 0 && tied) {
                 mem += h as u64;
             }
@@ -276,7 +282,7 @@ mod tests {
                 cores: 4,
                 threads: 4,
                 ms_per_layer: ms,
-                ms_per_head_mb: 0.0,
+                ms_per_lm_head_mb: 0.0,
             },
         }
     }
@@ -285,7 +291,7 @@ mod tests {
         ModelCosts {
             layer_bytes: vec![4_000_000; layers],
             embd_bytes: head_mb * 1_000_000,
-            head_bytes: head_mb * 1_000_000,
+            lm_head_bytes: head_mb * 1_000_000,
             kv_bytes_per_layer: 1_000_000,
         }
     }
@@ -295,10 +301,10 @@ mod tests {
     /// is the one counted by bytes.
     #[test]
     fn the_head_counts_at_its_measured_speed() {
-        let plan = |ms_per_head_mb: f64| {
+        let plan = |ms_per_lm_head_mb: f64| {
             let mut nodes = [node("a", 1000, 1.0), node("b", 1000, 1.0)];
             for n in &mut nodes {
-                n.caps.ms_per_head_mb = ms_per_head_mb;
+                n.caps.ms_per_lm_head_mb = ms_per_lm_head_mb;
             }
             plan_cluster(&nodes, &costs(18, 178), 262_144).unwrap()
         };
@@ -306,13 +312,13 @@ mod tests {
         // 1 ms per 4 MB layer: the layers' speed per MB
         assert_eq!(plan(0.25), by_bytes);
         let cheap = plan(0.125);
-        assert!(cheap.head_rows > 0 && by_bytes.head_rows > 0);
+        assert!(cheap.lm_head_rows > 0 && by_bytes.lm_head_rows > 0);
         assert!(
-            cheap.head_rows < by_bytes.head_rows,
+            cheap.lm_head_rows < by_bytes.lm_head_rows,
             "{cheap:?} vs {by_bytes:?}"
         );
         // both stages cost about the same: a = 17 layers + its rows, b = 1 + the rest
-        let share = cheap.head_rows as f64 / 262_144.0;
+        let share = cheap.lm_head_rows as f64 / 262_144.0;
         let a = cheap.ranges[0].len() as f64 + 178.0 * 0.125 * share;
         let b = cheap.ranges[1].len() as f64 + 178.0 * 0.125 * (1.0 - share);
         assert!((a - b).abs() <= 1.5, "a {a} ms, b {b} ms");
@@ -368,15 +374,15 @@ mod tests {
         // both nodes read about 125 MB per token.
         let nodes = [node("a", 1000, 1.0), node("b", 1000, 1.0)];
         let p = plan_cluster(&nodes, &costs(18, 178), 262_144).unwrap();
-        assert!(p.head_rows > 0, "{p:?}");
-        let share = p.head_rows as f64 / 262_144.0;
+        assert!(p.lm_head_rows > 0, "{p:?}");
+        let share = p.lm_head_rows as f64 / 262_144.0;
         let a = p.ranges[0].len() as f64 * 4.0 + share * 178.0;
         let b = p.ranges[1].len() as f64 * 4.0 + (1.0 - share) * 178.0;
         assert!((a - b).abs() <= 8.0, "unbalanced: {a} MB vs {b} MB ({p:?})");
         assert_eq!(p.ranges[1].end, 18);
         // without a head worth splitting, no split
         let p = plan_cluster(&nodes, &costs(18, 0), 262_144).unwrap();
-        assert_eq!(p.head_rows, 0);
+        assert_eq!(p.lm_head_rows, 0);
         assert_eq!(
             p.ranges,
             vec![LayerRange::new(0, 9), LayerRange::new(9, 18)]
@@ -391,7 +397,7 @@ mod tests {
         for (a, b) in [(0.173, 0.192), (0.192, 0.173), (0.2, 0.2)] {
             let nodes = [node("a", 1000, a), node("b", 1000, b)];
             let p = plan_cluster(&nodes, &costs(18, 178), 262_144).unwrap();
-            assert!(p.head_rows > 0, "{p:?}");
+            assert!(p.lm_head_rows > 0, "{p:?}");
             assert_eq!(p.ranges[1], LayerRange::new(17, 18), "{a} {b}: {p:?}");
         }
     }
@@ -401,26 +407,29 @@ mod tests {
         let caps = |ms| node("x", 1000, ms).caps;
         // equal nodes: half each, when that is more than the head node's share
         assert_eq!(
-            solo_head_rows(&caps(0.2), &caps(0.2), 4e6, 86_016, 262_144),
+            solo_lm_head_rows(&caps(0.2), &caps(0.2), 4e6, 86_016, 262_144),
             131_072
         );
         // a head node twice as fast takes two thirds
         assert_eq!(
-            solo_head_rows(&caps(0.1), &caps(0.2), 4e6, 86_016, 262_144),
+            solo_lm_head_rows(&caps(0.1), &caps(0.2), 4e6, 86_016, 262_144),
             174_762
         );
         // one node timed its head, the other counts it by bytes at its layers' speed
         // (0.2 ms per 4 MB layer = 0.05 ms per MB): the same speed, half each
         let mut timed = caps(0.2);
-        timed.ms_per_head_mb = 0.05;
+        timed.ms_per_lm_head_mb = 0.05;
         assert_eq!(
-            solo_head_rows(&timed, &caps(0.2), 4e6, 86_016, 262_144),
+            solo_lm_head_rows(&timed, &caps(0.2), 4e6, 86_016, 262_144),
             131_072
         );
         // no split, or an even split below the share it has: nothing to change
-        assert_eq!(solo_head_rows(&caps(0.2), &caps(0.2), 4e6, 0, 262_144), 0);
         assert_eq!(
-            solo_head_rows(&caps(0.4), &caps(0.1), 4e6, 86_016, 262_144),
+            solo_lm_head_rows(&caps(0.2), &caps(0.2), 4e6, 0, 262_144),
+            0
+        );
+        assert_eq!(
+            solo_lm_head_rows(&caps(0.4), &caps(0.1), 4e6, 86_016, 262_144),
             0
         );
     }
@@ -431,18 +440,18 @@ mod tests {
         let p1 =
             plan_cluster(&[node("a", 1000, 1.0), fast.clone()], &costs(18, 178), 1000).unwrap();
         let p2 = plan_cluster(&[node("a", 1000, 1.5), fast], &costs(18, 178), 1000).unwrap();
-        let work = |p: &ClusterPlan| p.ranges[0].len() as f64 * 4.0 + p.head_rows as f64 * 0.178;
+        let work = |p: &ClusterPlan| p.ranges[0].len() as f64 * 4.0 + p.lm_head_rows as f64 * 0.178;
         assert!(work(&p2) < work(&p1), "{p1:?} vs {p2:?}");
     }
 
     #[test]
     fn the_head_share_respects_memory() {
-        // an untied head: node a's share costs memory there; a has room for none
+        // an untied `lm_head`: node a's share costs memory there; a has room for none
         let mut c = costs(18, 178);
         c.embd_bytes = 10_000_000;
         let nodes = [node("a", 110, 1.0), node("b", 1000, 1.0)];
         let p = plan_cluster(&nodes, &c, 1000).unwrap();
-        let share_mb = p.head_rows as f64 / 1000.0 * 178.0;
+        let share_mb = p.lm_head_rows as f64 / 1000.0 * 178.0;
         let a_mb = 10.0 + p.ranges[0].len() as f64 * 5.0 + share_mb;
         assert!(a_mb <= 110.0, "{a_mb} MB on a 110 MB node ({p:?})");
     }

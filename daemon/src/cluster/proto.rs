@@ -63,15 +63,15 @@ pub struct Plan {
     /// Data-plane sender id of every stage, in order: a node accepts batches only
     /// from the stage before it (the head only from the last stage).
     pub senders: Vec<u64>,
-    /// The output head split by vocabulary: the head node computes the logits of
-    /// rows `0..head_rows`, the last stage those of the rest (0: no split).
-    #[serde(default)]
-    pub head_rows: usize,
+    /// The `lm_head` split by vocabulary: the head node computes the logits of
+    /// rows `0..lm_head_rows`, the last stage those of the rest (0: no split).
+    #[serde(default, rename = "head_rows")]
+    pub lm_head_rows: usize,
     /// The head node's rows for a step that is alone in the pipeline (flagged
     /// [`super::wire::FLAG_SOLO`]): both nodes then wait for the head, so it is
-    /// split evenly by speed rather than to balance whole stages (0: as `head_rows`).
-    #[serde(default)]
-    pub head_rows_solo: usize,
+    /// split evenly by speed rather than to balance whole stages (0: as `lm_head_rows`).
+    #[serde(default, rename = "head_rows_solo")]
+    pub lm_head_rows_solo: usize,
 }
 
 /// One node's place in a [`Plan`]: its layers `start..end`.
@@ -147,7 +147,8 @@ pub struct ErrorMsg {
 mod tests {
     use super::*;
 
-    /// The JSON field names are the protocol's: `model_id` carries the hash.
+    /// The JSON field names are the protocol's: `model_id` carries the hash,
+    /// `head_rows` the lm_head split.
     #[test]
     fn the_model_hash_travels_as_model_id() {
         let hello = Hello {
@@ -162,10 +163,11 @@ mod tests {
         );
         let plan: Plan = serde_json::from_value(serde_json::json!({
             "epoch": 3, "model_id": "abc123", "stages": [], "n_ctx": 64, "n_slots": 2,
-            "batch": 8, "f16": true, "senders": [7]
+            "batch": 8, "f16": true, "senders": [7], "head_rows": 5, "head_rows_solo": 7
         }))
         .expect("a plan of this protocol");
         assert_eq!(plan.model_hash, "abc123");
+        assert_eq!((plan.lm_head_rows, plan.lm_head_rows_solo), (5, 7));
         assert_eq!(
             serde_json::to_value(&plan).expect("json")["model_id"],
             "abc123"
@@ -177,5 +179,7 @@ mod tests {
         }))
         .expect("a hello-ack of this protocol");
         assert_eq!(ack.model_hash, "abc123");
+        let caps = serde_json::to_value(&ack.caps).expect("json");
+        assert_eq!(caps["ms_per_head_mb"], 0.0, "{caps}");
     }
 }

@@ -122,7 +122,9 @@ impl RemoteStages {
     /// Counts the return hop where it arrives (a split `lm_head`'s rows once).
     fn count_return(&self, frame: &Frame<'_>, bytes: usize) {
         let rows: u64 = match frame.frame_type {
-            FrameType::Tokens | FrameType::HeadPart => BatchSeq::output_rows_of(&frame.seqs) as u64,
+            FrameType::Tokens | FrameType::LmHeadPart => {
+                BatchSeq::output_rows_of(&frame.seqs) as u64
+            }
             FrameType::Normed => 0,
             _ => return,
         };
@@ -157,7 +159,7 @@ impl RemoteStages {
                 frame.normed(&mut normed).map_err(wire)?;
                 LinkOutput::Normed { rows, normed }
             }
-            (FrameType::HeadPart, Some(_)) => {
+            (FrameType::LmHeadPart, Some(_)) => {
                 LinkOutput::LmHeadPart(frame.head_part().map_err(wire)?.to_vec())
             }
             (FrameType::Tokens, _) => LinkOutput::Tokens(frame.tokens().map_err(wire)?.to_vec()),

@@ -49,12 +49,12 @@ struct RunningStage {
     dtype: Dtype,
     /// The previous stage's data sender id: the only one accepted.
     prev_sender: u64,
-    /// The last stage holds head rows `head_first..n_vocab` only: it sends them
+    /// The last stage holds `lm_head` rows `lm_head_first..n_vocab` only: it sends them
     /// with the normalized hidden state back, and the head node samples.
-    head_first: Option<usize>,
+    lm_head_first: Option<usize>,
     /// For a step sent alone ([`super::wire::FLAG_SOLO`]): the head node takes rows
-    /// `0..head_solo` and this stage computes only `head_solo..n_vocab`.
-    head_solo: usize,
+    /// `0..lm_head_solo` and this stage computes only `lm_head_solo..n_vocab`.
+    lm_head_solo: usize,
 }
 
 /// Shared state between the control and data sides.
@@ -275,17 +275,17 @@ impl ControlHandler {
         let mf = self.mf.clone();
         let (n_ctx, n_slots, threads) = (p.n_ctx, p.n_slots, self.threads);
         let n_vocab = self.mf.hparams.n_vocab;
-        if p.head_rows >= n_vocab {
+        if p.lm_head_rows >= n_vocab {
             bail!(
-                "the plan gives the head node {} of the {n_vocab} head rows",
-                p.head_rows
+                "the plan gives the head node {} of the {n_vocab} lm_head rows",
+                p.lm_head_rows
             );
         }
-        let head_first = (last && p.head_rows > 0).then_some(p.head_rows);
-        let head_solo = p.head_rows_solo.max(p.head_rows);
-        if head_solo >= n_vocab {
+        let lm_head_first = (last && p.lm_head_rows > 0).then_some(p.lm_head_rows);
+        let lm_head_solo = p.lm_head_rows_solo.max(p.lm_head_rows);
+        if lm_head_solo >= n_vocab {
             bail!(
-                "the plan gives the head node {head_solo} of the {n_vocab} head rows for a step alone"
+                "the plan gives the head node {lm_head_solo} of the {n_vocab} lm_head rows for a step alone"
             );
         }
         let stage = tokio::task::spawn_blocking(move || {
@@ -297,7 +297,7 @@ impl ControlHandler {
                     n_slots,
                     n_threads: threads,
                     repack: true,
-                    lm_head_rows: head_first.map(|a| a..n_vocab),
+                    lm_head_rows: lm_head_first.map(|a| a..n_vocab),
                 },
             )
         })
@@ -335,8 +335,8 @@ impl ControlHandler {
                     width,
                     dtype: if p.f16 { Dtype::F16 } else { Dtype::F32 },
                     prev_sender,
-                    head_first,
-                    head_solo,
+                    lm_head_first,
+                    lm_head_solo,
                 }),
                 ack_tx,
             ))
@@ -380,7 +380,7 @@ struct DataPlane {
     candidates: HashMap<usize, Option<usize>>,
     hidden: Vec<f32>,
     out: Vec<f32>,
-    /// This stage's head rows' logits (split head).
+    /// This stage's `lm_head` rows' logits (split `lm_head`).
     logits: Vec<f32>,
     toks: Vec<i32>,
 }
@@ -513,7 +513,7 @@ impl DataPlane {
 
     fn setup_slot(&mut self, s: SlotSetup) -> anyhow::Result<()> {
         let params = s.sampling;
-        if self.run.as_ref().is_some_and(|r| r.head_first.is_some()) {
+        if self.run.as_ref().is_some_and(|r| r.lm_head_first.is_some()) {
             // the head node samples; we only need to know what to send it
             self.candidates.insert(s.slot, lm_head_candidates(&params));
             return Ok(());
@@ -546,8 +546,8 @@ impl DataPlane {
                 // the normalized state first: the head node computes its rows of the
                 // head while we compute ours
                 let n_vocab = r.stage.hparams().n_vocab;
-                let own = r.head_first.unwrap_or(0);
-                let first = if solo { r.head_solo.max(own) } else { own };
+                let own = r.lm_head_first.unwrap_or(0);
+                let first = if solo { r.lm_head_solo.max(own) } else { own };
                 let normed =
                     self.sealer
                         .seal(step, seqs, Payload::normed(&self.out, r.width, r.dtype))?;
@@ -563,7 +563,7 @@ impl DataPlane {
                     };
                     parts.push(PartialLogits::of_row(candidates, l, first));
                 }
-                self.sealer.seal(step, seqs, Payload::HeadPart(&parts))?
+                self.sealer.seal(step, seqs, Payload::LmHeadPart(&parts))?
             }
             StageOutput::Logits => {
                 let n_vocab = r.stage.hparams().n_vocab;

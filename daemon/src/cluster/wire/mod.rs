@@ -51,7 +51,7 @@ use crate::engine::{codec, BatchSeq};
 pub use error::{DropReason, FrameError};
 pub use mac::FrameKey;
 pub use open::{Limits, Opener, OpenerStats, StatsSnapshot};
-pub use payload::{Body, Floats, HeadLogits, Payload};
+pub use payload::{Body, Floats, PartialLogits, Payload};
 pub use seal::{random_sender_id, Sealer};
 
 pub const MAGIC: [u8; 4] = *b"EXOF";
@@ -61,7 +61,7 @@ pub const HEADER_LEN: usize = 36;
 /// Bytes of one sequence descriptor.
 pub const SEQ_DESC_LEN: usize = 12;
 /// Flag of a step's data frames: the step was alone in the pipeline when the head
-/// sent it, so a split output head divides its rows by the plan's solo share.
+/// sent it, so a split `lm_head` divides its rows by the plan's solo share.
 pub const FLAG_SOLO: u8 = 0x01;
 /// Every flag this version defines.
 const KNOWN_FLAGS: u8 = FLAG_SOLO;
@@ -88,10 +88,10 @@ pub enum FrameType {
     /// A new sequence's sampling parameters, sent down the data pipeline ahead of its
     /// first activations to the last stage, which samples.
     Setup = 12,
-    /// The last stage's share of the output head when the head is split: the
+    /// The last stage's share of the `lm_head` when the head is split: the
     /// logits of its own rows for each output row, as the best candidates or whole.
-    HeadPart = 13,
-    /// A last stage with a split head sends the normalized final hidden state of
+    LmHeadPart = 13,
+    /// A last stage with a split `lm_head` sends the normalized final hidden state of
     /// each output row first, so the head node computes its rows meanwhile.
     Normed = 14,
 }
@@ -110,7 +110,7 @@ impl FrameType {
         FrameType::Tokens,
         FrameType::Error,
         FrameType::Setup,
-        FrameType::HeadPart,
+        FrameType::LmHeadPart,
         FrameType::Normed,
     ];
 
@@ -122,7 +122,7 @@ impl FrameType {
     pub fn is_control(self) -> bool {
         !matches!(
             self,
-            FrameType::Activations | FrameType::Tokens | FrameType::HeadPart | FrameType::Normed
+            FrameType::Activations | FrameType::Tokens | FrameType::LmHeadPart | FrameType::Normed
         )
     }
 
@@ -140,7 +140,7 @@ impl FrameType {
             FrameType::Tokens => "tokens",
             FrameType::Error => "error",
             FrameType::Setup => "setup",
-            FrameType::HeadPart => "head-part",
+            FrameType::LmHeadPart => "head-part",
             FrameType::Normed => "normed",
         }
     }
@@ -199,10 +199,10 @@ impl Frame<'_> {
     }
 
     /// A head part: one logits row per output row (checked when opened).
-    pub fn head_part(&self) -> Result<&[HeadLogits], FrameError> {
+    pub fn head_part(&self) -> Result<&[PartialLogits], FrameError> {
         match &self.body {
-            Body::HeadPart(rows) => Ok(rows),
-            _ => Err(self.wrong_type(FrameType::HeadPart.name())),
+            Body::LmHeadPart(rows) => Ok(rows),
+            _ => Err(self.wrong_type(FrameType::LmHeadPart.name())),
         }
     }
 

@@ -1,7 +1,7 @@
 //! What frames carry, typed both ways: a [`Payload`] to seal and the [`Body`] an
 //! opened frame's payload decodes to (once, while it is opened). Activations go
 //! through the engine's one codec ([`crate::engine::codec`]); token ids and the
-//! split output head's logits ([`HeadLogits`]) are encoded here.
+//! split `lm_head`'s logits ([`PartialLogits`]) are encoded here.
 
 use super::bytes::Reader;
 use super::{Dtype, FrameError, FrameType};
@@ -21,13 +21,13 @@ pub struct Floats<'a> {
 pub enum Payload<'a> {
     /// A stage's output for the next stage: one row per token of the batch.
     Activations(Floats<'a>),
-    /// From a last stage with a split output head: the normalized final hidden
+    /// From a last stage with a split `lm_head`: the normalized final hidden
     /// state of every output row.
     Normed(Floats<'a>),
     /// Sampled token ids, one per output row.
     Tokens(&'a [i32]),
-    /// A last stage's share of a split output head: one logits row per output row.
-    HeadPart(&'a [HeadLogits]),
+    /// A last stage's share of a split `lm_head`: one logits row per output row.
+    LmHeadPart(&'a [PartialLogits]),
 }
 
 /// An opened frame's payload, decoded and checked against the receiver's limits.
@@ -42,7 +42,7 @@ pub enum Body<'a> {
     /// One token id per output row, each inside the vocabulary.
     Tokens(Vec<i32>),
     /// One logits row per output row.
-    HeadPart(Vec<HeadLogits>),
+    LmHeadPart(Vec<PartialLogits>),
 }
 
 /// How a payload goes on the wire: the header fields it sets and its length.
@@ -78,7 +78,7 @@ impl<'a> Payload<'a> {
             Payload::Activations(_) => FrameType::Activations,
             Payload::Normed(_) => FrameType::Normed,
             Payload::Tokens(_) => FrameType::Tokens,
-            Payload::HeadPart(_) => FrameType::HeadPart,
+            Payload::LmHeadPart(_) => FrameType::LmHeadPart,
         }
     }
 
@@ -101,10 +101,10 @@ impl<'a> Payload<'a> {
                 got: tokens.len() as u64 * 4,
                 expected: out_rows as u64 * 4,
             }),
-            Payload::HeadPart(logits) if logits.len() == out_rows => {
-                Ok(plain(logits.iter().map(HeadLogits::encoded_len).sum()))
+            Payload::LmHeadPart(logits) if logits.len() == out_rows => {
+                Ok(plain(logits.iter().map(PartialLogits::encoded_len).sum()))
             }
-            Payload::HeadPart(logits) => Err(FrameError::BadHeadPart {
+            Payload::LmHeadPart(logits) => Err(FrameError::BadHeadPart {
                 row: logits.len(),
                 why: format!("{} logit rows for {out_rows} output rows", logits.len()),
             }),
@@ -118,7 +118,7 @@ impl<'a> Payload<'a> {
                 codec::encode(f.values, dtype, out)
             }
             (Payload::Tokens(tokens), _) => out.extend(tokens.iter().flat_map(|t| t.to_le_bytes())),
-            (Payload::HeadPart(logits), _) => {
+            (Payload::LmHeadPart(logits), _) => {
                 for l in logits.iter() {
                     l.encode(out);
                 }
@@ -203,7 +203,7 @@ pub(super) fn decode_data(
             }
             Ok(Body::Tokens(decode_tokens(payload, n_vocab)?))
         }
-        (FrameType::HeadPart, None) => {
+        (FrameType::LmHeadPart, None) => {
             // one logits row per output row, which must parse exactly
             if out_rows == 0 || n_vocab == 0 {
                 return Err(FrameError::BadHeadPart {
@@ -211,8 +211,8 @@ pub(super) fn decode_data(
                     why: "no output rows, or no vocabulary to check ids against".into(),
                 });
             }
-            let rows = HeadLogits::decode_all(payload, out_rows as usize, n_vocab)?;
-            Ok(Body::HeadPart(rows))
+            let rows = PartialLogits::decode_all(payload, out_rows as usize, n_vocab)?;
+            Ok(Body::LmHeadPart(rows))
         }
         _ => Err(FrameError::WrongDtype { frame_type, dtype }),
     }
@@ -233,25 +233,25 @@ fn decode_tokens(payload: &[u8], n_vocab: usize) -> Result<Vec<i32>, FrameError>
 
 /// One output row's logits from a stage holding part of the `lm_head` (the
 /// engine's type; its encoding is here).
-pub use crate::engine::PartialLogits as HeadLogits;
+pub use crate::engine::PartialLogits;
 
-/// Marks a [`HeadLogits::Top`] row: the high bit of its count.
+/// Marks a [`PartialLogits::Top`] row: the high bit of its count.
 const TOP_ROW: u32 = 1 << 31;
 
-impl HeadLogits {
+impl PartialLogits {
     /// Encoded as `n: u32, first: u32` then `n` logits (dense) or as
     /// `n | 1 << 31: u32` then `n` pairs of `id: i32, logit: f32` (candidates; a
     /// greedy row is 12 bytes).
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            HeadLogits::Top(c) => {
+            PartialLogits::Top(c) => {
                 out.extend((c.len() as u32 | TOP_ROW).to_le_bytes());
                 for &(id, l) in c {
                     out.extend(id.to_le_bytes());
                     out.extend(l.to_le_bytes());
                 }
             }
-            HeadLogits::Dense { first, logits } => {
+            PartialLogits::Dense { first, logits } => {
                 out.extend((logits.len() as u32).to_le_bytes());
                 out.extend(first.to_le_bytes());
                 out.extend(logits.iter().flat_map(|l| l.to_le_bytes()));
@@ -261,8 +261,8 @@ impl HeadLogits {
 
     fn encoded_len(&self) -> usize {
         match self {
-            HeadLogits::Top(c) => 4 + c.len() * 8,
-            HeadLogits::Dense { logits, .. } => 8 + logits.len() * 4,
+            PartialLogits::Top(c) => 4 + c.len() * 8,
+            PartialLogits::Dense { logits, .. } => 8 + logits.len() * 4,
         }
     }
 
@@ -272,10 +272,10 @@ impl HeadLogits {
         bytes: &[u8],
         rows: usize,
         n_vocab: usize,
-    ) -> Result<Vec<HeadLogits>, FrameError> {
+    ) -> Result<Vec<PartialLogits>, FrameError> {
         let mut r = Reader::new(bytes);
         let out = (0..rows)
-            .map(|row| HeadLogits::decode_row(&mut r, row, n_vocab))
+            .map(|row| PartialLogits::decode_row(&mut r, row, n_vocab))
             .collect::<Result<Vec<_>, _>>()?;
         if r.remaining() != 0 {
             return Err(FrameError::BadHeadPart {
@@ -291,7 +291,7 @@ impl HeadLogits {
         r: &mut Reader<'_>,
         row: usize,
         n_vocab: usize,
-    ) -> Result<HeadLogits, FrameError> {
+    ) -> Result<PartialLogits, FrameError> {
         let bad = |why: String| FrameError::BadHeadPart { row, why };
         let truncated = || bad("truncated".into());
         let count = r.u32().ok_or_else(truncated)?;
@@ -326,7 +326,7 @@ impl HeadLogits {
                 }
                 c.push((id, check(l)?));
             }
-            return Ok(HeadLogits::Top(c));
+            return Ok(PartialLogits::Top(c));
         }
         let end = first as u64 + n as u64;
         if end > n_vocab as u64 {
@@ -338,6 +338,6 @@ impl HeadLogits {
         while let Some(l) = body.f32() {
             logits.push(check(l)?);
         }
-        Ok(HeadLogits::Dense { first, logits })
+        Ok(PartialLogits::Dense { first, logits })
     }
 }

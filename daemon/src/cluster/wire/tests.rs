@@ -150,21 +150,21 @@ fn head_parts_and_normed_states_roundtrip() {
         .seal(5, &seqs, Payload::normed(&[0.0; 24], 4, Dtype::F32))
         .is_err());
     let logits = vec![
-        HeadLogits::Top(vec![(999, 3.5), (700, -1.0)]),
-        HeadLogits::Dense {
+        PartialLogits::Top(vec![(999, 3.5), (700, -1.0)]),
+        PartialLogits::Dense {
             first: 600,
             logits: (0..400).map(|i| i as f32 * 0.5 - 7.0).collect(),
         },
     ];
     let bytes = sealer
-        .seal(5, &seqs, Payload::HeadPart(&logits))
+        .seal(5, &seqs, Payload::LmHeadPart(&logits))
         .expect("seal");
     let f = opener.open(&bytes, &limits()).expect("open");
-    assert_eq!(f.frame_type, FrameType::HeadPart);
+    assert_eq!(f.frame_type, FrameType::LmHeadPart);
     assert_eq!(f.head_part().expect("decode"), logits);
     // a row count that does not match the output rows is refused when sealing
     assert!(sealer
-        .seal(5, &seqs, Payload::HeadPart(&logits[..1]))
+        .seal(5, &seqs, Payload::LmHeadPart(&logits[..1]))
         .is_err());
     // greedy: one candidate, 12 bytes a row
     let one = [seq(2, 9, 1, OutputRows::Last)];
@@ -172,7 +172,7 @@ fn head_parts_and_normed_states_roundtrip() {
         .seal(
             6,
             &one,
-            Payload::HeadPart(&[HeadLogits::Top(vec![(5, 1.0)])]),
+            Payload::LmHeadPart(&[PartialLogits::Top(vec![(5, 1.0)])]),
         )
         .expect("seal");
     assert_eq!(bytes.len(), HEADER_LEN + SEQ_DESC_LEN + 12 + MAC_LEN);
@@ -183,17 +183,17 @@ fn bad_head_parts_are_refused() {
     let mut sealer = Sealer::new(key(), 42);
     let seqs = [seq(1, 0, 1, OutputRows::Last)];
     let open = |bytes: &[u8]| Opener::new(key()).open(bytes, &limits()).map(|_| ());
-    let cases: Vec<(&str, Vec<HeadLogits>)> = vec![
+    let cases: Vec<(&str, Vec<PartialLogits>)> = vec![
         (
             "id outside the vocabulary",
-            vec![HeadLogits::Top(vec![(1000, 1.0)])],
+            vec![PartialLogits::Top(vec![(1000, 1.0)])],
         ),
-        ("negative id", vec![HeadLogits::Top(vec![(-1, 1.0)])]),
-        ("NaN logit", vec![HeadLogits::Top(vec![(1, f32::NAN)])]),
-        ("empty row", vec![HeadLogits::Top(vec![])]),
+        ("negative id", vec![PartialLogits::Top(vec![(-1, 1.0)])]),
+        ("NaN logit", vec![PartialLogits::Top(vec![(1, f32::NAN)])]),
+        ("empty row", vec![PartialLogits::Top(vec![])]),
         (
             "dense rows past the vocabulary",
-            vec![HeadLogits::Dense {
+            vec![PartialLogits::Dense {
                 first: 990,
                 logits: vec![0.0; 20],
             }],
@@ -201,12 +201,12 @@ fn bad_head_parts_are_refused() {
     ];
     for (what, logits) in cases {
         let bytes = sealer
-            .seal(1, &seqs, Payload::HeadPart(&logits))
+            .seal(1, &seqs, Payload::LmHeadPart(&logits))
             .expect("seal");
         assert!(open(&bytes).is_err(), "{what} accepted");
     }
     // a truncated or padded logits section, re-sealed with a valid MAC
-    let good = [HeadLogits::Top(vec![(3, 1.0), (4, 0.5)])];
+    let good = [PartialLogits::Top(vec![(3, 1.0), (4, 0.5)])];
     let mut tail = Vec::new();
     good[0].encode(&mut tail);
     for payload in [
@@ -218,7 +218,7 @@ fn bad_head_parts_are_refused() {
         let raw = seal_raw(
             &key(),
             RawHeader {
-                frame_type: FrameType::HeadPart as u8,
+                frame_type: FrameType::LmHeadPart as u8,
                 dtype: 0,
                 flags: 0,
                 sender_id: 9,
@@ -853,8 +853,8 @@ fn golden_bytes_are_unchanged() {
     let mut big = h.clone();
     big[5] = 70_000.0; // beyond f16: sent as bf16
     let parts = [
-        HeadLogits::Top(vec![(3, 1.5), (7, -0.25)]),
-        HeadLogits::Dense {
+        PartialLogits::Top(vec![(3, 1.5), (7, -0.25)]),
+        PartialLogits::Dense {
             first: 2,
             logits: vec![0.5, -1.0, 2.25],
         },
@@ -867,7 +867,7 @@ fn golden_bytes_are_unchanged() {
     frames.push(s.seal(9, &two, Payload::activations(&h, 4, Dtype::F32)));
     frames.push(s.seal(10, &two, Payload::normed(&h[..8], 4, Dtype::F32)));
     frames.push(s.seal(11, &two, Payload::Tokens(&[5, 999])));
-    frames.push(s.seal(12, &two, Payload::HeadPart(&parts)));
+    frames.push(s.seal(12, &two, Payload::LmHeadPart(&parts)));
     frames.push(s.seal_control(FrameType::Ping, 13, &serde_json::json!({"a": 1})));
     for (i, (frame, want)) in frames.into_iter().zip(GOLDEN).enumerate() {
         let hex: String = frame
