@@ -183,11 +183,7 @@ fn cli_main() -> ExitCode {
     }
 }
 
-pub(crate) fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
+pub(crate) use exo::config::default_threads;
 
 fn run(args: RunArgs) -> Result<()> {
     let mf = ModelFile::open(&args.model)

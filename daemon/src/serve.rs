@@ -68,11 +68,7 @@ pub async fn run(
     serve_app(app, listener, settings, shutdown).await
 }
 
-/// Loads model, tokenizer and engine, and starts the scheduler thread.
-pub fn load(s: &ServeSettings, observer: Option<Arc<dyn StepObserver>>) -> anyhow::Result<Served> {
-    load_local(s, observer).map(|(served, _engine)| served)
-}
-
+/// Loads model, tokenizer and engine of a single node, and starts the scheduler thread.
 fn load_local(
     s: &ServeSettings,
     observer: Option<Arc<dyn StepObserver>>,

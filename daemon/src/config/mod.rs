@@ -239,7 +239,7 @@ impl Default for ApiConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: default_threads(),
             ctx: DEFAULT_CTX,
             max_slots: DEFAULT_MAX_SLOTS,
             max_queue: DEFAULT_MAX_QUEUE,
@@ -353,6 +353,11 @@ impl Config {
 /// The environment variables that override the file, with the key each sets.
 pub fn env_overrides() -> impl Iterator<Item = (&'static str, &'static str)> {
     env::ENV_OVERRIDES.iter().copied()
+}
+
+/// `[engine] threads` by default: the available parallelism (at least 1).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The default `[node] name`: the first line of `/etc/hostname`, or "exo".

@@ -106,9 +106,9 @@ impl ServeSettings {
         if !cfg.is_cluster() {
             return Ok(None);
         }
-        let me = cfg
-            .own_peer_index()
-            .ok_or_else(|| SettingsError::NotAPeer(cfg.node.name.clone()))?;
+        if cfg.own_peer_index().is_none() {
+            return Err(SettingsError::NotAPeer(cfg.node.name.clone()));
+        }
         let listen = cfg.node.listen.clone().ok_or(SettingsError::NoListen)?;
         let key = cfg
             .cluster
@@ -116,7 +116,7 @@ impl ServeSettings {
             .as_ref()
             .ok_or(SettingsError::NoClusterKey)?;
         let key = key.expose().as_bytes().to_vec();
-        if me > 0 {
+        if !cfg.is_head() {
             let control_listen = cfg.node.control_listen().ok_or(SettingsError::NoListen)?;
             let head = &cfg.peers[0];
             return Ok(Some(ClusterRole::Worker {
