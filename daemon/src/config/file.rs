@@ -209,18 +209,46 @@ impl Origin<'_> {
                 message: e.message().trim().replace('\n', "; "),
             }
         })?;
-        FileConfig::deserialize(toml::de::Deserializer::from(doc.clone()))
-            .map_err(|e| self.misfit(doc.get_ref(), &e))
+        let sites = key_sites(doc.get_ref());
+        // serde would read `engine = [1, 2]` as the fields of [engine] in order.
+        if let Some(e) = sites.iter().find_map(|site| self.misshapen(site)) {
+            return Err(e);
+        }
+        FileConfig::deserialize(toml::de::Deserializer::from(doc))
+            .map_err(|e| self.misfit(&sites, &e))
     }
 
-    /// The error for a document that parses but does not fit [`FileConfig`].
-    fn misfit(&self, doc: &DeTable<'_>, e: &toml::de::Error) -> ConfigError {
-        let span = e.span().unwrap_or(0..0);
-        let sites = key_sites(doc);
-        // An error on a key itself: the key is unknown where it stands.
-        if let Some(site) = sites.iter().find(|s| s.key_span == span) {
+    /// A section written as a table when it is an array of tables, or the reverse.
+    fn misshapen(&self, site: &KeySite) -> Option<ConfigError> {
+        let section = find_section(&site.key)?;
+        let (table, array) = (
+            format!("[{}]", section.name),
+            format!("[[{}]]", section.name),
+        );
+        let message = match (section.array, site.shape) {
+            (true, Shape::Table) => format!("found {table}, expected {array}"),
+            (false, Shape::Array) => format!("found {array}, expected {table}"),
+            _ => return None,
+        };
+        Some(ConfigError::WrongType {
+            at: self.line(site.key_span.start),
+            key: site.key.clone(),
+            message,
+        })
+    }
+
+    /// The error for a document that parses but does not fit [`FileConfig`]: the first
+    /// unknown key of the file if there is one (whatever serde met first), else the key
+    /// whose value has the wrong type.
+    fn misfit(&self, sites: &[KeySite], e: &toml::de::Error) -> ConfigError {
+        if let Some(site) = sites
+            .iter()
+            .filter(|s| is_unknown(&s.key))
+            .min_by_key(|s| s.key_span.start)
+        {
             return self.unknown_key(site);
         }
+        let span = e.span().unwrap_or(0..0);
         let site = sites
             .iter()
             .filter(|s| {
@@ -228,35 +256,28 @@ impl Origin<'_> {
                     && span.start < s.value_span.end.max(s.value_span.start + 1)
             })
             .min_by_key(|s| s.value_span.len());
-        let Some(site) = site else {
-            let (line, column) = self.line_col(span.start);
-            return ConfigError::Syntax {
-                path: self.path.to_path_buf(),
-                line,
-                column,
-                message: e.message().trim().replace('\n', "; "),
-            };
-        };
-        let message = match (find_section(&site.key), site.shape) {
-            (Some(s), Shape::Array | Shape::Table) if s.array != (site.shape == Shape::Array) => {
-                let (table, array) = (format!("[{}]", s.name), format!("[[{}]]", s.name));
-                match s.array {
-                    true => format!("found {table}, expected {array}"),
-                    false => format!("found {array}, expected {table}"),
+        let message = e
+            .message()
+            .trim()
+            .replace("invalid type: ", "found ")
+            .replace("invalid value: ", "found ")
+            .replace("expected u64", "expected a non-negative integer")
+            .replace('\n', "; ");
+        match site {
+            Some(site) => ConfigError::WrongType {
+                at: self.line(site.key_span.start),
+                key: site.key.clone(),
+                message,
+            },
+            None => {
+                let (line, column) = self.line_col(span.start);
+                ConfigError::Syntax {
+                    path: self.path.to_path_buf(),
+                    line,
+                    column,
+                    message,
                 }
             }
-            _ => e
-                .message()
-                .trim()
-                .replace("invalid type: ", "found ")
-                .replace("invalid value: ", "found ")
-                .replace("expected u64", "expected a non-negative integer")
-                .replace('\n', "; "),
-        };
-        ConfigError::WrongType {
-            at: self.line(site.key_span.start),
-            key: site.key.clone(),
-            message,
         }
     }
 
@@ -287,6 +308,15 @@ impl Origin<'_> {
             known,
             hint,
         }
+    }
+}
+
+/// Whether a dotted key (or a section) is not one of [`SECTIONS`]; the keys of an
+/// unknown section are not looked at (the section is reported).
+fn is_unknown(key: &str) -> bool {
+    match key.split_once('.') {
+        None => find_section(key).is_none(),
+        Some((section, name)) => find_section(section).is_some_and(|s| !s.keys.contains(&name)),
     }
 }
 

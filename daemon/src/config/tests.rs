@@ -1282,3 +1282,21 @@ fn example_file_documents_every_key() {
         assert!(text.contains(var), "{var} is not documented in the example");
     }
 }
+
+/// A section as an array of values is not read as its fields in order (serde would),
+/// and an unknown key anywhere is reported before a wrong type.
+#[test]
+fn section_shapes_and_error_order() {
+    let e = error(&format!("engine = [1, 2]\n{MODEL}"), &[]);
+    assert!(
+        e.ends_with("line 1: wrong type for 'engine': found [[engine]], expected [engine]"),
+        "{e}"
+    );
+    let e = error("model = [\"/m.gguf\"]\n", &[]);
+    assert!(e.contains("line 1: wrong type for 'model'"), "{e}");
+    let e = error(
+        &format!("{MODEL}[engine]\nthreads = \"x\"\n[api]\nfoo = 1\n"),
+        &[],
+    );
+    assert!(e.contains("line 6: unknown key 'api.foo'"), "{e}");
+}
