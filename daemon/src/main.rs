@@ -10,8 +10,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use exo::config::{Config, DEFAULT_CONFIG_PATH};
 use exo::engine::{generate, split_ranges, GenerateParams, Pipeline, PipelineConfig, StopReason};
 use exo::model::{LayerRange, ModelFile};
+use exo::serve::Stopped;
+use exo::system::notify::EXIT_LOAD_FAILED;
 use exo::tokenizer::{Message, Tokenizer};
 use ggml_shim::llama::{SamplingParams, DEFAULT_SEED};
 
@@ -39,17 +42,17 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Validate a config file and print the effective configuration (exit 0/1).
     CheckConfig {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Show the cluster: peers, layer ranges, link round-trip times, ms/token, state.
     Status {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Measure `exo serve` at several concurrent streams against llama.cpp batched decode.
@@ -57,8 +60,6 @@ enum Command {
     /// Measure a running `exo serve` (e.g. a cluster head) at several concurrent streams.
     BenchClient(bench_serve::BenchClientArgs),
 }
-
-const DEFAULT_CONFIG: &str = "/etc/exo/exo.toml";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -162,18 +163,19 @@ fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     // Route llama.cpp/ggml logging through exo (silent unless EXO_LLAMA_LOG=1).
     ggml_shim::llama::init_backend();
+    let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Inspect { model } => inspect(&model),
-        Command::Bench(args) => bench::run(args),
+        Command::Run(args) => done(run(args)),
+        Command::Inspect { model } => done(inspect(&model)),
+        Command::Bench(args) => done(bench::run(args)),
         Command::Serve { config } => serve(&config),
-        Command::CheckConfig { config } => check_config(&config),
-        Command::Status { config } => status(&config),
-        Command::BenchServe(args) => bench_serve::run(args),
-        Command::BenchClient(args) => bench_serve::client(args),
+        Command::CheckConfig { config } => done(check_config(&config)),
+        Command::Status { config } => done(status(&config)),
+        Command::BenchServe(args) => done(bench_serve::run(args)),
+        Command::BenchClient(args) => done(bench_serve::client(args)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("exo: error: {e:#}");
             ExitCode::FAILURE
@@ -181,11 +183,7 @@ fn cli_main() -> ExitCode {
     }
 }
 
-pub(crate) fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
+pub(crate) use exo::config::default_threads;
 
 fn run(args: RunArgs) -> Result<()> {
     let mf = ModelFile::open(&args.model)
@@ -291,7 +289,7 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 fn check_config(path: &Path) -> Result<()> {
-    let cfg = exo::config::Config::load(path)?;
+    let cfg = Config::load(path)?;
     // The model too (its header and tensor table, not the weights): under systemd
     // this runs as ExecStartPre, so a missing or unusable file fails the start at
     // once with this message instead of a service that never becomes ready.
@@ -325,7 +323,7 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
 }
 
 fn status(path: &Path) -> Result<()> {
-    let cfg = exo::config::Config::load(path)?;
+    let cfg = Config::load(path)?;
     let health = http_get(cfg.api.listen, "/health")?;
     let h: serde_json::Value = serde_json::from_str(&health).unwrap_or_default();
     if h["role"] == "worker" {
@@ -385,109 +383,30 @@ fn status(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn serve(path: &Path) -> Result<()> {
-    let cfg = exo::config::Config::load(path)?;
+/// `exo serve`: serves until a signal; exits with 78 when, under systemd, the model
+/// cannot be loaded (after the drain).
+fn serve(path: &Path) -> Result<ExitCode> {
+    let cfg = Config::load(path)?;
     exo::system::init_logging();
-    let settings = exo::serve::ServeSettings {
-        model: cfg.model.path.clone(),
-        n_ctx: cfg.engine.ctx,
-        max_slots: cfg.engine.max_slots,
-        max_queue: cfg.engine.max_queue,
-        batch: cfg.engine.batch,
-        threads: cfg.engine.threads,
-        api_key: cfg.api.key.as_ref().map(|k| k.expose().to_string()),
-        max_body_bytes: cfg.api.max_body_bytes,
-        shutdown_timeout: std::time::Duration::from_secs(cfg.api.shutdown_timeout_secs),
-        cluster: cluster_role(&cfg)?,
-    };
+    let grace = cfg.api.shutdown_timeout();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(cfg.api.listen)
-            .await
-            .with_context(|| format!("listening on {}", cfg.api.listen))?;
-        tracing::info!(
-            "node {} listening on http://{} (model {})",
-            cfg.node.name,
-            listener.local_addr()?,
-            cfg.model.path.display()
-        );
-        let app = exo::serve::new_app(&settings);
-        exo::system::reload::spawn(path.to_path_buf(), cfg.clone(), app.clone());
-        exo::serve::serve_app(app, listener, settings, exo::system::shutdown_signal()).await
-    })?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// This node's part in the cluster the config describes (None: single node).
-fn cluster_role(cfg: &exo::config::Config) -> Result<Option<exo::serve::ClusterRole>> {
-    use exo::cluster::head::{HeadSettings, PeerSpec};
-    use exo::cluster::worker::WorkerSettings;
-    if !cfg.is_cluster() {
-        return Ok(None);
-    }
-    let me = cfg
-        .own_peer_index()
-        .context("this node's name is not in the peer list")?;
-    let listen = cfg
-        .node
-        .listen
-        .clone()
-        .context("[node] listen is required in a cluster")?;
-    let key = cfg
-        .cluster
-        .key
-        .as_ref()
-        .context("[cluster] key or key_file is required")?
-        .expose()
-        .as_bytes()
-        .to_vec();
-    let mut peers = Vec::new();
-    for p in &cfg.peers {
-        peers.push(PeerSpec {
-            name: p.name.clone(),
-            address: p.address.clone(),
-            control: p
-                .control_address()
-                .with_context(|| format!("peer {}: bad address {}", p.name, p.address))?,
-            layers: p.layers,
-        });
-    }
-    let f16 = cfg.cluster.activations == exo::config::WireActivations::F16;
-    if me == 0 {
-        let n_slots = cfg.engine.max_slots;
-        Ok(Some(exo::serve::ClusterRole::Head(HeadSettings {
-            name: cfg.node.name.clone(),
-            listen,
-            peers,
-            key,
-            threads: cfg.engine.threads,
-            n_ctx: cfg.engine.ctx,
-            n_slots,
-            batch: cfg.engine.batch,
-            f16,
-            head_share: cfg.cluster.head_share,
-        })))
-    } else {
-        let control_listen = cfg
-            .node
-            .control_listen()
-            .context("[node] listen must be a tcp:// URL")?;
-        Ok(Some(exo::serve::ClusterRole::Worker {
-            settings: WorkerSettings {
-                name: cfg.node.name.clone(),
-                model: cfg.model.path.clone(),
-                listen,
-                control_listen,
-                key,
-                threads: cfg.engine.threads,
-            },
-            head: format!("{} ({})", cfg.peers[0].name, cfg.peers[0].address),
-        }))
+    let stopped = rt.block_on(exo::serve::run(path, cfg, exo::system::shutdown_signal()));
+    rt.shutdown_timeout(grace);
+    match stopped? {
+        Stopped::Shutdown => {
+            tracing::info!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Stopped::LoadFailed(why) => {
+            tracing::error!(
+                "{why}; exiting with status {EXIT_LOAD_FAILED}, which systemd does not restart: fix the model or the config, then `systemctl restart exo`"
+            );
+            Ok(ExitCode::from(EXIT_LOAD_FAILED))
+        }
     }
 }
 

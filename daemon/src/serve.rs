@@ -1,102 +1,131 @@
 //! `exo serve`: load the model in the background while the HTTP API already answers
 //! (/health says 503 until it is ready), serve, and shut down gracefully.
+//!
+//! [`run`] is the whole of it for a configuration file: the settings from the config
+//! ([`ServeSettings::from_config`]), the listener, SIGHUP reloads, then [`serve_app`].
+
+mod settings;
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::api::{self, App, Served};
 use crate::cluster::head::{self, HeadSettings};
-use crate::cluster::worker::{self, WorkerSettings};
+use crate::cluster::worker;
+use crate::config::Config;
 use crate::engine::scheduler::{self, SchedulerConfig, StepObserver};
 use crate::engine::{Pipeline, PipelineConfig};
-use crate::model::{LayerRange, ModelFile};
-use crate::system::notify;
-
+use crate::model::{HParams, LayerRange, ModelFile};
+use crate::system::{notify, reload};
 use crate::tokenizer::Tokenizer;
 
-/// Everything `serve` needs (built from the config file by the binary, or by tests).
-#[derive(Debug, Clone)]
-pub struct ServeSettings {
-    pub model: PathBuf,
-    /// Context per sequence (clamped to the model's training context).
-    pub n_ctx: usize,
-    pub max_slots: usize,
-    pub max_queue: usize,
-    /// Tokens per engine step (prefill micro-batch).
-    pub batch: usize,
-    pub threads: usize,
-    pub api_key: Option<String>,
-    pub max_body_bytes: usize,
-    /// How long in-flight requests may run on after a shutdown signal.
-    pub shutdown_timeout: Duration,
-    /// This node's part in a cluster (None: a single node).
-    pub cluster: Option<ClusterRole>,
+pub use settings::{ClusterRole, ServeSettings, SettingsError};
+
+/// How serving ended (after the drain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// The shutdown future resolved.
+    Shutdown,
+    /// Under systemd, the model could not be loaded (the reason): the process should
+    /// exit with [`notify::EXIT_LOAD_FAILED`].
+    LoadFailed(String),
 }
 
-/// A node's part in a cluster.
-#[derive(Debug, Clone)]
-pub enum ClusterRole {
-    /// The first peer: forms the cluster, runs the first stage, serves HTTP.
-    Head(HeadSettings),
-    /// Any other peer: runs its stage; its HTTP port points clients to the head.
-    Worker {
-        settings: WorkerSettings,
-        head: String,
-    },
-}
+/// The engine thread of a loaded model, joined on shutdown.
+type EngineThread = Arc<Mutex<Option<std::thread::JoinHandle<()>>>>;
 
 /// The model id clients use: the file name without `.gguf`.
-pub fn model_id(path: &std::path::Path) -> String {
+pub fn model_id(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into())
 }
 
-/// Loads model, tokenizer and engine, and starts the scheduler thread.
-pub fn load(s: &ServeSettings, observer: Option<Arc<dyn StepObserver>>) -> anyhow::Result<Served> {
-    use anyhow::Context;
+/// Serves the configuration `config` (read from `path`, which SIGHUP re-reads) until
+/// `shutdown` resolves or, under systemd, the model fails to load.
+pub async fn run(
+    path: &Path,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Stopped> {
+    let settings = ServeSettings::from_config(&config)?;
+    let listener = TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.api.listen))?;
+    tracing::info!(
+        "node {} listening on http://{} (model {})",
+        config.node.name,
+        listener.local_addr()?,
+        config.model.path.display()
+    );
+    let app = new_app(&settings);
+    reload::spawn(path.to_path_buf(), config, app.clone());
+    serve_app(app, listener, settings, shutdown).await
+}
+
+/// Loads model, tokenizer and engine of a single node, and starts the scheduler thread.
+fn load_local(
+    s: &ServeSettings,
+    observer: Option<Arc<dyn StepObserver>>,
+) -> anyhow::Result<(Served, std::thread::JoinHandle<()>)> {
     let mf = ModelFile::open(&s.model).with_context(|| format!("loading {}", s.model.display()))?;
     let hp = mf.hparams.clone();
-    let tokenizer = Arc::new(
-        Tokenizer::load(&s.model, hp.arch.name())
-            .with_context(|| format!("loading the vocabulary of {}", s.model.display()))?,
-    );
-    let n_ctx = s.n_ctx.min(hp.n_ctx_train).max(1);
-    let max_slots = s.max_slots.max(1);
+    let tokenizer = load_tokenizer(&s.model, &hp)?;
+    let s = s.clone().clamped(hp.n_ctx_train);
     let pipeline = Pipeline::local(
         &mf,
         &PipelineConfig {
-            n_ctx,
-            n_slots: max_slots,
-            n_threads: s.threads.max(1),
+            n_ctx: s.n_ctx,
+            n_slots: s.max_slots,
+            n_threads: s.threads,
             repack: true,
             ranges: vec![LayerRange::new(0, hp.n_layer)],
         },
     )?;
+    start_engine(pipeline, tokenizer, &hp, &s, observer)
+}
+
+fn load_tokenizer(model: &Path, hp: &HParams) -> anyhow::Result<Arc<Tokenizer>> {
+    let tokenizer = Tokenizer::load(model, hp.arch.name())
+        .with_context(|| format!("loading the vocabulary of {}", model.display()))?;
+    Ok(Arc::new(tokenizer))
+}
+
+/// Starts the scheduler thread over `pipeline`: the one place a [`Served`] is made.
+/// `s` is clamped to the model ([`ServeSettings::clamped`]).
+fn start_engine(
+    pipeline: Pipeline,
+    tokenizer: Arc<Tokenizer>,
+    hp: &HParams,
+    s: &ServeSettings,
+    observer: Option<Arc<dyn StepObserver>>,
+) -> anyhow::Result<(Served, std::thread::JoinHandle<()>)> {
     let tok = tokenizer.clone();
-    let (scheduler, _join) = scheduler::spawn(
+    let (scheduler, join) = scheduler::spawn(
         pipeline,
         SchedulerConfig {
-            max_slots,
+            max_slots: s.max_slots,
             max_queue: s.max_queue,
-            batch: s.batch.max(1),
+            batch: s.batch,
         },
         Arc::new(move |t| tok.is_eog(t)),
         observer,
     )?;
-    Ok(Served {
+    let served = Served {
         tokenizer,
         scheduler,
-        n_ctx,
+        n_ctx: s.n_ctx,
         n_vocab: hp.n_vocab,
         arch: hp.arch.name().to_string(),
         n_layer: hp.n_layer,
-        max_slots,
-    })
+        max_slots: s.max_slots,
+    };
+    Ok((served, join))
 }
 
 /// Serves on `listener` until `shutdown` resolves; loads the model in the background.
@@ -108,7 +137,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = new_app(&settings);
-    serve_app(app, listener, settings, shutdown).await
+    serve_app(app, listener, settings, shutdown).await?;
+    Ok(())
 }
 
 /// The shared state `serve_app` serves (the caller may keep a handle, e.g. for SIGHUP).
@@ -123,27 +153,29 @@ pub fn new_app(settings: &ServeSettings) -> Arc<App> {
 }
 
 /// `serve` on an app made by [`new_app`]. Under systemd (`NOTIFY_SOCKET`), reports
-/// readiness, status and watchdog pings (see [`crate::system::notify`]).
+/// readiness, status and watchdog pings (see [`crate::system::notify`]); a model that
+/// fails to load there ends serving ([`Stopped::LoadFailed`]). On the way out, the
+/// loading task and the engine thread get the shutdown timeout to finish.
 pub async fn serve_app(
     app: Arc<App>,
     listener: TcpListener,
     settings: ServeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stopped> {
     // Shutdown reaches the HTTP server, the scheduler and (on a worker) the stage.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let engine = EngineThread::default();
     let loading = match settings.cluster.clone() {
-        None => local_loading(app.clone(), settings.clone()),
-        Some(ClusterRole::Head(h)) => head_loading(app.clone(), settings.clone(), h),
+        None => local_loading(app.clone(), settings.clone(), engine.clone()),
+        Some(ClusterRole::Head(h)) => {
+            head_loading(app.clone(), settings.clone(), h, engine.clone())
+        }
         Some(ClusterRole::Worker { settings: w, head }) => {
             let _ = app.worker_of.set(head);
-            let stop = stopped();
+            let mut rx = stop_rx.clone();
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
             let stats = app.frames.clone();
             tokio::spawn(async move {
                 if let Err(e) = worker::run(w, stats, stop).await {
@@ -152,29 +184,69 @@ pub async fn serve_app(
             })
         }
     };
-    let supervisor = notify::spawn(app.clone(), stop_tx.subscribe());
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+    let supervisor = notify::spawn(app.clone(), stop_rx, failed_tx);
     let grace = settings.shutdown_timeout;
-    let app2 = app.clone();
-    let stop = async move {
-        shutdown.await;
-        notify::stopping();
-        let _ = stop_tx.send(true);
-        if let Some(s) = app2.served.get() {
-            s.scheduler.shutdown(grace);
+    let stopped = Arc::new(OnceLock::new());
+    let stop = {
+        let (app, stopped) = (app.clone(), stopped.clone());
+        async move {
+            let load_failed = async {
+                match failed_rx.await {
+                    Ok(why) => why,
+                    // no supervisor: only the shutdown future ends serving
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            let _ = stopped.set(tokio::select! {
+                () = shutdown => Stopped::Shutdown,
+                why = load_failed => Stopped::LoadFailed(why),
+            });
+            notify::stopping();
+            let _ = stop_tx.send(true);
+            if let Some(s) = app.served.get() {
+                s.scheduler.shutdown(grace);
+            }
         }
     };
-    let served = api::run(listener, app.clone(), stop);
-    served.await?;
-    loading.abort();
+    api::run(listener, app.clone(), stop).await?;
     if let Some(s) = supervisor {
         s.abort();
     }
-    Ok(())
+    wind_down(loading, engine, grace).await;
+    Ok(stopped.get().cloned().unwrap_or(Stopped::Shutdown))
 }
 
-fn loaded(app: &App, r: anyhow::Result<Served>) {
+/// Waits up to `grace` for the loading task (a worker's stage) and the engine thread
+/// to end; what is still running then is left behind (the loading task aborted).
+async fn wind_down(
+    mut loading: tokio::task::JoinHandle<()>,
+    engine: EngineThread,
+    grace: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + grace;
+    if tokio::time::timeout_at(deadline, &mut loading)
+        .await
+        .is_err()
+    {
+        loading.abort();
+    }
+    let thread = engine.lock().ok().and_then(|mut t| t.take());
+    if let Some(thread) = thread {
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        if tokio::time::timeout_at(deadline, joined).await.is_err() {
+            tracing::warn!("the engine thread is still running after {grace:?}; leaving it");
+        }
+    }
+}
+
+fn loaded(
+    app: &App,
+    engine: &EngineThread,
+    r: anyhow::Result<(Served, std::thread::JoinHandle<()>)>,
+) {
     match r {
-        Ok(served) => {
+        Ok((served, thread)) => {
             tracing::info!(
                 "model {} loaded: {} layers, context {}, {} slots; serving",
                 app.model_id,
@@ -182,6 +254,9 @@ fn loaded(app: &App, r: anyhow::Result<Served>) {
                 served.n_ctx,
                 served.max_slots
             );
+            if let Ok(mut slot) = engine.lock() {
+                *slot = Some(thread);
+            }
             let _ = app.served.set(served);
         }
         Err(e) => {
@@ -193,10 +268,14 @@ fn loaded(app: &App, r: anyhow::Result<Served>) {
     }
 }
 
-fn local_loading(app: Arc<App>, settings: ServeSettings) -> tokio::task::JoinHandle<()> {
+fn local_loading(
+    app: Arc<App>,
+    settings: ServeSettings,
+    engine: EngineThread,
+) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
         let observer: Arc<dyn StepObserver> = app.metrics.clone();
-        loaded(&app, load(&settings, Some(observer)));
+        loaded(&app, &engine, load_local(&settings, Some(observer)));
     })
 }
 
@@ -204,46 +283,25 @@ fn head_loading(
     app: Arc<App>,
     settings: ServeSettings,
     h: HeadSettings,
+    engine: EngineThread,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let r = async {
-            use anyhow::Context;
-            let path = settings.model.clone();
+            let path: PathBuf = settings.model.clone();
             let mf = tokio::task::spawn_blocking(move || ModelFile::open(&path))
                 .await?
                 .with_context(|| format!("loading {}", settings.model.display()))?;
             let mf = Arc::new(mf);
             let hp = mf.hparams.clone();
-            let tokenizer = Arc::new(
-                Tokenizer::load(&settings.model, hp.arch.name()).with_context(|| {
-                    format!("loading the vocabulary of {}", settings.model.display())
-                })?,
-            );
-            let (pipeline, view) = head::form(mf, h.clone(), app.frames.clone()).await?;
+            let tokenizer = load_tokenizer(&settings.model, &hp)?;
+            let settings = settings.clamped(hp.n_ctx_train);
+            let h = settings.with_engine_figures(h);
+            let (pipeline, view) = head::form(mf, h, app.frames.clone()).await?;
             let _ = app.cluster.set(view);
-            let tok = tokenizer.clone();
             let observer: Arc<dyn StepObserver> = app.metrics.clone();
-            let (scheduler, _join) = scheduler::spawn(
-                pipeline,
-                SchedulerConfig {
-                    max_slots: h.n_slots,
-                    max_queue: settings.max_queue,
-                    batch: h.batch,
-                },
-                Arc::new(move |t| tok.is_eog(t)),
-                Some(observer),
-            )?;
-            Ok(Served {
-                tokenizer,
-                scheduler,
-                n_ctx: h.n_ctx,
-                n_vocab: hp.n_vocab,
-                arch: hp.arch.name().to_string(),
-                n_layer: hp.n_layer,
-                max_slots: h.n_slots,
-            })
+            start_engine(pipeline, tokenizer, &hp, &settings, Some(observer))
         }
         .await;
-        loaded(&app, r);
+        loaded(&app, &engine, r);
     })
 }

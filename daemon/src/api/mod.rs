@@ -25,6 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::config::ApiKey;
 use crate::engine::scheduler::SchedulerHandle;
 use crate::tokenizer::Tokenizer;
 use metrics::Metrics;
@@ -45,7 +46,7 @@ pub struct App {
     /// The model's id as clients name it (the file stem).
     pub model_id: String,
     /// The bearer token clients must send (None: open); SIGHUP may replace it.
-    pub api_key: RwLock<Option<String>>,
+    pub api_key: RwLock<Option<ApiKey>>,
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     /// Set once the model is loaded.
@@ -63,7 +64,7 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(model_id: String, api_key: Option<String>, max_body_bytes: usize) -> App {
+    pub fn new(model_id: String, api_key: Option<ApiKey>, max_body_bytes: usize) -> App {
         App {
             model_id,
             api_key: RwLock::new(api_key),
@@ -491,12 +492,7 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let (a, b) = (given.as_bytes(), key.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for (i, &x) in b.iter().enumerate() {
-        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
-    }
-    if diff == 0 {
+    if key.matches(given) {
         Ok(())
     } else {
         Err(ApiError::new(

@@ -97,20 +97,27 @@ fn engine_progress(app: &App) -> (usize, bool) {
 /// The exit status when the model cannot be loaded under systemd (EX_CONFIG): the
 /// unit's `RestartPreventExitStatus=78` keeps systemd from retrying a load that
 /// will fail the same way until the file or the config is fixed.
-pub const EXIT_LOAD_FAILED: i32 = 78;
+pub const EXIT_LOAD_FAILED: u8 = 78;
 
-/// Starts the supervisor task if systemd listens; it ends when `stop` flips to true.
+/// Starts the supervisor task if systemd listens; it ends when `stop` flips to true,
+/// or when the model failed to load: then it sends the reason on `load_failed` (the
+/// caller decides what to do: `exo serve` drains and exits with [`EXIT_LOAD_FAILED`]).
 pub fn spawn(
     app: Arc<App>,
     stop: tokio::sync::watch::Receiver<bool>,
+    load_failed: tokio::sync::oneshot::Sender<String>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if !enabled() {
         return None;
     }
-    Some(tokio::spawn(supervise(app, stop)))
+    Some(tokio::spawn(supervise(app, stop, load_failed)))
 }
 
-async fn supervise(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn supervise(
+    app: Arc<App>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    load_failed: tokio::sync::oneshot::Sender<String>,
+) {
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     if let Some(every) = watchdog {
         tracing::info!("systemd watchdog: pinging every {every:?} while the engine is healthy");
@@ -131,12 +138,10 @@ async fn supervise(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) 
             Phase::Loading(s) | Phase::Failed(s) | Phase::Degraded(s) => s.clone(),
             Phase::Ready => "serving".to_string(),
         };
-        if let Phase::Failed(why) = &ph {
-            send(&[NotifyState::Status(why)]);
-            tracing::error!(
-                "{why}; exiting with status {EXIT_LOAD_FAILED}, which systemd does not restart: fix the model or the config, then `systemctl restart exo`"
-            );
-            std::process::exit(EXIT_LOAD_FAILED);
+        if let Phase::Failed(why) = ph {
+            send(&[NotifyState::Status(&why)]);
+            let _ = load_failed.send(why);
+            return;
         }
         if ph == Phase::Ready && !ready {
             ready = true;

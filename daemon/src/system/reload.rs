@@ -22,17 +22,10 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
         .cloned()
         .collect();
     // Secrets serialize as "***": compare them by value.
-    let secret = |c: &Config| {
-        (
-            c.api.key.as_ref().map(|k| k.expose().to_string()),
-            c.cluster.key.as_ref().map(|k| k.expose().to_string()),
-        )
-    };
-    let (sa, sb) = (secret(old), secret(new));
-    if sa.0 != sb.0 {
+    if old.api.key != new.api.key {
         keys.push("api.key".into());
     }
-    if sa.1 != sb.1 {
+    if old.cluster.key != new.cluster.key {
         keys.push("cluster.key".into());
     }
     keys.sort();
@@ -73,8 +66,7 @@ pub fn apply(app: &App, old: &Config, new: &Config) -> (Vec<String>, Vec<String>
         .into_iter()
         .partition(|k| LIVE_KEYS.contains(&k.as_str()));
     if live.iter().any(|k| k == "api.key") {
-        let key = new.api.key.as_ref().map(|k| k.expose().to_string());
-        *app.api_key.write().unwrap_or_else(|e| e.into_inner()) = key;
+        *app.api_key.write().unwrap_or_else(|e| e.into_inner()) = new.api.key.clone();
     }
     (live, restart)
 }
@@ -122,6 +114,7 @@ pub fn spawn(path: PathBuf, initial: Config, app: Arc<App>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ApiKey;
     use std::collections::HashMap;
 
     fn load(text: &str) -> Config {
@@ -158,7 +151,11 @@ mod tests {
         assert_eq!(live, vec!["api.key"]);
         assert_eq!(restart, vec!["engine.max_slots", "model.path"]);
         assert_eq!(
-            app.api_key.read().expect("lock").as_deref(),
+            app.api_key
+                .read()
+                .expect("lock")
+                .as_ref()
+                .map(ApiKey::expose),
             Some("sk-new-key-4567")
         );
     }
