@@ -193,8 +193,10 @@ impl ApiError {
     }
 }
 
-pub fn json_response(status: StatusCode, v: &serde_json::Value) -> ApiResponse {
-    let mut r = Response::new(ApiBody::Full(Full::new(Bytes::from(v.to_string()))));
+pub fn json_response(status: StatusCode, v: &impl serde::Serialize) -> ApiResponse {
+    // exo's own types always serialize (no maps with non-string keys)
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(ApiBody::Full(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
