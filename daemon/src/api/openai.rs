@@ -124,17 +124,14 @@ async fn generate(
             events: tx,
         })
         .map_err(|e| match e {
-            SubmitError::QueueFull(_) => {
-                let mut err = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    "queue_full",
-                    e.to_string(),
-                );
-                err.retry_after = Some(1);
-                err
-            }
-            SubmitError::ShuttingDown => shutting_down(e.to_string()),
+            SubmitError::QueueFull(_) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+                e.to_string(),
+            )
+            .with_retry_after(1),
+            SubmitError::ShuttingDown => ApiError::unavailable("shutting_down", e.to_string()),
             SubmitError::Invalid(m) => ApiError::bad_request(m),
         })?;
     app.metrics
@@ -215,7 +212,10 @@ impl Run {
                 Some(GenEvent::Done { reason, .. }) => return Step::Done(reason),
                 Some(GenEvent::Error(e)) => return Step::Failed(engine_error(e)),
                 Some(GenEvent::ShuttingDown) => {
-                    return Step::Failed(shutting_down("the server is shutting down".into()))
+                    return Step::Failed(ApiError::unavailable(
+                        "shutting_down",
+                        "the server is shutting down",
+                    ))
                 }
                 None => return Step::Failed(engine_error("the engine stopped".into())),
             }
@@ -228,15 +228,6 @@ fn engine_error(message: String) -> ApiError {
         StatusCode::INTERNAL_SERVER_ERROR,
         "server_error",
         "engine_error",
-        message,
-    )
-}
-
-fn shutting_down(message: String) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "shutting_down",
         message,
     )
 }
