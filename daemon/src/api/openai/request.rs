@@ -15,7 +15,7 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use super::super::{ApiError, App};
+use crate::api::{ApiError, App};
 use crate::tokenizer::Message;
 
 /// The most stop strings a request may give.
@@ -148,15 +148,13 @@ impl Expected for PromptField {
 }
 
 /// The body of `POST /v1/completions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub(super) struct CompletionRequest {
-    #[serde(default)]
     model: Field<String>,
     #[serde(flatten)]
     gen: GenFields,
-    #[serde(default)]
     prompt: Field<PromptField>,
-    #[serde(default)]
     echo: Field<bool>,
 }
 
@@ -203,15 +201,13 @@ impl Expected for Vec<Field<ChatMessage>> {
 }
 
 /// The body of `POST /v1/chat/completions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub(super) struct ChatRequest {
-    #[serde(default)]
     model: Field<String>,
     #[serde(flatten)]
     gen: GenFields,
-    #[serde(default)]
     max_completion_tokens: Field<i64>,
-    #[serde(default)]
     messages: Field<Vec<Field<ChatMessage>>>,
 }
 
