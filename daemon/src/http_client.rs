@@ -118,3 +118,92 @@ async fn send(
         .with_context(|| format!("{path} at {addr}"))?;
     Ok(Response(response))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A server that answers one connection with `answer` (in pieces, `gap` apart);
+    /// returns its address and the request it read.
+    async fn one_shot(
+        answer: &'static [&'static [u8]],
+        gap: Duration,
+    ) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.expect("read");
+                request.extend_from_slice(&buf[..n]);
+            }
+            for piece in answer {
+                s.write_all(piece).await.expect("write");
+                s.flush().await.expect("flush");
+                tokio::time::sleep(gap).await;
+            }
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        (addr, served)
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whatever_the_status() {
+        let answer: &[&[u8]] =
+            &[b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"];
+        let (addr, served) = one_shot(answer, Duration::ZERO).await;
+        let response = get(addr, "/health").await.expect("response");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.status_line(), "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(response.text().await.expect("body"), "busy");
+        let request = served.await.expect("server");
+        assert!(request.starts_with("GET /health HTTP/1.1\r\n"), "{request}");
+        assert!(
+            request.to_lowercase().contains(&format!("host: {addr}")),
+            "{request}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_arrives_in_pieces() {
+        let answer: &[&[u8]] = &[
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"5\r\ndata:\r\n",
+            b"4\r\n 1\n\n\r\n0\r\n\r\n",
+        ];
+        let (addr, served) = one_shot(answer, Duration::from_millis(30)).await;
+        let mut response = post_json(addr, "/v1/completions", &serde_json::json!({"a": 1}))
+            .await
+            .expect("response");
+        let mut pieces = Vec::new();
+        while let Some(chunk) = response.chunk().await.expect("chunk") {
+            pieces.push(chunk);
+        }
+        assert_eq!(pieces.len(), 2, "{pieces:?}");
+        assert_eq!(pieces.concat(), b"data: 1\n\n");
+        let request = served.await.expect("server");
+        assert!(request.starts_with("POST /v1/completions HTTP/1.1\r\n"));
+        assert!(request
+            .to_lowercase()
+            .contains("content-type: application/json"));
+    }
+
+    #[test]
+    fn a_server_that_is_not_running_is_named() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+        let e = get_text_blocking(unspecified, "/health").expect_err("refused");
+        assert!(
+            format!("{e:#}").starts_with(&format!(
+                "connecting to exo serve at {addr} (is it running?)"
+            )),
+            "{e:#}"
+        );
+    }
+}
