@@ -146,6 +146,7 @@ async fn generate(
         last_token: None,
         n_prompt,
         n_generated: 0,
+        finished: None,
     };
     let header = Header::new(kind, &app.model_id);
     if params.stream {
@@ -165,6 +166,8 @@ struct Run {
     last_token: Option<Instant>,
     n_prompt: usize,
     n_generated: usize,
+    /// How the generation ended, once it has (a stop string ends it early).
+    finished: Option<FinishReason>,
 }
 
 enum Step {
@@ -174,42 +177,34 @@ enum Step {
 }
 
 impl Run {
-    /// The next piece of output; dropping the run cancels the generation.
+    /// The next piece of text (never empty), then how the generation ended; dropping
+    /// the run cancels the generation.
     async fn next(&mut self) -> Step {
         loop {
+            if let Some(reason) = self.finished {
+                return Step::Done(reason);
+            }
             match self.rx.recv().await {
                 Some(GenEvent::Started) => continue,
                 Some(GenEvent::Token(t)) => {
-                    let now = Instant::now();
-                    match self.last_token {
-                        None => self
-                            .app
-                            .metrics
-                            .ttft
-                            .observe((now - self.started).as_secs_f64()),
-                        Some(prev) => self
-                            .app
-                            .metrics
-                            .inter_token
-                            .observe((now - prev).as_secs_f64()),
-                    }
-                    self.last_token = Some(now);
-                    self.n_generated += 1;
-                    self.app
-                        .metrics
-                        .generated_tokens
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.count_token();
                     let bytes = self.tokenizer.piece(t).unwrap_or_default();
                     let s = self.text.push(&bytes);
                     if self.text.stopped() {
                         // Stop string: end here (the engine is cancelled when rx drops).
-                        return Step::Text(s);
+                        self.finished = Some(FinishReason::Stop);
                     }
                     if !s.is_empty() {
                         return Step::Text(s);
                     }
                 }
-                Some(GenEvent::Done { reason, .. }) => return Step::Done(reason),
+                Some(GenEvent::Done { reason, .. }) => {
+                    self.finished = Some(reason);
+                    let rest = self.text.finish();
+                    if !rest.is_empty() {
+                        return Step::Text(rest);
+                    }
+                }
                 Some(GenEvent::Error(e)) => return Step::Failed(engine_error(e)),
                 Some(GenEvent::ShuttingDown) => {
                     return Step::Failed(ApiError::unavailable(
@@ -220,6 +215,19 @@ impl Run {
                 None => return Step::Failed(engine_error("the engine stopped".into())),
             }
         }
+    }
+
+    /// Counts a generated token and its latency.
+    fn count_token(&mut self) {
+        let now = Instant::now();
+        let metrics = &self.app.metrics;
+        match self.last_token {
+            None => metrics.ttft.observe((now - self.started).as_secs_f64()),
+            Some(prev) => metrics.inter_token.observe((now - prev).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+        self.n_generated += 1;
+        metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -236,16 +244,8 @@ async fn full_response(mut run: Run, header: Header, kind: Kind) -> Result<ApiRe
     let mut text = String::new();
     let reason = loop {
         match run.next().await {
-            Step::Text(s) => {
-                text.push_str(&s);
-                if run.text.stopped() {
-                    break FinishReason::Stop;
-                }
-            }
-            Step::Done(reason) => {
-                text.push_str(&run.text.finish());
-                break reason;
-            }
+            Step::Text(s) => text.push_str(&s),
+            Step::Done(reason) => break reason,
             Step::Failed(e) => return Err(e),
         }
     };
@@ -257,38 +257,25 @@ async fn full_response(mut run: Run, header: Header, kind: Kind) -> Result<ApiRe
 fn stream_response(mut run: Run, header: Header, kind: Kind, include_usage: bool) -> ApiResponse {
     let (tx, rx) = mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
-        let send = |piece: Piece<'_>| tx.send(response::chunk(kind, &header, piece));
-        if kind == Kind::Chat && send(Piece::Role).await.is_err() {
+        let chunk = |piece: Piece<'_>| response::chunk(kind, &header, piece);
+        if kind == Kind::Chat && tx.send(chunk(Piece::Role)).await.is_err() {
             return;
         }
         let end = loop {
             match run.next().await {
                 Step::Text(s) => {
-                    if !s.is_empty() && send(Piece::Text(&s)).await.is_err() {
+                    if tx.send(chunk(Piece::Text(&s))).await.is_err() {
                         return; // client gone: dropping `run` cancels the generation
                     }
-                    if run.text.stopped() {
-                        break Ok(FinishReason::Stop);
-                    }
                 }
-                Step::Done(reason) => {
-                    let rest = run.text.finish();
-                    if !rest.is_empty() && send(Piece::Text(&rest)).await.is_err() {
-                        return;
-                    }
-                    break Ok(reason);
-                }
+                Step::Done(reason) => break Ok(reason),
                 Step::Failed(e) => break Err(e),
             }
         };
         let usage = Usage::new(run.n_prompt, run.n_generated);
         drop(run);
         let last = match end {
-            Ok(reason) => response::chunk(
-                kind,
-                &header,
-                Piece::End(reason, include_usage.then_some(usage)),
-            ),
+            Ok(reason) => chunk(Piece::End(reason, include_usage.then_some(usage))),
             Err(e) => response::sse(&e.body_json()),
         };
         let _ = tx.send(last).await;
