@@ -28,12 +28,20 @@ pub struct BenchArgs {
     reps: usize,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The median (the upper one of an even count; 0 of none).
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return 0.0;
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Which of two engines goes first in repetition `rep` (0, then 1, then the other way
+/// round), so that drift in the machine's load hits both alike.
+pub(crate) fn turns(rep: usize) -> [usize; 2] {
+    if rep.is_multiple_of(2) {
+        [0, 1]
+    } else {
+        [1, 0]
     }
-    v[v.len() / 2]
 }
 
 /// A `/proc/self/status` memory field (e.g. "VmRSS", "VmHWM") in kB.
@@ -101,6 +109,7 @@ fn llama_decode(ctx: &mut OracleContext, first: i32, pos0: usize, n: usize) -> R
     Ok(())
 }
 
+/// Measures exo against llama.cpp on one model.
 pub fn run(args: BenchArgs) -> Result<()> {
     init_backend();
     let threads = args.threads.unwrap_or_else(crate::default_threads);
@@ -140,8 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let (mut pp_exo, mut pp_llama, mut tg_exo, mut tg_llama) = (vec![], vec![], vec![], vec![]);
     for rep in 0..args.reps {
-        // alternate which engine goes first, so drift in machine load hits both alike
-        for which in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
+        for which in turns(rep) {
             // only the engine being measured keeps its compute threads awake
             exo.set_paused(which != 0);
             if which == 0 {

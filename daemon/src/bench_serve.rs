@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use exo::serve::{serve, ServeSettings};
 use exo::tokenizer::Tokenizer;
 use ggml_shim::llama::{argmax, init_backend, LogitsWanted, OracleModel};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::bench::{median, turns};
+use crate::http_client;
 
 #[derive(clap::Args)]
 pub struct BenchServeArgs {
@@ -39,12 +41,7 @@ const PROMPTS: &[&str] = &[
     "Mathematics is the study of",
 ];
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-/// One streamed completion over a raw HTTP/1.1 connection: (ttft, completion tokens).
+/// One streamed completion: (ttft, completion tokens).
 async fn stream_one(
     addr: std::net::SocketAddr,
     prompt: &str,
@@ -53,32 +50,21 @@ async fn stream_one(
     let body = serde_json::json!({
         "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": true,
         "stream_options": {"include_usage": true}
-    })
-    .to_string();
+    });
     let t0 = Instant::now();
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
+    let mut response = http_client::post_json(addr, "/v1/completions", &body).await?;
+    if response.status() != hyper::StatusCode::OK {
+        bail!("server answered: {}", response.status_line());
+    }
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
     let mut ttft = None;
-    loop {
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+    while let Some(chunk) = response.chunk().await? {
+        buf.extend_from_slice(&chunk);
         if ttft.is_none() && buf.windows(6).any(|w| w == b"data: ") {
             ttft = Some(t0.elapsed().as_secs_f64());
         }
     }
     let text = String::from_utf8_lossy(&buf);
-    if !text.starts_with("HTTP/1.1 200") {
-        bail!("server answered: {}", text.lines().next().unwrap_or(""));
-    }
     let usage = text
         .lines()
         .rev()
@@ -159,10 +145,7 @@ pub struct BenchClientArgs {
 
 /// Measures an already running server: aggregate tok/s and median TTFT per concurrency.
 pub fn client(args: BenchClientArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async {
         stream_one(args.addr, "warm up", 2).await?;
         for &n in &args.concurrency {
@@ -182,14 +165,20 @@ pub fn client(args: BenchClientArgs) -> Result<()> {
     })
 }
 
+/// The async runtime of the HTTP side (and, in `exo bench-serve`, of the server).
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Measures `exo serve` in this process against llama.cpp's batched decode.
 pub fn run(args: BenchServeArgs) -> Result<()> {
     init_backend();
     let threads = args.threads.unwrap_or_else(crate::default_threads);
     let max_n = args.concurrency.iter().copied().max().unwrap_or(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let settings = ServeSettings {
         model: args.model.clone(),
         n_ctx: 512,
@@ -239,7 +228,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             .collect::<Result<_, _>>()?;
         let (mut e_tps, mut e_ttft, mut l_tps, mut l_ttft) = (vec![], vec![], vec![], vec![]);
         for rep in 0..args.reps {
-            for which in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
+            for which in turns(rep) {
                 if which == 0 {
                     let (tps, ttft) = rt.block_on(exo_round(addr, n, args.tokens))?;
                     e_tps.push(tps);

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_serve;
+mod http_client;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -299,32 +300,9 @@ fn check_config(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// GET `path` from the local HTTP API; returns the body.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    use std::io::Read;
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
-        .with_context(|| format!("connecting to exo serve at {addr} (is it running?)"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok(body)
-}
-
 fn status(path: &Path) -> Result<()> {
     let cfg = Config::load(path)?;
-    let health = http_get(cfg.api.listen, "/health")?;
+    let health = http_client::get_text_blocking(cfg.api.listen, "/health")?;
     let h: serde_json::Value = serde_json::from_str(&health).unwrap_or_default();
     if h["role"] == "worker" {
         println!(
@@ -343,7 +321,8 @@ fn status(path: &Path) -> Result<()> {
             .to_string()
     };
     println!("node {} (head): {state}", cfg.node.name);
-    let v: serde_json::Value = serde_json::from_str(&http_get(cfg.api.listen, "/v1/cluster")?)?;
+    let cluster = http_client::get_text_blocking(cfg.api.listen, "/v1/cluster")?;
+    let v: serde_json::Value = serde_json::from_str(&cluster)?;
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     if peers.is_empty() {
         println!("single node (no peers)");

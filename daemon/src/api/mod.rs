@@ -181,6 +181,22 @@ impl ApiError {
         )
     }
 
+    /// 503: the server cannot take the request now.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            code,
+            message,
+        )
+    }
+
+    /// The same error, telling the client when to retry (`Retry-After`, seconds).
+    pub fn with_retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
+
     pub fn body_json(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "code": self.code}})
     }
@@ -194,16 +210,19 @@ impl ApiError {
     }
 }
 
-pub fn json_response(status: StatusCode, v: &serde_json::Value) -> ApiResponse {
-    let mut r = Response::new(ApiBody::Full(Full::new(Bytes::from(v.to_string()))));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+/// A JSON response.
+pub fn json_response(status: StatusCode, v: &impl serde::Serialize) -> ApiResponse {
+    // exo's own types always serialize (no maps with non-string keys)
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    text_response(status, "application/json", body)
 }
 
-fn text_response(status: StatusCode, content_type: &'static str, body: String) -> ApiResponse {
-    let mut r = Response::new(ApiBody::Full(Full::new(Bytes::from(body))));
+fn text_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> ApiResponse {
+    let mut r = Response::new(ApiBody::Full(Full::new(body.into())));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -263,14 +282,9 @@ pub async fn run(
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> ApiResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let endpoint = match path.as_str() {
-        "/v1/completions"
-        | "/v1/chat/completions"
-        | "/v1/models"
-        | "/v1/cluster"
-        | "/health"
-        | "/metrics" => path.as_str(),
-        _ => "other",
+    let endpoint = match allowed_method(&path) {
+        Some(_) => path.as_str(),
+        None => "other",
     }
     .to_string();
     let resp = route(&app, req, &path, &method)
@@ -294,54 +308,40 @@ fn method_not_allowed(allowed: &'static str) -> ApiResponse {
     r
 }
 
+/// The method an endpoint takes; None for an unknown path.
+fn allowed_method(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/completions" | "/v1/chat/completions" => Some("POST"),
+        "/v1/models" | "/v1/cluster" | "/health" | "/metrics" => Some("GET"),
+        _ => None,
+    }
+}
+
 async fn route(
     app: &Arc<App>,
     req: Request<Incoming>,
     path: &str,
     method: &Method,
 ) -> Result<ApiResponse, ApiError> {
+    let Some(allowed) = allowed_method(path) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            format!("unknown path {path}"),
+        ));
+    };
+    if method.as_str() != allowed {
+        return Ok(method_not_allowed(allowed));
+    }
     match path {
-        "/health" => {
-            if method != Method::GET {
-                return Ok(method_not_allowed("GET"));
-            }
-            Ok(health(app))
-        }
-        "/metrics" => {
-            if method != Method::GET {
-                return Ok(method_not_allowed("GET"));
-            }
-            let served = app.served.get();
-            let mut body = app.metrics.render(
-                served.map(|s| s.scheduler.stats()),
-                served.map_or(0, |s| s.max_slots),
-            );
-            if let Some(view) = app.cluster.get() {
-                body.push_str(&cluster_metrics(view));
-            }
-            if app.cluster.get().is_some() || app.worker_of.get().is_some() {
-                let f = app.frames.snapshot();
-                body.push_str("# HELP exo_frames_total Cluster frames by outcome.\n# TYPE exo_frames_total counter\n");
-                for (outcome, n) in [
-                    ("accepted", f.accepted),
-                    ("malformed", f.malformed),
-                    ("forged", f.forged),
-                    ("replayed", f.replayed),
-                    ("invalid", f.invalid),
-                ] {
-                    body.push_str(&format!("exo_frames_total{{outcome=\"{outcome}\"}} {n}\n"));
-                }
-            }
-            Ok(text_response(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                body,
-            ))
-        }
+        "/health" => Ok(health(app)),
+        "/metrics" => Ok(text_response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics_text(app),
+        )),
         "/v1/cluster" => {
-            if method != Method::GET {
-                return Ok(method_not_allowed("GET"));
-            }
             let peers = app
                 .cluster
                 .get()
@@ -349,19 +349,13 @@ async fn route(
                 .unwrap_or_default();
             Ok(json_response(StatusCode::OK, &json!({"peers": peers})))
         }
-        "/v1/models" | "/v1/completions" | "/v1/chat/completions" => {
-            let allowed = if path == "/v1/models" { "GET" } else { "POST" };
-            if method.as_str() != allowed {
-                return Ok(method_not_allowed(allowed));
-            }
+        _ => {
             authorize(app, &req)?;
             if path == "/v1/models" {
                 return Ok(openai::models(app));
             }
             if let Some(head) = app.worker_of.get() {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
+                return Err(ApiError::unavailable(
                     "not_head",
                     format!("this node is a cluster worker: send requests to the head ({head})"),
                 ));
@@ -374,13 +368,35 @@ async fn route(
                 openai::chat_completions(app, served, &body).await
             }
         }
-        _ => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "not_found",
-            format!("unknown path {path}"),
-        )),
     }
+}
+
+/// The Prometheus text of `/metrics`.
+fn metrics_text(app: &App) -> String {
+    let served = app.served.get();
+    let mut body = app.metrics.render(
+        served.map(|s| s.scheduler.stats()),
+        served.map_or(0, |s| s.max_slots),
+    );
+    if let Some(view) = app.cluster.get() {
+        body.push_str(&cluster_metrics(view));
+    }
+    if app.cluster.get().is_some() || app.worker_of.get().is_some() {
+        let f = app.frames.snapshot();
+        body.push_str(
+            "# HELP exo_frames_total Cluster frames by outcome.\n# TYPE exo_frames_total counter\n",
+        );
+        for (outcome, n) in [
+            ("accepted", f.accepted),
+            ("malformed", f.malformed),
+            ("forged", f.forged),
+            ("replayed", f.replayed),
+            ("invalid", f.invalid),
+        ] {
+            body.push_str(&format!("exo_frames_total{{outcome=\"{outcome}\"}} {n}\n"));
+        }
+    }
+    body
 }
 
 /// Per-peer figures of a cluster head, in Prometheus text.
@@ -434,9 +450,7 @@ fn health(app: &App) -> ApiResponse {
     }
     let missing = app.missing_peers();
     if !missing.is_empty() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+        return ApiError::unavailable(
             "peer_missing",
             format!("peer {} is missing", missing.join(", ")),
         )
@@ -445,38 +459,27 @@ fn health(app: &App) -> ApiResponse {
     if app.served.get().is_some() {
         return json_response(StatusCode::OK, &json!({"status": "ok"}));
     }
-    let why = app.load_error.lock().ok().and_then(|e| e.clone());
-    let (code, message) = match why {
-        Some(e) => ("load_failed", format!("the model failed to load: {e}")),
-        None => ("loading", "the model is loading".to_string()),
-    };
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        code,
-        message,
-    )
-    .into_response()
+    load_failed(app)
+        .unwrap_or_else(|| ApiError::unavailable("loading", "the model is loading"))
+        .into_response()
 }
 
+/// The error of a model that failed to load, if it did.
+fn load_failed(app: &App) -> Option<ApiError> {
+    let why = app.load_error.lock().ok().and_then(|e| e.clone())?;
+    Some(ApiError::unavailable(
+        "load_failed",
+        format!("the model failed to load: {why}"),
+    ))
+}
+
+/// The loaded model, or why requests cannot be served yet.
 fn ready(app: &App) -> Result<&Served, ApiError> {
-    if let Some(e) = app.load_error.lock().ok().and_then(|e| e.clone()) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "load_failed",
-            format!("the model failed to load: {e}"),
-        ));
+    if let Some(e) = load_failed(app) {
+        return Err(e);
     }
     app.served.get().ok_or_else(|| {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "loading",
-            "the model is still loading",
-        );
-        e.retry_after = Some(1);
-        e
+        ApiError::unavailable("loading", "the model is still loading").with_retry_after(1)
     })
 }
 
