@@ -115,6 +115,40 @@ fn c_url(url: &str) -> Result<CString, TransportError> {
 
 /// Adds a listener and returns the URL it is bound to (with the real port when
 /// `:0` was asked for).
+/// A socket made by `make`, listening on `url`; with the bound URL.
+async fn listening<P>(
+    make: impl FnOnce() -> io::Result<Socket<P>>,
+    url: &str,
+) -> Result<(Socket<P>, String), TransportError> {
+    let socket = make().map_err(|source| TransportError::Listen {
+        url: url.to_string(),
+        source,
+    })?;
+    let url = listen_on(&socket, url).await?;
+    Ok((socket, url))
+}
+
+/// A listening end: its bound URL, with the real port, and the address of a TCP one.
+pub trait Listening {
+    fn url(&self) -> &str;
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        tcp_addr(self.url())
+    }
+}
+
+impl Listening for PipelineRx {
+    fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Listening for ControlServer {
+    fn url(&self) -> &str {
+        &self.url
+    }
+}
+
 async fn listen_on<P>(socket: &Socket<P>, url: &str) -> Result<String, TransportError> {
     let c = c_url(url)?;
     let listener = socket
@@ -282,22 +316,8 @@ pub struct PipelineRx {
 impl PipelineRx {
     /// Listens on `url`; `tcp://HOST:0` picks a free port (see [`PipelineRx::url`]).
     pub async fn listen(url: &str) -> Result<PipelineRx, TransportError> {
-        let socket = Pull0::socket().map_err(|source| TransportError::Listen {
-            url: url.to_string(),
-            source,
-        })?;
-        let url = listen_on(&socket, url).await?;
+        let (socket, url) = listening(Pull0::socket, url).await?;
         Ok(PipelineRx { socket, url })
-    }
-
-    /// The bound URL, with the real port.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The bound address for TCP listeners.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        tcp_addr(&self.url)
     }
 
     /// Receives the next message; `None` waits forever. Cancellation safe: a
@@ -332,20 +352,8 @@ pub struct ControlServer {
 impl ControlServer {
     /// Listens on `url`; `tcp://HOST:0` picks a free port (see [`ControlServer::url`]).
     pub async fn listen(url: &str) -> Result<ControlServer, TransportError> {
-        let socket = Rep0::socket().map_err(|source| TransportError::Listen {
-            url: url.to_string(),
-            source,
-        })?;
-        let url = listen_on(&socket, url).await?;
+        let (socket, url) = listening(Rep0::socket, url).await?;
         Ok(ControlServer { socket, url })
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        tcp_addr(&self.url)
     }
 
     /// Waits (up to `timeout`) for one request, answers it with `handler`'s reply.

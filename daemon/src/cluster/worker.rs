@@ -146,9 +146,14 @@ pub async fn run(
         })
     };
     shutdown.await;
+    // the aborted control task drops the command sender: the stage thread sees it
+    // within one receive timeout and ends
     control_task.abort();
-    drop(data);
-    Ok(())
+    let _ = control_task.await;
+    match tokio::task::spawn_blocking(move || data.join()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => anyhow::bail!("the stage thread panicked"),
+    }
 }
 
 struct ControlHandler {
