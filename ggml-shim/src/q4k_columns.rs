@@ -19,98 +19,95 @@ pub(crate) const AVAILABLE: bool = cfg!(all(
 /// The most columns multiplied per pass over a group of rows.
 pub(crate) const MAX_COLUMNS: usize = 8;
 
-/// `out[j][0..8·groups] = rows · column j` for `groups` groups of eight interleaved
-/// Q4_K rows at `w` (`k / 256` blocks each), every column a Q8_K row.
-///
-/// # Safety
-/// `w` holds `groups · k/256` `block_q4_Kx8`; each `xs[j]` `k/256` `block_q8_K`; each
-/// `outs[j]` room for `8 · groups` floats; at most [`MAX_COLUMNS`] columns.
+pub(crate) use kernel::matmul;
+
+/// The kernel and its pieces, each a stretch of ggml's instructions inlined into it.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma",
     target_feature = "f16c"
 ))]
-pub(crate) unsafe fn matmul(
-    k: usize,
-    w: *const u8,
-    groups: usize,
-    xs: &[*const u8],
-    outs: &[*mut f32],
-) {
-    use avx2::*;
+mod kernel {
     use std::arch::x86_64::*;
-    let nb = k / 256;
-    let n = xs.len().min(outs.len()).min(MAX_COLUMNS);
-    // SAFETY (whole body): register arithmetic and loads inside the blocks the caller
-    // vouches for (see the offsets of block_q4_Kx8 and block_q8_K in `avx2`).
-    unsafe {
-        let finalpermutemask = _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0);
-        for group in 0..groups {
-            let mut acc_row = [_mm256_setzero_ps(); MAX_COLUMNS];
-            let mut acc_min = [_mm256_setzero_ps(); MAX_COLUMNS];
-            for b in 0..nb {
-                let blk = w.add((group * nb + b) * Q4_KX8_BYTES);
-                let (col_scale, col_dmin) = block_scales(blk);
-                let mut iacc_b = [_mm256_setzero_si256(); MAX_COLUMNS];
-                let mut iacc_min_b = [_mm256_setzero_si256(); MAX_COLUMNS];
-                let mut q8s = [_mm256_setzero_si256(); MAX_COLUMNS];
-                for j in 0..n {
-                    q8s[j] = sub_block_sums(xs[j].add(b * Q8_K_BYTES));
-                }
-                for sb in 0..4 {
-                    let pair = SubBlockPair::unpack(blk, sb);
+
+    use super::MAX_COLUMNS;
+
+    /// `out[j][0..8·groups] = rows · column j` for `groups` groups of eight interleaved
+    /// Q4_K rows at `w` (`k / 256` blocks each), every column a Q8_K row.
+    ///
+    /// # Safety
+    /// `w` holds `groups · k/256` `block_q4_Kx8`; each `xs[j]` `k/256` `block_q8_K`; each
+    /// `outs[j]` room for `8 · groups` floats; at most [`MAX_COLUMNS`] columns.
+    pub(crate) unsafe fn matmul(
+        k: usize,
+        w: *const u8,
+        groups: usize,
+        xs: &[*const u8],
+        outs: &[*mut f32],
+    ) {
+        let nb = k / 256;
+        let n = xs.len().min(outs.len()).min(MAX_COLUMNS);
+        // SAFETY (whole body): register arithmetic and loads inside the blocks the caller
+        // vouches for (see the offsets of block_q4_Kx8 and block_q8_K below).
+        unsafe {
+            let finalpermutemask = _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0);
+            for group in 0..groups {
+                let mut acc_row = [_mm256_setzero_ps(); MAX_COLUMNS];
+                let mut acc_min = [_mm256_setzero_ps(); MAX_COLUMNS];
+                for b in 0..nb {
+                    let blk = w.add((group * nb + b) * Q4_KX8_BYTES);
+                    let (col_scale, col_dmin) = block_scales(blk);
+                    let mut iacc_b = [_mm256_setzero_si256(); MAX_COLUMNS];
+                    let mut iacc_min_b = [_mm256_setzero_si256(); MAX_COLUMNS];
+                    let mut q8s = [_mm256_setzero_si256(); MAX_COLUMNS];
                     for j in 0..n {
-                        let x = xs[j].add(b * Q8_K_BYTES);
-                        let (iacc_sb, iacc_min_sb) = pair.dot(x, sb, &mut q8s[j]);
-                        iacc_b[j] = _mm256_add_epi32(iacc_b[j], iacc_sb);
-                        iacc_min_b[j] = _mm256_add_epi32(iacc_min_b[j], iacc_min_sb);
+                        q8s[j] = sub_block_sums(xs[j].add(b * Q8_K_BYTES));
+                    }
+                    for sb in 0..4 {
+                        let pair = SubBlockPair::unpack(blk, sb);
+                        for j in 0..n {
+                            let x = xs[j].add(b * Q8_K_BYTES);
+                            let (iacc_sb, iacc_min_sb) = pair.dot(x, sb, &mut q8s[j]);
+                            iacc_b[j] = _mm256_add_epi32(iacc_b[j], iacc_sb);
+                            iacc_min_b[j] = _mm256_add_epi32(iacc_min_b[j], iacc_min_sb);
+                        }
+                    }
+                    for j in 0..n {
+                        let row_scale = _mm256_set1_ps(
+                            (xs[j].add(b * Q8_K_BYTES) as *const f32).read_unaligned(),
+                        );
+                        acc_row[j] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(iacc_b[j]),
+                            _mm256_mul_ps(col_scale, row_scale),
+                            acc_row[j],
+                        );
+                        acc_min[j] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(iacc_min_b[j]),
+                            _mm256_mul_ps(col_dmin, row_scale),
+                            acc_min[j],
+                        );
                     }
                 }
                 for j in 0..n {
-                    let row_scale =
-                        _mm256_set1_ps((xs[j].add(b * Q8_K_BYTES) as *const f32).read_unaligned());
-                    acc_row[j] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(iacc_b[j]),
-                        _mm256_mul_ps(col_scale, row_scale),
-                        acc_row[j],
-                    );
-                    acc_min[j] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(iacc_min_b[j]),
-                        _mm256_mul_ps(col_dmin, row_scale),
-                        acc_min[j],
-                    );
+                    let row = _mm256_permutevar8x32_ps(acc_row[j], finalpermutemask);
+                    _mm256_storeu_ps(outs[j].add(group * 8), _mm256_sub_ps(row, acc_min[j]));
                 }
-            }
-            for j in 0..n {
-                let row = _mm256_permutevar8x32_ps(acc_row[j], finalpermutemask);
-                _mm256_storeu_ps(outs[j].add(group * 8), _mm256_sub_ps(row, acc_min[j]));
             }
         }
     }
-}
-
-/// The pieces of [`matmul`], each a stretch of ggml's instructions, inlined into it.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-mod avx2 {
-    use std::arch::x86_64::*;
 
     /// Bytes of one `block_q4_Kx8` (8 f16 scales, 8 f16 mins, 96 scale bytes, 1024
     /// quant bytes) and of one `block_q8_K` (f32 scale, 256 quants, 16 i16 sums).
-    pub(super) const Q4_KX8_BYTES: usize = 1152;
-    pub(super) const Q8_K_BYTES: usize = 292;
+    const Q4_KX8_BYTES: usize = 1152;
+    const Q8_K_BYTES: usize = 292;
 
     /// The eight rows' f16 super-block scales (in ggml's lane order) and mins, as f32.
     ///
     /// # Safety
     /// `blk` points at a `block_q4_Kx8`.
     #[inline(always)]
-    pub(super) unsafe fn block_scales(blk: *const u8) -> (__m256, __m256) {
+    unsafe fn block_scales(blk: *const u8) -> (__m256, __m256) {
         // SAFETY: the 16 bytes at 0 and at 16 are the block's scales and mins.
         unsafe {
             let deltamask = _mm_set_epi8(15, 14, 7, 6, 13, 12, 5, 4, 11, 10, 3, 2, 9, 8, 1, 0);
@@ -129,7 +126,7 @@ mod avx2 {
     /// # Safety
     /// `x` points at a `block_q8_K`.
     #[inline(always)]
-    pub(super) unsafe fn sub_block_sums(x: *const u8) -> __m256i {
+    unsafe fn sub_block_sums(x: *const u8) -> __m256i {
         // SAFETY: the 32 bytes at 260 are the block's 16 i16 sums.
         unsafe {
             let sums = _mm256_loadu_si256(x.add(260) as *const __m256i);
@@ -177,7 +174,7 @@ mod avx2 {
     }
 
     /// The weights of two sub-blocks of eight rows, unpacked once for every column.
-    pub(super) struct SubBlockPair {
+    struct SubBlockPair {
         /// Low nibbles (first sub-block) and high nibbles (second), interleaved.
         rhs0: [__m256i; 8],
         rhs1: [__m256i; 8],
@@ -194,7 +191,7 @@ mod avx2 {
         /// # Safety
         /// `blk` points at a `block_q4_Kx8`; `sb < 4`.
         #[inline(always)]
-        pub(super) unsafe fn unpack(blk: *const u8, sb: usize) -> SubBlockPair {
+        unsafe fn unpack(blk: *const u8, sb: usize) -> SubBlockPair {
             // SAFETY: the scale bytes (96 at 32) and quants (1024 at 128) of the block.
             unsafe {
                 let (scales, qs) = (blk.add(32), blk.add(128));
@@ -225,12 +222,7 @@ mod avx2 {
         /// # Safety
         /// `x` points at the column's `block_q8_K`; `sb < 4`.
         #[inline(always)]
-        pub(super) unsafe fn dot(
-            &self,
-            x: *const u8,
-            sb: usize,
-            q8s: &mut __m256i,
-        ) -> (__m256i, __m256i) {
+        unsafe fn dot(&self, x: *const u8, sb: usize, q8s: &mut __m256i) -> (__m256i, __m256i) {
             // SAFETY: the 64 quants of the two sub-blocks at 4 + 64·sb in the block.
             unsafe {
                 let a = x.add(4 + sb * 64);
@@ -278,11 +270,14 @@ mod avx2 {
     }
 }
 
-/// Other targets: never called ([`AVAILABLE`] is false).
+/// Other targets: a stub, never called ([`AVAILABLE`] is false).
 #[cfg(not(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma",
     target_feature = "f16c"
 )))]
-pub(crate) unsafe fn matmul(_: usize, _: *const u8, _: usize, _: &[*const u8], _: &[*mut f32]) {}
+mod kernel {
+    pub(crate) unsafe fn matmul(_: usize, _: *const u8, _: usize, _: &[*const u8], _: &[*mut f32]) {
+    }
+}
