@@ -15,28 +15,17 @@ use super::proto::{self, Hello, HelloAck, Plan, PlanAck, PlannedStage, Pong};
 use super::remote::{FirstStage, LmHeadSplit, RemoteStages, SEND_TIMEOUT};
 use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
 use super::wire::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer};
-use crate::config::HeadSharePolicy;
+use crate::config::{HeadSharePolicy, PeerConfig};
 use crate::engine::scheduler::max_step_tokens;
 use crate::engine::{Pipeline, Stage, StageConfig};
 use crate::model::{LayerRange, ModelFile};
-
-/// One peer as the head sees it.
-#[derive(Debug, Clone)]
-pub struct PeerSpec {
-    pub name: String,
-    /// Data-plane URL.
-    pub address: String,
-    /// Control-plane URL.
-    pub control: String,
-    pub layers: Option<(usize, usize)>,
-}
 
 #[derive(Debug, Clone)]
 pub struct HeadSettings {
     pub name: String,
     pub listen: String,
-    /// Peers in pipeline order; the first is this node.
-    pub peers: Vec<PeerSpec>,
+    /// Peers in pipeline order (as configured); the first is this node.
+    pub peers: Vec<PeerConfig>,
     pub key: Vec<u8>,
     pub threads: usize,
     pub n_ctx: usize,
@@ -77,7 +66,7 @@ const HEARTBEAT: Duration = Duration::from_millis(250);
 const DEAD_AFTER: Duration = SEND_TIMEOUT;
 
 struct Control {
-    peers: Vec<(PeerSpec, ControlClient)>,
+    peers: Vec<(PeerConfig, ControlClient)>,
     sealer: Mutex<Sealer>,
     opener: Mutex<Opener>,
 }
@@ -85,7 +74,7 @@ struct Control {
 impl Control {
     /// Dials every peer's control socket (waiting as long as it takes them to start).
     async fn connect(
-        peers: &[PeerSpec],
+        peers: &[PeerConfig],
         key: &FrameKey,
         frame_stats: Arc<super::wire::OpenerStats>,
     ) -> anyhow::Result<Control> {
@@ -95,12 +84,15 @@ impl Control {
             opener: Mutex::new(Opener::new(key.clone()).with_stats(frame_stats)),
         };
         for p in peers {
-            tracing::info!("waiting for peer {} at {}", p.name, p.control);
+            let url = p
+                .control_address()
+                .with_context(|| format!("peer {}: bad address {}", p.name, p.address))?;
+            tracing::info!("waiting for peer {} at {url}", p.name);
             let options = DialOptions {
                 connect_timeout: Duration::from_secs(3600),
                 ..DialOptions::default()
             };
-            let client = ControlClient::dial(&p.control, &options)
+            let client = ControlClient::dial(&url, &options)
                 .await
                 .with_context(|| format!("dialing peer {}", p.name))?;
             control.peers.push((p.clone(), client));
@@ -306,7 +298,7 @@ async fn greet(
         if ack.name != p.name {
             bail!(
                 "peer at {} calls itself '{}', the config says '{}'",
-                p.control,
+                p.control_address().unwrap_or_else(|| p.address.clone()),
                 ack.name,
                 p.name
             );

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cluster::head::{HeadSettings, PeerSpec};
+use crate::cluster::head::HeadSettings;
 use crate::cluster::worker::WorkerSettings;
 use crate::config::{ApiKey, Config, WireActivations};
 
@@ -131,25 +131,17 @@ impl ServeSettings {
                 head: format!("{} ({})", head.name, head.address),
             }));
         }
-        let mut peers = Vec::with_capacity(cfg.peers.len());
-        for p in &cfg.peers {
-            let control = p
-                .control_address()
-                .ok_or_else(|| SettingsError::BadAddress {
-                    name: p.name.clone(),
-                    address: p.address.clone(),
-                })?;
-            peers.push(PeerSpec {
+        // every peer's control plane must be reachable (the address port + 1)
+        if let Some(p) = cfg.peers.iter().find(|p| p.control_address().is_none()) {
+            return Err(SettingsError::BadAddress {
                 name: p.name.clone(),
                 address: p.address.clone(),
-                control,
-                layers: p.layers,
             });
         }
         Ok(Some(ClusterRole::Head(HeadSettings {
             name: cfg.node.name.clone(),
             listen,
-            peers,
+            peers: cfg.peers.clone(),
             key,
             threads: self.threads,
             n_ctx: self.n_ctx,

@@ -560,12 +560,13 @@ fn bad_magic_and_version() {
     ));
 }
 
-/// Authentic frames that break the receiver's limits.
-#[test]
-fn semantic_violations_are_rejected() {
-    let l = limits();
+/// A frame's header fields, descriptors and payload.
+type Case = (FrameMeta, Vec<BatchSeq>, Vec<u8>);
+
+/// Activation frames that break the receiver's limits.
+fn activation_violations() -> Vec<Case> {
     let ok_f16 = |n: usize| vec![0u8; n * 4 * 2];
-    let cases: Vec<(FrameMeta, Vec<BatchSeq>, Vec<u8>)> = vec![
+    vec![
         // width mismatch
         (
             FrameMeta::activations(Some(Dtype::F16), 8),
@@ -625,6 +626,12 @@ fn semantic_violations_are_rejected() {
         ),
         // empty batch
         (FrameMeta::activations(Some(Dtype::F32), 4), vec![], vec![]),
+    ]
+}
+
+/// Token and control frames that break the receiver's limits.
+fn token_and_control_violations() -> Vec<Case> {
+    vec![
         // tokens: payload not one id per output row
         (
             FrameMeta::plain(FrameType::Tokens, 0),
@@ -665,7 +672,15 @@ fn semantic_violations_are_rejected() {
             vec![],
             vec![],
         ),
-    ];
+    ]
+}
+
+/// Authentic frames that break the receiver's limits.
+#[test]
+fn semantic_violations_are_rejected() {
+    let l = limits();
+    let mut cases = activation_violations();
+    cases.extend(token_and_control_violations());
     let mut sealer = Sealer::new(key(), 9);
     let mut opener = Opener::new(key());
     for (i, (meta, seqs, payload)) in cases.iter().enumerate() {

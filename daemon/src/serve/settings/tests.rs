@@ -65,7 +65,7 @@ fn the_first_peer_is_the_head() {
     assert!(h.f16);
     assert_eq!(h.head_share, HeadSharePolicy::Off);
     assert_eq!((h.n_ctx, h.n_slots, h.batch, h.threads), (2048, 3, 32, 2));
-    let controls: Vec<&str> = h.peers.iter().map(|p| p.control.as_str()).collect();
+    let controls: Vec<String> = h.peers.iter().filter_map(|p| p.control_address()).collect();
     assert_eq!(controls, ["tcp://10.0.0.1:5556", "tcp://10.0.0.2:6001"]);
     assert_eq!(h.peers[1].layers, Some((4, 8)));
 }
