@@ -205,37 +205,30 @@ impl Pipeline {
             let Some(last) = self.links.last_mut() else {
                 return Err(EngineError::Pipeline("a pipeline without stages".into()));
             };
-            let (step, output) = match last.wait() {
-                Ok(r) => r,
-                Err(e) => {
-                    self.lm_head_parts.clear();
-                    return Err(e);
+            let (step, output) = last.wait().inspect_err(|_| self.lm_head_parts.clear())?;
+            let outcome = match output {
+                LinkOutput::Logits(l) => StepOutcome::Logits(l),
+                LinkOutput::Tokens(t) => StepOutcome::Tokens(t),
+                LinkOutput::Normed { rows, normed } => {
+                    // half a result: this node's rows now, the other part later
+                    self.project_lm_head(step, rows, &normed)?;
+                    continue;
+                }
+                LinkOutput::LmHeadPart(theirs) => {
+                    let Some((rows, mine)) = self.lm_head_parts.remove(&step) else {
+                        return Err(EngineError::Pipeline(format!(
+                            "head part of step {step} without its normalized state"
+                        )));
+                    };
+                    StepOutcome::Split { rows, mine, theirs }
+                }
+                LinkOutput::Hidden(_) => {
+                    return Err(EngineError::Pipeline(
+                        "the last stage returned activations".into(),
+                    ))
                 }
             };
-            return Ok((
-                step,
-                match output {
-                    LinkOutput::Logits(l) => StepOutcome::Logits(l),
-                    LinkOutput::Tokens(t) => StepOutcome::Tokens(t),
-                    LinkOutput::Normed { rows, normed } => {
-                        self.project_lm_head(step, rows, &normed)?;
-                        continue;
-                    }
-                    LinkOutput::LmHeadPart(theirs) => {
-                        let Some((rows, mine)) = self.lm_head_parts.remove(&step) else {
-                            return Err(EngineError::Pipeline(format!(
-                                "head part of step {step} without its normalized state"
-                            )));
-                        };
-                        StepOutcome::Split { rows, mine, theirs }
-                    }
-                    LinkOutput::Hidden(_) => {
-                        return Err(EngineError::Pipeline(
-                            "the last stage returned activations".into(),
-                        ))
-                    }
-                },
-            ));
+            return Ok((step, outcome));
         }
     }
 
