@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 
 use super::error::ConfigError;
-use super::file::{FileConfig, Given, Source};
+use super::file::{FileConfig, Given, SizeText, Source};
 
 /// The only variables read, with the key each sets.
 pub(super) const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("EXO_NODE_NAME", "node.name"),
     ("EXO_NODE_LISTEN", "node.listen"),
+    ("EXO_NODE_MEMORY", "node.memory"),
     ("EXO_MODEL_PATH", "model.path"),
     ("EXO_API_LISTEN", "api.listen"),
     ("EXO_API_KEY", "api.key"),
@@ -46,9 +47,11 @@ pub(super) fn from_process() -> Result<HashMap<String, String>, ConfigError> {
     Ok(env)
 }
 
-/// A key an override can set: text, or a count (checked when the variable is read).
+/// A key an override can set: text, a size (both checked by `validate`), or a count
+/// (checked when the variable is read).
 enum Slot<'a> {
     Text(&'a mut Option<Given<String>>),
+    Size(&'a mut Option<Given<SizeText>>),
     Count(&'a mut Option<Given<u64>>),
 }
 
@@ -57,6 +60,7 @@ impl FileConfig {
         Some(match key {
             "node.name" => Slot::Text(&mut self.node.name),
             "node.listen" => Slot::Text(&mut self.node.listen),
+            "node.memory" => Slot::Size(&mut self.node.memory),
             "model.path" => Slot::Text(&mut self.model.path),
             "api.listen" => Slot::Text(&mut self.api.listen),
             "api.key" => Slot::Text(&mut self.api.key),
@@ -84,6 +88,12 @@ impl FileConfig {
                 Some(Slot::Text(slot)) => {
                     *slot = Some(Given {
                         value: value.clone(),
+                        from,
+                    })
+                }
+                Some(Slot::Size(slot)) => {
+                    *slot = Some(Given {
+                        value: SizeText(value.clone()),
                         from,
                     })
                 }

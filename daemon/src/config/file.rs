@@ -57,6 +57,34 @@ pub(super) struct FileConfig {
 pub(super) struct FileNode {
     pub name: Key<String>,
     pub listen: Key<String>,
+    pub memory: Key<SizeText>,
+}
+
+/// A size as written: a string such as "1.5 GiB", or an integer of bytes (kept as its
+/// digits); `validate` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SizeText(pub String);
+
+impl<'de> Deserialize<'de> for SizeText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SizeText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size such as \"1.5 GiB\" or \"800 MB\", or a number of bytes")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeText, E> {
+                Ok(SizeText(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeText, E> {
+                Ok(SizeText(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeText, E> {
+                Ok(SizeText(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// `[model]`.
@@ -122,7 +150,7 @@ const fn section(name: &'static str, keys: &'static [&'static str], array: bool)
 
 /// The sections, in order.
 pub(super) const SECTIONS: &[Section] = &[
-    section("node", &["name", "listen"], false),
+    section("node", &["name", "listen", "memory"], false),
     section("model", &["path"], false),
     section(
         "api",

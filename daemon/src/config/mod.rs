@@ -91,6 +91,48 @@ pub struct NodeConfig {
     /// listed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// The memory the planner may plan on this node (weights, KV cache and the
+    /// runtime), such as "1.5 GiB", "800 MB" or a number of bytes. `None`: what the
+    /// system reports available when the node starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemorySize>,
+}
+
+/// A size in bytes, printed as the file (or its variable) wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemorySize {
+    bytes: u64,
+    written: String,
+}
+
+impl MemorySize {
+    /// Reads "1.5 GiB", "800 MB", "800MB", "2g" (units: B, kB/KiB … EB/EiB, any case;
+    /// "k", "m", "g" are SI) or a plain number of bytes; 0 is refused.
+    pub fn parse(text: &str) -> Result<MemorySize, String> {
+        let written = text.trim();
+        let usage = "a size such as \"1.5 GiB\", \"800 MB\" or a number of bytes";
+        let bytes = written
+            .parse::<bytesize::ByteSize>()
+            .map_err(|_| format!("'{written}' is not {usage}"))?
+            .as_u64();
+        if bytes == 0 {
+            return Err(format!("'{written}' is no memory at all: give {usage}"));
+        }
+        Ok(MemorySize {
+            bytes,
+            written: written.to_owned(),
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Serialize for MemorySize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.written)
+    }
 }
 
 /// `[model]`: the model to serve.
@@ -220,6 +262,7 @@ impl Default for NodeConfig {
         NodeConfig {
             name: default_node_name(),
             listen: None,
+            memory: None,
         }
     }
 }

@@ -487,7 +487,10 @@ fn every_section_has_its_keys() {
         sections(),
         ["node", "model", "api", "engine", "cluster", "peer"]
     );
-    assert_eq!(section_keys("node"), Some(&["name", "listen"][..]));
+    assert_eq!(
+        section_keys("node"),
+        Some(&["name", "listen", "memory"][..])
+    );
     assert_eq!(
         section_keys("cluster"),
         Some(&["key", "key_file", "activations", "head_share"][..])
@@ -766,6 +769,75 @@ fn node_listen_checked() {
     );
     let e = error(&format!("{MODEL}[node]\nlisten = 5555\n"), &[]);
     assert!(e.contains("line 4: wrong type for 'node.listen'"), "{e}");
+}
+
+#[test]
+fn node_memory_read_checked_and_printed() {
+    const GIB: u64 = 1 << 30;
+    for (written, bytes) in [
+        ("\"1.5 GiB\"", 3 * GIB / 2),
+        ("\"800 MB\"", 800_000_000),
+        ("\"800MB\"", 800_000_000),
+        ("\" 2 gib \"", 2 * GIB),
+        ("\"512 MiB\"", 512 << 20),
+        ("\"2g\"", 2_000_000_000),
+        ("1610612736", 1_610_612_736),
+        ("\"1610612736\"", 1_610_612_736),
+    ] {
+        let c = load(&format!("{MODEL}[node]\nmemory = {written}\n"), &[]).expect(written);
+        assert_eq!(c.node.memory.as_ref().map(MemorySize::bytes), Some(bytes));
+        // printed as written, and loads back
+        let toml = c.effective_toml();
+        let shown = written.trim_matches('"').trim();
+        assert!(toml.contains(&format!("memory = \"{shown}\"")), "{toml}");
+        let again = load(&toml, &[]).expect("load the effective config");
+        assert_eq!(again.node.memory, c.node.memory);
+    }
+    // not set: not printed (the node offers what is available when it starts)
+    let c = load(MODEL, &[]).expect("load");
+    assert!(c.node.memory.is_none() && !c.effective_toml().contains("memory"));
+    for (written, why) in [
+        (
+            "\"1.5 GiBs\"",
+            "'1.5 GiBs' is not a size such as \"1.5 GiB\"",
+        ),
+        ("\"lots\"", "'lots' is not a size"),
+        ("\"\"", "'' is not a size"),
+        ("\"-1 GB\"", "'-1 GB' is not a size"),
+        ("\"1.5\"", "'1.5' is not a size"),
+        ("-5", "'-5' is not a size"),
+        ("0", "'0' is no memory at all"),
+        ("\"0 GiB\"", "'0 GiB' is no memory at all"),
+    ] {
+        let e = error(&format!("{MODEL}[node]\nmemory = {written}\n"), &[]);
+        assert!(
+            e.contains("line 4: invalid value for 'node.memory'") && e.contains(why),
+            "{written}: {e}"
+        );
+    }
+    for written in ["1.5", "true", "[1]"] {
+        let e = error(&format!("{MODEL}[node]\nmemory = {written}\n"), &[]);
+        assert!(
+            e.contains("line 4: wrong type for 'node.memory'")
+                && e.contains("expected a size such as \"1.5 GiB\""),
+            "{written}: {e}"
+        );
+    }
+    // EXO_NODE_MEMORY overrides the file, and is checked the same way
+    let text = format!("{MODEL}[node]\nmemory = \"1 GiB\"\n");
+    let c = load(&text, &[("EXO_NODE_MEMORY", "700 MB")]).expect("load");
+    assert_eq!(
+        c.node.memory.as_ref().map(MemorySize::bytes),
+        Some(700_000_000)
+    );
+    let e = error(&text, &[("EXO_NODE_MEMORY", "a lot")]);
+    assert!(
+        e.starts_with(
+            "environment variable EXO_NODE_MEMORY: invalid value for 'node.memory': \
+             'a lot' is not a size"
+        ),
+        "{e}"
+    );
 }
 
 #[test]

@@ -9,8 +9,8 @@ use super::error::{ConfigError, Location};
 use super::file::{FileConfig, FilePeer, Given, Origin};
 use super::{
     default_node_name, env, parse_tcp_url, ApiConfig, ClusterConfig, ClusterKey, Config,
-    EngineConfig, HeadSharePolicy, ModelConfig, NodeConfig, PeerConfig, Secret, WireActivations,
-    MAX_SLOTS_LIMIT, MIN_CLUSTER_KEY_LEN,
+    EngineConfig, HeadSharePolicy, MemorySize, ModelConfig, NodeConfig, PeerConfig, Secret,
+    WireActivations, MAX_SLOTS_LIMIT, MIN_CLUSTER_KEY_LEN,
 };
 
 impl Origin<'_> {
@@ -153,6 +153,13 @@ pub(super) fn resolve(file: FileConfig, origin: &Origin<'_>) -> Result<Config, C
             Some(trimmed.to_owned())
         }
     };
+    let memory = match &node.memory {
+        None => None,
+        Some(size) => Some(
+            MemorySize::parse(&size.value.0)
+                .map_err(|m| origin.invalid("node.memory", Some(size), m))?,
+        ),
+    };
 
     let model = match model.path {
         None => {
@@ -176,7 +183,11 @@ pub(super) fn resolve(file: FileConfig, origin: &Origin<'_>) -> Result<Config, C
         engine: resolve_engine(&engine, origin)?,
         cluster: resolve_cluster(cluster, origin)?,
         peers: resolve_peers(&peer, origin)?,
-        node: NodeConfig { name, listen },
+        node: NodeConfig {
+            name,
+            listen,
+            memory,
+        },
     };
     check_cluster(&config, &node.name, &peer, origin)?;
     Ok(config)
