@@ -186,6 +186,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         max_queue: 64,
         batch: 512,
         threads,
+        memory: None,
         api_key: None,
         max_body_bytes: 1 << 20,
         shutdown_timeout: Duration::from_secs(2),

@@ -294,8 +294,14 @@ fn check_config(path: &Path) -> Result<()> {
     // The model too (its header and tensor table, not the weights): under systemd
     // this runs as ExecStartPre, so a missing or unusable file fails the start at
     // once with this message instead of a service that never becomes ready.
-    ModelFile::open(&cfg.model.path)
+    let mf = ModelFile::open(&cfg.model.path)
         .with_context(|| format!("{}: [model] path", path.display()))?;
+    // And that the model fits the memory this node offers, where the file alone can
+    // tell (a single node, or a head's own part; formation checks the rest).
+    exo::serve::ServeSettings::from_config(&cfg)?
+        .clamped(mf.hparams.n_ctx_train)
+        .check_own_memory(&mf)
+        .with_context(|| format!("{}: [node] memory", path.display()))?;
     print!("{}", cfg.effective_toml());
     Ok(())
 }

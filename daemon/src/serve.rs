@@ -77,6 +77,7 @@ fn load_local(
     let hp = mf.hparams.clone();
     let tokenizer = load_tokenizer(&s.model, &hp)?;
     let s = s.clone().clamped(hp.n_ctx_train);
+    s.check_own_memory(&mf)?;
     let pipeline = Pipeline::local(
         &mf,
         &PipelineConfig {

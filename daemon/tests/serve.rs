@@ -38,6 +38,7 @@ fn default_settings(model: PathBuf) -> ServeSettings {
         max_queue: 8,
         batch: 64,
         threads: 1,
+        memory: None,
         api_key: None,
         max_body_bytes: 64 * 1024,
         shutdown_timeout: Duration::from_secs(2),

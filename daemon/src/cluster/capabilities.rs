@@ -9,7 +9,8 @@ use crate::model::{LayerRange, ModelFile};
 /// What a node offers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Capabilities {
-    /// Bytes of memory available for weights and caches.
+    /// Bytes of memory the node offers for weights, caches and the runtime: its
+    /// `[node] memory`, or what the system reports available (the name is the wire's).
     pub free_memory: u64,
     pub cores: usize,
     pub threads: usize,
@@ -23,11 +24,10 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Free memory from sysinfo, cores, and measured speeds.
-    pub fn measure(mf: &ModelFile, threads: usize) -> Capabilities {
-        let mut sys = sysinfo::System::new();
-        sys.refresh_memory();
-        let free_memory = sys.available_memory();
+    /// The memory offered (`[node] memory`, else what sysinfo reports available),
+    /// cores, and measured speeds.
+    pub fn measure(mf: &ModelFile, threads: usize, memory: Option<u64>) -> Capabilities {
+        let free_memory = offered_memory(memory);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (ms_per_layer, ms_per_lm_head_mb) = measure_speed(mf, threads).unwrap_or((1.0, 0.0));
         Capabilities {
@@ -36,6 +36,18 @@ impl Capabilities {
             threads,
             ms_per_layer,
             ms_per_lm_head_mb,
+        }
+    }
+
+    /// A node known only by the memory it offers (its speed unmeasured: 1 ms a
+    /// layer), for checks before any peer is asked.
+    pub fn offering(free_memory: u64) -> Capabilities {
+        Capabilities {
+            free_memory,
+            cores: 1,
+            threads: 1,
+            ms_per_layer: 1.0,
+            ms_per_lm_head_mb: 0.0,
         }
     }
 
@@ -50,11 +62,21 @@ impl Capabilities {
     }
 }
 
+/// The memory a node offers the planner: `configured` (`[node] memory`), or what
+/// sysinfo reports available now.
+pub fn offered_memory(configured: Option<u64>) -> u64 {
+    configured.unwrap_or_else(|| {
+        let mut sys = sysinfo::System::new();
+        sys.refresh_memory();
+        sys.available_memory()
+    })
+}
+
 impl std::fmt::Display for Capabilities {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} MB free, {} cores, {:.3} ms/layer, {:.4} ms per MB of head",
+            "{} MB offered, {} cores, {:.3} ms/layer, {:.4} ms per MB of head",
             self.free_memory / 1_000_000,
             self.cores,
             self.ms_per_layer,

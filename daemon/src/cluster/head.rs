@@ -34,6 +34,8 @@ pub struct HeadSettings {
     pub f16: bool,
     /// Whether (and how much of) the `lm_head` this node computes.
     pub head_share: crate::config::HeadSharePolicy,
+    /// `[node] memory` in bytes (None: what the system reports available).
+    pub memory: Option<u64>,
 }
 
 /// Liveness and figures of each peer, shared with /health, /metrics and `exo status`.
@@ -251,8 +253,8 @@ async fn greet(
 ) -> anyhow::Result<(Vec<NodeInfo>, Vec<u64>)> {
     let my_caps = {
         let mf = mf.clone();
-        let threads = s.threads;
-        tokio::task::spawn_blocking(move || Capabilities::measure(&mf, threads)).await?
+        let (threads, memory) = (s.threads, s.memory);
+        tokio::task::spawn_blocking(move || Capabilities::measure(&mf, threads, memory)).await?
     };
     tracing::info!("this node ({}): {my_caps}", s.name);
     let mut nodes = vec![NodeInfo {
@@ -314,7 +316,8 @@ async fn greet(
 }
 
 /// The plan: the configured layer ranges, or the planner's from the nodes'
-/// capabilities; and how the `lm_head` is split.
+/// capabilities; and how the `lm_head` is split. A plan that does not fit the memory
+/// the nodes offer is refused with the numbers ([`planner::PlanError`]).
 fn make_plan(
     s: &HeadSettings,
     mf: &ModelFile,
@@ -338,7 +341,9 @@ fn make_plan(
                     r.last().map(|l| l.end)
                 );
             }
-            (r, fixed_lm_head_rows(s.head_share, n_vocab))
+            let rows = fixed_lm_head_rows(s.head_share, n_vocab);
+            planner::check_ranges(nodes, &costs, &r, rows, n_vocab)?;
+            (r, rows)
         } else {
             match s.head_share {
                 HeadSharePolicy::Auto => {
@@ -445,7 +450,7 @@ fn initial_view(plan: &Plan, n_vocab: usize, solo_rows: usize) -> ClusterView {
 }
 
 /// The `lm_head` rows of a fixed `[cluster] head_share` (0 for none).
-fn fixed_lm_head_rows(policy: HeadSharePolicy, n_vocab: usize) -> usize {
+pub fn fixed_lm_head_rows(policy: HeadSharePolicy, n_vocab: usize) -> usize {
     match policy {
         HeadSharePolicy::Share(f) if n_vocab >= 2 => planner::share_rows(f, n_vocab),
         _ => 0,

@@ -2,6 +2,7 @@
 //! costs to contiguous layer ranges and a split of the `lm_head`. No I/O.
 
 use super::capabilities::Capabilities;
+use crate::model::graph::KV_PAD;
 use crate::model::{LayerRange, ModelFile};
 
 /// What the planner knows of a node.
@@ -11,14 +12,32 @@ pub struct NodeInfo {
     pub caps: Capabilities,
 }
 
-/// Bytes read per token by each layer, and by the embedding / head.
+/// What a node holds beyond its weights and KV cache: the binary and its libraries,
+/// ggml's compute buffers (with flash attention they grow with the micro-batch, not
+/// with the context squared), the threads' stacks, the model file's metadata and, on
+/// the head, the tokenizer. Measured (VmRSS after a completion, minus the node's
+/// weights and KV cache) on Gemma 3 270M, x86-64 (AVX-512), ctx 4096, 4 slots, batch
+/// 512: see `daemon/tests/cluster.rs` (`three_nodes_stay_within_the_memory_they_offer`),
+/// which prints the figures and checks every node against this.
+pub const NODE_OVERHEAD_BYTES: u64 = 64 << 20;
+
+/// Bytes read per token by each layer, and by the embedding / head; and the memory
+/// they take, with the KV cache.
 #[derive(Debug, Clone)]
 pub struct ModelCosts {
     pub layer_bytes: Vec<u64>,
     pub embd_bytes: u64,
     pub lm_head_bytes: u64,
+    /// The `lm_head` is the token embedding table (no `output.weight`).
+    pub lm_head_tied: bool,
+    /// The `lm_head` rows of the node that holds the token embedding are a view of that
+    /// table (a tied head that ggml does not repack): they take no memory of their own.
+    pub lm_head_in_embd: bool,
     /// KV cache bytes per layer for the planned context and slots.
     pub kv_bytes_per_layer: u64,
+    /// The planned context and slots (for messages).
+    pub n_ctx: usize,
+    pub n_slots: usize,
 }
 
 impl ModelCosts {
@@ -42,14 +61,29 @@ impl ModelCosts {
                 lm_head_bytes = t.size;
             }
         }
-        if lm_head_bytes == 0 {
+        let tied = lm_head_bytes == 0;
+        if tied {
             lm_head_bytes = embd_bytes; // tied `lm_head`: the embedding table is read per token
         }
+        // as `StageWeights::load` decides: a repacked head is a copy
+        let repacked = mf.head_tensor().is_some_and(|t| {
+            ggml_shim::backend::repack_supported(&ggml_shim::TensorSpec {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                ne: t.shape.iter().map(|&d| d as i64).collect(),
+                placement: ggml_shim::Placement::MatmulWeight,
+            })
+        });
+        let n_ctx_alloc = n_ctx.div_ceil(KV_PAD) * KV_PAD;
         ModelCosts {
             layer_bytes,
             embd_bytes,
             lm_head_bytes,
-            kv_bytes_per_layer: (2 * hp.n_embd_kv() * 2 * n_ctx * n_slots) as u64,
+            lm_head_tied: tied,
+            lm_head_in_embd: tied && !repacked,
+            kv_bytes_per_layer: (2 * hp.n_embd_kv() * 2 * n_ctx_alloc * n_slots) as u64,
+            n_ctx,
+            n_slots,
         }
     }
 
@@ -58,6 +92,162 @@ impl ModelCosts {
         let n = self.layer_bytes.len().max(1) as f64;
         (self.layer_bytes.iter().sum::<u64>() as f64 / n).max(1.0)
     }
+
+    /// The weights of a node with layers `range` and `lm_head_fraction` of the
+    /// `lm_head`'s rows: its layers, the token embedding on the first node, and its
+    /// rows of the head (none where they are a view of the embedding it holds).
+    pub fn stage_weight_bytes(&self, range: LayerRange, lm_head_fraction: f64) -> u64 {
+        let layers: u64 = self.layer_bytes[range.start..range.end].iter().sum();
+        let first = range.start == 0;
+        let embd = if first { self.embd_bytes } else { 0 };
+        let lm_head = if first && self.lm_head_in_embd {
+            0
+        } else {
+            (self.lm_head_bytes as f64 * lm_head_fraction).ceil() as u64
+        };
+        layers + embd + lm_head
+    }
+
+    /// What such a node needs: its weights, the KV cache of its layers and
+    /// [`NODE_OVERHEAD_BYTES`].
+    pub fn stage_memory(&self, range: LayerRange, lm_head_fraction: f64) -> u64 {
+        self.stage_weight_bytes(range, lm_head_fraction)
+            + self.kv_bytes_per_layer * range.len() as u64
+            + NODE_OVERHEAD_BYTES
+    }
+
+    /// The weights of the whole model, as stored (a tied head counted once).
+    pub fn model_weight_bytes(&self) -> u64 {
+        let untied_head = if self.lm_head_tied {
+            0
+        } else {
+            self.lm_head_bytes
+        };
+        self.layer_bytes.iter().sum::<u64>() + self.embd_bytes + untied_head
+    }
+
+    /// The KV cache of every layer.
+    pub fn model_kv_bytes(&self) -> u64 {
+        self.kv_bytes_per_layer * self.layer_bytes.len() as u64
+    }
+}
+
+/// The fraction of the `lm_head`'s rows on the node with layers `a..b` of `n_layer`,
+/// when the first node computes `share` of them.
+fn lm_head_fraction(a: usize, b: usize, n_layer: usize, share: f64) -> f64 {
+    match (a == 0, b == n_layer) {
+        (true, true) => 1.0,
+        (true, false) => share,
+        (false, true) => 1.0 - share,
+        (false, false) => 0.0,
+    }
+}
+
+/// A size for messages: GB with one decimal, MB below 1 GB (where a tenth of a GB
+/// would hide most of the figure).
+pub fn size_text(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e7 {
+        format!("{:.0} MB", b / 1e6)
+    } else {
+        format!("{:.1} MB", b / 1e6)
+    }
+}
+
+fn slots_text(n_slots: usize) -> String {
+    match n_slots {
+        1 => "1 slot".into(),
+        n => format!("{n} slots"),
+    }
+}
+
+/// The model does not fit the memory the nodes offer, however its layers are split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoFit {
+    /// The model's weights, as stored.
+    pub weights: u64,
+    /// The KV cache of every layer at the planned context and slots.
+    pub kv: u64,
+    pub n_ctx: usize,
+    pub n_slots: usize,
+    /// Each node's name and the bytes it offers, in pipeline order.
+    pub offered: Vec<(String, u64)>,
+}
+
+impl std::fmt::Display for NoFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: u64 = self.offered.iter().map(|(_, b)| b).sum();
+        let who = if self.offered.len() == 1 {
+            "this node offers".to_string()
+        } else {
+            let each: Vec<String> = self
+                .offered
+                .iter()
+                .map(|(name, b)| format!("{name} {}", size_text(*b)))
+                .collect();
+            format!("the peers offer {} ({})", size_text(total), each.join(", "))
+        };
+        write!(
+            f,
+            "model needs {} for weights + {} KV at ctx {} ({}) + {} a node for the \
+             runtime; {who}{}: add a node, lower ctx or use a smaller quantisation",
+            size_text(self.weights),
+            size_text(self.kv),
+            self.n_ctx,
+            slots_text(self.n_slots),
+            size_text(NODE_OVERHEAD_BYTES),
+            if self.offered.len() == 1 {
+                format!(" {}", size_text(total))
+            } else {
+                String::new()
+            },
+        )
+    }
+}
+
+/// A node cannot hold the layers it is given (explicit ranges).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageTooBig {
+    pub name: String,
+    pub range: LayerRange,
+    /// Its share of the `lm_head`'s rows.
+    pub lm_head_fraction: f64,
+    pub weights: u64,
+    pub kv: u64,
+    pub n_ctx: usize,
+    pub n_slots: usize,
+    pub offers: u64,
+}
+
+impl std::fmt::Display for StageTooBig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self.range;
+        let mut holds = format!("layers {}..{}", r.start, r.end);
+        if r.start == 0 {
+            holds.push_str(" and the token embedding");
+        }
+        if self.lm_head_fraction >= 1.0 {
+            holds.push_str(" and the output head");
+        } else if self.lm_head_fraction > 0.0 {
+            let pct = (self.lm_head_fraction * 100.0).round();
+            holds.push_str(&format!(" and {pct}% of the output head"));
+        }
+        write!(
+            f,
+            "{} cannot hold {holds}: they need {} for weights + {} KV at ctx {} ({}) + {} \
+             for the runtime; it offers {}: give it fewer layers, add a node, lower ctx or \
+             use a smaller quantisation",
+            self.name,
+            size_text(self.weights),
+            size_text(self.kv),
+            self.n_ctx,
+            slots_text(self.n_slots),
+            size_text(NODE_OVERHEAD_BYTES),
+            size_text(self.offers),
+        )
+    }
 }
 
 /// Why no plan fits the nodes.
@@ -65,8 +255,103 @@ impl ModelCosts {
 pub enum PlanError {
     #[error("the model has {layers} layers, fewer than the {nodes} nodes")]
     TooFewLayers { layers: usize, nodes: usize },
-    #[error("no split fits: the model needs more memory than the nodes offer ({0})")]
-    NoFit(String),
+    #[error("{0}")]
+    NoFit(Box<NoFit>),
+    #[error("{0}")]
+    StageTooBig(Box<StageTooBig>),
+}
+
+impl PlanError {
+    fn no_fit(nodes: &[NodeInfo], costs: &ModelCosts) -> PlanError {
+        PlanError::NoFit(Box::new(NoFit {
+            weights: costs.model_weight_bytes(),
+            kv: costs.model_kv_bytes(),
+            n_ctx: costs.n_ctx,
+            n_slots: costs.n_slots,
+            offered: nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.caps.free_memory))
+                .collect(),
+        }))
+    }
+}
+
+/// Checks that `node` can hold layers `range` with `lm_head_fraction` of the head's rows.
+pub fn check_stage(
+    node: &NodeInfo,
+    costs: &ModelCosts,
+    range: LayerRange,
+    lm_head_fraction: f64,
+) -> Result<(), PlanError> {
+    if costs.stage_memory(range, lm_head_fraction) <= node.caps.free_memory {
+        return Ok(());
+    }
+    Err(PlanError::StageTooBig(Box::new(StageTooBig {
+        name: node.name.clone(),
+        range,
+        lm_head_fraction,
+        weights: costs.stage_weight_bytes(range, lm_head_fraction),
+        kv: costs.kv_bytes_per_layer * range.len() as u64,
+        n_ctx: costs.n_ctx,
+        n_slots: costs.n_slots,
+        offers: node.caps.free_memory,
+    })))
+}
+
+/// Checks given ranges (one per node, contiguous, covering the model) against the
+/// nodes' memory, the first node computing rows `0..lm_head_rows` of the head.
+pub fn check_ranges(
+    nodes: &[NodeInfo],
+    costs: &ModelCosts,
+    ranges: &[LayerRange],
+    lm_head_rows: usize,
+    n_vocab: usize,
+) -> Result<(), PlanError> {
+    let n_layer = costs.layer_bytes.len();
+    let share = lm_head_rows as f64 / n_vocab.max(1) as f64;
+    for (node, r) in nodes.iter().zip(ranges) {
+        let fraction = lm_head_fraction(r.start, r.end, n_layer, share);
+        check_stage(node, costs, *r, fraction)?;
+    }
+    Ok(())
+}
+
+/// What one node's configuration says it holds at the least, before any peer is
+/// asked (for `exo check-config`, and a single node's start).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OwnPart {
+    /// A single node: the whole model.
+    Whole,
+    /// A head with given ranges: its layers and its rows `0..lm_head_rows` of the head.
+    Given {
+        range: LayerRange,
+        lm_head_rows: usize,
+    },
+    /// A head whose layers the cluster plans: the embedding and the first layer.
+    First,
+}
+
+/// Checks that `node` can hold its part (a single node: the whole model, refused with
+/// [`NoFit`]'s numbers; a head: [`StageTooBig`]'s).
+pub fn check_own_part(
+    node: &NodeInfo,
+    costs: &ModelCosts,
+    part: &OwnPart,
+    n_vocab: usize,
+) -> Result<(), PlanError> {
+    let n_layer = costs.layer_bytes.len();
+    match part {
+        OwnPart::Whole => plan_ranges(std::slice::from_ref(node), costs).map(|_| ()),
+        OwnPart::Given {
+            range,
+            lm_head_rows,
+        } => {
+            let share = *lm_head_rows as f64 / n_vocab.max(1) as f64;
+            let fraction = lm_head_fraction(range.start, range.end, n_layer, share);
+            check_stage(node, costs, *range, fraction)
+        }
+        OwnPart::First => check_stage(node, costs, LayerRange::new(0, n_layer.min(1)), 0.0),
+    }
 }
 
 /// Contiguous ranges, one per node in order, that keep every node within its memory
@@ -104,14 +389,24 @@ pub fn plan_cluster(
     costs: &ModelCosts,
     n_vocab: usize,
 ) -> Result<ClusterPlan, PlanError> {
-    let (ranges, unsplit) = plan_with_lm_head_share(nodes, costs, 0.0)?;
-    let whole = ClusterPlan {
-        ranges,
-        lm_head_rows: 0,
+    let whole = |(ranges, t): (Vec<LayerRange>, f64)| {
+        let plan = ClusterPlan {
+            ranges,
+            lm_head_rows: 0,
+        };
+        (plan, t)
     };
+    let unsplit = plan_with_lm_head_share(nodes, costs, 0.0).map(whole);
     if nodes.len() < 2 || n_vocab < 2 {
-        return Ok(whole);
+        return unsplit.map(|(plan, _)| plan);
     }
+    // Without a split the model may not fit where it does with one (the first
+    // node's rows of a tied head are a view of its embedding): only then try them.
+    let unsplit = match unsplit {
+        Ok(u) => Some(u),
+        Err(PlanError::NoFit(_)) => None,
+        Err(e) => return Err(e),
+    };
     let splits: Vec<(ClusterPlan, f64)> = (1..LM_HEAD_SHARE_STEPS)
         .filter_map(|step| {
             let share = step as f64 / LM_HEAD_SHARE_STEPS as f64;
@@ -126,18 +421,19 @@ pub fn plan_cluster(
             ))
         })
         .collect();
-    let Some(fastest) = splits.iter().map(|(_, t)| *t).min_by(f64::total_cmp) else {
-        return Ok(whole);
+    let fastest = splits.iter().map(|(_, t)| *t).min_by(f64::total_cmp);
+    let fastest = match (unsplit, fastest) {
+        (None, None) => return Err(PlanError::no_fit(nodes, costs)),
+        (Some((plan, _)), None) => return Ok(plan),
+        // a split costs a hop's worth of work: take it only for a clear gain
+        (Some((plan, t)), Some(fastest)) if fastest >= t * 0.97 => return Ok(plan),
+        (_, Some(fastest)) => fastest,
     };
-    // a split costs a hop's worth of work: take it only for a clear gain
-    if fastest >= unsplit * 0.97 {
-        return Ok(whole);
-    }
     // Layers and `lm_head` rows trade almost freely, so many splits are about as fast.
     // Prefer the fewest layers on the last node: its normalized state, which the
     // head node's share of the `lm_head` waits for, then leaves the soonest.
     let last = nodes.len() - 1;
-    Ok(splits
+    splits
         .into_iter()
         .filter(|(_, t)| *t <= fastest * (1.0 + SPLIT_SLACK))
         .min_by(|(a, ta), (b, tb)| {
@@ -146,7 +442,7 @@ pub fn plan_cluster(
                 .unwrap_or(std::cmp::Ordering::Equal)
         })
         .map(|(p, _)| p)
-        .unwrap_or(whole))
+        .ok_or_else(|| PlanError::no_fit(nodes, costs))
 }
 
 /// How much slower than the fastest split a split with fewer layers on the last
@@ -203,33 +499,16 @@ pub fn plan_with_lm_head_share(
     for i in 0..n_layer {
         pre[i + 1] = pre[i] + costs.layer_bytes[i];
     }
-    let tied = costs.lm_head_bytes == costs.embd_bytes;
     let lm_head_ms = |node: usize, bytes: f64| nodes[node].caps.lm_head_ms(bytes, avg_layer);
     let stage = |node: usize, a: usize, b: usize| -> Option<f64> {
-        let layers = pre[b] - pre[a];
-        let mut mem = layers + costs.kv_bytes_per_layer * (b - a) as u64;
-        let mut ms = layers as f64 / avg_layer * nodes[node].caps.ms_per_layer.max(1e-3);
-        if a == 0 {
-            mem += costs.embd_bytes;
-            if share > 0.0 {
-                let h = costs.lm_head_bytes as f64 * share;
-                ms += lm_head_ms(node, h);
-                if !tied {
-                    mem += h as u64;
-                }
-            }
-        }
-        if b == n_layer {
-            let h = costs.lm_head_bytes as f64 * if a == 0 { 1.0 } else { 1.0 - share };
-            ms += lm_head_ms(node, h);
-            if !(a == 0 && tied) {
-                mem += h as u64;
-            }
-        }
-        if mem > nodes[node].caps.free_memory {
+        let range = LayerRange::new(a, b);
+        let fraction = lm_head_fraction(a, b, n_layer, share);
+        if costs.stage_memory(range, fraction) > nodes[node].caps.free_memory {
             return None;
         }
-        Some(ms)
+        let layers = pre[b] - pre[a];
+        let ms = layers as f64 / avg_layer * nodes[node].caps.ms_per_layer.max(1e-3);
+        Some(ms + lm_head_ms(node, costs.lm_head_bytes as f64 * fraction))
     };
     // best[k][b]: minimal max stage time covering layers 0..b with nodes 0..k
     let inf = f64::INFINITY;
@@ -254,11 +533,7 @@ pub fn plan_with_lm_head_share(
         }
     }
     if best[p][n_layer] == inf {
-        let offered: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("{} {} MB", n.name, n.caps.free_memory / 1_000_000))
-            .collect();
-        return Err(PlanError::NoFit(offered.join(", ")));
+        return Err(PlanError::no_fit(nodes, costs));
     }
     let mut ranges = vec![LayerRange::new(0, 0); p];
     let mut b = n_layer;
@@ -274,11 +549,12 @@ pub fn plan_with_lm_head_share(
 mod tests {
     use super::*;
 
+    /// A node offering `mem_mb` MB for weights and KV, besides the runtime.
     fn node(name: &str, mem_mb: u64, ms: f64) -> NodeInfo {
         NodeInfo {
             name: name.into(),
             caps: Capabilities {
-                free_memory: mem_mb * 1_000_000,
+                free_memory: mem_mb * 1_000_000 + NODE_OVERHEAD_BYTES,
                 cores: 4,
                 threads: 4,
                 ms_per_layer: ms,
@@ -292,7 +568,11 @@ mod tests {
             layer_bytes: vec![4_000_000; layers],
             embd_bytes: head_mb * 1_000_000,
             lm_head_bytes: head_mb * 1_000_000,
+            lm_head_tied: true,
+            lm_head_in_embd: true,
             kv_bytes_per_layer: 1_000_000,
+            n_ctx: 4096,
+            n_slots: 4,
         }
     }
 
@@ -449,6 +729,7 @@ mod tests {
         // an untied `lm_head`: node a's share costs memory there; a has room for none
         let mut c = costs(18, 178);
         c.embd_bytes = 10_000_000;
+        (c.lm_head_tied, c.lm_head_in_embd) = (false, false);
         let nodes = [node("a", 110, 1.0), node("b", 1000, 1.0)];
         let p = plan_cluster(&nodes, &c, 1000).unwrap();
         let share_mb = p.lm_head_rows as f64 / 1000.0 * 178.0;
@@ -474,5 +755,175 @@ mod tests {
                 nodes: 3
             }
         );
+    }
+
+    /// An 8B-shaped model: 32 layers of 140 MB, a 200 MB embedding and an untied
+    /// 220 MB head (4.9 GB), 9.4 MB of KV cache a layer (301 MB at ctx 4096, 1 slot).
+    fn costs_8b() -> ModelCosts {
+        ModelCosts {
+            layer_bytes: vec![140_000_000; 32],
+            embd_bytes: 200_000_000,
+            lm_head_bytes: 220_000_000,
+            lm_head_tied: false,
+            lm_head_in_embd: false,
+            kv_bytes_per_layer: 9_400_000,
+            n_ctx: 4096,
+            n_slots: 1,
+        }
+    }
+
+    fn offering(name: &str, bytes: u64) -> NodeInfo {
+        let mut n = node(name, 0, 1.0);
+        n.caps.free_memory = bytes;
+        n
+    }
+
+    /// What each node of a plan needs, against what it offers.
+    fn within_offers(nodes: &[NodeInfo], costs: &ModelCosts, plan: &ClusterPlan) {
+        let n_vocab = 128_000;
+        check_ranges(nodes, costs, &plan.ranges, plan.lm_head_rows, n_vocab)
+            .unwrap_or_else(|e| panic!("{plan:?}: {e}"));
+    }
+
+    #[test]
+    fn a_node_needs_its_weights_kv_and_the_runtime() {
+        let c = costs(18, 178);
+        let mb = 1_000_000;
+        // the first node: its layers, the embedding; its head rows are a view of it
+        assert_eq!(
+            c.stage_weight_bytes(LayerRange::new(0, 2), 0.5),
+            8 * mb + 178 * mb
+        );
+        // the last node: its layers and its rows of the head
+        assert_eq!(
+            c.stage_weight_bytes(LayerRange::new(2, 18), 0.5),
+            64 * mb + 89 * mb
+        );
+        // one node: the tied head is the embedding
+        assert_eq!(
+            c.stage_weight_bytes(LayerRange::new(0, 18), 1.0),
+            72 * mb + 178 * mb
+        );
+        assert_eq!(
+            c.stage_memory(LayerRange::new(2, 18), 0.5),
+            153 * mb + 16 * mb + NODE_OVERHEAD_BYTES
+        );
+        // a repacked (copied) tied head costs the first node its rows too
+        let mut copied = c.clone();
+        copied.lm_head_in_embd = false;
+        assert_eq!(
+            copied.stage_weight_bytes(LayerRange::new(0, 2), 0.5),
+            8 * mb + 178 * mb + 89 * mb
+        );
+        // the model as stored: a tied head counted once, an untied one on its own
+        assert_eq!(c.model_weight_bytes(), 250 * mb);
+        assert_eq!(costs_8b().model_weight_bytes(), 4_900 * mb);
+        assert_eq!(costs_8b().model_kv_bytes(), 300_800_000);
+    }
+
+    #[test]
+    fn three_nodes_each_offering_a_third_fit() {
+        let c = costs_8b();
+        let total = c.model_weight_bytes() + c.model_kv_bytes();
+        let third = total / 3 + NODE_OVERHEAD_BYTES + 300_000_000;
+        let nodes = [
+            offering("a", third),
+            offering("b", third),
+            offering("c", third),
+        ];
+        let plan = plan_cluster(&nodes, &c, 128_000).expect("fits");
+        within_offers(&nodes, &c, &plan);
+        assert_eq!(plan.ranges.last().map(|r| r.end), Some(32));
+    }
+
+    #[test]
+    fn a_cluster_too_small_is_refused_with_the_numbers() {
+        let c = costs_8b();
+        let gb = 1_000_000_000;
+        let nodes = [
+            offering("a", gb),
+            offering("b", gb),
+            offering("c", 1_100_000_000),
+        ];
+        let err = plan_cluster(&nodes, &c, 128_000).expect_err("4.9 GB in 3.1 GB");
+        assert!(matches!(err, PlanError::NoFit(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "model needs 4.9 GB for weights + 301 MB KV at ctx 4096 (1 slot) + {} a \
+                 node for the runtime; the peers offer 3.1 GB (a 1.0 GB, b 1.0 GB, c 1.1 GB): \
+                 add a node, lower ctx or use a smaller quantisation",
+                size_text(NODE_OVERHEAD_BYTES)
+            )
+        );
+        // the same for one node, and for the plain planner
+        let err = plan_ranges(&nodes[..1], &c).expect_err("4.9 GB in 1 GB");
+        assert!(
+            err.to_string()
+                .contains("; this node offers 1.0 GB: add a node"),
+            "{err}"
+        );
+        // enough in total, but no node holds its part: refused, every offer listed
+        let small: Vec<NodeInfo> = (0..6).map(|i| offering(&format!("n{i}"), gb)).collect();
+        let err = plan_cluster(&small[..5], &c, 128_000).expect_err("layers of 140 MB");
+        assert!(
+            err.to_string()
+                .contains("the peers offer 5.0 GB (n0 1.0 GB"),
+            "{err}"
+        );
+        assert!(plan_cluster(&small, &c, 128_000).is_ok());
+    }
+
+    #[test]
+    fn a_split_tied_head_fits_where_the_whole_head_does_not() {
+        // the last node cannot hold the whole 178 MB head, but the first node's share
+        // of it is a view of its embedding
+        let c = costs(18, 178);
+        let nodes = [node("a", 1000, 1.0), node("b", 120, 1.0)];
+        assert!(matches!(
+            plan_with_lm_head_share(&nodes, &c, 0.0),
+            Err(PlanError::NoFit(_))
+        ));
+        let p = plan_cluster(&nodes, &c, 262_144).expect("a split fits");
+        assert!(p.lm_head_rows > 0, "{p:?}");
+        check_ranges(&nodes, &c, &p.ranges, p.lm_head_rows, 262_144)
+            .unwrap_or_else(|e| panic!("{p:?}: {e}"));
+    }
+
+    #[test]
+    fn given_ranges_are_checked_node_by_node() {
+        let c = costs_8b();
+        let gb = 1_000_000_000;
+        let nodes = [offering("a", 3 * gb), offering("b", 3 * gb)];
+        let halves = [LayerRange::new(0, 16), LayerRange::new(16, 32)];
+        assert!(check_ranges(&nodes, &c, &halves, 0, 128_000).is_ok());
+        let lopsided = [LayerRange::new(0, 24), LayerRange::new(24, 32)];
+        let err = check_ranges(&nodes, &c, &lopsided, 0, 128_000).expect_err("24 layers");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "a cannot hold layers 0..24 and the token embedding: they need 3.6 GB for \
+                 weights + 226 MB KV at ctx 4096 (1 slot) + {} for the runtime; it offers \
+                 3.0 GB: give it fewer layers, add a node, lower ctx or use a smaller \
+                 quantisation",
+                size_text(NODE_OVERHEAD_BYTES)
+            )
+        );
+        // the first node's share of the head counts on it
+        let err = check_stage(&nodes[1], &c, LayerRange::new(12, 32), 1.0).expect_err("head");
+        assert!(
+            err.to_string()
+                .starts_with("b cannot hold layers 12..32 and the output head: they need 3.0 GB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sizes_read_in_gb_or_mb() {
+        assert_eq!(size_text(4_900_000_000), "4.9 GB");
+        assert_eq!(size_text(1_000_000_000), "1.0 GB");
+        assert_eq!(size_text(300_400_000), "300 MB");
+        assert_eq!(size_text(67_108_864), "67 MB");
+        assert_eq!(size_text(2_500_000), "2.5 MB");
     }
 }

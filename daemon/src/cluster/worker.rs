@@ -29,6 +29,8 @@ pub struct WorkerSettings {
     pub control_listen: String,
     pub key: Vec<u8>,
     pub threads: usize,
+    /// `[node] memory` in bytes (None: what the system reports available).
+    pub memory: Option<u64>,
 }
 
 /// What the control side tells the data side.
@@ -72,13 +74,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let model_path = s.model.clone();
-    let threads = s.threads;
+    let (threads, memory) = (s.threads, s.memory);
     let (mf, caps) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mf = Arc::new(
             ModelFile::open(&model_path)
                 .with_context(|| format!("loading {}", model_path.display()))?,
         );
-        let caps = Capabilities::measure(&mf, threads);
+        let caps = Capabilities::measure(&mf, threads, memory);
         Ok((mf, caps))
     })
     .await??;

@@ -4,9 +4,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cluster::head::HeadSettings;
+use crate::cluster::capabilities::{offered_memory, Capabilities};
+use crate::cluster::head::{fixed_lm_head_rows, HeadSettings};
+use crate::cluster::planner::{check_own_part, ModelCosts, NodeInfo, OwnPart, PlanError};
 use crate::cluster::worker::WorkerSettings;
-use crate::config::{ApiKey, Config, WireActivations};
+use crate::config::{ApiKey, Config, MemorySize, WireActivations};
+use crate::model::{LayerRange, ModelFile};
 
 /// Everything `serve` needs: built from the configuration by [`ServeSettings::from_config`],
 /// or directly by tests and benchmarks.
@@ -20,6 +23,9 @@ pub struct ServeSettings {
     /// Tokens per engine step (prefill micro-batch).
     pub batch: usize,
     pub threads: usize,
+    /// `[node] memory` in bytes: what this node may plan on (None: what the system
+    /// reports available).
+    pub memory: Option<u64>,
     pub api_key: Option<ApiKey>,
     pub max_body_bytes: usize,
     /// How long in-flight requests may run on after a shutdown signal.
@@ -67,6 +73,7 @@ impl ServeSettings {
             max_queue: cfg.engine.max_queue,
             batch: cfg.engine.batch,
             threads: cfg.engine.threads,
+            memory: cfg.node.memory.as_ref().map(MemorySize::bytes),
             api_key: cfg.api.key.clone(),
             max_body_bytes: cfg.api.max_body_bytes,
             shutdown_timeout: cfg.api.shutdown_timeout(),
@@ -88,6 +95,35 @@ impl ServeSettings {
             self.cluster = Some(ClusterRole::Head(self.with_engine_figures(h)));
         }
         self
+    }
+
+    /// Refuses, with the numbers, a model that this node cannot hold where its
+    /// settings alone can tell: a single node holds the whole model; a cluster head its
+    /// given layers, or else at the least the embedding and the first layer. (The
+    /// peers' memory is known at formation, which checks the rest; a worker's part is
+    /// the head's to plan.) For settings [`ServeSettings::clamped`] to the model.
+    pub fn check_own_memory(&self, mf: &ModelFile) -> Result<(), PlanError> {
+        let (name, part) = match &self.cluster {
+            None => ("this node".to_string(), OwnPart::Whole),
+            Some(ClusterRole::Worker { .. }) => return Ok(()),
+            Some(ClusterRole::Head(h)) => {
+                let given = h.peers.iter().all(|p| p.layers.is_some());
+                let part = match h.peers.first().and_then(|p| p.layers) {
+                    Some((a, b)) if given => OwnPart::Given {
+                        range: LayerRange::new(a, b),
+                        lm_head_rows: fixed_lm_head_rows(h.head_share, mf.hparams.n_vocab),
+                    },
+                    _ => OwnPart::First,
+                };
+                (h.name.clone(), part)
+            }
+        };
+        let node = NodeInfo {
+            name,
+            caps: Capabilities::offering(offered_memory(self.memory)),
+        };
+        let costs = ModelCosts::of(mf, self.n_ctx, self.max_slots);
+        check_own_part(&node, &costs, &part, mf.hparams.n_vocab)
     }
 
     /// `h` with these settings' context, slots, batch and threads.
@@ -127,6 +163,7 @@ impl ServeSettings {
                     control_listen,
                     key,
                     threads: self.threads,
+                    memory: self.memory,
                 },
                 head: format!("{} ({})", head.name, head.address),
             }));
@@ -149,6 +186,7 @@ impl ServeSettings {
             batch: self.batch,
             f16: cfg.cluster.activations == WireActivations::F16,
             head_share: cfg.cluster.head_share,
+            memory: self.memory,
         })))
     }
 }
