@@ -409,3 +409,86 @@ fn check_config_prints_the_wire_format_in_force() {
         );
     }
 }
+
+/// `exo check-config` refuses, with the numbers, a model that cannot fit the memory
+/// the node offers, where the file alone can tell: a single node's whole model, a
+/// cluster head's own given layers, or the embedding and first layer any head holds.
+/// A worker's part is planned by the head: its check passes.
+#[test]
+fn check_config_refuses_a_model_that_cannot_fit() {
+    let dir = TempDir::new("checkmem").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Qwen3);
+    let config = dir.path().join("exo.toml");
+    let cfg = config.display().to_string();
+    let node = |name: &str, memory: &str| {
+        format!(
+            "[node]\nname = \"{name}\"\nlisten = \"tcp://127.0.0.1:5555\"\nmemory = \"{memory}\"\n"
+        )
+    };
+    let cluster = "[cluster]\nkey = \"0123456789abcdef0123\"\n";
+    let peers = |layers: bool| {
+        let (a, b) = if layers {
+            ("layers = \"0-1\"\n", "layers = \"1-2\"\n")
+        } else {
+            ("", "")
+        };
+        format!(
+            "[[peer]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:5555\"\n{a}\
+             [[peer]]\nname = \"b\"\naddress = \"tcp://127.0.0.1:5557\"\n{b}"
+        )
+    };
+    let single =
+        |memory: &str| format!("[model]\npath = \"{model}\"\n[node]\nmemory = \"{memory}\"\n");
+    let head = |memory: &str, layers: bool| {
+        format!(
+            "[model]\npath = \"{model}\"\n{}{cluster}{}",
+            node("a", memory),
+            peers(layers)
+        )
+    };
+    let worker = format!(
+        "[model]\npath = \"{model}\"\n{}{cluster}{}",
+        node("b", "1 MB"),
+        peers(true)
+    );
+    // the runtime alone takes more than 32 MiB
+    let refused = [
+        (
+            single("32 MiB"),
+            "[node] memory: model needs ",
+            "; this node offers 34 MB: add a node, lower ctx or use a smaller quantisation",
+        ),
+        (
+            head("32 MiB", true),
+            "[node] memory: a cannot hold layers 0..1 and the token embedding: they need ",
+            "; it offers 34 MB: give it fewer layers",
+        ),
+        (
+            head("32 MiB", false),
+            "[node] memory: a cannot hold layers 0..1 and the token embedding",
+            "",
+        ),
+    ];
+    for (text, first, then) in refused {
+        std::fs::write(&config, &text).expect("config");
+        let out = exo(&["check-config", "--config", &cfg]);
+        assert_clean_failure(&out, first);
+        assert_clean_failure(&out, then);
+    }
+    for text in [
+        single("1 GiB"),
+        head("1 GiB", true),
+        head("1 GiB", false),
+        worker,
+    ] {
+        std::fs::write(&config, &text).expect("config");
+        let out = exo(&["check-config", "--config", &cfg]);
+        assert!(
+            out.status.success(),
+            "{text}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("memory = \""), "{stdout}");
+    }
+}

@@ -91,9 +91,10 @@ impl ServeSettings {
         self.max_slots = self.max_slots.max(1);
         self.batch = self.batch.max(1);
         self.threads = self.threads.max(1);
-        if let Some(ClusterRole::Head(h)) = self.cluster.take() {
-            self.cluster = Some(ClusterRole::Head(self.with_engine_figures(h)));
-        }
+        self.cluster = match self.cluster.take() {
+            Some(ClusterRole::Head(h)) => Some(ClusterRole::Head(self.with_engine_figures(h))),
+            other => other,
+        };
         self
     }
 

@@ -81,6 +81,30 @@ fn another_peer_is_a_worker() {
     assert_eq!(w.model, PathBuf::from("/models/m.gguf"));
     assert_eq!(w.control_listen, "tcp://0.0.0.0:5556");
     assert_eq!(w.threads, 2);
+    assert_eq!(w.memory, None);
+    // clamping keeps the role
+    let s = ServeSettings::from_config(&cluster("b"))
+        .expect("settings")
+        .clamped(1024);
+    assert!(matches!(s.cluster, Some(ClusterRole::Worker { .. })));
+}
+
+#[test]
+fn the_offered_memory_reaches_every_role() {
+    for me in ["a", "b"] {
+        let mut cfg = cluster(me);
+        cfg.node.memory = Some(MemorySize::parse("1.5 GiB").expect("size"));
+        let s = ServeSettings::from_config(&cfg).expect("settings");
+        let want = Some(3 << 29);
+        assert_eq!(s.memory, want);
+        match s.cluster {
+            Some(ClusterRole::Head(h)) => assert_eq!((me, h.memory), ("a", want)),
+            Some(ClusterRole::Worker { settings: w, .. }) => {
+                assert_eq!((me, w.memory), ("b", want))
+            }
+            None => panic!("not in the cluster"),
+        }
+    }
 }
 
 #[test]
