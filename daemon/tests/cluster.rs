@@ -106,6 +106,7 @@ impl Node {
         for var in [
             "EXO_NODE_NAME",
             "EXO_NODE_LISTEN",
+            "EXO_NODE_MEMORY",
             "EXO_MODEL_PATH",
             "EXO_API_LISTEN",
             "EXO_API_KEY",
@@ -151,6 +152,8 @@ struct PeerSpec {
     name: &'static str,
     layers: Option<(usize, usize)>,
     key: &'static str,
+    /// `[node] memory` in bytes; None leaves the key out.
+    memory: Option<u64>,
 }
 
 fn peer(name: &'static str, layers: Option<(usize, usize)>) -> PeerSpec {
@@ -158,6 +161,7 @@ fn peer(name: &'static str, layers: Option<(usize, usize)>) -> PeerSpec {
         name,
         layers,
         key: KEY,
+        memory: None,
     }
 }
 
@@ -305,8 +309,11 @@ impl Harness {
                     format!("{key} = \"{value}\"\n")
                 }
             };
+            let memory = p
+                .memory
+                .map_or(String::new(), |m| format!("memory = {m}\n"));
             let text = format!(
-                "[node]\nname = \"{}\"\nlisten = \"tcp://127.0.0.1:{data}\"\n\n{}\n\
+                "[node]\nname = \"{}\"\nlisten = \"tcp://127.0.0.1:{data}\"\n{memory}\n{}\n\
                  [cluster]\nkey = \"{}\"\n{}{}{list}",
                 p.name,
                 self.common_sections(*http, engine),
@@ -395,6 +402,31 @@ impl Harness {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Polls GET /health of node `i`, which must never say 200, until it says 503
+    /// `load_failed` or `within` has passed; returns the last answer.
+    async fn load_failure(&self, i: usize, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last: Option<Value> = None;
+        loop {
+            if let Ok(r) = self.http.get(self.node(i).url("/health")).send().await {
+                let status = r.status();
+                let v: Value = r.json().await.unwrap_or_default();
+                assert_ne!(status, StatusCode::OK, "{} serves: {v}", self.node(i).name);
+                let failed = status == StatusCode::SERVICE_UNAVAILABLE
+                    && v["error"]["code"] == "load_failed";
+                last = Some(v);
+                if failed {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        last.unwrap_or_else(|| panic!("{} never answered /health", self.node(i).name))
     }
 
     /// A successful greedy completion: (text, finish_reason).
@@ -907,36 +939,13 @@ async fn a_worker_with_another_key_is_reported_by_the_head() {
         &[
             peer("head-a", None),
             PeerSpec {
-                name: "worker-b",
-                layers: None,
                 key: "another-secret-of-32-chars-long!",
+                ..peer("worker-b", None)
             },
         ],
         &TINY_ENGINE,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last: Option<Value> = None;
-    loop {
-        if let Ok(r) = h.http.get(h.node(c[0]).url("/health")).send().await {
-            let status = r.status();
-            let v: Value = r.json().await.unwrap_or_default();
-            assert_ne!(
-                status,
-                StatusCode::OK,
-                "the head serves although its peer has another key: {v}"
-            );
-            if status == StatusCode::SERVICE_UNAVAILABLE && v["error"]["code"] == "load_failed" {
-                last = Some(v);
-                break;
-            }
-            last = Some(v);
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let v = last.expect("the head never answered /health");
+    let v = h.load_failure(c[0], Duration::from_secs(20)).await;
     assert_eq!(
         v["error"]["code"], "load_failed",
         "after 20 s the head's /health should say load_failed (peer without the cluster key), got {v}"
@@ -1317,18 +1326,27 @@ async fn real_answers_together(h: &Harness, i: usize, ids: &[Vec<i32>]) -> Vec<S
     out
 }
 
+/// The real Gemma 3 270M, if present (a note says the test is skipped when not; a
+/// failure when `EXO_REQUIRE_REAL_MODEL` is set).
+fn real_model() -> Option<PathBuf> {
+    let path = exo_tests::real_model_path();
+    if path.is_none() {
+        assert!(
+            std::env::var_os("EXO_REQUIRE_REAL_MODEL").is_none(),
+            "EXO_REQUIRE_REAL_MODEL is set but the real model is missing"
+        );
+        eprintln!("note: the real Gemma 3 270M is not available; skipped");
+    }
+    path
+}
+
 /// One answer everywhere, on the real Gemma 3 270M (Q4_K, Q6_K, Q5_0 and Q8_0
 /// matrices) with default settings: each request alone equals llama.cpp's greedy
 /// continuation; sent together (one batch, mixed lengths, some streamed), each gives
 /// its text alone, on one node, on two nodes and on three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_gemma_answers_alone_batched_and_split_equal_llama_cpp() {
-    let Some(path) = exo_tests::real_model_path() else {
-        assert!(
-            std::env::var_os("EXO_REQUIRE_REAL_MODEL").is_none(),
-            "EXO_REQUIRE_REAL_MODEL is set but the real model is missing"
-        );
-        eprintln!("note: the real Gemma 3 270M is not available; skipped");
+    let Some(path) = real_model() else {
         return;
     };
     let t0 = Instant::now();
@@ -1418,3 +1436,8 @@ fn port_pairs_are_distinct_and_free() {
     assert!(a != b && a + 1 != b && b + 1 != a);
     assert!(bindable(a) && bindable(a + 1));
 }
+
+// ------------------------------------------------------------------ memory
+
+#[path = "cluster/memory.rs"]
+mod memory;

@@ -13,13 +13,20 @@ pub struct NodeInfo {
 }
 
 /// What a node holds beyond its weights and KV cache: the binary and its libraries,
-/// ggml's compute buffers (with flash attention they grow with the micro-batch, not
-/// with the context squared), the threads' stacks, the model file's metadata and, on
-/// the head, the tokenizer. Measured (VmRSS after a completion, minus the node's
-/// weights and KV cache) on Gemma 3 270M, x86-64 (AVX-512), ctx 4096, 4 slots, batch
-/// 512: see `daemon/tests/cluster.rs` (`three_nodes_stay_within_the_memory_they_offer`),
-/// which prints the figures and checks every node against this.
-pub const NODE_OVERHEAD_BYTES: u64 = 64 << 20;
+/// the threads, the model file's metadata (Gemma's 262k-token vocabulary: tens of MB
+/// on every node), ggml's compute buffers (they grow with the micro-batch, the
+/// model's width and the tokens attended) and, on the head, the tokenizer and the
+/// HTTP server. Measured as VmRSS after a long prompt and a full batch, minus the
+/// node's weights and KV cache (`daemon/tests/cluster/memory.rs` prints it), 3 nodes
+/// on x86-64 (AVX-512), threads 1, batch 512, 4 slots:
+/// - tiny model (64 wide, ctx 512): 13 to 15 MiB on every node;
+/// - Gemma 3 270M (640 wide, ctx 4096): workers 74 to 94 MiB, the head 117 to 128 MiB.
+///
+/// A wider model's compute buffers are larger: measure it there (the test takes the
+/// model as its argument). Not counted: loading reads each tensor through a buffer of
+/// its size, so the peak (VmHWM) of a node holding the embedding is higher by that
+/// table while it loads.
+pub const NODE_OVERHEAD_BYTES: u64 = 144 << 20;
 
 /// Bytes read per token by each layer, and by the embedding / head; and the memory
 /// they take, with the KV cache.
