@@ -18,7 +18,7 @@ pub struct NodeInfo {
 /// model's width and the tokens attended) and, on the head, the tokenizer and the
 /// HTTP server. Measured as VmRSS after a long prompt and a full batch, minus the
 /// node's weights and KV cache (`daemon/tests/cluster/memory.rs` prints it), 3 nodes
-/// on x86-64 (AVX-512), threads 1, batch 512, 4 slots:
+/// on x86-64 (AMD EPYC, AVX2, 2 cores), threads 1, batch 512, 4 slots:
 /// - tiny model (64 wide, ctx 512): 13 to 15 MiB on every node;
 /// - Gemma 3 270M (640 wide, ctx 4096): workers 74 to 94 MiB, the head 117 to 128 MiB.
 ///
@@ -187,7 +187,7 @@ impl std::fmt::Display for NoFit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let total: u64 = self.offered.iter().map(|(_, b)| b).sum();
         let who = if self.offered.len() == 1 {
-            "this node offers".to_string()
+            format!("this node offers {}", size_text(total))
         } else {
             let each: Vec<String> = self
                 .offered
@@ -199,17 +199,12 @@ impl std::fmt::Display for NoFit {
         write!(
             f,
             "model needs {} for weights + {} KV at ctx {} ({}) + {} a node for the \
-             runtime; {who}{}: add a node, lower ctx or use a smaller quantisation",
+             runtime; {who}: add a node, lower ctx or use a smaller quantisation",
             size_text(self.weights),
             size_text(self.kv),
             self.n_ctx,
             slots_text(self.n_slots),
             size_text(NODE_OVERHEAD_BYTES),
-            if self.offered.len() == 1 {
-                format!(" {}", size_text(total))
-            } else {
-                String::new()
-            },
         )
     }
 }
@@ -870,12 +865,15 @@ mod tests {
                 .contains("; this node offers 1.0 GB: add a node"),
             "{err}"
         );
-        // enough in total, but no node holds its part: refused, every offer listed
-        let small: Vec<NodeInfo> = (0..6).map(|i| offering(&format!("n{i}"), gb)).collect();
-        let err = plan_cluster(&small[..5], &c, 128_000).expect_err("layers of 140 MB");
+        // every offer is listed; more such nodes make it fit
+        let small: Vec<NodeInfo> = (0..7)
+            .map(|i| offering(&format!("n{i}"), 1_100_000_000))
+            .collect();
+        let err = plan_cluster(&small[..5], &c, 128_000).expect_err("5 nodes of 1.1 GB");
         assert!(
-            err.to_string()
-                .contains("the peers offer 5.0 GB (n0 1.0 GB"),
+            err.to_string().contains(
+                "the peers offer 5.5 GB (n0 1.1 GB, n1 1.1 GB, n2 1.1 GB, n3 1.1 GB, n4 1.1 GB)"
+            ),
             "{err}"
         );
         assert!(plan_cluster(&small, &c, 128_000).is_ok());
