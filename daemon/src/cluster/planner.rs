@@ -19,8 +19,8 @@ pub struct NodeInfo {
 /// HTTP server. Measured as VmRSS after a long prompt and a full batch, minus the
 /// node's weights and KV cache (`daemon/tests/cluster/memory.rs` prints it), 3 nodes
 /// on x86-64 (AMD EPYC, AVX2, 2 cores), threads 1, batch 512, 4 slots:
-/// - tiny model (64 wide, ctx 512): 13 to 15 MiB on every node;
-/// - Gemma 3 270M (640 wide, ctx 4096): workers 74 to 94 MiB, the head 117 to 128 MiB.
+/// - tiny model (64 wide, ctx 512): 13 to 14 MiB on every node;
+/// - Gemma 3 270M (640 wide, ctx 4096): workers 74 to 94 MiB, the head 115 to 128 MiB.
 ///
 /// A wider model's compute buffers are larger: measure it there (the test takes the
 /// model as its argument). Not counted: loading reads each tensor through a buffer of
