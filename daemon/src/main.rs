@@ -294,8 +294,10 @@ fn check_config(path: &Path) -> Result<()> {
     // The model too (its header and tensor table, not the weights): under systemd
     // this runs as ExecStartPre, so a missing or unusable file fails the start at
     // once with this message instead of a service that never becomes ready.
-    ModelFile::open(&cfg.model.path)
-        .with_context(|| format!("{}: [model] path", path.display()))?;
+    // (A worker without one receives its slice from the head.)
+    if let Some(model) = &cfg.model.path {
+        ModelFile::open(model).with_context(|| format!("{}: [model] path", path.display()))?;
+    }
     print!("{}", cfg.effective_toml());
     Ok(())
 }
@@ -310,6 +312,9 @@ fn status(path: &Path) -> Result<()> {
             cfg.node.name,
             h["head"].as_str().unwrap_or("?")
         );
+        if let Some(line) = h["slice"].as_str() {
+            println!("{line}");
+        }
         return Ok(());
     }
     let state = if h["status"] == "ok" {

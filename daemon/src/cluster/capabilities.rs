@@ -25,18 +25,31 @@ pub struct Capabilities {
 impl Capabilities {
     /// Free memory from sysinfo, cores, and measured speeds.
     pub fn measure(mf: &ModelFile, threads: usize) -> Capabilities {
-        let mut sys = sysinfo::System::new();
-        sys.refresh_memory();
-        let free_memory = sys.available_memory();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (ms_per_layer, ms_per_lm_head_mb) = measure_speed(mf, threads).unwrap_or((1.0, 0.0));
         Capabilities {
-            free_memory,
-            cores,
-            threads,
             ms_per_layer,
             ms_per_lm_head_mb,
+            ..Capabilities::unmeasured(threads)
         }
+    }
+
+    /// What a node without the model offers: its memory and cores; its speed is
+    /// unknown (0) until it holds a slice, and the head plans it at its own.
+    pub fn unmeasured(threads: usize) -> Capabilities {
+        let mut sys = sysinfo::System::new();
+        sys.refresh_memory();
+        Capabilities {
+            free_memory: sys.available_memory(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads,
+            ms_per_layer: 0.0,
+            ms_per_lm_head_mb: 0.0,
+        }
+    }
+
+    /// Whether the node timed the model (else its speed is unknown).
+    pub fn is_measured(&self) -> bool {
+        self.ms_per_layer > 0.0
     }
 
     /// Milliseconds for one token through `bytes` of the `lm_head`, given the

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use super::header::{decode_seq, Header, RawHeader};
 use super::payload::{decode_data, Body};
 use super::{
-    DropReason, Frame, FrameError, FrameKey, FrameType, HEADER_LEN, MAC_LEN, MIN_FRAME_LEN,
-    SEQ_DESC_LEN,
+    DropReason, Frame, FrameError, FrameKey, FrameType, HEADER_LEN, MAC_LEN, MAX_CHUNK_FRAME_BYTES,
+    MIN_FRAME_LEN, SEQ_DESC_LEN,
 };
 use crate::engine::BatchSeq;
 
@@ -301,13 +301,24 @@ fn open_control<'a>(
         });
     }
     check_dtype_and_width(h, false, 0)?;
-    if payload.len() > limits.max_control_bytes {
+    let chunk = h.frame_type == FrameType::SliceChunk;
+    let max = if chunk {
+        MAX_CHUNK_FRAME_BYTES
+    } else {
+        limits.max_control_bytes
+    };
+    if payload.len() > max {
         return Err(FrameError::ControlTooLarge {
             got: payload.len(),
-            max: limits.max_control_bytes,
+            max,
         });
     }
-    Ok(frame(h, Vec::new(), Body::Control(payload)))
+    let body = if chunk {
+        Body::Chunk(payload)
+    } else {
+        Body::Control(payload)
+    };
+    Ok(frame(h, Vec::new(), body))
 }
 
 /// A data frame: a batch within the limits and a payload of its shape.

@@ -284,7 +284,7 @@ fn control_frames_roundtrip() {
     let mut opener = Opener::new(key());
     for (i, ft) in FrameType::ALL
         .into_iter()
-        .filter(|t| t.is_control())
+        .filter(|t| t.is_control() && *t != FrameType::SliceChunk)
         .enumerate()
     {
         let body = serde_json::json!({"type": ft.name(), "n": i});
@@ -299,10 +299,21 @@ fn control_frames_roundtrip() {
         let back: serde_json::Value = f.control().unwrap();
         assert_eq!(back, body);
     }
-    assert_eq!(
-        opener.stats().snapshot().accepted,
-        FrameType::ALL.iter().filter(|t| t.is_control()).count() as u64
-    );
+    let json_types = FrameType::ALL.iter().filter(|t| t.is_control()).count() - 1;
+    assert_eq!(opener.stats().snapshot().accepted, json_types as u64);
+    // a slice chunk: raw bytes, its index as the step id, not JSON
+    assert!(sealer
+        .seal_control(FrameType::SliceChunk, 0, &serde_json::json!({}))
+        .is_err());
+    let chunk: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    let bytes = sealer.seal_chunk(7, &chunk).unwrap();
+    let f = opener.open(&bytes, &Limits::control_only()).unwrap();
+    assert_eq!((f.frame_type, f.step_id), (FrameType::SliceChunk, 7));
+    assert_eq!(f.chunk().unwrap(), &chunk[..]);
+    assert!(f.control::<serde_json::Value>().is_err());
+    assert!(sealer
+        .seal_chunk(1, &vec![0; MAX_CHUNK_FRAME_BYTES + 1])
+        .is_err());
 }
 
 #[test]
