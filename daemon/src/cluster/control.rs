@@ -59,16 +59,9 @@ impl Control {
         self.request(client, &bytes, timeout).await
     }
 
-    /// Sends chunk `index` of the model file; the answer is the peer's status.
-    pub(crate) async fn send_chunk(
-        &self,
-        client: &ControlClient,
-        index: u32,
-        bytes: &[u8],
-        timeout: Duration,
-    ) -> anyhow::Result<proto::SliceStatus> {
-        let frame = self.sealer()?.seal_chunk(index, bytes)?;
-        self.request(client, &frame, timeout).await
+    /// Chunk `index` of the model file, sealed (for [`Control::request`]).
+    pub(crate) fn seal_chunk(&self, index: u32, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+        Ok(self.sealer()?.seal_chunk(index, bytes)?)
     }
 
     fn sealer(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Sealer>> {
@@ -77,7 +70,8 @@ impl Control {
             .map_err(|_| anyhow::anyhow!("sealer poisoned"))
     }
 
-    async fn request<T: serde::de::DeserializeOwned>(
+    /// Sends a sealed frame and opens the reply (an Error reply becomes an error).
+    pub(crate) async fn request<T: serde::de::DeserializeOwned>(
         &self,
         client: &ControlClient,
         frame: &[u8],

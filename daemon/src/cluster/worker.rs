@@ -130,6 +130,7 @@ pub async fn run(
             cmd_tx,
             data_sender,
             current: None,
+            greeted: false,
         }));
         tokio::spawn(async move {
             let _ = control
@@ -201,6 +202,8 @@ struct ControlHandler {
     data_sender: u64,
     /// The plan the stage thread runs: (epoch, range, next hop).
     current: Option<(u64, LayerRange, String)>,
+    /// Whether a hello came (slices travel only after one).
+    greeted: bool,
 }
 
 impl ControlHandler {
@@ -219,6 +222,7 @@ impl ControlHandler {
                 let Ok(h) = frame.control::<Hello>() else {
                     return self.error("bad hello");
                 };
+                self.greeted = true;
                 let (model_hash, full_model) = match &self.model {
                     WorkerModel::File(_, id) => (id.clone(), true),
                     WorkerModel::Slices(r) => (r.model_hash(), false),
@@ -275,6 +279,9 @@ impl ControlHandler {
                 let Ok(offer) = frame.control::<SliceOffer>() else {
                     return self.error("bad slice offer");
                 };
+                if !self.greeted {
+                    return self.error("a slice offer before the hello");
+                }
                 let WorkerModel::Slices(r) = &mut self.model else {
                     return self.error("this node has the whole model file");
                 };

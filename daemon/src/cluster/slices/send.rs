@@ -5,6 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use futures_util::StreamExt;
 
 use super::{progress_figures, stage_bytes, to_runs, Manifest, Progress};
 use crate::cluster::control::Control;
@@ -18,6 +19,8 @@ use crate::model::{LayerRange, ModelFile};
 const OFFER_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long one chunk may take, sent, written and checked.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Chunks on their way to a worker at a time.
+const IN_FLIGHT: usize = 4;
 /// How often the progress line and the log are updated.
 const REPORT_EVERY: Duration = Duration::from_secs(2);
 
@@ -103,23 +106,22 @@ pub(crate) async fn deliver(
         stage.name,
         progress_figures(0, total, 0.0)
     )));
-    let (mut sent, mut buf) = (0u64, Vec::new());
-    for &c in &missing {
-        let r = src.manifest.chunk_range(c);
-        buf.resize((r.end - r.start) as usize, 0);
-        file.read_exact_at(&mut buf, r.start)
-            .with_context(|| format!("reading {}", src.mf.gguf.path().display()))?;
-        if !src.manifest.matches(c, &buf) {
-            bail!(
-                "{} changed since it was hashed: restart exo on this node",
-                src.mf.gguf.path().display()
-            );
-        }
-        control
-            .send_chunk(client, c, &buf, CHUNK_TIMEOUT)
-            .await
-            .with_context(|| format!("sending {} chunk {c}", stage.name))?;
-        sent += buf.len() as u64;
+    let mut buf = Vec::new();
+    // chunks read and sealed in order, IN_FLIGHT of them on their way at a time: the
+    // worker stores one while the next ones travel
+    let mut replies = futures_util::stream::iter(missing.iter().copied())
+        .map(|c| {
+            let frame = seal_chunk(control, src, &file, c, &mut buf);
+            async move {
+                let sent: SliceStatus = control.request(client, &frame?, CHUNK_TIMEOUT).await?;
+                anyhow::Ok((c, sent))
+            }
+        })
+        .buffered(IN_FLIGHT);
+    let mut sent = 0u64;
+    while let Some(reply) = replies.next().await {
+        let (c, _) = reply.with_context(|| format!("sending {} its slice", stage.name))?;
+        sent += src.manifest.bytes_of(&[c]);
         if last_report.elapsed() >= REPORT_EVERY {
             last_report = Instant::now();
             let line = format!(
@@ -138,4 +140,26 @@ pub(crate) async fn deliver(
         progress_figures(sent, total, t0.elapsed().as_secs_f64())
     );
     Ok(delivered)
+}
+
+/// Chunk `c` read from the model file, checked against the manifest and sealed.
+fn seal_chunk(
+    control: &Control,
+    src: &Source<'_>,
+    file: &std::fs::File,
+    c: u32,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<Vec<u8>> {
+    let path = src.mf.gguf.path();
+    let r = src.manifest.chunk_range(c);
+    buf.resize((r.end - r.start) as usize, 0);
+    file.read_exact_at(buf, r.start)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !src.manifest.matches(c, buf) {
+        bail!(
+            "{} changed since it was hashed: restart exo on this node",
+            path.display()
+        );
+    }
+    control.seal_chunk(c, buf)
 }

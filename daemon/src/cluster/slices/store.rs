@@ -126,7 +126,8 @@ impl SliceStore {
             }
             let r = self.manifest.chunk_range(i);
             buf.resize((r.end - r.start) as usize, 0);
-            let ok = self.file.read_exact_at(&mut buf, r.start).is_ok()
+            let ok = !is_hole(&self.file, &r)
+                && self.file.read_exact_at(&mut buf, r.start).is_ok()
                 && self.manifest.matches(i, &buf);
             self.verified[i as usize] = ok;
             if !ok {
@@ -178,6 +179,20 @@ impl SliceStore {
             .sync_data()
             .map_err(SliceError::io("flushing", &self.path))?;
         Ok(true)
+    }
+}
+
+/// Whether bytes `r` of `file` were never written (a hole: nothing to read or hash).
+fn is_hole(file: &File, r: &std::ops::Range<u64>) -> bool {
+    use nix::unistd::{lseek, Whence};
+    let Ok(start) = i64::try_from(r.start) else {
+        return false;
+    };
+    match lseek(file, start, Whence::SeekData) {
+        Ok(data) => data as u64 >= r.end,
+        // no data after `start`
+        Err(nix::errno::Errno::ENXIO) => true,
+        Err(_) => false,
     }
 }
 

@@ -10,7 +10,7 @@
 //!      6    1  dtype (0 none, 1 f32, 2 f16, 3 bf16)
 //!      7    1  flags (FLAG_SOLO on a step's data frames; 0 on control frames)
 //!      8    8  sender id (random per process start)
-//!     16    8  counter (strictly increasing per sender)
+//!     16    8  counter (per sender from 1; each taken once, at most 64 behind the newest)
 //!     24    8  step id
 //!     32    2  n_seqs
 //!     34    2  width (n_embd for activations, 0 otherwise)
@@ -50,7 +50,7 @@ pub use crate::engine::codec::Dtype;
 use crate::engine::{codec, BatchSeq};
 pub use error::{DropReason, FrameError};
 pub use mac::FrameKey;
-pub use open::{Limits, Opener, OpenerStats, StatsSnapshot};
+pub use open::{Limits, Opener, OpenerStats, StatsSnapshot, REPLAY_WINDOW};
 pub use payload::{Body, Floats, PartialLogits, Payload};
 pub use seal::{random_sender_id, Sealer};
 

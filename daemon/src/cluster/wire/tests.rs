@@ -483,6 +483,31 @@ fn replays_are_rejected_and_counted() {
     assert_eq!(err.reason(), DropReason::Replayed);
 }
 
+/// Frames sent together may arrive out of order: each is taken once, within the
+/// window behind the newest; older ones and repeats are refused.
+#[test]
+fn counters_out_of_order_within_the_window_are_taken_once() {
+    let mut sealer = Sealer::new(key(), 9);
+    let frames: Vec<Vec<u8>> = (0..REPLAY_WINDOW + 5)
+        .map(|_| small_activation_frame(&mut sealer))
+        .collect();
+    let mut opener = Opener::new(key());
+    let n = frames.len();
+    opener.open(&frames[2], &limits()).unwrap();
+    opener.open(&frames[0], &limits()).unwrap();
+    opener.open(&frames[1], &limits()).unwrap();
+    assert!(opener.open(&frames[1], &limits()).is_err(), "a repeat");
+    opener.open(&frames[n - 1], &limits()).unwrap();
+    // counter 4 is now 65 behind the newest (69): too old, though never seen
+    assert!(matches!(
+        opener.open(&frames[3], &limits()),
+        Err(FrameError::Replayed { counter: 4, .. })
+    ));
+    opener.open(&frames[n - 2], &limits()).unwrap();
+    assert_eq!(opener.last_counter(9), Some(n as u64));
+    assert_eq!(opener.stats().snapshot().replayed, 2);
+}
+
 #[test]
 fn allowlist_rejects_other_senders() {
     let mut a = Sealer::new(key(), 10);
