@@ -20,7 +20,7 @@ SHAPE=${SHAPE:-llama3-8b}
 REPS=${REPS:-3}
 TOKENS=${TOKENS:-16}
 CTX=${CTX:-1024}
-MODEL=$PWD/models/generated/$SHAPE.gguf
+MODEL=${MODEL:-$PWD/models/generated/$SHAPE.gguf}
 if [ ! -f "$MODEL" ]; then
     mkdir -p models/generated
     t0=$(date +%s.%N)
@@ -32,6 +32,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
     for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -138,9 +139,9 @@ measure() { # port concurrency
     "$EXO" bench-client --addr "127.0.0.1:$1" --concurrency "$2" --tokens "$TOKENS" --reps 1 | awk '{print $3}'
 }
 for r in $(seq 1 "$REPS"); do
-    runs[one_1]+="$(measure 18600 1) "; runs[two_1]+="$(measure 18610 1) "
-    runs[one_8]+="$(measure 18600 8) "; runs[two_8]+="$(measure 18610 8) "
-    echo "round $r: 1 stream ${runs[one_1]##* }/${runs[two_1]##* }; 8 streams ${runs[one_8]##* }/${runs[two_8]##* } (1 node / 2 nodes, tok/s)" >&2
+    o1=$(measure 18600 1); t1=$(measure 18610 1); o8=$(measure 18600 8); t8=$(measure 18610 8)
+    runs[one_1]+="$o1 "; runs[two_1]+="$t1 "; runs[one_8]+="$o8 "; runs[two_8]+="$t8 "
+    echo "round $r: 1 stream $o1 / $t1, 8 streams $o8 / $t8 tok/s (1 node / 2 nodes)" >&2
 done
 mem() { # pid -> "rss peak" in MB
     awk '/^VmRSS/ {r=$2} /^VmHWM/ {h=$2} END {printf "%.0f %.0f", r/1000, h/1000}' "/proc/$1/status"
