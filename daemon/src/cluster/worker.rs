@@ -336,10 +336,11 @@ impl ControlHandler {
         };
         let range = LayerRange::new(me.start, me.end);
         // only the stage before us may feed us (the head feeds the first worker)
-        let prev_sender = *p
-            .senders
-            .get(i - 1)
-            .ok_or_else(|| anyhow::anyhow!("the plan lacks the sender of stage {}", i - 1))?;
+        let prev_sender = i
+            .checked_sub(1)
+            .and_then(|prev| p.senders.get(prev))
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("the plan gives this node no stage before it"))?;
         if self.current.as_ref() == Some(&(p.epoch, range, next.clone())) {
             // same plan (a neighbour restarted): keep the stage, accept its new id
             let (ack_tx, ack_rx) = std_mpsc::sync_channel(1);
