@@ -57,6 +57,9 @@ fn llama3_8b_has_the_published_layout() {
     assert_eq!(get("blk.31.ffn_norm.weight").ty, WriterType::F32);
     assert_eq!(count(&t, WriterType::Q6_K, "attn_v"), 16);
     assert_eq!(count(&t, WriterType::Q6_K, "ffn_down"), 16);
+    // llama.cpp's load log of the published file: f32 65, q4_K 193, q6_K 33 tensors
+    assert_eq!(count(&t, WriterType::F32, ""), 65);
+    assert_eq!(count(&t, WriterType::Q4_K, ""), 193);
     assert_eq!(count(&t, WriterType::Q6_K, ""), 33);
     assert_eq!(get("blk.6.attn_v.weight").ty, WriterType::Q6_K);
     assert_eq!(get("blk.7.attn_v.weight").ty, WriterType::Q4_K);
