@@ -38,9 +38,10 @@ struct Specials {
     count: usize,
     /// Named specials, by offset from the first special id; the others are reserved.
     named: &'static [&'static str],
-    /// Offsets of BOS and EOS.
+    /// Offsets of BOS, EOS and padding.
     bos: usize,
     eos: usize,
+    pad: usize,
     add_bos: bool,
     template: &'static str,
 }
@@ -48,7 +49,7 @@ struct Specials {
 fn specials(arch: GenArch) -> Specials {
     match arch {
         // Llama 3: 256 specials from 128000; BOS `<|begin_of_text|>`, EOS `<|eot_id|>`
-        // (the Instruct GGUFs' choice).
+        // (the Instruct GGUFs' choice), padding `<|finetune_right_pad_id|>`.
         GenArch::Llama => Specials {
             count: 256,
             named: &[
@@ -66,6 +67,7 @@ fn specials(arch: GenArch) -> Specials {
             ],
             bos: 0,
             eos: 9,
+            pad: 4,
             add_bos: true,
             template: LLAMA3_TEMPLATE,
         },
@@ -76,6 +78,7 @@ fn specials(arch: GenArch) -> Specials {
             named: &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
             bos: 0,
             eos: 2,
+            pad: 0,
             add_bos: false,
             template: CHATML_TEMPLATE,
         },
@@ -115,7 +118,8 @@ fn pieces(n: usize) -> Vec<String> {
 pub(super) fn set_tokenizer(w: &mut GgufWriter, shape: &Shape) -> Result<(), GenError> {
     let sp = specials(shape.arch);
     let n = shape.n_vocab;
-    let first_special = n - sp.count.min(n - FIRST_PIECE - 16);
+    // (n >= MIN_VOCAB leaves room for the pieces: Shape::check)
+    let first_special = n - sp.count;
     let mut tokens = Vec::with_capacity(n);
     let mut scores = Vec::with_capacity(n);
     let mut types = Vec::with_capacity(n);
@@ -155,7 +159,7 @@ pub(super) fn set_tokenizer(w: &mut GgufWriter, shape: &Shape) -> Result<(), Gen
     w.set_u32("tokenizer.ggml.bos_token_id", id(sp.bos)?)?;
     w.set_u32("tokenizer.ggml.eos_token_id", id(sp.eos)?)?;
     w.set_u32("tokenizer.ggml.unknown_token_id", 0)?;
-    w.set_u32("tokenizer.ggml.padding_token_id", id(sp.bos)?)?;
+    w.set_u32("tokenizer.ggml.padding_token_id", id(sp.pad)?)?;
     w.set_bool("tokenizer.ggml.add_bos_token", sp.add_bos)?;
     w.set_bool("tokenizer.ggml.add_eos_token", false)?;
     w.set_bool("tokenizer.ggml.add_space_prefix", true)?;
