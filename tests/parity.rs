@@ -12,7 +12,7 @@ use exo::engine::{
 use exo::model::{LayerRange, ModelFile};
 use exo::tokenizer::{Message, Tokenizer};
 use exo_tests::{real_model_path, write_tiny_model, TempDir, TinyArch, TinySpec};
-use ggml_shim::llama::{init_backend, OracleModel, SamplingParams};
+use ggml_shim::llama::{init_backend, OracleContext, OracleModel, SamplingParams};
 
 /// Prefill micro-batch used by the tiny-model tests (so a 40-token prompt spans 3 chunks).
 const CHUNK: usize = 16;
@@ -86,31 +86,7 @@ fn check_model(path: &Path, prompts: &[Vec<i32>], tol: &Tolerance, n_generate: u
         .expect("oracle context");
     let mut exo = pipeline(&mf, whole(&mf), n_ctx, 1);
     for prompt in prompts {
-        // logits at every position
-        let ours = prompt_logits(&mut exo, prompt, CHUNK).expect("exo logits");
-        let theirs = octx.prompt_logits(prompt).expect("oracle logits");
-        assert_eq!(ours.len(), prompt.len());
-        assert_eq!(theirs.len(), prompt.len());
-        let worst = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| rel_max_diff(a, b))
-            .fold(0f32, f32::max);
-        eprintln!(
-            "{}: prompt of {} tokens: worst relative logit difference {worst:.2e}",
-            path.display(),
-            prompt.len()
-        );
-        for (pos, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            let d = rel_max_diff(a, b);
-            assert!(
-                d <= tol.logits,
-                "{}: prompt of {} tokens, position {pos}: logits differ by {d:.2e} (relative), tolerance {:.1e}",
-                path.display(),
-                prompt.len(),
-                tol.logits
-            );
-        }
+        check_prompt_logits(path, &mut exo, &mut octx, prompt, tol);
         // greedy continuation
         let mut params = greedy();
         params.max_tokens = n_generate;
@@ -131,6 +107,42 @@ fn check_model(path: &Path, prompts: &[Vec<i32>], tol: &Tolerance, n_generate: u
             "degenerate continuation: the check would prove little"
         );
     }
+}
+
+/// exo's logits at every position of `prompt` against llama.cpp's, within `tol`;
+/// returns exo's.
+fn check_prompt_logits(
+    path: &Path,
+    exo: &mut Pipeline,
+    octx: &mut OracleContext,
+    prompt: &[i32],
+    tol: &Tolerance,
+) -> Vec<Vec<f32>> {
+    let ours = prompt_logits(exo, prompt, CHUNK).expect("exo logits");
+    let theirs = octx.prompt_logits(prompt).expect("oracle logits");
+    assert_eq!(ours.len(), prompt.len());
+    assert_eq!(theirs.len(), prompt.len());
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| rel_max_diff(a, b))
+        .fold(0f32, f32::max);
+    eprintln!(
+        "{}: prompt of {} tokens: worst relative logit difference {worst:.2e}",
+        path.display(),
+        prompt.len()
+    );
+    for (pos, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        let d = rel_max_diff(a, b);
+        assert!(
+            d <= tol.logits,
+            "{}: prompt of {} tokens, position {pos}: logits differ by {d:.2e} (relative), tolerance {:.1e}",
+            path.display(),
+            prompt.len(),
+            tol.logits
+        );
+    }
+    ours
 }
 
 fn check_splits(path: &Path, prompt: &[i32]) {
@@ -656,4 +668,81 @@ fn real_gemma3_logits_do_not_depend_on_the_batch() {
         .map(|r| ggml_shim::llama::argmax(r).expect("argmax") as i32)
         .collect();
     assert_eq!(got, want, "A's greedy tokens vs llama.cpp");
+}
+
+// ---- generated models of published shapes (`exo gen-model`) ----
+
+/// A generated model of `shape`: exo and llama.cpp load it, exo tokenizes a prompt
+/// longer than one prefill chunk, and exo's logits at every position equal llama.cpp's
+/// within the parity tolerance; the logits are finite and depend on the context; a
+/// pipeline split into two layer ranges gives the whole model's logits.
+fn check_generated(shape: &exo::gen_model::Shape) {
+    init_backend();
+    let dir = TempDir::new(&format!("gen-{}", shape.name)).expect("tempdir");
+    let path = dir.path().join(format!("{}.gguf", shape.name));
+    exo::gen_model::write(shape, 7, &path).expect("generate");
+    let mf = ModelFile::open(&path).expect("open generated model");
+    assert_eq!(mf.hparams.n_layer, shape.n_layer);
+    assert_eq!(mf.hparams.n_vocab, shape.n_vocab);
+    let tok = Tokenizer::load(&path, mf.hparams.arch.name()).expect("tokenizer");
+    let prompt = tok
+        .encode("The quick brown fox jumps over the lazy dog, then naps")
+        .expect("tokenize");
+    assert!(prompt.len() > CHUNK, "{} tokens: one chunk", prompt.len());
+    let n_ctx = prompt.len() + 8;
+    let oracle = OracleModel::load(&path, 1).expect("oracle load");
+    let mut octx = oracle
+        .context(n_ctx as u32, CHUNK as u32, 1)
+        .expect("oracle context");
+    let mut exo = pipeline(&mf, whole(&mf), n_ctx, 1);
+    let whole_logits = check_prompt_logits(&path, &mut exo, &mut octx, &prompt, &TINY_TOL);
+    // one model in memory at a time (the 8B shape is 4.9 GB)
+    drop((exo, octx, oracle));
+    for row in &whole_logits {
+        assert!(row.iter().all(|v| v.is_finite()), "non-finite logits");
+    }
+    let moved = whole_logits[1..]
+        .iter()
+        .map(|row| rel_max_diff(row, &whole_logits[0]))
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 0.1,
+        "logits barely depend on the context ({moved:.2e})"
+    );
+    let n = shape.n_layer;
+    let mut split = pipeline(&mf, split_ranges(n, &[n / 2]).expect("ranges"), n_ctx, 1);
+    let got = prompt_logits(&mut split, &prompt, CHUNK).expect("split logits");
+    for (pos, (a, b)) in got.iter().zip(&whole_logits).enumerate() {
+        let d = rel_max_diff(a, b);
+        assert!(
+            d <= 1e-6,
+            "split at layer {}, position {pos}: logits differ by {d:.2e}",
+            n / 2
+        );
+    }
+}
+
+#[test]
+fn generated_llama3_1b_matches_llama_cpp() {
+    check_generated(&exo::gen_model::find_shape("llama3-1b").expect("shape"));
+}
+
+/// The Llama 3 8B shape (a 4.9 GB file, ~15 s to write and several GB of memory per
+/// engine): run by hand, `cargo test --release -p exo-tests --test parity -- --ignored
+/// generated_llama3_8b`.
+#[test]
+#[ignore = "writes and loads a 4.9 GB model"]
+fn generated_llama3_8b_matches_llama_cpp() {
+    check_generated(&exo::gen_model::find_shape("llama3-8b").expect("shape"));
+}
+
+/// Qwen2.5 3B's shape with 4 of its 36 layers: every tensor shape and key as in the
+/// whole model, the layers' types by the Q4_K_M rule for 4 layers.
+#[test]
+fn generated_qwen2_5_3b_layers_match_llama_cpp() {
+    let shape = exo::gen_model::find_shape("qwen2.5-3b").expect("shape");
+    check_generated(&exo::gen_model::Shape {
+        n_layer: 4,
+        ..shape
+    });
 }

@@ -180,7 +180,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     let max_n = args.concurrency.iter().copied().max().unwrap_or(1);
     let rt = runtime()?;
     let settings = ServeSettings {
-        model: args.model.clone(),
+        model: Some(args.model.clone()),
         n_ctx: 512,
         max_slots: max_n,
         max_queue: 64,

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod gen_model;
 pub mod model;
 pub mod serve;
 pub mod system;

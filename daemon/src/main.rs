@@ -60,6 +60,20 @@ enum Command {
     BenchServe(bench_serve::BenchServeArgs),
     /// Measure a running `exo serve` (e.g. a cluster head) at several concurrent streams.
     BenchClient(bench_serve::BenchClientArgs),
+    /// Write a GGUF of a published model's shape with random weights (tests, benchmarks).
+    GenModel(GenModelArgs),
+}
+
+#[derive(clap::Args)]
+struct GenModelArgs {
+    /// Model shape: llama3-8b, llama3-1b, qwen2.5-3b or llama3-tiny.
+    #[arg(long)]
+    shape: String,
+    /// Seed of the random weights (same seed, same file).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The GGUF file to write.
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -174,6 +188,7 @@ fn cli_main() -> ExitCode {
         Command::Status { config } => done(status(&config)),
         Command::BenchServe(args) => done(bench_serve::run(args)),
         Command::BenchClient(args) => done(bench_serve::client(args)),
+        Command::GenModel(args) => done(gen_model(args)),
     };
     match result {
         Ok(code) => code,
@@ -294,14 +309,17 @@ fn check_config(path: &Path) -> Result<()> {
     // The model too (its header and tensor table, not the weights): under systemd
     // this runs as ExecStartPre, so a missing or unusable file fails the start at
     // once with this message instead of a service that never becomes ready.
-    let mf = ModelFile::open(&cfg.model.path)
-        .with_context(|| format!("{}: [model] path", path.display()))?;
-    // And that the model fits the memory this node offers, where the file alone can
-    // tell (a single node, or a head's own part; formation checks the rest).
-    exo::serve::ServeSettings::from_config(&cfg)?
-        .clamped(mf.hparams.n_ctx_train)
-        .check_own_memory(&mf)
-        .with_context(|| format!("{}: [node] memory", path.display()))?;
+    // (A worker without one receives its slice from the head.) And that the model fits
+    // the memory this node offers, where the file alone can tell (a single node, or a
+    // head's own part; formation checks the rest).
+    if let Some(model) = &cfg.model.path {
+        let mf =
+            ModelFile::open(model).with_context(|| format!("{}: [model] path", path.display()))?;
+        exo::serve::ServeSettings::from_config(&cfg)?
+            .clamped(mf.hparams.n_ctx_train)
+            .check_own_memory(&mf)
+            .with_context(|| format!("{}: [node] memory", path.display()))?;
+    }
     print!("{}", cfg.effective_toml());
     Ok(())
 }
@@ -316,6 +334,9 @@ fn status(path: &Path) -> Result<()> {
             cfg.node.name,
             h["head"].as_str().unwrap_or("?")
         );
+        if let Some(line) = h["slice"].as_str() {
+            println!("{line}");
+        }
         return Ok(());
     }
     let state = if h["status"] == "ok" {
@@ -474,6 +495,26 @@ fn inspect(path: &Path) -> Result<()> {
     println!(
         "decoding     batch-invariant: each sequence's tokens as one-token products, \
          whatever else the step holds"
+    );
+    Ok(())
+}
+
+fn gen_model(args: GenModelArgs) -> Result<()> {
+    let shape = exo::gen_model::find_shape(&args.shape)?;
+    let start = std::time::Instant::now();
+    let written = exo::gen_model::write(&shape, args.seed, &args.out)?;
+    let published = match shape.published_mb {
+        0 => String::new(),
+        mb => format!(" (published Q4_K_M: {})", human(mb * 1_000_000)),
+    };
+    println!(
+        "wrote {}: shape {}, seed {}, {} tensors, {}{published} in {:.1} s",
+        args.out.display(),
+        shape.name,
+        args.seed,
+        written.n_tensors,
+        human(written.bytes),
+        start.elapsed().as_secs_f64()
     );
     Ok(())
 }

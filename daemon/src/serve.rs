@@ -61,7 +61,10 @@ pub async fn run(
         "node {} listening on http://{} (model {})",
         config.node.name,
         listener.local_addr()?,
-        config.model.path.display()
+        match &config.model.path {
+            Some(p) => p.display().to_string(),
+            None => format!("slices in {}", config.model.cache_dir.display()),
+        }
     );
     let app = new_app(&settings);
     reload::spawn(path.to_path_buf(), config, app.clone());
@@ -73,9 +76,10 @@ fn load_local(
     s: &ServeSettings,
     observer: Option<Arc<dyn StepObserver>>,
 ) -> anyhow::Result<(Served, std::thread::JoinHandle<()>)> {
-    let mf = ModelFile::open(&s.model).with_context(|| format!("loading {}", s.model.display()))?;
+    let path = model_path(s)?;
+    let mf = ModelFile::open(path).with_context(|| format!("loading {}", path.display()))?;
     let hp = mf.hparams.clone();
-    let tokenizer = load_tokenizer(&s.model, &hp)?;
+    let tokenizer = load_tokenizer(path, &hp)?;
     let s = s.clone().clamped(hp.n_ctx_train);
     s.check_own_memory(&mf)?;
     let pipeline = Pipeline::local(
@@ -89,6 +93,13 @@ fn load_local(
         },
     )?;
     start_engine(pipeline, tokenizer, &hp, &s, observer)
+}
+
+/// The model file of a single node or head.
+fn model_path(s: &ServeSettings) -> anyhow::Result<&Path> {
+    s.model
+        .as_deref()
+        .context("no [model] path: a single node and a cluster's head need the model file")
 }
 
 fn load_tokenizer(model: &Path, hp: &HParams) -> anyhow::Result<Arc<Tokenizer>> {
@@ -145,7 +156,10 @@ pub async fn serve(
 /// The shared state `serve_app` serves (the caller may keep a handle, e.g. for SIGHUP).
 pub fn new_app(settings: &ServeSettings) -> Arc<App> {
     let mut app = App::new(
-        model_id(&settings.model),
+        settings
+            .model
+            .as_deref()
+            .map_or_else(|| "model".into(), model_id),
         settings.api_key.clone(),
         settings.max_body_bytes,
     );
@@ -177,9 +191,9 @@ pub async fn serve_app(
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            let stats = app.frames.clone();
+            let (stats, progress) = (app.frames.clone(), app.progress.clone());
             tokio::spawn(async move {
-                if let Err(e) = worker::run(w, stats, stop).await {
+                if let Err(e) = worker::run(w, stats, progress, stop).await {
                     tracing::error!("worker stopped: {e:#}");
                 }
             })
@@ -288,16 +302,19 @@ fn head_loading(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let r = async {
-            let path: PathBuf = settings.model.clone();
-            let mf = tokio::task::spawn_blocking(move || ModelFile::open(&path))
-                .await?
-                .with_context(|| format!("loading {}", settings.model.display()))?;
+            let path: PathBuf = model_path(&settings)?.to_path_buf();
+            let mf = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || ModelFile::open(&path)).await?
+            }
+            .with_context(|| format!("loading {}", path.display()))?;
             let mf = Arc::new(mf);
             let hp = mf.hparams.clone();
-            let tokenizer = load_tokenizer(&settings.model, &hp)?;
+            let tokenizer = load_tokenizer(&path, &hp)?;
             let settings = settings.clamped(hp.n_ctx_train);
             let h = settings.with_engine_figures(h);
-            let (pipeline, view) = head::form(mf, h, app.frames.clone()).await?;
+            let progress = app.progress.clone();
+            let (pipeline, view) = head::form(mf, h, app.frames.clone(), progress).await?;
             let _ = app.cluster.set(view);
             let observer: Arc<dyn StepObserver> = app.metrics.clone();
             start_engine(pipeline, tokenizer, &hp, &settings, Some(observer))

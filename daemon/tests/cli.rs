@@ -129,25 +129,83 @@ fn same_seed_same_output() {
     );
 }
 
-#[test]
-fn inspect_describes_the_model() {
-    let dir = TempDir::new("cli-inspect").expect("tempdir");
-    let model = tiny(&dir, TinyArch::Gemma3);
-    let out = exo(&["inspect", "--model", &model]);
+/// Asserts that `exo inspect` succeeds on `model` and prints every needle.
+fn assert_inspect_says(model: &str, needles: &[&str]) {
+    let out = exo(&["inspect", "--model", model]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for needle in [
-        "architecture gemma3",
-        "layers       6",
-        "layer   5",
-        "sliding",
-        "f32",
-    ] {
+    for needle in needles {
         assert!(
             text.contains(needle),
             "inspect output lacks '{needle}':\n{text}"
         );
     }
+}
+
+#[test]
+fn inspect_describes_the_model() {
+    let dir = TempDir::new("cli-inspect").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Gemma3);
+    assert_inspect_says(
+        &model,
+        &[
+            "architecture gemma3",
+            "layers       6",
+            "layer   5",
+            "sliding",
+            "f32",
+        ],
+    );
+}
+
+/// `exo gen-model` writes a model that `exo inspect` describes and `exo run` runs,
+/// chat template included; an unknown shape is one error line naming the known ones.
+#[test]
+fn gen_model_writes_a_model_inspect_and_run_read() {
+    let dir = TempDir::new("cli-gen").expect("tempdir");
+    let path = dir.path().join("tiny.gguf");
+    let model = path.display().to_string();
+    let out = exo(&["gen-model", "--shape", "llama3-tiny", "--seed", "3", &model]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("shape llama3-tiny, seed 3, 39 tensors"),
+        "{stdout}"
+    );
+    assert_inspect_says(
+        &model,
+        &[
+            "architecture llama",
+            "layers       4",
+            "vocabulary   4096",
+            "q4_K",
+            "q6_K",
+        ],
+    );
+    let run = run_greedy(&model, &["--chat"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&run.stdout).trim().is_empty());
+
+    let other = dir.path().join("x.gguf");
+    let out = exo(&[
+        "gen-model",
+        "--shape",
+        "llama3-70b",
+        other.to_str().unwrap(),
+    ]);
+    assert_clean_failure(
+        &out,
+        "unknown shape \"llama3-70b\"; known shapes: llama3-8b, llama3-1b, qwen2.5-3b, llama3-tiny",
+    );
+    assert!(!other.exists());
 }
 
 #[test]

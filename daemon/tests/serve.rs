@@ -32,7 +32,7 @@ struct Server {
 
 fn default_settings(model: PathBuf) -> ServeSettings {
     ServeSettings {
-        model,
+        model: Some(model),
         n_ctx: N_CTX,
         max_slots: 4,
         max_queue: 8,
@@ -105,7 +105,10 @@ impl Server {
     }
 
     fn model_path(&self) -> &Path {
-        &self.settings.model
+        self.settings
+            .model
+            .as_deref()
+            .expect("a single node has its model")
     }
 
     async fn wait_ready(&self) {

@@ -240,6 +240,13 @@ impl Gguf {
         &self.path
     }
 
+    /// Where tensor data starts: the header (metadata, tensor table, padding) is the
+    /// bytes before it.
+    pub fn data_offset(&self) -> u64 {
+        // SAFETY: ctx is a valid gguf context for the lifetime of self.
+        unsafe { sys::gguf_get_data_offset(self.ctx) as u64 }
+    }
+
     pub fn file_size(&self) -> u64 {
         self.file_size
     }

@@ -322,12 +322,86 @@ pub fn weight_bytes(ty: WriterType, ne0: usize, values: &[f32]) -> Result<Vec<u8
         .to_vec())
 }
 
+/// The data of one tensor: held by the writer, or produced while writing.
+enum Payload {
+    /// Converted when added, kept until written.
+    Held(TensorData),
+    /// Asked of the caller of [`GgufWriter::write_streamed`], in chunks of whole rows.
+    Streamed {
+        /// Bytes of the tensor.
+        nbytes: usize,
+        /// Bytes of one row.
+        row_bytes: usize,
+    },
+}
+
+impl Payload {
+    fn nbytes(&self) -> usize {
+        match self {
+            Payload::Held(data) => data.nbytes,
+            Payload::Streamed { nbytes, .. } => *nbytes,
+        }
+    }
+}
+
+/// Most bytes of a streamed tensor asked for at once (rounded down to whole rows, at
+/// least one row).
+const STREAM_CHUNK: usize = 4 << 20;
+
+/// The values of `bytes` (rows of `ne0` values stored as `ty`) as ggml decodes them:
+/// the inverse of [`weight_bytes`] up to the quantization error.
+pub fn weight_values(ty: WriterType, ne0: usize, bytes: &[u8]) -> Result<Vec<f32>, WriterError> {
+    let block = ty.block_size();
+    if ne0 == 0 || !ne0.is_multiple_of(block) {
+        return Err(WriterError::BlockSize {
+            name: "weights".into(),
+            ty,
+            ne0,
+            block,
+        });
+    }
+    let row = ty.row_size(ne0);
+    if !bytes.len().is_multiple_of(row) {
+        return Err(WriterError::DataLength {
+            name: "weights".into(),
+            shape: vec![ne0],
+            expected: bytes.len().next_multiple_of(row),
+            got: bytes.len(),
+        });
+    }
+    let n = bytes.len() / row * ne0;
+    if ty == WriterType::F32 {
+        return Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect());
+    }
+    // ggml's block structs want their fields aligned: decode from an 8-aligned copy.
+    let mut held = TensorData::zeroed(bytes.len());
+    held.bytes_mut().copy_from_slice(bytes);
+    let mut out = vec![0f32; n];
+    // SAFETY: the traits table is static and every WriterType other than F32 has a
+    // to_float; it reads n / block blocks (exactly `held.nbytes` 8-aligned bytes, as
+    // n is a whole number of rows) and writes n floats into `out`.
+    unsafe {
+        let traits = sys::ggml_get_type_traits(ty.to_ggml());
+        let to_float = (*traits)
+            .to_float
+            .ok_or_else(|| WriterError::Ggml(format!("{} has no to_float", ty.name())))?;
+        to_float(held.words.as_ptr().cast(), out.as_mut_ptr(), n as i64);
+    }
+    Ok(out)
+}
+
 /// Builder of a GGUF file: key/value metadata plus tensors.
 ///
-/// Tensor data is converted when added and kept by the writer until [`GgufWriter::write`].
+/// Tensor data is converted when added and kept by the writer until [`GgufWriter::write`],
+/// except for tensors added with [`GgufWriter::add_tensor_streamed`], whose bytes the
+/// caller produces while [`GgufWriter::write_streamed`] writes them (files larger than
+/// memory).
 pub struct GgufWriter {
     ctx: NonNull<sys::gguf_context>,
-    data: Vec<TensorData>,
+    data: Vec<Payload>,
     names: HashSet<String>,
 }
 
@@ -537,7 +611,7 @@ impl GgufWriter {
         cname: &CString,
         shape: &[usize],
         ty: WriterType,
-        data: TensorData,
+        data: Payload,
     ) -> Result<(), WriterError> {
         let params = sys::ggml_init_params {
             // SAFETY: ggml_tensor_overhead has no preconditions.
@@ -569,10 +643,10 @@ impl GgufWriter {
         };
         // SAFETY: gctx came from ggml_init and is freed once; nothing refers to it anymore.
         unsafe { sys::ggml_free(gctx) };
-        if nbytes != data.nbytes {
+        if nbytes != data.nbytes() {
             return Err(WriterError::Ggml(format!(
                 "tensor {name:?}: ggml expects {nbytes} bytes, converted {}",
-                data.nbytes
+                data.nbytes()
             )));
         }
         self.names.insert(name.to_owned());
@@ -610,7 +684,7 @@ impl GgufWriter {
         }
         let buf = encode_rows(ty, shape[0], data)
             .map_err(|why| WriterError::Ggml(format!("tensor {name:?}: {why}")))?;
-        self.push_tensor(name, &cname, shape, ty, buf)
+        self.push_tensor(name, &cname, shape, ty, Payload::Held(buf))
     }
 
     /// Adds a tensor from bytes already in the layout of `ty` (e.g. copied from another GGUF).
@@ -633,7 +707,24 @@ impl GgufWriter {
         }
         let mut buf = TensorData::zeroed(expected);
         buf.bytes_mut().copy_from_slice(bytes);
-        self.push_tensor(name, &cname, shape, ty, buf)
+        self.push_tensor(name, &cname, shape, ty, Payload::Held(buf))
+    }
+
+    /// Adds a tensor whose bytes (in the layout of `ty`) the writer does not hold:
+    /// [`GgufWriter::write_streamed`] asks for them while writing the file.
+    pub fn add_tensor_streamed(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ty: WriterType,
+    ) -> Result<(), WriterError> {
+        let (cname, n) = self.check_tensor(name, shape, ty)?;
+        let row_bytes = ty.row_size(shape[0]);
+        let payload = Payload::Streamed {
+            nbytes: row_bytes * (n / shape[0]),
+            row_bytes,
+        };
+        self.push_tensor(name, &cname, shape, ty, payload)
     }
 
     /// The serialized metadata (header, key/values, tensor infos, padding).
@@ -646,13 +737,31 @@ impl GgufWriter {
         meta
     }
 
-    /// Serializes the whole file into `out`.
+    /// Serializes the whole file into `out`; fails on a streamed tensor (see
+    /// [`GgufWriter::write_streamed`]).
     pub fn write_to<W: Write>(&self, out: &mut W) -> std::io::Result<()> {
+        self.write_streamed(out, |i, _| {
+            Err(std::io::Error::other(format!(
+                "tensor {i} is streamed: write the file with write_streamed"
+            )))
+        })
+    }
+
+    /// Serializes the whole file into `out`, asking `fill(index, chunk)` for the bytes of
+    /// each streamed tensor (`index` counts tensors in the order they were added): the
+    /// chunks of one tensor come in order, each a whole number of rows of at most 4 MiB
+    /// (or one row), and together cover the tensor; `fill` writes every byte of each.
+    pub fn write_streamed<W, F>(&self, out: &mut W, mut fill: F) -> std::io::Result<()>
+    where
+        W: Write,
+        F: FnMut(usize, &mut [u8]) -> std::io::Result<()>,
+    {
         let meta = self.meta();
         out.write_all(&meta)?;
         // SAFETY: ctx is valid.
         let alignment = unsafe { sys::gguf_get_alignment(self.ctx.as_ptr()) }.max(1);
         let zeros = vec![0u8; alignment];
+        let mut chunk = Vec::new();
         let mut pos = 0usize;
         for (i, data) in self.data.iter().enumerate() {
             // SAFETY: ctx is valid and `i` < number of tensors added (one per `data` entry).
@@ -662,8 +771,21 @@ impl GgufWriter {
                     "tensor {i}: data offset {offset}, writer at {pos}"
                 )));
             }
-            out.write_all(data.bytes())?;
-            pos += data.nbytes;
+            match data {
+                Payload::Held(data) => out.write_all(data.bytes())?,
+                Payload::Streamed { nbytes, row_bytes } => {
+                    let rows_per_chunk = (STREAM_CHUNK / row_bytes).max(1);
+                    chunk.resize((rows_per_chunk * row_bytes).min(*nbytes), 0);
+                    let mut left = *nbytes;
+                    while left > 0 {
+                        let part = &mut chunk[..left.min(rows_per_chunk * row_bytes)];
+                        fill(i, part)?;
+                        out.write_all(part)?;
+                        left -= part.len();
+                    }
+                }
+            }
+            pos += data.nbytes();
             let pad = pos.next_multiple_of(alignment) - pos;
             out.write_all(&zeros[..pad])?;
             pos += pad;
@@ -840,24 +962,6 @@ mod tests {
         ))
     }
 
-    fn dequantize(ty: WriterType, bytes: &[u8], n: usize) -> Vec<f32> {
-        if ty == WriterType::F32 {
-            return bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-        }
-        let mut out = vec![0f32; n];
-        // SAFETY: the traits table is static; to_float reads row_size(n) bytes (checked by the
-        // caller) and writes n floats.
-        unsafe {
-            let traits = sys::ggml_get_type_traits(ty.to_ggml());
-            let f = (*traits).to_float.unwrap();
-            f(bytes.as_ptr().cast(), out.as_mut_ptr(), n as i64);
-        }
-        out
-    }
-
     #[test]
     fn block_sizes_match_ggml() {
         assert!(WriterType::try_from(crate::ggml::DType::I32).is_err());
@@ -952,7 +1056,8 @@ mod tests {
             assert_eq!(t, ty.to_ggml(), "{name}");
             assert_eq!(off % 32, 0, "{name} aligned");
             let bytes = &file[off..off + size];
-            let back = dequantize(ty, bytes, src.len());
+            let back = weight_values(ty, shape[0], bytes).unwrap();
+            assert_eq!(back.len(), src.len(), "{name}");
             let err = back
                 .iter()
                 .zip(src)
@@ -1013,6 +1118,68 @@ mod tests {
         assert_eq!(w.n_tensors(), 1);
         let e = w.write(Path::new("/nonexistent-dir/x.gguf"));
         assert!(matches!(e, Err(WriterError::Io { .. })));
+    }
+
+    #[test]
+    fn streamed_tensors_write_what_held_ones_do() {
+        // a Q8_0 tensor of 5.2 MB: more than one chunk
+        let (ne0, rows) = (4096usize, 1200usize);
+        let row = WriterType::Q8_0.row_size(ne0);
+        let bytes: Vec<u8> = (0..row * rows).map(|i| (i * 31 % 251) as u8).collect();
+        let small = [0.5f32, -1.0];
+        let build = |streamed: bool| {
+            let mut w = GgufWriter::new();
+            w.set_str("general.name", "streamed").unwrap();
+            w.add_tensor_f32("small", &[2], &small, WriterType::F32)
+                .unwrap();
+            if streamed {
+                w.add_tensor_streamed("big", &[ne0, rows], WriterType::Q8_0)
+                    .unwrap();
+            } else {
+                w.add_tensor_raw("big", &[ne0, rows], WriterType::Q8_0, &bytes)
+                    .unwrap();
+            }
+            w
+        };
+        let held = build(false).to_bytes().unwrap();
+        let streamed = build(true);
+        let (mut at, mut calls) = (0usize, 0usize);
+        let mut out = Vec::new();
+        streamed
+            .write_streamed(&mut out, |i, chunk| {
+                assert_eq!(i, 1, "only the streamed tensor is asked for");
+                assert!(chunk.len().is_multiple_of(row) && chunk.len() <= STREAM_CHUNK);
+                chunk.copy_from_slice(&bytes[at..at + chunk.len()]);
+                at += chunk.len();
+                calls += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(out, held);
+        assert_eq!(at, bytes.len());
+        assert!(calls >= 2, "{calls} chunks");
+        // a writer with a streamed tensor cannot write without a source of its bytes
+        assert!(streamed.write_to(&mut Vec::new()).is_err());
+        let failing = streamed.write_streamed(&mut Vec::new(), |_, _| {
+            Err(std::io::Error::other("disk full"))
+        });
+        assert_eq!(failing.unwrap_err().to_string(), "disk full");
+        // the same checks as for held tensors
+        let mut w = build(true);
+        let e = w.add_tensor_streamed("big", &[ne0, 1], WriterType::Q8_0);
+        assert!(matches!(e, Err(WriterError::DuplicateTensor(_))));
+        let e = w.add_tensor_streamed("k", &[100, 1], WriterType::Q4_K);
+        assert!(matches!(e, Err(WriterError::BlockSize { .. })));
+    }
+
+    #[test]
+    fn weight_values_refuse_partial_rows() {
+        let e = weight_values(WriterType::Q8_0, 32, &[0u8; 35]);
+        assert!(matches!(e, Err(WriterError::DataLength { got: 35, .. })));
+        let e = weight_values(WriterType::Q4_K, 100, &[0u8; 144]);
+        assert!(matches!(e, Err(WriterError::BlockSize { .. })));
+        let v = weight_values(WriterType::Q8_0, 32, &[0u8; 68]).unwrap();
+        assert_eq!(v, vec![0.0; 64]);
     }
 
     #[test]

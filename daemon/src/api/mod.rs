@@ -61,6 +61,8 @@ pub struct App {
     pub worker_of: OnceLock<String>,
     /// Frames this node opened or dropped (cluster nodes).
     pub frames: Arc<crate::cluster::OpenerStats>,
+    /// A model slice on its way (to a worker, or to this worker), while it travels.
+    pub progress: crate::cluster::slices::Progress,
 }
 
 impl App {
@@ -76,6 +78,7 @@ impl App {
             cluster: OnceLock::new(),
             worker_of: OnceLock::new(),
             frames: Arc::new(crate::cluster::OpenerStats::default()),
+            progress: Default::default(),
         }
     }
 
@@ -443,10 +446,11 @@ fn cluster_metrics(view: &crate::cluster::head::ClusterView) -> String {
 
 fn health(app: &App) -> ApiResponse {
     if let Some(head) = app.worker_of.get() {
-        return json_response(
-            StatusCode::OK,
-            &json!({"status": "ok", "role": "worker", "head": head}),
-        );
+        let mut body = json!({"status": "ok", "role": "worker", "head": head});
+        if let Some(line) = app.progress.get() {
+            body["slice"] = json!(line);
+        }
+        return json_response(StatusCode::OK, &body);
     }
     let missing = app.missing_peers();
     if !missing.is_empty() {
@@ -460,7 +464,13 @@ fn health(app: &App) -> ApiResponse {
         return json_response(StatusCode::OK, &json!({"status": "ok"}));
     }
     load_failed(app)
-        .unwrap_or_else(|| ApiError::unavailable("loading", "the model is loading"))
+        .unwrap_or_else(|| {
+            let why = match app.progress.get() {
+                Some(line) => format!("the model is loading: {line}"),
+                None => "the model is loading".into(),
+            };
+            ApiError::unavailable("loading", why)
+        })
         .into_response()
 }
 

@@ -27,15 +27,24 @@ impl Capabilities {
     /// The memory offered (`[node] memory`, else what sysinfo reports available),
     /// cores, and measured speeds.
     pub fn measure(mf: &ModelFile, threads: usize, memory: Option<u64>) -> Capabilities {
-        let free_memory = offered_memory(memory);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (ms_per_layer, ms_per_lm_head_mb) = measure_speed(mf, threads).unwrap_or((1.0, 0.0));
         Capabilities {
-            free_memory,
-            cores,
-            threads,
             ms_per_layer,
             ms_per_lm_head_mb,
+            ..Capabilities::unmeasured(threads, memory)
+        }
+    }
+
+    /// What a node without the model offers: its memory (`[node] memory`, else what
+    /// sysinfo reports available) and cores; its speed is unknown (0) until it holds
+    /// a slice, and the head plans it at its own.
+    pub fn unmeasured(threads: usize, memory: Option<u64>) -> Capabilities {
+        Capabilities {
+            free_memory: offered_memory(memory),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads,
+            ms_per_layer: 0.0,
+            ms_per_lm_head_mb: 0.0,
         }
     }
 
@@ -49,6 +58,11 @@ impl Capabilities {
             ms_per_layer: 1.0,
             ms_per_lm_head_mb: 0.0,
         }
+    }
+
+    /// Whether the node timed the model (else its speed is unknown).
+    pub fn is_measured(&self) -> bool {
+        self.ms_per_layer > 0.0
     }
 
     /// Milliseconds for one token through `bytes` of the `lm_head`, given the

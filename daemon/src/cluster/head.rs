@@ -3,6 +3,7 @@
 //! per stage. Heartbeats watch the peers: a missing one fails the steps in flight
 //! within about two seconds, and a peer that comes back is given the plan again.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,9 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::capabilities::Capabilities;
+use super::control::Control;
 use super::planner::{self, ModelCosts, NodeInfo};
 use super::proto::{self, Hello, HelloAck, Plan, PlanAck, PlannedStage, Pong};
 use super::remote::{FirstStage, LmHeadSplit, RemoteStages, SEND_TIMEOUT};
+use super::slices::send::{self, Delivered, Source};
+use super::slices::{Manifest, Progress};
 use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
 use super::wire::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer};
 use crate::config::{HeadSharePolicy, PeerConfig};
@@ -36,6 +40,57 @@ pub struct HeadSettings {
     pub head_share: crate::config::HeadSharePolicy,
     /// `[node] memory` in bytes (None: what the system reports available).
     pub memory: Option<u64>,
+    /// Where the manifest of the model's chunks is cached (for workers that receive
+    /// their slices from this node).
+    pub cache_dir: PathBuf,
+}
+
+/// What the head needs to give workers without a model file their slices.
+struct Slicer {
+    mf: Arc<ModelFile>,
+    model_hash: String,
+    name: String,
+    cache_dir: PathBuf,
+    progress: Progress,
+    /// Hashed once, when a worker first needs a slice.
+    manifest: tokio::sync::OnceCell<Manifest>,
+}
+
+impl Slicer {
+    /// Gives worker stage `i` of `plan` what it misses of its slice.
+    async fn deliver(
+        &self,
+        control: &Control,
+        client: &ControlClient,
+        plan: &Plan,
+        i: usize,
+    ) -> anyhow::Result<Delivered> {
+        let manifest = self
+            .manifest
+            .get_or_try_init(|| {
+                let (path, hash, dir) = (
+                    self.mf.gguf.path().to_path_buf(),
+                    self.model_hash.clone(),
+                    self.cache_dir.clone(),
+                );
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        Manifest::load_or_compute(&path, &hash, &dir)
+                    })
+                    .await?
+                    .map_err(anyhow::Error::from)
+                }
+            })
+            .await?;
+        let src = Source {
+            mf: &self.mf,
+            manifest,
+            model_hash: &self.model_hash,
+            from: &self.name,
+            progress: &self.progress,
+        };
+        send::deliver(control, client, &src, plan, i).await
+    }
 }
 
 /// Liveness and figures of each peer, shared with /health, /metrics and `exo status`.
@@ -67,75 +122,14 @@ pub type ClusterView = Arc<Mutex<Vec<PeerState>>>;
 const HEARTBEAT: Duration = Duration::from_millis(250);
 const DEAD_AFTER: Duration = SEND_TIMEOUT;
 
-struct Control {
-    peers: Vec<(PeerConfig, ControlClient)>,
-    sealer: Mutex<Sealer>,
-    opener: Mutex<Opener>,
-}
-
-impl Control {
-    /// Dials every peer's control socket (waiting as long as it takes them to start).
-    async fn connect(
-        peers: &[PeerConfig],
-        key: &FrameKey,
-        frame_stats: Arc<super::wire::OpenerStats>,
-    ) -> anyhow::Result<Control> {
-        let mut control = Control {
-            peers: Vec::new(),
-            sealer: Mutex::new(Sealer::with_random_id(key.clone())),
-            opener: Mutex::new(Opener::new(key.clone()).with_stats(frame_stats)),
-        };
-        for p in peers {
-            let url = p
-                .control_address()
-                .with_context(|| format!("peer {}: bad address {}", p.name, p.address))?;
-            tracing::info!("waiting for peer {} at {url}", p.name);
-            let options = DialOptions {
-                connect_timeout: Duration::from_secs(3600),
-                ..DialOptions::default()
-            };
-            let client = ControlClient::dial(&url, &options)
-                .await
-                .with_context(|| format!("dialing peer {}", p.name))?;
-            control.peers.push((p.clone(), client));
-        }
-        Ok(control)
-    }
-
-    /// One control request to a peer: sealed, sent, and the reply opened (an Error
-    /// reply becomes an error).
-    async fn ask<T: serde::de::DeserializeOwned>(
-        &self,
-        client: &ControlClient,
-        ft: FrameType,
-        body: &impl serde::Serialize,
-        timeout: Duration,
-    ) -> anyhow::Result<T> {
-        let bytes = self
-            .sealer
-            .lock()
-            .map_err(|_| anyhow::anyhow!("sealer poisoned"))?
-            .seal_control(ft, 0, body)?;
-        let reply = client.request(&bytes, timeout).await?;
-        let mut opener = self
-            .opener
-            .lock()
-            .map_err(|_| anyhow::anyhow!("opener poisoned"))?;
-        let frame = opener.open(reply.as_bytes(), &Limits::control_only())?;
-        if frame.frame_type == FrameType::Error {
-            let e: proto::ErrorMsg = frame.control()?;
-            bail!("{}", e.message);
-        }
-        Ok(frame.control()?)
-    }
-}
-
 /// Forms the cluster (connect, hello, plan) and returns the pipeline the scheduler
 /// drives: this node's first stage, then the other nodes' stages as one link.
+/// `progress` shows slice transfers to workers while they run.
 pub async fn form(
     mf: Arc<ModelFile>,
     s: HeadSettings,
     frame_stats: Arc<super::wire::OpenerStats>,
+    progress: Progress,
 ) -> anyhow::Result<(Pipeline, ClusterView)> {
     let key = FrameKey::derive(&s.key);
     // our own data plane first: the last stage dials it
@@ -146,8 +140,22 @@ pub async fn form(
     // the head's data-plane sealer; every stage's data sender id goes into the plan
     let data_sealer = Sealer::with_random_id(key.clone());
     let model_hash = proto::model_hash(&mf);
-    let (nodes, senders) = greet(&control, &s, &mf, &model_hash, data_sealer.sender_id()).await?;
-    let plan = make_plan(&s, &mf, &nodes, senders, model_hash)?;
+    let (nodes, senders, slice_peers) =
+        greet(&control, &s, &mf, &model_hash, data_sealer.sender_id()).await?;
+    let slicer = Arc::new(Slicer {
+        mf: mf.clone(),
+        model_hash: model_hash.clone(),
+        name: s.name.clone(),
+        cache_dir: s.cache_dir.clone(),
+        progress,
+        manifest: tokio::sync::OnceCell::new(),
+    });
+    let mut plan = make_plan(&s, &mf, &nodes, senders, model_hash)?;
+    for (i, &needs_slice) in slice_peers.iter().enumerate() {
+        if needs_slice {
+            give_slice(&control, &slicer, &mut plan, i).await?;
+        }
+    }
     for (p, client) in &control.peers {
         let ack: PlanAck = control
             .ask(client, FrameType::Plan, &plan, Duration::from_secs(300))
@@ -223,6 +231,7 @@ pub async fn form(
     };
     tokio::spawn(heartbeats(
         Arc::new(control),
+        slicer,
         plan,
         view.clone(),
         last_sender,
@@ -241,16 +250,64 @@ pub async fn form(
     Ok((pipeline, view))
 }
 
-/// Hello to every peer (in order): checks that each has our model and the name the
-/// config gives it; returns every node's capabilities (this node's first, measured
-/// now) and data sender ids.
+/// Attempts at giving a worker its slice during formation; between two, the head waits
+/// up to [`SLICE_RETRY_WAIT`] for the worker to answer again (it may have restarted: a
+/// restarted worker resumes with what it holds).
+const SLICE_ATTEMPTS: usize = 20;
+const SLICE_RETRY_WAIT: Duration = Duration::from_secs(300);
+
+/// Gives worker `i` (0-based among the workers) its slice of the model.
+async fn give_slice(
+    control: &Control,
+    slicer: &Slicer,
+    plan: &mut Plan,
+    i: usize,
+) -> anyhow::Result<()> {
+    let (p, client) = &control.peers[i];
+    let hello = Hello {
+        from: slicer.name.clone(),
+        protocol: proto::PROTOCOL,
+        model_hash: slicer.model_hash.clone(),
+    };
+    for attempt in 1.. {
+        let Err(e) = slicer.deliver(control, client, plan, i + 1).await else {
+            return Ok(());
+        };
+        if attempt >= SLICE_ATTEMPTS {
+            return Err(e.context(format!("giving {} its slice of the model", p.name)));
+        }
+        tracing::warn!("giving {} its slice: {e:#}; trying again", p.name);
+        // a restarted worker has a new data sender id: the plan takes it
+        let t0 = Instant::now();
+        let ack: HelloAck = loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match control
+                .ask(client, FrameType::Hello, &hello, Duration::from_secs(5))
+                .await
+            {
+                Ok(ack) => break ack,
+                Err(e) if t0.elapsed() > SLICE_RETRY_WAIT => {
+                    return Err(e.context(format!("{} did not come back", p.name)))
+                }
+                Err(_) => {}
+            }
+        };
+        plan.senders[i + 1] = ack.data_sender;
+    }
+    Ok(())
+}
+
+/// Hello to every peer (in order): checks that each has our model (or none: it
+/// receives its slice) and the name the config gives it; returns every node's
+/// capabilities (this node's first, measured now; a peer without the model is
+/// planned at this node's speed), data sender ids, and which peers need a slice.
 async fn greet(
     control: &Control,
     s: &HeadSettings,
     mf: &Arc<ModelFile>,
     model_hash: &str,
     own_sender: u64,
-) -> anyhow::Result<(Vec<NodeInfo>, Vec<u64>)> {
+) -> anyhow::Result<(Vec<NodeInfo>, Vec<u64>, Vec<bool>)> {
     let my_caps = {
         let mf = mf.clone();
         let (threads, memory) = (s.threads, s.memory);
@@ -262,6 +319,7 @@ async fn greet(
         caps: my_caps,
     }];
     let mut senders = vec![own_sender];
+    let mut slice_peers = Vec::new();
     let hello = Hello {
         from: s.name.clone(),
         protocol: proto::PROTOCOL,
@@ -289,7 +347,7 @@ async fn greet(
                 }
             }
         };
-        if ack.model_hash != model_hash {
+        if ack.full_model && ack.model_hash != model_hash {
             bail!(
                 "peer {} has a different model (id {}…, ours {}…): every node needs the same GGUF file",
                 p.name,
@@ -305,14 +363,24 @@ async fn greet(
                 p.name
             );
         }
-        tracing::info!("peer {}: {}", p.name, ack.caps);
+        let mut caps = ack.caps;
+        if !caps.is_measured() {
+            tracing::info!(
+                "peer {} has no model file: it receives its slice, planned at this node's speed",
+                p.name
+            );
+            caps.ms_per_layer = nodes[0].caps.ms_per_layer;
+            caps.ms_per_lm_head_mb = nodes[0].caps.ms_per_lm_head_mb;
+        }
+        tracing::info!("peer {}: {caps}", p.name);
         senders.push(ack.data_sender);
+        slice_peers.push(!ack.full_model);
         nodes.push(NodeInfo {
             name: p.name.clone(),
-            caps: ack.caps,
+            caps,
         });
     }
-    Ok((nodes, senders))
+    Ok((nodes, senders, slice_peers))
 }
 
 /// The plan: the configured layer ranges, or the planner's from the nodes'
@@ -465,6 +533,7 @@ fn rand_epoch() -> u64 {
 /// data sender id, and tells the stage after it (or the head) to accept that id.
 async fn rejoin(
     control: &Control,
+    slicer: &Slicer,
     plan: &mut Plan,
     i: usize,
     last_sender: &AtomicU64,
@@ -478,8 +547,14 @@ async fn rejoin(
     let ack: HelloAck = control
         .ask(client, FrameType::Hello, &hello, DEAD_AFTER)
         .await?;
-    if ack.model_hash != plan.model_hash {
+    if ack.full_model && ack.model_hash != plan.model_hash {
         bail!("peer {} now has a different model", p.name);
+    }
+    if !ack.full_model {
+        slicer
+            .deliver(control, client, plan, i + 1)
+            .await
+            .with_context(|| format!("giving {} its slice of the model", p.name))?;
     }
     plan.senders[i + 1] = ack.data_sender;
     let r: PlanAck = control
@@ -511,6 +586,7 @@ async fn rejoin(
 /// one that comes back without it (restarted).
 async fn heartbeats(
     control: Arc<Control>,
+    slicer: Arc<Slicer>,
     mut plan: Plan,
     view: ClusterView,
     last_sender: Arc<AtomicU64>,
@@ -551,7 +627,7 @@ async fn heartbeats(
                     "peer {} runs no plan (restarted?): sending it again",
                     p.name
                 );
-                let r = rejoin(&control, &mut plan, i, &last_sender).await;
+                let r = rejoin(&control, &slicer, &mut plan, i, &last_sender).await;
                 match r {
                     Ok(a) if a.ok => {
                         tracing::info!("peer {} rejoined", p.name);

@@ -3,13 +3,16 @@
 //! ([`capabilities`]) and the planner that splits the model between nodes
 //! ([`planner`]); the head node forms the cluster ([`head`]) and drives the
 //! other nodes' stages as one link of its pipeline ([`remote`]); workers run their
-//! stages ([`worker`]).
+//! stages ([`worker`]). A worker without the model file receives its slice of it from
+//! the head ([`slices`]).
 
 pub mod capabilities;
+mod control;
 pub mod head;
 pub mod planner;
 pub mod proto;
 pub mod remote;
+pub mod slices;
 pub mod transport;
 pub mod wire;
 pub mod worker;

@@ -42,6 +42,42 @@ pub struct HelloAck {
     pub planned: bool,
     /// The sender id of this node's data-plane frames (random per process start).
     pub data_sender: u64,
+    /// Whether the node has the whole model file; a node without one (its model id
+    /// is that of the slice it keeps, or empty) receives its slice from the head.
+    #[serde(default = "yes")]
+    pub full_model: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The head offers a worker the slice of the model its plan needs
+/// ([`super::wire::FrameType::SliceOffer`]); the worker answers with a [`SliceStatus`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SliceOffer {
+    /// [`model_hash`] of the model.
+    #[serde(rename = "model_id")]
+    pub model_hash: String,
+    /// The sending node's name (for progress lines).
+    pub from: String,
+    /// The layers the slice is for, as "9..18" (for progress lines).
+    pub layers: String,
+    pub manifest: crate::cluster::slices::Manifest,
+    /// The chunks the plan needs, as `[first, last]` runs.
+    pub need: Vec<[u32; 2]>,
+}
+
+/// What a worker still misses of its slice: the answer to a [`SliceOffer`] and to
+/// every chunk ([`super::wire::FrameType::SliceStatus`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SliceStatus {
+    /// The chunks it misses, as `[first, last]` runs (all of them in the answer to an
+    /// offer; empty in the answer to a chunk).
+    pub missing: Vec<[u32; 2]>,
+    /// Bytes of the chunks the plan needs, and of those the node holds.
+    pub need_bytes: u64,
+    pub have_bytes: u64,
 }
 
 /// The agreed plan, sent by the head to every node.

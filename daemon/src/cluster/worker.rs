@@ -8,7 +8,9 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::capabilities::Capabilities;
-use super::proto::{self, Hello, HelloAck, Plan, PlanAck, Pong, SlotSetup};
+use super::proto::{self, Hello, HelloAck, Plan, PlanAck, Pong, SliceOffer, SlotSetup};
+use super::slices::receive::Receiver;
+use super::slices::Progress;
 use super::transport::{ControlServer, DialOptions, PipelineRx, PipelineTx};
 use super::wire::{Dtype, FrameKey, FrameType, Limits, Opener, Payload, Sealer, FLAG_SOLO};
 use crate::engine::sampler::lm_head_candidates;
@@ -22,7 +24,10 @@ use crate::model::{LayerRange, ModelFile};
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub name: String,
-    pub model: PathBuf,
+    /// The whole model file, when this node has one; else it receives its slice from
+    /// the head into `cache_dir`.
+    pub model: Option<PathBuf>,
+    pub cache_dir: PathBuf,
     /// Data-plane URL this node listens on.
     pub listen: String,
     /// Control-plane URL (listen port + 1).
@@ -67,24 +72,15 @@ struct Status {
 }
 
 /// Serves as a worker until `shutdown` resolves.
+/// `progress` shows a slice transfer while it runs.
 pub async fn run(
     s: WorkerSettings,
     frame_stats: Arc<super::wire::OpenerStats>,
+    progress: Progress,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let model_path = s.model.clone();
-    let (threads, memory) = (s.threads, s.memory);
-    let (mf, caps) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mf = Arc::new(
-            ModelFile::open(&model_path)
-                .with_context(|| format!("loading {}", model_path.display()))?,
-        );
-        let caps = Capabilities::measure(&mf, threads, memory);
-        Ok((mf, caps))
-    })
-    .await??;
-    let id = proto::model_hash(&mf);
+    let (model, caps) = open_model(&s, progress).await?;
     let key = FrameKey::derive(&s.key);
     let control = Arc::new(
         ControlServer::listen(&s.control_listen)
@@ -127,9 +123,8 @@ pub async fn run(
         let control = control.clone();
         let handler = Arc::new(tokio::sync::Mutex::new(ControlHandler {
             name: s.name.clone(),
-            model_hash: id,
             caps,
-            mf,
+            model,
             threads: s.threads,
             opener: Opener::new(key.clone()).with_stats(control_stats),
             sealer: Sealer::with_random_id(key.clone()),
@@ -137,6 +132,7 @@ pub async fn run(
             cmd_tx,
             data_sender,
             current: None,
+            greeted: false,
         }));
         tokio::spawn(async move {
             let _ = control
@@ -158,11 +154,48 @@ pub async fn run(
     }
 }
 
+/// Where a worker's model comes from.
+enum WorkerModel {
+    /// Its own whole model file, and the file's model id.
+    File(Arc<ModelFile>, String),
+    /// Slices received from the head.
+    Slices(Box<Receiver>),
+}
+
+/// The worker's model and what it offers the planner: a node without a model file
+/// times nothing (its speed is unknown until it holds a slice).
+async fn open_model(
+    s: &WorkerSettings,
+    progress: Progress,
+) -> anyhow::Result<(WorkerModel, Capabilities)> {
+    use anyhow::Context;
+    let Some(path) = s.model.clone() else {
+        let receiver = Receiver::new(s.cache_dir.clone(), progress);
+        tracing::info!(
+            "no model file: this node receives its slice from the head into {}",
+            s.cache_dir.display()
+        );
+        return Ok((
+            WorkerModel::Slices(Box::new(receiver)),
+            Capabilities::unmeasured(s.threads, s.memory),
+        ));
+    };
+    let (threads, memory) = (s.threads, s.memory);
+    tokio::task::spawn_blocking(move || {
+        let mf = Arc::new(
+            ModelFile::open(&path).with_context(|| format!("loading {}", path.display()))?,
+        );
+        let caps = Capabilities::measure(&mf, threads, memory);
+        let id = proto::model_hash(&mf);
+        Ok((WorkerModel::File(mf, id), caps))
+    })
+    .await?
+}
+
 struct ControlHandler {
     name: String,
-    model_hash: String,
     caps: Capabilities,
-    mf: Arc<ModelFile>,
+    model: WorkerModel,
     threads: usize,
     opener: Opener,
     sealer: Sealer,
@@ -171,6 +204,8 @@ struct ControlHandler {
     data_sender: u64,
     /// The plan the stage thread runs: (epoch, range, next hop).
     current: Option<(u64, LayerRange, String)>,
+    /// Whether a hello came (slices travel only after one).
+    greeted: bool,
 }
 
 impl ControlHandler {
@@ -189,21 +224,26 @@ impl ControlHandler {
                 let Ok(h) = frame.control::<Hello>() else {
                     return self.error("bad hello");
                 };
-                if h.model_hash != self.model_hash {
+                self.greeted = true;
+                let (model_hash, full_model) = match &self.model {
+                    WorkerModel::File(_, id) => (id.clone(), true),
+                    WorkerModel::Slices(r) => (r.model_hash(), false),
+                };
+                if full_model && h.model_hash != model_hash {
                     tracing::error!(
-                        "head {} runs another model ({}), this node has {}",
+                        "head {} runs another model ({}), this node has {model_hash}",
                         h.from,
                         h.model_hash,
-                        self.model_hash
                     );
                 }
                 let ack = HelloAck {
                     name: self.name.clone(),
                     protocol: proto::PROTOCOL,
-                    model_hash: self.model_hash.clone(),
+                    model_hash,
                     caps: self.caps.clone(),
                     planned: epoch != 0,
                     data_sender: self.data_sender,
+                    full_model,
                 };
                 self.reply(FrameType::HelloAck, step, &ack)
             }
@@ -237,20 +277,54 @@ impl ControlHandler {
                 };
                 self.reply(FrameType::PlanAck, step, &ack)
             }
+            FrameType::SliceOffer => {
+                let Ok(offer) = frame.control::<SliceOffer>() else {
+                    return self.error("bad slice offer");
+                };
+                if !self.greeted {
+                    return self.error("a slice offer before the hello");
+                }
+                let WorkerModel::Slices(r) = &mut self.model else {
+                    return self.error("this node has the whole model file");
+                };
+                match tokio::task::block_in_place(|| r.offer(&offer)) {
+                    Ok(status) => self.reply(FrameType::SliceStatus, step, &status),
+                    Err(e) => self.error(&format!("slice refused: {e}")),
+                }
+            }
+            FrameType::SliceChunk => {
+                let (WorkerModel::Slices(r), Ok(bytes)) = (&mut self.model, frame.chunk()) else {
+                    return self.error("unexpected slice chunk");
+                };
+                let Ok(index) = u32::try_from(step) else {
+                    return self.error("bad chunk index");
+                };
+                match tokio::task::block_in_place(|| r.chunk(index, bytes)) {
+                    Ok(status) => self.reply(FrameType::SliceStatus, step, &status),
+                    Err(e) => self.error(&format!("chunk refused: {e}")),
+                }
+            }
             other => self.error(&format!("unexpected {} frame", other.name())),
+        }
+    }
+
+    /// The model of id `model_hash`: the node's file, or its received slice.
+    fn model_for(&mut self, model_hash: &str) -> anyhow::Result<Arc<ModelFile>> {
+        match &mut self.model {
+            WorkerModel::File(mf, id) if id == model_hash => Ok(mf.clone()),
+            WorkerModel::File(mf, id) => anyhow::bail!(
+                "the head serves model {} but this node has {} ({}): install the same GGUF file",
+                &model_hash[..12.min(model_hash.len())],
+                &id[..12.min(id.len())],
+                mf.gguf.path().display()
+            ),
+            WorkerModel::Slices(r) => tokio::task::block_in_place(|| r.model(model_hash)),
         }
     }
 
     async fn apply(&mut self, p: Plan) -> anyhow::Result<()> {
         use anyhow::{bail, Context};
-        if p.model_hash != self.model_hash {
-            bail!(
-                "the head serves model {} but this node has {} ({}): install the same GGUF file",
-                &p.model_hash[..12.min(p.model_hash.len())],
-                &self.model_hash[..12],
-                self.mf.gguf.path().display()
-            );
-        }
+        let mf = self.model_for(&p.model_hash)?;
         let Some(i) = p.stages.iter().position(|s| s.name == self.name) else {
             bail!("the plan has no stage for node '{}'", self.name);
         };
@@ -264,10 +338,11 @@ impl ControlHandler {
         };
         let range = LayerRange::new(me.start, me.end);
         // only the stage before us may feed us (the head feeds the first worker)
-        let prev_sender = *p
-            .senders
-            .get(i - 1)
-            .ok_or_else(|| anyhow::anyhow!("the plan lacks the sender of stage {}", i - 1))?;
+        let prev_sender = i
+            .checked_sub(1)
+            .and_then(|prev| p.senders.get(prev))
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("the plan gives this node no stage before it"))?;
         if self.current.as_ref() == Some(&(p.epoch, range, next.clone())) {
             // same plan (a neighbour restarted): keep the stage, accept its new id
             let (ack_tx, ack_rx) = std_mpsc::sync_channel(1);
@@ -279,9 +354,8 @@ impl ControlHandler {
                 .map_err(|_| anyhow::anyhow!("the stage thread did not take the update"))?;
             return Ok(());
         }
-        let mf = self.mf.clone();
         let (n_ctx, n_slots, threads) = (p.n_ctx, p.n_slots, self.threads);
-        let n_vocab = self.mf.hparams.n_vocab;
+        let n_vocab = mf.hparams.n_vocab;
         if p.lm_head_rows >= n_vocab {
             bail!(
                 "the plan gives the head node {} of the {n_vocab} lm_head rows",
@@ -295,6 +369,7 @@ impl ControlHandler {
                 "the plan gives the head node {lm_head_solo} of the {n_vocab} lm_head rows for a step alone"
             );
         }
+        let hp = mf.hparams.clone();
         let stage = tokio::task::spawn_blocking(move || {
             Stage::load(
                 &mf,
@@ -313,7 +388,7 @@ impl ControlHandler {
         let tx = PipelineTx::dial(&next, &DialOptions::default())
             .await
             .with_context(|| format!("dialing the next hop {next}"))?;
-        let width = self.mf.hparams.n_embd;
+        let width = hp.n_embd;
         let limits = Limits {
             max_seqs: n_slots,
             max_tokens: max_step_tokens(p.batch, n_slots),
@@ -326,7 +401,7 @@ impl ControlHandler {
         tracing::info!(
             "plan {}: layers {range} of {}, next hop {next}",
             p.epoch,
-            self.mf.hparams.n_layer
+            hp.n_layer
         );
         // Acknowledge the plan only once the stage thread runs it: a batch sent right
         // after the ack must find the stage in place.

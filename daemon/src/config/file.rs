@@ -92,6 +92,7 @@ impl<'de> Deserialize<'de> for SizeText {
 #[serde(default, deny_unknown_fields, expecting = "a table")]
 pub(super) struct FileModel {
     pub path: Key<String>,
+    pub cache_dir: Key<String>,
 }
 
 /// `[api]`.
@@ -151,7 +152,7 @@ const fn section(name: &'static str, keys: &'static [&'static str], array: bool)
 /// The sections, in order.
 pub(super) const SECTIONS: &[Section] = &[
     section("node", &["name", "listen", "memory"], false),
-    section("model", &["path"], false),
+    section("model", &["path", "cache_dir"], false),
     section(
         "api",
         &[

@@ -139,8 +139,17 @@ impl Serialize for MemorySize {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelConfig {
     /// The GGUF file. Loading the configuration does not check that it exists.
-    pub path: PathBuf,
+    /// Required on the head and a single node; a worker without one receives its
+    /// slice of the head's model into `cache_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Where a worker keeps the slices it receives, and the head the hashes of its
+    /// model's chunks.
+    pub cache_dir: PathBuf,
 }
+
+/// The default `[model] cache_dir`.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/exo/models";
 
 /// `[api]`: the OpenAI-compatible HTTP server.
 #[derive(Debug, Clone, Serialize)]
@@ -353,7 +362,10 @@ impl Config {
     pub fn with_model(path: impl Into<PathBuf>) -> Config {
         Config {
             node: NodeConfig::default(),
-            model: ModelConfig { path: path.into() },
+            model: ModelConfig {
+                path: Some(path.into()),
+                cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
+            },
             api: ApiConfig::default(),
             engine: EngineConfig::default(),
             cluster: ClusterConfig::default(),

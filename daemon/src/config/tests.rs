@@ -89,7 +89,7 @@ fn minimal_file_is_enough() {
         &[],
     )
     .expect("load");
-    assert_eq!(c.model.path, Path::new("/m.gguf"));
+    assert_eq!(c.model.path.as_deref(), Some(Path::new("/m.gguf")));
     assert_eq!(c.api.listen, "0.0.0.0:9000".parse::<SocketAddr>().unwrap());
 }
 
@@ -311,7 +311,7 @@ fn env_overrides_applied() {
         ],
     )
     .expect("load");
-    assert_eq!(c.model.path, Path::new("/env/m.gguf"));
+    assert_eq!(c.model.path.as_deref(), Some(Path::new("/env/m.gguf")));
     assert_eq!(c.node.name, "pi-7");
     assert_eq!(c.api.listen.to_string(), "127.0.0.1:9999");
     assert_eq!(c.api.shutdown_timeout_secs, 3);
@@ -1264,16 +1264,13 @@ fn example_path() -> PathBuf {
 #[test]
 fn example_file_loads() {
     let c = Config::load_from_env_map(&example_path(), &HashMap::new()).expect("load");
-    assert!(
-        c.model.path.starts_with("/var/lib/exo/models/"),
-        "{:?}",
-        c.model.path
-    );
+    let model = c.model.path.clone().expect("the example names a model");
+    assert!(model.starts_with("/var/lib/exo/models/"), "{model:?}");
     assert_eq!(c.api.listen.to_string(), "0.0.0.0:8080");
     assert!(c.api.key.is_none());
     assert!(!c.is_cluster() && c.is_head() && c.node.listen.is_none());
     assert!(c.cluster.is_empty());
-    let defaults = Config::with_model(&c.model.path);
+    let defaults = Config::with_model(model);
     assert_eq!(
         c.effective_toml().replace("0.0.0.0:8080", "127.0.0.1:8080"),
         defaults.effective_toml()

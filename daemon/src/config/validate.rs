@@ -161,19 +161,20 @@ pub(super) fn resolve(file: FileConfig, origin: &Origin<'_>) -> Result<Config, C
         ),
     };
 
-    let model = match model.path {
-        None => {
-            return Err(ConfigError::Missing {
-                path: origin.path.into(),
-                key: "model.path",
-                var: env::var_for("model.path").unwrap_or("EXO_MODEL_PATH"),
-            })
-        }
-        Some(p) if p.value.is_empty() => {
-            return Err(origin.invalid("model.path", Some(&p), "must not be empty"))
-        }
-        Some(p) => ModelConfig {
-            path: PathBuf::from(p.value),
+    let model = ModelConfig {
+        path: match model.path {
+            None => None,
+            Some(p) if p.value.is_empty() => {
+                return Err(origin.invalid("model.path", Some(&p), "must not be empty"))
+            }
+            Some(p) => Some(PathBuf::from(p.value)),
+        },
+        cache_dir: match model.cache_dir {
+            None => PathBuf::from(super::DEFAULT_CACHE_DIR),
+            Some(d) if d.value.trim().is_empty() => {
+                return Err(origin.invalid("model.cache_dir", Some(&d), "must not be empty"))
+            }
+            Some(d) => PathBuf::from(d.value.trim()),
         },
     };
 
@@ -190,6 +191,14 @@ pub(super) fn resolve(file: FileConfig, origin: &Origin<'_>) -> Result<Config, C
         },
     };
     check_cluster(&config, &node.name, &peer, origin)?;
+    // a worker may do without the model file: it receives its slice from the head
+    if config.model.path.is_none() && config.is_head() {
+        return Err(ConfigError::Missing {
+            path: origin.path.into(),
+            key: "model.path",
+            var: env::var_for("model.path").unwrap_or("EXO_MODEL_PATH"),
+        });
+    }
     Ok(config)
 }
 

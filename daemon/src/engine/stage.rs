@@ -108,6 +108,12 @@ impl Stage {
         }
         let weights = StageWeights::load(mf, cfg.range, first, last, &head, cfg.repack)?;
         let kv = KvCache::new(&hp, cfg.range, cfg.n_ctx, cfg.n_slots)?;
+        tracing::info!(
+            "stage {} loaded: {:.1} MB of weights, {:.1} MB of KV cache",
+            cfg.range,
+            weights.buffer_bytes() as f64 / 1e6,
+            kv.size_bytes() as f64 / 1e6
+        );
         let backend = CpuBackend::new(cfg.n_threads)?;
         let alloc = Allocator::new()?;
         Ok(Stage {

@@ -27,6 +27,12 @@ pub struct PlannedTensor {
 }
 
 impl PlannedTensor {
+    /// The bytes of the model file this tensor is read from.
+    pub fn file_range(&self) -> std::ops::Range<u64> {
+        let (_, offset, size) = self.loaded();
+        offset..offset + size
+    }
+
     /// The shape of the loaded tensor and the byte range it is read from.
     fn loaded(&self) -> (Vec<usize>, u64, u64) {
         let shape = &self.source.shape;

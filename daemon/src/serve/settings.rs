@@ -15,7 +15,8 @@ use crate::model::{LayerRange, ModelFile};
 /// or directly by tests and benchmarks.
 #[derive(Debug, Clone)]
 pub struct ServeSettings {
-    pub model: PathBuf,
+    /// The model file (None: a worker that receives its slice from the head).
+    pub model: Option<PathBuf>,
     /// Context per sequence (clamped to the model's training context).
     pub n_ctx: usize,
     pub max_slots: usize,
@@ -160,6 +161,7 @@ impl ServeSettings {
                 settings: WorkerSettings {
                     name: cfg.node.name.clone(),
                     model: self.model.clone(),
+                    cache_dir: cfg.model.cache_dir.clone(),
                     listen,
                     control_listen,
                     key,
@@ -188,6 +190,7 @@ impl ServeSettings {
             f16: cfg.cluster.activations == WireActivations::F16,
             head_share: cfg.cluster.head_share,
             memory: self.memory,
+            cache_dir: cfg.model.cache_dir.clone(),
         })))
     }
 }

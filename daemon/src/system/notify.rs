@@ -60,6 +60,15 @@ enum Phase {
 }
 
 fn phase(app: &App, was_ready: bool) -> Phase {
+    if let Some(line) = app.progress.get() {
+        // a slice on its way: to a worker (while the head forms the cluster) or to
+        // this worker (which answers /health meanwhile)
+        return if app.is_ready() && app.worker_of.get().is_none() {
+            Phase::Ready
+        } else {
+            Phase::Loading(line)
+        };
+    }
     if app.is_ready() {
         return Phase::Ready;
     }

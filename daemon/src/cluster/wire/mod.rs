@@ -10,7 +10,7 @@
 //!      6    1  dtype (0 none, 1 f32, 2 f16, 3 bf16)
 //!      7    1  flags (FLAG_SOLO on a step's data frames; 0 on control frames)
 //!      8    8  sender id (random per process start)
-//!     16    8  counter (strictly increasing per sender)
+//!     16    8  counter (per sender from 1; each taken once, at most 64 behind the newest)
 //!     24    8  step id
 //!     32    2  n_seqs
 //!     34    2  width (n_embd for activations, 0 otherwise)
@@ -50,7 +50,7 @@ pub use crate::engine::codec::Dtype;
 use crate::engine::{codec, BatchSeq};
 pub use error::{DropReason, FrameError};
 pub use mac::FrameKey;
-pub use open::{Limits, Opener, OpenerStats, StatsSnapshot};
+pub use open::{Limits, Opener, OpenerStats, StatsSnapshot, REPLAY_WINDOW};
 pub use payload::{Body, Floats, PartialLogits, Payload};
 pub use seal::{random_sender_id, Sealer};
 
@@ -67,6 +67,8 @@ pub const FLAG_SOLO: u8 = 0x01;
 const KNOWN_FLAGS: u8 = FLAG_SOLO;
 /// Bytes of the MAC trailer.
 pub const MAC_LEN: usize = 16;
+/// Payload bytes of a [`FrameType::SliceChunk`] frame, at most.
+pub const MAX_CHUNK_FRAME_BYTES: usize = 8 << 20;
 /// The shortest possible frame: a header and a MAC.
 pub const MIN_FRAME_LEN: usize = HEADER_LEN + MAC_LEN;
 
@@ -94,10 +96,18 @@ pub enum FrameType {
     /// A last stage with a split `lm_head` sends the normalized final hidden state of
     /// each output row first, so the head node computes its rows meanwhile.
     Normed = 14,
+    /// The head offers a worker the slice of the model its plan needs (JSON:
+    /// [`crate::cluster::proto::SliceOffer`]).
+    SliceOffer = 15,
+    /// A worker's answer to an offer or a chunk: what it still misses (JSON).
+    SliceStatus = 16,
+    /// One chunk of the model file (raw bytes; the step id is the chunk's index),
+    /// at most [`MAX_CHUNK_FRAME_BYTES`].
+    SliceChunk = 17,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 14] = [
+    pub const ALL: [FrameType; 17] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Capabilities,
@@ -112,13 +122,16 @@ impl FrameType {
         FrameType::Setup,
         FrameType::LmHeadPart,
         FrameType::Normed,
+        FrameType::SliceOffer,
+        FrameType::SliceStatus,
+        FrameType::SliceChunk,
     ];
 
     pub fn from_u8(v: u8) -> Option<FrameType> {
         FrameType::ALL.into_iter().find(|t| *t as u8 == v)
     }
 
-    /// Control frames carry JSON and no sequence descriptors.
+    /// Control frames carry no sequence descriptors: JSON, or a model chunk.
     pub fn is_control(self) -> bool {
         !matches!(
             self,
@@ -142,6 +155,9 @@ impl FrameType {
             FrameType::Setup => "setup",
             FrameType::LmHeadPart => "head-part",
             FrameType::Normed => "normed",
+            FrameType::SliceOffer => "slice-offer",
+            FrameType::SliceStatus => "slice-status",
+            FrameType::SliceChunk => "slice-chunk",
         }
     }
 }
@@ -211,6 +227,14 @@ impl Frame<'_> {
         match &self.body {
             Body::Tokens(tokens) => Ok(tokens),
             _ => Err(self.wrong_type(FrameType::Tokens.name())),
+        }
+    }
+
+    /// A slice chunk's bytes.
+    pub fn chunk(&self) -> Result<&[u8], FrameError> {
+        match self.body {
+            Body::Chunk(bytes) => Ok(bytes),
+            _ => Err(self.wrong_type(FrameType::SliceChunk.name())),
         }
     }
 

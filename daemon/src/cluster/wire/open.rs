@@ -10,8 +10,8 @@ use std::sync::Arc;
 use super::header::{decode_seq, Header, RawHeader};
 use super::payload::{decode_data, Body};
 use super::{
-    DropReason, Frame, FrameError, FrameKey, FrameType, HEADER_LEN, MAC_LEN, MIN_FRAME_LEN,
-    SEQ_DESC_LEN,
+    DropReason, Frame, FrameError, FrameKey, FrameType, HEADER_LEN, MAC_LEN, MAX_CHUNK_FRAME_BYTES,
+    MIN_FRAME_LEN, SEQ_DESC_LEN,
 };
 use crate::engine::BatchSeq;
 
@@ -108,10 +108,47 @@ impl OpenerStats {
     }
 }
 
+/// How far behind a sender's newest counter a frame may be and still be taken (once):
+/// requests sent together (a slice's chunks in flight) may arrive in another order.
+pub const REPLAY_WINDOW: u64 = 64;
+
+/// The counters of one sender: the newest accepted, and which of the
+/// [`REPLAY_WINDOW`] before it were accepted (bit `i`: counter `newest - i`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    newest: u64,
+    seen: u64,
+}
+
+impl Window {
+    /// Takes `counter` if it was not taken before and is not too old.
+    fn take(&mut self, counter: u64) -> bool {
+        if counter == 0 {
+            return false; // senders count from 1
+        }
+        if counter > self.newest {
+            let shift = counter - self.newest;
+            self.seen = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.seen << shift
+            } | 1;
+            self.newest = counter;
+            return true;
+        }
+        let age = self.newest - counter;
+        if age >= REPLAY_WINDOW || self.seen & (1 << age) != 0 {
+            return false;
+        }
+        self.seen |= 1 << age;
+        true
+    }
+}
+
 /// Verifies incoming frames: structure, MAC, replay, then the receiver's limits.
 pub struct Opener {
     key: FrameKey,
-    last_counter: HashMap<u64, u64>,
+    last_counter: HashMap<u64, Window>,
     local_sender: Option<u64>,
     allowed: Option<HashSet<u64>>,
     stats: Arc<OpenerStats>,
@@ -174,9 +211,9 @@ impl Opener {
         }
     }
 
-    /// The last accepted counter of a sender.
+    /// The newest accepted counter of a sender.
     pub fn last_counter(&self, sender_id: u64) -> Option<u64> {
-        self.last_counter.get(&sender_id).copied()
+        self.last_counter.get(&sender_id).map(|w| w.newest)
     }
 
     /// Verifies one frame. Checks, in order: minimum length, magic, version,
@@ -216,8 +253,8 @@ impl Opener {
         }
     }
 
-    /// Refuses our own frames, senders outside the allowlist and old counters;
-    /// records the counter of an accepted one.
+    /// Refuses our own frames, senders outside the allowlist and counters taken
+    /// before or too old; records the counter of an accepted one.
     fn check_replay(&mut self, h: &RawHeader) -> Result<(), FrameError> {
         if self.local_sender == Some(h.sender_id) {
             return Err(FrameError::Reflected(h.sender_id));
@@ -227,15 +264,14 @@ impl Opener {
                 return Err(FrameError::UnknownSender(h.sender_id));
             }
         }
-        let last = self.last_counter.get(&h.sender_id).copied().unwrap_or(0);
-        if h.counter <= last {
+        let window = self.last_counter.entry(h.sender_id).or_default();
+        if !window.take(h.counter) {
             return Err(FrameError::Replayed {
                 sender: h.sender_id,
                 counter: h.counter,
-                last,
+                last: window.newest,
             });
         }
-        self.last_counter.insert(h.sender_id, h.counter);
         Ok(())
     }
 }
@@ -301,13 +337,24 @@ fn open_control<'a>(
         });
     }
     check_dtype_and_width(h, false, 0)?;
-    if payload.len() > limits.max_control_bytes {
+    let chunk = h.frame_type == FrameType::SliceChunk;
+    let max = if chunk {
+        MAX_CHUNK_FRAME_BYTES
+    } else {
+        limits.max_control_bytes
+    };
+    if payload.len() > max {
         return Err(FrameError::ControlTooLarge {
             got: payload.len(),
-            max: limits.max_control_bytes,
+            max,
         });
     }
-    Ok(frame(h, Vec::new(), Body::Control(payload)))
+    let body = if chunk {
+        Body::Chunk(payload)
+    } else {
+        Body::Control(payload)
+    };
+    Ok(frame(h, Vec::new(), body))
 }
 
 /// A data frame: a batch within the limits and a payload of its shape.

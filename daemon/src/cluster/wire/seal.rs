@@ -7,7 +7,10 @@ use serde::Serialize;
 
 use super::header::{encode_seq, seq_count, Header};
 use super::payload::{Layout, Payload};
-use super::{FrameError, FrameKey, FrameType, HEADER_LEN, KNOWN_FLAGS, MAC_LEN, SEQ_DESC_LEN};
+use super::{
+    FrameError, FrameKey, FrameType, HEADER_LEN, KNOWN_FLAGS, MAC_LEN, MAX_CHUNK_FRAME_BYTES,
+    SEQ_DESC_LEN,
+};
 use crate::engine::BatchSeq;
 
 /// A fresh random sender id (never 0), for one process lifetime: from the OS
@@ -102,6 +105,12 @@ impl Sealer {
                 got: frame_type,
             });
         }
+        if frame_type == FrameType::SliceChunk {
+            return Err(FrameError::WrongFrameType {
+                expected: "JSON control",
+                got: frame_type,
+            });
+        }
         let json = serde_json::to_vec(body)?;
         let layout = Layout {
             frame_type,
@@ -110,6 +119,25 @@ impl Sealer {
             len: json.len(),
         };
         self.seal_with(step_id, &layout, &[], |out| out.extend_from_slice(&json))
+    }
+
+    /// Seals chunk `index` of a model file ([`FrameType::SliceChunk`]).
+    pub fn seal_chunk(&mut self, index: u32, bytes: &[u8]) -> Result<Vec<u8>, FrameError> {
+        if bytes.len() > MAX_CHUNK_FRAME_BYTES {
+            return Err(FrameError::ControlTooLarge {
+                got: bytes.len(),
+                max: MAX_CHUNK_FRAME_BYTES,
+            });
+        }
+        let layout = Layout {
+            frame_type: FrameType::SliceChunk,
+            dtype: None,
+            width: 0,
+            len: bytes.len(),
+        };
+        self.seal_with(u64::from(index), &layout, &[], |out| {
+            out.extend_from_slice(bytes)
+        })
     }
 
     /// Seals `payload` as is under a header laid out by `layout`, whatever it says

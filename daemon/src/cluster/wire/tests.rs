@@ -284,7 +284,7 @@ fn control_frames_roundtrip() {
     let mut opener = Opener::new(key());
     for (i, ft) in FrameType::ALL
         .into_iter()
-        .filter(|t| t.is_control())
+        .filter(|t| t.is_control() && *t != FrameType::SliceChunk)
         .enumerate()
     {
         let body = serde_json::json!({"type": ft.name(), "n": i});
@@ -299,10 +299,21 @@ fn control_frames_roundtrip() {
         let back: serde_json::Value = f.control().unwrap();
         assert_eq!(back, body);
     }
-    assert_eq!(
-        opener.stats().snapshot().accepted,
-        FrameType::ALL.iter().filter(|t| t.is_control()).count() as u64
-    );
+    let json_types = FrameType::ALL.iter().filter(|t| t.is_control()).count() - 1;
+    assert_eq!(opener.stats().snapshot().accepted, json_types as u64);
+    // a slice chunk: raw bytes, its index as the step id, not JSON
+    assert!(sealer
+        .seal_control(FrameType::SliceChunk, 0, &serde_json::json!({}))
+        .is_err());
+    let chunk: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    let bytes = sealer.seal_chunk(7, &chunk).unwrap();
+    let f = opener.open(&bytes, &Limits::control_only()).unwrap();
+    assert_eq!((f.frame_type, f.step_id), (FrameType::SliceChunk, 7));
+    assert_eq!(f.chunk().unwrap(), &chunk[..]);
+    assert!(f.control::<serde_json::Value>().is_err());
+    assert!(sealer
+        .seal_chunk(1, &vec![0; MAX_CHUNK_FRAME_BYTES + 1])
+        .is_err());
 }
 
 #[test]
@@ -470,6 +481,31 @@ fn replays_are_rejected_and_counted() {
         .unwrap_err();
     assert!(matches!(err, FrameError::Reflected(500)));
     assert_eq!(err.reason(), DropReason::Replayed);
+}
+
+/// Frames sent together may arrive out of order: each is taken once, within the
+/// window behind the newest; older ones and repeats are refused.
+#[test]
+fn counters_out_of_order_within_the_window_are_taken_once() {
+    let mut sealer = Sealer::new(key(), 9);
+    let frames: Vec<Vec<u8>> = (0..REPLAY_WINDOW + 5)
+        .map(|_| small_activation_frame(&mut sealer))
+        .collect();
+    let mut opener = Opener::new(key());
+    let n = frames.len();
+    opener.open(&frames[2], &limits()).unwrap();
+    opener.open(&frames[0], &limits()).unwrap();
+    opener.open(&frames[1], &limits()).unwrap();
+    assert!(opener.open(&frames[1], &limits()).is_err(), "a repeat");
+    opener.open(&frames[n - 1], &limits()).unwrap();
+    // counter 4 is now 65 behind the newest (69): too old, though never seen
+    assert!(matches!(
+        opener.open(&frames[3], &limits()),
+        Err(FrameError::Replayed { counter: 4, .. })
+    ));
+    opener.open(&frames[n - 2], &limits()).unwrap();
+    assert_eq!(opener.last_counter(9), Some(n as u64));
+    assert_eq!(opener.stats().snapshot().replayed, 2);
 }
 
 #[test]

@@ -42,7 +42,7 @@ fn a_single_node_takes_the_engine_and_api_keys() {
     let mut cfg = config();
     cfg.api.key = Some(ApiKey::new("sk-1"));
     let s = ServeSettings::from_config(&cfg).expect("settings");
-    assert_eq!(s.model, PathBuf::from("/models/m.gguf"));
+    assert_eq!(s.model, Some(PathBuf::from("/models/m.gguf")));
     assert_eq!(
         (s.n_ctx, s.max_slots, s.max_queue, s.batch, s.threads),
         (2048, 3, 5, 32, 2)
@@ -78,7 +78,7 @@ fn another_peer_is_a_worker() {
     };
     assert_eq!(head, "a (tcp://10.0.0.1:5555)");
     assert_eq!(w.name, "b");
-    assert_eq!(w.model, PathBuf::from("/models/m.gguf"));
+    assert_eq!(w.model, Some(PathBuf::from("/models/m.gguf")));
     assert_eq!(w.control_listen, "tcp://0.0.0.0:5556");
     assert_eq!(w.threads, 2);
     assert_eq!(w.memory, None);

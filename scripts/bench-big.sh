@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Big-model cluster benchmark on one machine (not a test): a generated model of Llama 3
+# 8B's exact shapes and types (`exo gen-model --shape llama3-8b`, random weights; the
+# file is kept in models/generated/), SHAPE=llama3-1b for a quicker run.
+#  (a) decode: 1 node pinned to one core vs 2 nodes pinned to one core each, at 1 and
+#      8 streams (interleaved rounds, medians)
+#  (b) each node's resident memory (VmRSS, and the peak VmHWM) against its weights + KV
+#  (c) start to serving: the head's /health 200 after starting both nodes, when the
+#      worker must fetch its slice and when it already has it
+#  (d) the slice's transfer rate over loopback against a plain TCP copy of as many
+#      bytes of the same file (Python, file -> socket -> file + fsync), interleaved
+# The worker has no model file: it receives its slice from the head.
+# EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 16) per stream.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo build --release -p exo
+EXO=${EXO:-$PWD/target/release/exo}
+SHAPE=${SHAPE:-llama3-8b}
+REPS=${REPS:-3}
+TOKENS=${TOKENS:-16}
+CTX=${CTX:-1024}
+MODEL=${MODEL:-$PWD/models/generated/$SHAPE.gguf}
+if [ ! -f "$MODEL" ]; then
+    mkdir -p models/generated
+    t0=$(date +%s.%N)
+    "$EXO" gen-model --shape "$SHAPE" --seed 1 "$MODEL.tmp"
+    mv "$MODEL.tmp" "$MODEL"
+    echo "generated $SHAPE in $(echo "$(date +%s.%N) - $t0" | bc | cut -c1-5) s: $(du -h --apparent-size "$MODEL" | cut -f1)" >&2
+fi
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+KEY="bench-big-secret-0123456789abcdef"
+
+single() { # name cpu port
+    cat > "$work/$1.toml" <<EOF
+[model]
+path = "$MODEL"
+cache_dir = "$work/$1-cache"
+[api]
+listen = "127.0.0.1:$3"
+[engine]
+threads = 1
+ctx = $CTX
+max_slots = 8
+EOF
+    taskset -c "$2" "$EXO" serve --config "$work/$1.toml" 2> "$work/$1.log" &
+    pids+=($!)
+    eval "pid_$1=$!"
+}
+
+cluster_node() { # name cpu http_port data_port has_model
+    local model_line=""
+    [ "$5" = 1 ] && model_line="path = \"$MODEL\""
+    cat > "$work/$1.toml" <<EOF
+[node]
+name = "$1"
+listen = "tcp://127.0.0.1:$4"
+[model]
+$model_line
+cache_dir = "$work/$1-cache"
+[api]
+listen = "127.0.0.1:$3"
+[engine]
+threads = 1
+ctx = $CTX
+max_slots = 8
+[cluster]
+key = "$KEY"
+[[peer]]
+name = "a"
+address = "tcp://127.0.0.1:17600"
+[[peer]]
+name = "b"
+address = "tcp://127.0.0.1:17610"
+EOF
+    taskset -c "$2" "$EXO" serve --config "$work/$1.toml" 2>> "$work/$1.log" &
+    pids+=($!)
+    eval "pid_$1=$!"
+}
+
+wait_health() { # port
+    for _ in $(seq 1 2400); do
+        curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "server on $1 did not come up" >&2; tail -n 30 "$work"/*.log >&2; return 1
+}
+
+stop_pid() { kill -9 "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+now() { date +%s.%N; }
+
+# One cluster start: both nodes, the worker (b) first; `started` is then the seconds to
+# the head's /health 200. FRESH=1 empties b's slice cache first.
+start_pair() {
+    [ "${FRESH:-0}" = 1 ] && rm -rf "$work/b-cache"
+    : > "$work/a.log"; : > "$work/b.log"
+    local t0; t0=$(now)
+    cluster_node b 1 18611 17610 0
+    cluster_node a 0 18610 17600 1
+    wait_health 18610
+    started=$(echo "$(now) - $t0" | bc)
+}
+
+echo "== $SHAPE ($(du -h --apparent-size "$MODEL" | cut -f1)), one machine, $(nproc) cores, $REPS rounds, medians ==" >&2
+# (c) and (d): interleaved, a fresh worker, a worker with its slice, a plain TCP copy
+declare -A runs
+for r in $(seq 1 "$REPS"); do
+    FRESH=1 start_pair; t_fetch=$started
+    rate=$(grep -o "sent layers .*, [0-9.]* MB/s" "$work/a.log" | tail -n 1 | sed -E 's/.* ([0-9.]+) MB\/s$/\1/')
+    need=$(grep -o "holds [0-9.]* of [0-9.]* MB" "$work/b.log" | tail -n 1 | awk '{print $4}')
+    stop_pid "$pid_a"; stop_pid "$pid_b"
+    start_pair; t_have=$started
+    stop_pid "$pid_a"; stop_pid "$pid_b"
+    bytes=$(echo "$need * 1000000 / 1" | bc)
+    plain=$(python3 scripts/tcp-copy.py "$MODEL" "$bytes" "$work/copy.bin" | awk '{print $(NF-1)}')
+    rm -f "$work/copy.bin"
+    printf "round %s: start to serving %.1f s fetching (%s MB at %s MB/s), %.1f s with the slice; plain TCP copy %s MB/s\n" \
+        "$r" "$t_fetch" "$need" "$rate" "$t_have" "$plain" >&2
+    runs[fetch]+="$t_fetch "; runs[have]+="$t_have "; runs[rate]+="$rate "; runs[plain]+="$plain "
+done
+med() { echo "${runs[$1]}" | tr ' ' '\n' | grep . | median; }
+echo "(c) start to serving: $(med fetch) s when the worker fetches its slice, $(med have) s when it has it" >&2
+echo "(d) slice transfer $(med rate) MB/s vs plain TCP copy $(med plain) MB/s = $(echo "$(med rate) / $(med plain)" | bc -l | cut -c1-5)x (aim >= 0.8)" >&2
+
+# (a) and (b): the single node and the pair stay up; rounds alternate between them
+single one 0 18600
+wait_health 18600
+start_pair
+grep -hE "cluster formed|stage .* loaded" "$work/a.log" "$work/b.log" >&2 || true
+measure() { # port concurrency
+    "$EXO" bench-client --addr "127.0.0.1:$1" --concurrency "$2" --tokens "$TOKENS" --reps 1 | awk '{print $3}'
+}
+for r in $(seq 1 "$REPS"); do
+    o1=$(measure 18600 1); t1=$(measure 18610 1); o8=$(measure 18600 8); t8=$(measure 18610 8)
+    runs[one_1]+="$o1 "; runs[two_1]+="$t1 "; runs[one_8]+="$o8 "; runs[two_8]+="$t8 "
+    echo "round $r: 1 stream $o1 / $t1, 8 streams $o8 / $t8 tok/s (1 node / 2 nodes)" >&2
+done
+mem() { # pid -> "rss peak" in MB
+    awk '/^VmRSS/ {r=$2} /^VmHWM/ {h=$2} END {printf "%.0f %.0f", r/1000, h/1000}' "/proc/$1/status"
+}
+share() { # log -> weights + KV in MB of the serving stage (the last "stage … loaded")
+    grep -o "stage [0-9.]* loaded: [0-9.]* MB of weights, [0-9.]* MB of KV" "$1" | tail -n 1 |
+        awk '{print $4 + $8}'
+}
+echo "(a) 1 stream: 2 nodes / 1 node (one core each) = $(echo "$(med two_1) / $(med one_1)" | bc -l | cut -c1-5)x (aim >= 0.95); 8 streams: $(echo "$(med two_8) / $(med one_8)" | bc -l | cut -c1-5)x (aim >= 1.8); medians $(med one_1) / $(med two_1) and $(med one_8) / $(med two_8) tok/s" >&2
+for n in a b; do
+    pid=pid_$n
+    read -r rss peak <<<"$(mem "${!pid}")"
+    s=$(share "$work/$n.log")
+    echo "(b) node $n: RSS $rss MB (peak $peak MB) for weights + KV of $s MB: + $(echo "$rss - $s" | bc) MB (aim <= 64 MiB)" >&2
+done
+read -r rss peak <<<"$(mem "$pid_one")"
+echo "(b) single node: RSS $rss MB (peak $peak MB) for weights + KV of $(share "$work/one.log") MB" >&2
