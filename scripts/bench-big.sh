@@ -10,7 +10,8 @@
 #  (d) the slice's transfer rate over loopback against a plain TCP copy of as many
 #      bytes of the same file (Python, file -> socket -> file + fsync), interleaved
 # The worker has no model file: it receives its slice from the head.
-# EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 16) per stream.
+# EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 16) per stream;
+# ONLY=transfer stops after (c) and (d).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -130,6 +131,7 @@ med() { echo "${runs[$1]}" | tr ' ' '\n' | grep . | median; }
 echo "(c) start to serving: $(med fetch) s when the worker fetches its slice, $(med have) s when it has it" >&2
 echo "(d) slice transfer $(med rate) MB/s vs plain TCP copy $(med plain) MB/s = $(echo "$(med rate) / $(med plain)" | bc -l | cut -c1-5)x (aim >= 0.8)" >&2
 
+[ "${ONLY:-}" = transfer ] && exit 0
 # (a) and (b): the single node and the pair stay up; rounds alternate between them
 single one 0 18600
 wait_health 18600

@@ -50,7 +50,12 @@ fn least_even_offer(costs: &ModelCosts, n: usize, n_vocab: usize) -> u64 {
 /// about a third of it, where no part is much larger than a third) serve it; after a
 /// long prompt and a full batch of requests, every node's resident memory is within
 /// its planned weights + KV cache + `NODE_OVERHEAD_BYTES`, and within its offer.
-async fn three_nodes_stay_within_the_memory_they_offer(model: PathBuf, engine: &Engine) {
+/// With `slices`, the model is on the head only: the other two receive their slices.
+async fn three_nodes_stay_within_the_memory_they_offer(
+    model: PathBuf,
+    engine: &Engine,
+    slices: bool,
+) {
     let t0 = Instant::now();
     let mf = ModelFile::open(&model).expect("model");
     let n_vocab = mf.hparams.n_vocab;
@@ -72,11 +77,19 @@ async fn three_nodes_stay_within_the_memory_they_offer(model: PathBuf, engine: &
     );
     let dir = TempDir::new("cluster-memory").expect("temp dir");
     let mut h = Harness::with_model(dir, model);
-    let offering = |name| PeerSpec {
+    let offering = |name, has_model| PeerSpec {
         memory: Some(offer),
+        has_model,
         ..peer(name, None)
     };
-    let c = h.cluster(&[offering("a"), offering("b"), offering("c")], engine);
+    let c = h.cluster(
+        &[
+            offering("a", true),
+            offering("b", !slices),
+            offering("c", !slices),
+        ],
+        engine,
+    );
     let ready = h.wait_ready(c[0], Duration::from_secs(120)).await;
 
     // a long prompt, then four at once (a full batch at the default slots)
@@ -158,7 +171,23 @@ async fn three_nodes_stay_within_the_memory_they_offer_on_gemma() {
         ctx: 4096,
         ..TINY_ENGINE
     };
-    three_nodes_stay_within_the_memory_they_offer(path, &engine).await;
+    three_nodes_stay_within_the_memory_they_offer(path, &engine, false).await;
+}
+
+/// On a generated model of Llama 3.2 1B's shapes (0.8 GB, random weights), on the head
+/// only: the other two nodes receive their slices, and all three stay within a third
+/// of it each (plus the margin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_serve_a_generated_1b_model_from_the_head_within_their_memory() {
+    let dir = TempDir::new("memory-llama3-1b").expect("temp dir");
+    let model = dir.path().join("llama3-1b.gguf");
+    let shape = exo::gen_model::find_shape("llama3-1b").expect("shape");
+    exo::gen_model::write(&shape, 1, &model).expect("generate llama3-1b");
+    let engine = Engine {
+        ctx: 1024,
+        ..TINY_ENGINE
+    };
+    three_nodes_stay_within_the_memory_they_offer(model, &engine, true).await;
 }
 
 /// The same on a tiny model (64 wide, 6 layers, a small vocabulary): the figures
@@ -172,7 +201,7 @@ async fn three_nodes_stay_within_the_memory_they_offer_on_a_tiny_model() {
         ctx: 4096,
         ..TINY_ENGINE
     };
-    three_nodes_stay_within_the_memory_they_offer(model, &engine).await;
+    three_nodes_stay_within_the_memory_they_offer(model, &engine, false).await;
 }
 
 /// The message the head's /health gives once formation has failed.

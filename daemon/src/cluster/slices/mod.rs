@@ -48,7 +48,10 @@ pub enum SliceError {
     },
     #[error("the slice offer is invalid: {0}")]
     BadOffer(String),
-    #[error("chunk {index} does not match the manifest (sent {got} bytes)")]
+    #[error(
+        "chunk {index} does not match the manifest (sent {got} bytes): if the head's model \
+         file changed since it was hashed, restart exo on the head"
+    )]
     Mismatch { index: u32, got: usize },
     #[error("chunk {0} was not asked for")]
     Unasked(u32),
