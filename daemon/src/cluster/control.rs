@@ -59,9 +59,15 @@ impl Control {
         self.request(client, &bytes, timeout).await
     }
 
-    /// Chunk `index` of the model file, sealed (for [`Control::request`]).
-    pub(crate) fn seal_chunk(&self, index: u32, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
-        Ok(self.sealer()?.seal_chunk(index, bytes)?)
+    /// Chunk `index` of the model file, of BLAKE3 hash `hash`, sealed (for
+    /// [`Control::request`]).
+    pub(crate) fn seal_chunk(
+        &self,
+        index: u32,
+        bytes: &[u8],
+        hash: &[u8; 32],
+    ) -> anyhow::Result<Vec<u8>> {
+        Ok(self.sealer()?.seal_chunk(index, bytes, hash)?)
     }
 
     fn sealer(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Sealer>> {

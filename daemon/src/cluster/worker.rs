@@ -293,13 +293,14 @@ impl ControlHandler {
                 }
             }
             FrameType::SliceChunk => {
-                let (WorkerModel::Slices(r), Ok(bytes)) = (&mut self.model, frame.chunk()) else {
+                let (WorkerModel::Slices(r), Ok((bytes, hash))) = (&mut self.model, frame.chunk())
+                else {
                     return self.error("unexpected slice chunk");
                 };
                 let Ok(index) = u32::try_from(step) else {
                     return self.error("bad chunk index");
                 };
-                match tokio::task::block_in_place(|| r.chunk(index, bytes)) {
+                match tokio::task::block_in_place(|| r.chunk(index, bytes, hash)) {
                     Ok(status) => self.reply(FrameType::SliceStatus, step, &status),
                     Err(e) => self.error(&format!("chunk refused: {e}")),
                 }

@@ -113,6 +113,18 @@ impl Manifest {
             .sum()
     }
 
+    /// The hash of chunk `i`.
+    pub fn hash(&self, i: u32) -> Option<[u8; 32]> {
+        let hex = self.hashes.get(i as usize)?;
+        blake3::Hash::from_hex(hex).ok().map(|h| *h.as_bytes())
+    }
+
+    /// Whether `len` bytes of hash `hash` are chunk `i`.
+    pub fn matches_hash(&self, i: u32, len: usize, hash: &[u8; 32]) -> bool {
+        let r = self.chunk_range(i);
+        len as u64 == r.end.saturating_sub(r.start) && self.hash(i).as_ref() == Some(hash)
+    }
+
     /// Whether `bytes` are chunk `i`.
     pub fn matches(&self, i: u32, bytes: &[u8]) -> bool {
         let Some(want) = self.hashes.get(i as usize) else {

@@ -101,12 +101,18 @@ impl Receiver {
         })
     }
 
-    /// Takes chunk `index`; a chunk that does not match the manifest is refused.
-    pub fn chunk(&mut self, index: u32, bytes: &[u8]) -> Result<SliceStatus, SliceError> {
+    /// Takes chunk `index` of BLAKE3 hash `hash` (computed when its frame was
+    /// opened); a chunk that does not match the manifest is refused.
+    pub fn chunk(
+        &mut self,
+        index: u32,
+        bytes: &[u8],
+        hash: &[u8; 32],
+    ) -> Result<SliceStatus, SliceError> {
         let Some(store) = self.store.as_mut() else {
             return Err(SliceError::Unasked(index));
         };
-        store.write(index, bytes)?;
+        store.write_hashed(index, bytes, hash)?;
         let (need_bytes, have_bytes) = store.needed_bytes();
         if let Some(t) = self.transfer.as_mut() {
             t.done += bytes.len() as u64;

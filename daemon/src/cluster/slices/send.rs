@@ -157,5 +157,9 @@ fn seal_chunk(
     buf.resize((r.end - r.start) as usize, 0);
     file.read_exact_at(buf, r.start)
         .with_context(|| format!("reading {}", path.display()))?;
-    control.seal_chunk(c, buf)
+    let hash = src
+        .manifest
+        .hash(c)
+        .context("a chunk outside the manifest")?;
+    control.seal_chunk(c, buf, &hash)
 }

@@ -153,10 +153,20 @@ impl SliceStore {
 
     /// Stores chunk `i` if it matches the manifest.
     pub fn write(&mut self, i: u32, bytes: &[u8]) -> Result<(), SliceError> {
+        self.write_hashed(i, bytes, blake3::hash(bytes).as_bytes())
+    }
+
+    /// Stores chunk `i`, whose BLAKE3 hash is `hash`, if it matches the manifest.
+    pub fn write_hashed(
+        &mut self,
+        i: u32,
+        bytes: &[u8],
+        hash: &[u8; 32],
+    ) -> Result<(), SliceError> {
         if !self.need.contains(&i) {
             return Err(SliceError::Unasked(i));
         }
-        if !self.manifest.matches(i, bytes) {
+        if !self.manifest.matches_hash(i, bytes.len(), hash) {
             return Err(SliceError::Mismatch {
                 index: i,
                 got: bytes.len(),

@@ -32,6 +32,32 @@ impl FrameKey {
         out.extend_from_slice(&mac);
     }
 
+    /// The MAC of a slice chunk frame: of the bytes before its payload, then the
+    /// payload's BLAKE3 hash (so the chunk is hashed once, for the MAC and for the
+    /// manifest alike; BLAKE3 resists collisions, so this binds the payload as well).
+    pub(super) fn chunk_mac(
+        &self,
+        before_payload: &[u8],
+        payload_hash: &[u8; 32],
+    ) -> [u8; MAC_LEN] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(before_payload);
+        h.update(payload_hash);
+        let mut mac = [0u8; MAC_LEN];
+        mac.copy_from_slice(&h.finalize().as_bytes()[..MAC_LEN]);
+        mac
+    }
+
+    /// Whether `mac` is the chunk MAC of these parts (constant time).
+    pub(super) fn verify_chunk(
+        &self,
+        before_payload: &[u8],
+        payload_hash: &[u8; 32],
+        mac: &[u8],
+    ) -> bool {
+        constant_time_eq::constant_time_eq(&self.chunk_mac(before_payload, payload_hash), mac)
+    }
+
     /// Whether `mac` is the MAC of `body` (compared in constant time).
     pub(super) fn verify(&self, body: &[u8], mac: &[u8]) -> bool {
         constant_time_eq::constant_time_eq(&self.mac(body), mac)

@@ -230,10 +230,10 @@ impl Frame<'_> {
         }
     }
 
-    /// A slice chunk's bytes.
-    pub fn chunk(&self) -> Result<&[u8], FrameError> {
-        match self.body {
-            Body::Chunk(bytes) => Ok(bytes),
+    /// A slice chunk's bytes and their BLAKE3 hash (computed once, when opened).
+    pub fn chunk(&self) -> Result<(&[u8], &[u8; 32]), FrameError> {
+        match &self.body {
+            Body::Chunk(bytes, hash) => Ok((bytes, hash)),
             _ => Err(self.wrong_type(FrameType::SliceChunk.name())),
         }
     }

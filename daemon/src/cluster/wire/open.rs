@@ -239,7 +239,16 @@ impl Opener {
     ) -> Result<Frame<'a>, FrameError> {
         // 1. structure; 2. authenticity
         let parts = Parts::split(bytes)?;
-        if !self.key.verify(parts.authenticated, parts.mac) {
+        // a slice chunk's MAC covers its payload's hash: hashed once, here
+        let chunk_hash = (parts.raw.frame_type == FrameType::SliceChunk as u8)
+            .then(|| *blake3::hash(parts.payload).as_bytes());
+        let before_payload =
+            &parts.authenticated[..parts.authenticated.len() - parts.payload.len()];
+        let authentic = match &chunk_hash {
+            Some(hash) => self.key.verify_chunk(before_payload, hash, parts.mac),
+            None => self.key.verify(parts.authenticated, parts.mac),
+        };
+        if !authentic {
             return Err(FrameError::BadMac);
         }
         // 3. replay
@@ -247,7 +256,7 @@ impl Opener {
         // 4. semantics
         let h = Header::from_raw(&parts.raw)?;
         if h.frame_type.is_control() {
-            open_control(&h, parts.descs, parts.payload, limits)
+            open_control(&h, parts.descs, parts.payload, chunk_hash, limits)
         } else {
             open_data(&h, parts.descs, parts.payload, limits)
         }
@@ -325,6 +334,7 @@ fn open_control<'a>(
     h: &Header,
     descs: &[u8],
     payload: &'a [u8],
+    chunk_hash: Option<[u8; 32]>,
     limits: &Limits,
 ) -> Result<Frame<'a>, FrameError> {
     if h.flags != 0 {
@@ -349,10 +359,9 @@ fn open_control<'a>(
             max,
         });
     }
-    let body = if chunk {
-        Body::Chunk(payload)
-    } else {
-        Body::Control(payload)
+    let body = match chunk_hash {
+        Some(hash) if chunk => Body::Chunk(payload, hash),
+        _ => Body::Control(payload),
     };
     Ok(frame(h, Vec::new(), body))
 }

@@ -43,8 +43,8 @@ pub enum Body<'a> {
     Tokens(Vec<i32>),
     /// One logits row per output row.
     LmHeadPart(Vec<PartialLogits>),
-    /// A chunk of a model file ([`FrameType::SliceChunk`]).
-    Chunk(&'a [u8]),
+    /// A chunk of a model file ([`FrameType::SliceChunk`]) and its BLAKE3 hash.
+    Chunk(&'a [u8], [u8; 32]),
 }
 
 /// How a payload goes on the wire: the header fields it sets and its length.

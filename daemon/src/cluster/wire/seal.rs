@@ -121,8 +121,15 @@ impl Sealer {
         self.seal_with(step_id, &layout, &[], |out| out.extend_from_slice(&json))
     }
 
-    /// Seals chunk `index` of a model file ([`FrameType::SliceChunk`]).
-    pub fn seal_chunk(&mut self, index: u32, bytes: &[u8]) -> Result<Vec<u8>, FrameError> {
+    /// Seals chunk `index` of a model file ([`FrameType::SliceChunk`]) whose BLAKE3
+    /// hash is `hash` (the manifest's: the sender does not hash it again); its MAC
+    /// covers the header and that hash ([`super::FrameKey`]).
+    pub fn seal_chunk(
+        &mut self,
+        index: u32,
+        bytes: &[u8],
+        hash: &[u8; 32],
+    ) -> Result<Vec<u8>, FrameError> {
         if bytes.len() > MAX_CHUNK_FRAME_BYTES {
             return Err(FrameError::ControlTooLarge {
                 got: bytes.len(),
@@ -135,7 +142,7 @@ impl Sealer {
             width: 0,
             len: bytes.len(),
         };
-        self.seal_with(u64::from(index), &layout, &[], |out| {
+        self.seal_framed(u64::from(index), &layout, &[], Some(hash), |out| {
             out.extend_from_slice(bytes)
         })
     }
@@ -164,6 +171,18 @@ impl Sealer {
         seqs: &[BatchSeq],
         write_payload: impl FnOnce(&mut Vec<u8>),
     ) -> Result<Vec<u8>, FrameError> {
+        self.seal_framed(step_id, layout, seqs, None, write_payload)
+    }
+
+    /// Header, descriptors, payload and MAC (a chunk's MAC covers its payload's hash).
+    fn seal_framed(
+        &mut self,
+        step_id: u64,
+        layout: &Layout,
+        seqs: &[BatchSeq],
+        payload_hash: Option<&[u8; 32]>,
+        write_payload: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Vec<u8>, FrameError> {
         let n_seqs = seq_count(seqs)?;
         let counter = self
             .counter
@@ -190,9 +209,13 @@ impl Sealer {
             encode_seq(&mut out, s);
         }
         let before = out.len();
+        let chunk_mac = payload_hash.map(|h| self.key.chunk_mac(&out, h));
         write_payload(&mut out);
         debug_assert_eq!(out.len() - before, layout.len);
-        self.key.append_mac(&mut out);
+        match chunk_mac {
+            Some(mac) => out.extend_from_slice(&mac),
+            None => self.key.append_mac(&mut out),
+        }
         self.counter = counter;
         Ok(out)
     }

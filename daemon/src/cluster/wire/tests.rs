@@ -306,13 +306,27 @@ fn control_frames_roundtrip() {
         .seal_control(FrameType::SliceChunk, 0, &serde_json::json!({}))
         .is_err());
     let chunk: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
-    let bytes = sealer.seal_chunk(7, &chunk).unwrap();
+    let hash = *blake3::hash(&chunk).as_bytes();
+    let bytes = sealer.seal_chunk(7, &chunk, &hash).unwrap();
     let f = opener.open(&bytes, &Limits::control_only()).unwrap();
     assert_eq!((f.frame_type, f.step_id), (FrameType::SliceChunk, 7));
-    assert_eq!(f.chunk().unwrap(), &chunk[..]);
+    assert_eq!(f.chunk().unwrap(), (&chunk[..], &hash));
     assert!(f.control::<serde_json::Value>().is_err());
+    // its MAC covers the payload (through its hash): a changed byte is forged
+    let mut changed = sealer.seal_chunk(8, &chunk, &hash).unwrap();
+    changed[HEADER_LEN + 100] ^= 1;
+    assert!(matches!(
+        opener.open(&changed, &Limits::control_only()),
+        Err(FrameError::BadMac)
+    ));
+    // a sender that claims a wrong hash is forged too
+    let lying = sealer.seal_chunk(9, &chunk, &[0; 32]).unwrap();
+    assert!(matches!(
+        opener.open(&lying, &Limits::control_only()),
+        Err(FrameError::BadMac)
+    ));
     assert!(sealer
-        .seal_chunk(1, &vec![0; MAX_CHUNK_FRAME_BYTES + 1])
+        .seal_chunk(1, &vec![0; MAX_CHUNK_FRAME_BYTES + 1], &[0; 32])
         .is_err());
 }
 
