@@ -743,20 +743,6 @@ async fn real_answers_together(h: &Harness, i: usize, ids: &[Vec<i32>]) -> Vec<S
     out
 }
 
-/// The real Gemma 3 270M, if present (a note says the test is skipped when not; a
-/// failure when `EXO_REQUIRE_REAL_MODEL` is set).
-fn real_model() -> Option<PathBuf> {
-    let path = exo_tests::real_model_path();
-    if path.is_none() {
-        assert!(
-            std::env::var_os("EXO_REQUIRE_REAL_MODEL").is_none(),
-            "EXO_REQUIRE_REAL_MODEL is set but the real model is missing"
-        );
-        eprintln!("note: the real Gemma 3 270M is not available; skipped");
-    }
-    path
-}
-
 /// One answer everywhere, on the real Gemma 3 270M (Q4_K, Q6_K, Q5_0 and Q8_0
 /// matrices) with default settings: each request alone equals llama.cpp's greedy
 /// continuation; sent together (one batch, mixed lengths, some streamed), each gives

@@ -9,19 +9,6 @@ use std::os::unix::fs::MetadataExt;
 
 use harness::*;
 
-/// The real model, or None (skipped) when it is not there.
-fn real_model() -> Option<PathBuf> {
-    let path = exo_tests::real_model_path();
-    if path.is_none() {
-        assert!(
-            std::env::var_os("EXO_REQUIRE_REAL_MODEL").is_none(),
-            "EXO_REQUIRE_REAL_MODEL is set but the real model is missing"
-        );
-        eprintln!("note: the real Gemma 3 270M is not available; skipped");
-    }
-    path
-}
-
 /// The slice file in node `name`'s cache (there is exactly one).
 fn slice_file(h: &Harness, name: &str) -> Option<PathBuf> {
     let files: Vec<PathBuf> = std::fs::read_dir(h.cache_dir(name))

@@ -621,3 +621,17 @@ pub fn tiny_spec() -> TinySpec {
     spec.n_layer = 6;
     spec
 }
+
+/// The real Gemma 3 270M, if present (a note says the test is skipped when not; a
+/// failure when `EXO_REQUIRE_REAL_MODEL` is set).
+pub fn real_model() -> Option<PathBuf> {
+    let path = exo_tests::real_model_path();
+    if path.is_none() {
+        assert!(
+            std::env::var_os("EXO_REQUIRE_REAL_MODEL").is_none(),
+            "EXO_REQUIRE_REAL_MODEL is set but the real model is missing"
+        );
+        eprintln!("note: the real Gemma 3 270M is not available; skipped");
+    }
+    path
+}
