@@ -550,3 +550,32 @@ fn check_config_refuses_a_model_that_cannot_fit() {
         assert!(stdout.contains("memory = \""), "{stdout}");
     }
 }
+
+/// A model path that is a FIFO (or a directory) is refused at once, not read forever
+/// (`exo check-config` runs as the unit's ExecStartPre).
+#[test]
+fn a_model_path_that_is_not_a_file_is_refused_at_once() {
+    let dir = TempDir::new("cli-fifo").expect("tempdir");
+    let fifo = dir.path().join("model.gguf");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let t0 = std::time::Instant::now();
+    let fifo = fifo.display().to_string();
+    assert_clean_failure(&exo(&["inspect", "--model", &fifo]), "not a regular file");
+    assert_clean_failure(
+        &exo(&["run", "--model", &fifo, "--prompt", "hi"]),
+        "not a regular file",
+    );
+    let config = dir.path().join("exo.toml");
+    std::fs::write(&config, format!("[model]\npath = \"{fifo}\"\n")).expect("config");
+    assert_clean_failure(
+        &exo(&["check-config", "--config", &config.display().to_string()]),
+        "not a regular file",
+    );
+    let dir_path = dir.path().display().to_string();
+    assert_clean_failure(
+        &exo(&["inspect", "--model", &dir_path]),
+        "not a regular file",
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+}

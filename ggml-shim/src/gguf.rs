@@ -17,6 +17,8 @@ pub enum GgufError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("{path}: not a regular file (a FIFO, a device or a directory is not a model)")]
+    NotAFile { path: PathBuf },
     #[error("{path}: not a GGUF file (bad magic)")]
     NotGguf { path: PathBuf },
     #[error("{path}: corrupt or unsupported GGUF header")]
@@ -144,6 +146,16 @@ impl Gguf {
     /// Opens and validates a GGUF file: magic, header, and that every tensor's data
     /// lies within the file.
     pub fn open(path: &Path) -> Result<Gguf, GgufError> {
+        // before opening it: opening a FIFO blocks until someone writes to it
+        let meta = std::fs::metadata(path).map_err(|error| GgufError::Open {
+            path: path.to_owned(),
+            error,
+        })?;
+        if !meta.is_file() {
+            return Err(GgufError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
         let mut file = File::open(path).map_err(|error| GgufError::Open {
             path: path.to_owned(),
             error,

@@ -278,6 +278,15 @@ fn invalid_values_name_key_and_line() {
         ("[engine]\nctx = 0\n", "engine.ctx"),
         ("[engine]\nbatch = 0\n", "engine.batch"),
         ("[engine]\nthreads = 0\n", "engine.threads"),
+        // bounds that keep a mistake from costing the machine
+        ("[engine]\nthreads = 100000\n", "engine.threads"),
+        ("[engine]\nctx = 99999999999\n", "engine.ctx"),
+        ("[engine]\nbatch = 100000\n", "engine.batch"),
+        ("[engine]\nmax_queue = 10000000\n", "engine.max_queue"),
+        (
+            "[api]\nshutdown_timeout_secs = 9223372036854775807\n",
+            "api.shutdown_timeout_secs",
+        ),
         ("[api]\nmax_body_bytes = 0\n", "api.max_body_bytes"),
         ("[node]\nname = \" \"\n", "node.name"),
         ("[api]\nkey = \"\"\n", "api.key"),
@@ -292,6 +301,11 @@ fn invalid_values_name_key_and_line() {
     let e = error(&format!("{MODEL}[engine]\nmax_slots = 65\n"), &[]);
     assert!(e.ends_with("must be in 1..=64, got 65"), "{e}");
     assert!(load(&format!("{MODEL}[engine]\nmax_slots = 64\n"), &[]).is_ok());
+    let e = error(&format!("{MODEL}[engine]\nthreads = 100000\n"), &[]);
+    assert!(e.ends_with("must be in 1..=256, got 100000"), "{e}");
+    let big = "[engine]\nthreads = 256\nctx = 1048576\nbatch = 8192\nmax_queue = 100000\n\
+               [api]\nshutdown_timeout_secs = 86400\n";
+    assert!(load(&format!("{MODEL}{big}"), &[]).is_ok());
 }
 
 #[test]

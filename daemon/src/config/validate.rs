@@ -128,6 +128,15 @@ fn parse_layers(text: &str) -> Result<(usize, usize), String> {
     }
 }
 
+/// The bounds of the numeric keys: beyond them a value is a mistake that would cost
+/// the machine (100,000 threads, an instant that overflows on shutdown).
+const THREADS_LIMIT: usize = 256;
+const CTX_LIMIT: usize = 1 << 20;
+const MAX_QUEUE_LIMIT: usize = 100_000;
+const BATCH_LIMIT: usize = 8192;
+const MAX_BODY_BYTES_LIMIT: usize = 1 << 30;
+const SHUTDOWN_TIMEOUT_LIMIT_SECS: usize = 86_400;
+
 /// The defaults, and every value checked.
 pub(super) fn resolve(file: FileConfig, origin: &Origin<'_>) -> Result<Config, ConfigError> {
     let FileConfig {
@@ -219,12 +228,14 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
         "api.max_body_bytes",
         api.max_body_bytes.as_ref(),
         defaults.max_body_bytes,
-        1..=usize::MAX,
+        1..=MAX_BODY_BYTES_LIMIT,
     )?;
-    let shutdown_timeout_secs = api
-        .shutdown_timeout_secs
-        .as_ref()
-        .map_or(defaults.shutdown_timeout_secs, |v| v.value);
+    let shutdown_timeout_secs = origin.count(
+        "api.shutdown_timeout_secs",
+        api.shutdown_timeout_secs.as_ref(),
+        defaults.shutdown_timeout_secs as usize,
+        0..=SHUTDOWN_TIMEOUT_LIMIT_SECS,
+    )? as u64;
     let keys = ("api.key", "api.key_file");
     let (key, key_file) = origin.secret("api", keys, api.key, api.key_file, key_text)?;
     Ok(ApiConfig {
@@ -241,15 +252,14 @@ fn resolve_engine(
     origin: &Origin<'_>,
 ) -> Result<EngineConfig, ConfigError> {
     let d = EngineConfig::default();
-    let at_least_one = 1..=usize::MAX;
     Ok(EngineConfig {
         threads: origin.count(
             "engine.threads",
             e.threads.as_ref(),
             d.threads,
-            at_least_one.clone(),
+            1..=THREADS_LIMIT,
         )?,
-        ctx: origin.count("engine.ctx", e.ctx.as_ref(), d.ctx, at_least_one.clone())?,
+        ctx: origin.count("engine.ctx", e.ctx.as_ref(), d.ctx, 1..=CTX_LIMIT)?,
         max_slots: origin.count(
             "engine.max_slots",
             e.max_slots.as_ref(),
@@ -260,9 +270,9 @@ fn resolve_engine(
             "engine.max_queue",
             e.max_queue.as_ref(),
             d.max_queue,
-            0..=usize::MAX,
+            0..=MAX_QUEUE_LIMIT,
         )?,
-        batch: origin.count("engine.batch", e.batch.as_ref(), d.batch, at_least_one)?,
+        batch: origin.count("engine.batch", e.batch.as_ref(), d.batch, 1..=BATCH_LIMIT)?,
     })
 }
 
