@@ -342,7 +342,7 @@ impl Config {
         path: &Path,
         env: &HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| {
+        let text = read_small_file(path, MAX_CONFIG_BYTES).map_err(|error| {
             if error.kind() == std::io::ErrorKind::NotFound {
                 ConfigError::NotFound { path: path.into() }
             } else {
@@ -403,6 +403,32 @@ impl Config {
     pub fn is_head(&self) -> bool {
         !self.is_cluster() || self.own_peer_index() == Some(0)
     }
+}
+
+/// The largest configuration file read (a real one is a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// The largest key file read.
+pub const MAX_KEY_FILE_BYTES: u64 = 64 << 10;
+
+/// The text of the regular file `path`, refused beyond `limit` bytes: a FIFO, a
+/// device (`/dev/zero`) or a huge file named by mistake is an error, not a hang or
+/// an exhausted machine.
+pub fn read_small_file(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(text)
 }
 
 /// The environment variables that override the file, with the key each sets.

@@ -462,6 +462,35 @@ fn key_file_read_and_trimmed() {
         e.starts_with(&format!("api.key_file {}: cannot read", missing.display())),
         "{e}"
     );
+
+    // a device or a directory is not read (/dev/zero would never end)
+    for not_a_file in ["/dev/zero", "/dev/urandom", "/tmp"] {
+        let e = error(
+            &format!("{MODEL}[cluster]\nkey_file = {not_a_file:?}\n"),
+            &[],
+        );
+        assert!(e.contains("not a regular file"), "{not_a_file}: {e}");
+    }
+    // nor a file far larger than any key
+    let big = Temp::new(&"k".repeat(200_000));
+    let e = error(
+        &format!(
+            "{MODEL}[api]\nkey_file = {:?}\n",
+            big.0.display().to_string()
+        ),
+        &[],
+    );
+    assert!(e.contains("larger than 65536 bytes"), "{e}");
+}
+
+#[test]
+fn a_config_that_is_not_a_small_regular_file_is_refused() {
+    let e =
+        Config::load_from_env_map(Path::new("/dev/zero"), &HashMap::new()).expect_err("a device");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    let big = Temp::new(&format!("{MODEL}# {}\n", "x".repeat(2 << 20)));
+    let e = Config::load_from_env_map(&big.0, &HashMap::new()).expect_err("a huge file");
+    assert!(e.to_string().contains("larger than 1048576 bytes"), "{e}");
 }
 
 #[test]

@@ -74,7 +74,7 @@ impl Origin<'_> {
                     path: path.clone(),
                     message,
                 };
-                let text = std::fs::read_to_string(&path)
+                let text = super::read_small_file(&path, super::MAX_KEY_FILE_BYTES)
                     .map_err(|e| key_file_error(format!("cannot read the key: {e}")))?;
                 let key = check(&text)
                     .map_err(|m| key_file_error(format!("{m} (the file holds the key alone)")))?;
