@@ -579,3 +579,44 @@ fn a_model_path_that_is_not_a_file_is_refused_at_once() {
     );
     assert!(t0.elapsed() < std::time::Duration::from_secs(10));
 }
+
+/// Overwrites the value of metadata key `key` (a 4-byte u32 or f32) in a GGUF file.
+fn patch_value(path: &Path, key: &str, value: [u8; 4]) {
+    let mut bytes = std::fs::read(path).expect("model");
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())
+        .unwrap_or_else(|| panic!("{key} is not in the file"));
+    // the key, then its 4-byte type, then the value
+    let value_at = at + key.len() + 4;
+    bytes[value_at..value_at + 4].copy_from_slice(&value);
+    std::fs::write(path, bytes).expect("patched model");
+}
+
+/// Hyper-parameters that ggml would assert on, or that would size allocations or
+/// loops without bound, are refused with their key before ggml sees them.
+#[test]
+fn hostile_hyper_parameters_are_refused_with_their_key() {
+    let dir = TempDir::new("cli-hostile-hparams").expect("tempdir");
+    let cases: [(&str, [u8; 4]); 4] = [
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            (-1.0f32).to_le_bytes(),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            f32::NAN.to_le_bytes(),
+        ),
+        ("llama.rope.dimension_count", 0u32.to_le_bytes()),
+        ("llama.block_count", u32::MAX.to_le_bytes()),
+    ];
+    for (i, (key, value)) in cases.into_iter().enumerate() {
+        let model = dir.path().join(format!("m{i}.gguf"));
+        write_tiny_model(&model, &TinySpec::new(TinyArch::Llama)).expect("tiny model");
+        patch_value(&model, key, value);
+        let t0 = std::time::Instant::now();
+        let out = exo(&["inspect", "--model", &model.display().to_string()]);
+        assert_clean_failure(&out, key);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{key}");
+    }
+}

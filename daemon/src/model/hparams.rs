@@ -68,6 +68,37 @@ impl HParams {
                 });
             }
         }
+        // Bounds before anything is sized by them: every layer has tensors, so a model
+        // cannot have more layers than tensors (4294967295 layers grew to 6 GB before).
+        if n_layer > g.tensors().len() {
+            return Err(ModelError::BadKey {
+                key: k("block_count"),
+                why: format!(
+                    "{n_layer} layers, but the file has {} tensors",
+                    g.tensors().len()
+                ),
+            });
+        }
+        for (name, v, max) in [
+            ("embedding_length", n_embd, 1 << 20),
+            ("feed_forward_length", n_ff, 1 << 22),
+            ("attention.head_count", n_head, 1 << 12),
+            ("context_length", n_ctx_train, 1 << 24),
+        ] {
+            if v > max {
+                return Err(ModelError::BadKey {
+                    key: k(name),
+                    why: format!("{v} is more than {max}"),
+                });
+            }
+        }
+        // ggml asserts eps >= 0 (an abort); NaN and infinity make every output NaN
+        if !(rms_eps.is_finite() && rms_eps >= 0.0) {
+            return Err(ModelError::BadKey {
+                key: k("attention.layer_norm_rms_epsilon"),
+                why: format!("{rms_eps} is not a finite number of at least 0"),
+            });
+        }
         if n_head % n_head_kv != 0 {
             return Err(ModelError::BadKey {
                 key: k("attention.head_count_kv"),
@@ -83,7 +114,7 @@ impl HParams {
             });
         }
         let n_rot = opt_usize(g, &k("rope.dimension_count"))?.unwrap_or(head_dim_k);
-        if n_rot > head_dim_k || n_rot % 2 != 0 {
+        if n_rot == 0 || n_rot > head_dim_k || n_rot % 2 != 0 {
             return Err(ModelError::BadKey {
                 key: k("rope.dimension_count"),
                 why: format!("{n_rot} does not fit head size {head_dim_k}"),
