@@ -127,11 +127,7 @@ impl Manifest {
 
     /// Whether `bytes` are chunk `i`.
     pub fn matches(&self, i: u32, bytes: &[u8]) -> bool {
-        let Some(want) = self.hashes.get(i as usize) else {
-            return false;
-        };
-        let r = self.chunk_range(i);
-        bytes.len() as u64 == r.end - r.start && blake3::hash(bytes).to_hex().as_str() == want
+        self.matches_hash(i, bytes.len(), blake3::hash(bytes).as_bytes())
     }
 
     /// Hashes the file at `path` (read once, front to back).

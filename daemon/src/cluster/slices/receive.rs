@@ -25,6 +25,19 @@ struct Transfer {
     done: u64,
 }
 
+impl Transfer {
+    /// "receiving layers 9..18 from a: 0.1 of 0.2 GB, 48 MB/s".
+    fn line(&self) -> String {
+        let secs = self.start.elapsed().as_secs_f64();
+        format!(
+            "receiving layers {} from {}: {}",
+            self.layers,
+            self.from,
+            progress_figures(self.done, self.total, secs)
+        )
+    }
+}
+
 /// The slices of one worker.
 pub struct Receiver {
     dir: PathBuf,
@@ -86,14 +99,8 @@ impl Receiver {
             total: need_bytes - have_bytes,
             done: 0,
         });
-        self.progress.set(self.transfer.as_ref().map(|t| {
-            format!(
-                "receiving layers {} from {}: {}",
-                t.layers,
-                t.from,
-                progress_figures(0, t.total, 0.0)
-            )
-        }));
+        self.progress
+            .set(self.transfer.as_ref().map(Transfer::line));
         Ok(SliceStatus {
             missing: to_runs(&missing),
             need_bytes,
@@ -119,12 +126,7 @@ impl Receiver {
             let finished = t.done >= t.total;
             if finished || t.last_report.elapsed() >= REPORT_EVERY {
                 t.last_report = Instant::now();
-                let line = format!(
-                    "receiving layers {} from {}: {}",
-                    t.layers,
-                    t.from,
-                    progress_figures(t.done, t.total, t.start.elapsed().as_secs_f64())
-                );
+                let line = t.line();
                 tracing::info!("{line}");
                 self.progress.set((!finished).then_some(line));
             }

@@ -44,7 +44,7 @@ pub struct SliceStore {
     manifest: Manifest,
     /// Chunks checked against the manifest since this process opened the slice.
     verified: Vec<bool>,
-    /// The chunks the current plan needs.
+    /// The chunks the current plan needs, sorted.
     need: Vec<u32>,
 }
 
@@ -163,7 +163,7 @@ impl SliceStore {
         bytes: &[u8],
         hash: &[u8; 32],
     ) -> Result<(), SliceError> {
-        if !self.need.contains(&i) {
+        if self.need.binary_search(&i).is_err() {
             return Err(SliceError::Unasked(i));
         }
         if !self.manifest.matches_hash(i, bytes.len(), hash) {
