@@ -315,6 +315,13 @@ fn check_config(path: &Path) -> Result<()> {
     if let Some(model) = &cfg.model.path {
         let mf =
             ModelFile::open(model).with_context(|| format!("{}: [model] path", path.display()))?;
+        exo::config::check_layers_fit(&cfg.peers, mf.hparams.n_layer)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("{}: [[peer]] layers", path.display()))?;
+        // the vocabulary and chat template the server will load, so a model they would
+        // refuse fails here
+        Tokenizer::load(model, mf.hparams.arch.name())
+            .with_context(|| format!("{}: [model] path: the vocabulary", path.display()))?;
         exo::serve::ServeSettings::from_config(&cfg)?
             .clamped(mf.hparams.n_ctx_train)
             .check_own_memory(&mf)

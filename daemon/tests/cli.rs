@@ -486,7 +486,7 @@ fn check_config_refuses_a_model_that_cannot_fit() {
     let cluster = "[cluster]\nkey = \"0123456789abcdef0123\"\n";
     let peers = |layers: bool| {
         let (a, b) = if layers {
-            ("layers = \"0-1\"\n", "layers = \"1-2\"\n")
+            ("layers = \"0-1\"\n", "layers = \"1-6\"\n")
         } else {
             ("", "")
         };
@@ -619,4 +619,75 @@ fn hostile_hyper_parameters_are_refused_with_their_key() {
         assert_clean_failure(&out, key);
         assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{key}");
     }
+}
+
+/// Replaces the first occurrence of `from` in a file with `to` (the same length).
+fn patch_bytes(path: &Path, from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(path).expect("model");
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .unwrap_or_else(|| panic!("{} is not in the file", String::from_utf8_lossy(from)));
+    bytes[at..at + to.len()].copy_from_slice(to);
+    std::fs::write(path, bytes).expect("patched model");
+}
+
+/// Vocabularies llama.cpp asserts on (two tokens of one text: two byte flips made one;
+/// a byte token whose text is not `<0xHH>`) are refused with one error line by every
+/// command that loads them, `exo check-config` included, instead of aborting.
+#[test]
+fn hostile_vocabularies_are_refused_before_llama_cpp_reads_them() {
+    let dir = TempDir::new("cli-hostile-vocab").expect("tempdir");
+    let cases: [(&[u8], &[u8], &str); 2] = [
+        (b"<0x01>", b"<0x00>", "tokens 3 and 4 are the same text"),
+        (b"<0x01>", b"<0xZZ>", "is a byte token but its text"),
+    ];
+    for (i, (from, to, why)) in cases.into_iter().enumerate() {
+        let model = dir.path().join(format!("v{i}.gguf"));
+        write_tiny_model(&model, &TinySpec::new(TinyArch::Llama)).expect("tiny model");
+        patch_bytes(&model, from, to);
+        let model = model.display().to_string();
+        assert_clean_failure(&exo(&["run", "--model", &model, "--prompt", "hi"]), why);
+        let config = dir.path().join(format!("v{i}.toml"));
+        std::fs::write(&config, format!("[model]\npath = \"{model}\"\n")).expect("config");
+        let out = exo(&["check-config", "--config", &config.display().to_string()]);
+        assert_clean_failure(&out, "the vocabulary");
+        assert_clean_failure(&out, why);
+    }
+}
+
+/// Explicit layer ranges are checked against the model by `exo check-config`: ranges
+/// that stop short of the last layer or run past it are refused with the numbers.
+#[test]
+fn check_config_checks_layer_ranges_against_the_model() {
+    let dir = TempDir::new("cli-layers-fit").expect("tempdir");
+    let model = tiny(&dir, TinyArch::Llama);
+    let config = dir.path().join("exo.toml");
+    let cfg = config.display().to_string();
+    let text = |b: &str| {
+        format!(
+            "[model]\npath = \"{model}\"\n[node]\nname = \"a\"\nlisten = \"tcp://127.0.0.1:5555\"\n\
+             [cluster]\nkey = \"0123456789abcdef0123\"\n\
+             [[peer]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:5555\"\nlayers = \"0-2\"\n\
+             [[peer]]\nname = \"b\"\naddress = \"tcp://127.0.0.1:5557\"\nlayers = \"{b}\"\n"
+        )
+    };
+    for (b, why) in [
+        (
+            "2-4",
+            "the [[peer]] layers end at 4 but the model has 6 layers (layers 4..6 are on no peer)",
+        ),
+        ("2-20", "peer 'b' has layers 2-20, past the last one"),
+    ] {
+        std::fs::write(&config, text(b)).expect("config");
+        assert_clean_failure(&exo(&["check-config", "--config", &cfg]), why);
+    }
+    std::fs::write(&config, text("2-6")).expect("config");
+    let out = exo(&["check-config", "--config", &cfg]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

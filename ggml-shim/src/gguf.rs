@@ -336,6 +336,34 @@ impl Gguf {
         Some(v)
     }
 
+    /// The raw bytes of each string of the string array under `key` (up to each string's
+    /// first NUL, as llama.cpp reads them), or `None` if the key is not a string array.
+    pub fn string_array_bytes(&self, key: &str) -> Option<Vec<&[u8]>> {
+        let ckey = CString::new(key).ok()?;
+        // SAFETY: ctx is valid, ckey is NUL-terminated.
+        let id = unsafe { sys::gguf_find_key(self.ctx, ckey.as_ptr()) };
+        if id < 0 {
+            return None;
+        }
+        // SAFETY: id is a valid key index.
+        let is_array = unsafe { sys::gguf_get_kv_type(self.ctx, id) } == sys::GGUF_TYPE_ARRAY;
+        // SAFETY: id is a valid key index; the element type is read only for arrays.
+        if !is_array || unsafe { sys::gguf_get_arr_type(self.ctx, id) } != sys::GGUF_TYPE_STRING {
+            return None;
+        }
+        // SAFETY: id is an array key.
+        let n = unsafe { sys::gguf_get_arr_n(self.ctx, id) };
+        Some(
+            (0..n)
+                // SAFETY: i < n for a string array; each string is NUL-terminated and owned
+                // by ctx, which lives as long as &self.
+                .map(|i| {
+                    unsafe { CStr::from_ptr(sys::gguf_get_arr_str(self.ctx, id, i)) }.to_bytes()
+                })
+                .collect(),
+        )
+    }
+
     fn get_array(&self, id: i64) -> Value {
         // SAFETY: id is an array key.
         let n = unsafe { sys::gguf_get_arr_n(self.ctx, id) };

@@ -403,12 +403,7 @@ fn make_plan(
                 .iter()
                 .filter_map(|p| p.layers.map(|(a, b)| LayerRange::new(a, b)))
                 .collect();
-            if r.last().map(|l| l.end) != Some(n_layer) {
-                bail!(
-                    "the configured layer ranges end at {:?}, the model has {n_layer} layers",
-                    r.last().map(|l| l.end)
-                );
-            }
+            crate::config::check_layers_fit(&s.peers, n_layer).map_err(anyhow::Error::msg)?;
             let rows = fixed_lm_head_rows(s.head_share, n_vocab);
             planner::check_ranges(nodes, &costs, &r, rows, n_vocab)?;
             (r, rows)

@@ -256,6 +256,38 @@ pub struct PeerConfig {
     pub layers: Option<(usize, usize)>,
 }
 
+/// Explicit `[[peer]] layers` (contiguous from 0, as the config check made them) against a
+/// model of `n_layer` layers: the last range must end at the model's last layer. `Ok` when
+/// the cluster splits the layers itself.
+pub fn check_layers_fit(peers: &[PeerConfig], n_layer: usize) -> Result<(), String> {
+    let Some(last) = peers.last() else {
+        return Ok(());
+    };
+    let Some((a, b)) = last.layers else {
+        return Ok(());
+    };
+    if b == n_layer {
+        return Ok(());
+    }
+    let beyond = peers
+        .iter()
+        .find(|p| p.layers.is_some_and(|(_, b)| b > n_layer))
+        .unwrap_or(last);
+    let (pa, pb) = beyond.layers.unwrap_or((a, b));
+    let how = if b < n_layer {
+        format!("layers {b}..{n_layer} are on no peer")
+    } else {
+        format!(
+            "peer '{}' has layers {pa}-{pb}, past the last one",
+            beyond.name
+        )
+    };
+    Err(format!(
+        "the [[peer]] layers end at {b} but the model has {n_layer} layers ({how}): \
+         make the last peer's range end at {n_layer}, or leave out layers to let exo split them"
+    ))
+}
+
 fn serialize_layers<S: Serializer>(
     layers: &Option<(usize, usize)>,
     serializer: S,

@@ -1018,6 +1018,34 @@ fn duplicate_peers_rejected() {
     );
 }
 
+/// More peers than a cluster may have are refused at the first one past the limit; up to
+/// the limit they are checked in one pass (100,000 entries took quadratic time).
+#[test]
+fn peer_count_is_bounded() {
+    let names: Vec<(String, String)> = (0..=super::validate::MAX_PEERS)
+        .map(|i| (format!("p{i}"), format!("tcp://h{i}:1")))
+        .collect();
+    let list = |n: usize| {
+        let mut v: Vec<(&str, &str, Option<&str>)> = vec![("a", "tcp://h:1", None)];
+        v.extend(
+            names[..n]
+                .iter()
+                .map(|(n, a)| (n.as_str(), a.as_str(), None)),
+        );
+        peers(&v)
+    };
+    let e = error(
+        &format!("{CLUSTER}{}", list(super::validate::MAX_PEERS)),
+        &[],
+    );
+    assert!(
+        e.contains("257 [[peer]] entries: a cluster has at most 256 nodes"),
+        "{e}"
+    );
+    let ok = format!("{CLUSTER}{}", list(super::validate::MAX_PEERS - 1));
+    assert!(load(&ok, &[]).is_ok());
+}
+
 #[test]
 fn own_name_must_be_a_peer() {
     let list = peers(&[("a", "tcp://h1:1", None), ("b", "tcp://h2:1", None)]);

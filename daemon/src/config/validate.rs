@@ -1,6 +1,7 @@
 //! From the parsed file (with its overrides) to a [`Config`]: the defaults, every value
 //! checked, and the rules across keys of a cluster, in one pass.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
@@ -388,6 +389,10 @@ fn resolve_peers(
     Ok(out)
 }
 
+/// The most `[[peer]]` entries a cluster may list (a pipeline of more nodes than this
+/// would spend its time on the network).
+pub const MAX_PEERS: usize = 256;
+
 /// The rules across keys of a cluster; nothing to check for a single node.
 fn check_cluster(
     config: &Config,
@@ -402,8 +407,18 @@ fn check_cluster(
     let cluster = |at: Location, message: String| ConfigError::Cluster { at, message };
     let name_at = |i| peer_key_at(origin, given, i, |p| p.name.as_ref());
     let address_at = |i| peer_key_at(origin, given, i, |p| p.address.as_ref());
+    if peers.len() > MAX_PEERS {
+        let message = format!(
+            "{} [[peer]] entries: a cluster has at most {MAX_PEERS} nodes",
+            peers.len()
+        );
+        return Err(cluster(entry_at(origin, given, MAX_PEERS), message));
+    }
+    // first index of each name and address: linear in the number of peers
+    let mut names: HashMap<&str, usize> = HashMap::with_capacity(peers.len());
+    let mut addresses: HashMap<&str, usize> = HashMap::with_capacity(peers.len());
     for (i, p) in peers.iter().enumerate() {
-        if let Some(first) = peers[..i].iter().position(|q| q.name == p.name) {
+        if let Some(&first) = names.get(p.name.as_str()) {
             let message = format!(
                 "duplicate peer name '{}' (already given at {})",
                 p.name,
@@ -411,13 +426,15 @@ fn check_cluster(
             );
             return Err(cluster(name_at(i), message));
         }
-        if let Some(first) = peers[..i].iter().position(|q| q.address == p.address) {
+        if let Some(&first) = addresses.get(p.address.as_str()) {
             let message = format!(
                 "duplicate peer address '{}': peer '{}' and peer '{}' both have it",
                 p.address, peers[first].name, p.name
             );
             return Err(cluster(address_at(i), message));
         }
+        names.insert(p.name.as_str(), i);
+        addresses.insert(p.address.as_str(), i);
     }
     check_layers(peers, given, origin)?;
 

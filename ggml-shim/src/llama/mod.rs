@@ -19,6 +19,7 @@
 mod oracle;
 mod sampler;
 mod vocab;
+mod vocab_check;
 
 pub use oracle::{LogitsWanted, OracleContext, OracleModel};
 pub use sampler::{argmax, SamplerChain, SamplingParams};
@@ -190,6 +191,16 @@ impl ModelHandle {
                 reason: "no such file".into(),
             });
         }
+        // What llama.cpp would assert on is refused here first.
+        let gguf = crate::gguf::Gguf::open(path).map_err(|e| LlamaError::Load {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        vocab_check::check_vocabulary(&gguf).map_err(|reason| LlamaError::Load {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        drop(gguf);
         let c_path = path_to_cstring(path)?;
         // SAFETY: `c_path` is a valid NUL-terminated string alive across the call; params come
         // from llama_model_default_params with plain-value edits only.
