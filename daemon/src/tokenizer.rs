@@ -15,6 +15,8 @@ pub enum TokenizerError {
     NoTemplate,
     #[error("chat template: {0}")]
     Template(String),
+    #[error("chat template: {0}")]
+    TemplateTooCostly(String),
 }
 
 /// One chat message.
@@ -47,11 +49,25 @@ impl Tokenizer {
             None if arch.starts_with("gemma") => (GEMMA_TEMPLATE.to_string(), true),
             None => (CHATML_TEMPLATE.to_string(), true),
         };
-        Ok(Tokenizer {
+        let tokenizer = Tokenizer {
             vocab,
             template: Some(template),
             template_is_builtin,
-        })
+        };
+        // A template too costly for one short message is refused with the model; other
+        // template errors are answered per request (the completions endpoint needs none).
+        let probe = Message {
+            role: "user".into(),
+            content: "hi".into(),
+        };
+        match tokenizer.apply_chat_template(&[probe]) {
+            Err(e @ TokenizerError::TemplateTooCostly(_)) => Err(e),
+            Err(e) => {
+                tracing::warn!("the model's chat template fails on a one-message chat: {e}");
+                Ok(tokenizer)
+            }
+            Ok(_) => Ok(tokenizer),
+        }
     }
 
     /// Whether the chat template is exo's built-in one (the GGUF has none).
@@ -96,7 +112,9 @@ impl Tokenizer {
     /// Renders the chat template for `messages`, ending with the assistant's turn.
     pub fn apply_chat_template(&self, messages: &[Message]) -> Result<String, TokenizerError> {
         let source = self.template.as_deref().ok_or(TokenizerError::NoTemplate)?;
+        let limits = TemplateLimits::for_messages(messages);
         let mut env = Environment::new();
+        env.set_fuel(Some(limits.fuel));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -117,12 +135,159 @@ impl Tokenizer {
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default()
         };
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => piece(self.vocab.bos()),
-            eos_token => piece(self.vocab.eos()),
-        })
-        .map_err(|e| TokenizerError::Template(e.to_string()))
+        let mut out = BoundedOutput::new(limits.output_bytes);
+        let rendered = tmpl.render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => piece(self.vocab.bos()),
+                eos_token => piece(self.vocab.eos()),
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| TokenizerError::Template("the output is not UTF-8".into())),
+            Err(_) if out.overflowed => Err(TokenizerError::TemplateTooCostly(format!(
+                "its output passed {} bytes, the most it may write for these messages",
+                limits.output_bytes
+            ))),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+                Err(TokenizerError::TemplateTooCostly(format!(
+                    "it took more than {} steps, the most it may take for these messages",
+                    limits.fuel
+                )))
+            }
+            Err(e) => Err(TokenizerError::Template(e.to_string())),
+        }
+    }
+}
+
+/// What one render of a chat template may cost. The template is code from the model file:
+/// without bounds a loop in it costs seconds of CPU or gigabytes of output per request.
+/// Real templates take a few hundred steps per message and write the messages once,
+/// plus their markers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TemplateLimits {
+    /// minijinja's fuel: instructions executed.
+    fuel: u64,
+    output_bytes: usize,
+}
+
+impl TemplateLimits {
+    const FUEL_BASE: u64 = 1_000_000;
+    const FUEL_PER_MESSAGE: u64 = 20_000;
+    const OUTPUT_BASE: usize = 64 << 10;
+    const OUTPUT_PER_MESSAGE: usize = 1 << 10;
+
+    fn for_messages(messages: &[Message]) -> TemplateLimits {
+        let n = messages.len();
+        let content: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum();
+        TemplateLimits {
+            fuel: Self::FUEL_BASE.saturating_add(Self::FUEL_PER_MESSAGE.saturating_mul(n as u64)),
+            // a template may repeat a message (a system prompt) but not without end
+            output_bytes: Self::OUTPUT_BASE
+                .saturating_add(content.saturating_mul(4))
+                .saturating_add(Self::OUTPUT_PER_MESSAGE.saturating_mul(n)),
+        }
+    }
+}
+
+/// A `Write` into memory that refuses to grow past a limit.
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl BoundedOutput {
+    fn new(limit: usize) -> BoundedOutput {
+        BoundedOutput {
+            bytes: Vec::new(),
+            limit,
+            overflowed: false,
+        }
+    }
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exo_tests::{write_tiny_model, TempDir, TinyArch, TinySpec};
+
+    fn with_template(tok: Tokenizer, template: &str) -> Tokenizer {
+        Tokenizer {
+            template: Some(template.to_string()),
+            ..tok
+        }
+    }
+
+    fn user(content: &str) -> Message {
+        Message {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+
+    /// Templates that loop without end or write without end are stopped with a clear
+    /// error (they cost 12 s of CPU, and gigabytes, per request).
+    #[test]
+    fn a_hostile_chat_template_is_stopped() {
+        let dir = TempDir::new("tok-template").expect("tempdir");
+        let path = dir.path().join("m.gguf");
+        write_tiny_model(&path, &TinySpec::new(TinyArch::Llama)).expect("tiny model");
+        let tok = Tokenizer::load(&path, "llama").expect("tokenizer");
+        let writes = with_template(
+            tok,
+            r#"{% for i in range(100000) %}{{ "x" * 100000 }}{% endfor %}"#,
+        );
+        let e = writes.apply_chat_template(&[user("hi")]).unwrap_err();
+        assert!(e.to_string().contains("its output passed"), "{e}");
+        let loops = with_template(
+            writes,
+            "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+        );
+        let e = loops.apply_chat_template(&[user("hi")]).unwrap_err();
+        assert!(e.to_string().contains("steps, the most it may take"), "{e}");
+    }
+
+    /// The real model's template (exo's built-in Gemma turns: this GGUF carries none)
+    /// renders long conversations within the limits.
+    #[test]
+    fn the_real_template_renders_long_conversations() {
+        let Some(path) = exo_tests::real_model_path() else {
+            return;
+        };
+        let tok = Tokenizer::load(&path, "gemma3").expect("tokenizer");
+        let long = "word ".repeat(200_000);
+        let many: Vec<Message> = (0..5000)
+            .map(|i| Message {
+                role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+                content: format!("message {i}"),
+            })
+            .collect();
+        for messages in [vec![user(&long)], many] {
+            let text = tok.apply_chat_template(&messages).expect("render");
+            let last = &messages[messages.len() - 1].content;
+            assert!(text.contains(last.trim()), "the last message is rendered");
+        }
     }
 }

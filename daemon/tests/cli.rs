@@ -691,3 +691,30 @@ fn check_config_checks_layer_ranges_against_the_model() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A chat template is code from the model file: one that loops or writes without end is
+/// refused when the model is loaded (by `exo check-config` too), in well under a second
+/// of its work, instead of costing seconds of CPU and gigabytes per chat request.
+#[test]
+fn a_hostile_chat_template_is_refused_with_the_model() {
+    let dir = TempDir::new("cli-hostile-template").expect("tempdir");
+    let templates = [
+        r#"{% for i in range(100000) %}{{ "x" * 100000 }}{% endfor %}"#,
+        "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+    ];
+    for (i, template) in templates.into_iter().enumerate() {
+        let model = dir.path().join(format!("t{i}.gguf"));
+        let mut spec = TinySpec::new(TinyArch::Llama);
+        spec.chat_template = Some(template.to_string());
+        write_tiny_model(&model, &spec).expect("tiny model");
+        let model = model.display().to_string();
+        let t0 = std::time::Instant::now();
+        let out = exo(&["run", "--model", &model, "--prompt", "hi", "--chat"]);
+        assert_clean_failure(&out, "chat template: ");
+        let config = dir.path().join(format!("t{i}.toml"));
+        std::fs::write(&config, format!("[model]\npath = \"{model}\"\n")).expect("config");
+        let out = exo(&["check-config", "--config", &config.display().to_string()]);
+        assert_clean_failure(&out, "chat template: ");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    }
+}
