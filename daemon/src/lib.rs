@@ -8,6 +8,8 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gen_model;
 pub mod model;
 pub mod serve;

@@ -4,6 +4,8 @@
 
 pub mod metrics;
 mod openai;
+#[doc(hidden)]
+pub use openai::fuzz as openai_fuzz;
 pub mod text;
 
 use std::convert::Infallible;

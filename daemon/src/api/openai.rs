@@ -1,5 +1,7 @@
 //! OpenAI's completion and chat completion endpoints, plain and streamed (SSE).
 
+#[doc(hidden)]
+pub mod fuzz;
 mod request;
 mod response;
 

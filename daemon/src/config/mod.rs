@@ -384,7 +384,17 @@ impl Config {
                 }
             }
         })?;
-        let origin = file::Origin { path, text: &text };
+        Self::parse_text(path, &text, env)
+    }
+
+    /// The configuration in `text` (read from `path`, which errors name) with the
+    /// overrides found in `env`.
+    pub fn parse_text(
+        path: &Path,
+        text: &str,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let origin = file::Origin { path, text };
         let mut file = origin.parse()?;
         file.apply_env(env)?;
         validate::resolve(file, &origin)

@@ -260,17 +260,16 @@ pub fn to_runs(chunks: &[u32]) -> Vec<[u32; 2]> {
 }
 
 /// The chunk indices of `runs`, each below `n_chunks` (else None).
+/// (Memory is bounded by `n_chunks`, however many runs overlap.)
 pub fn from_runs(runs: &[[u32; 2]], n_chunks: u32) -> Option<Vec<u32>> {
-    let mut out = Vec::new();
+    let mut wanted = vec![false; n_chunks as usize];
     for &[a, b] in runs {
         if a > b || b >= n_chunks {
             return None;
         }
-        out.extend(a..=b);
+        wanted[a as usize..=b as usize].fill(true);
     }
-    out.sort_unstable();
-    out.dedup();
-    Some(out)
+    Some((0..n_chunks).filter(|&i| wanted[i as usize]).collect())
 }
 
 /// What a transfer shows while it runs: the sd-notify status line, `/health` and

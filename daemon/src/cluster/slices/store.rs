@@ -207,7 +207,7 @@ fn is_hole(file: &File, r: &std::ops::Range<u64>) -> bool {
 }
 
 /// The manifest of a well-formed offer.
-fn check_offer(offer: &SliceOffer) -> Result<Manifest, SliceError> {
+pub(crate) fn check_offer(offer: &SliceOffer) -> Result<Manifest, SliceError> {
     let bad = |m: &str| Err(SliceError::BadOffer(m.into()));
     if !is_model_id(&offer.model_hash) {
         return bad("the model id is not a BLAKE3 hash");

@@ -34,6 +34,8 @@
 
 mod bytes;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod header;
 mod mac;
 mod open;
