@@ -371,13 +371,15 @@ fn real_gemma3_matches_llama_cpp() {
         "What is 12 times 7?",
         "Name three colours of the rainbow.",
     ] {
-        let text = tok
-            .apply_chat_template(&[Message {
-                role: "user".into(),
-                content: q.into(),
-            }])
-            .expect("template");
-        prompts.push(tok.encode_templated(&text).expect("tokenize"));
+        let messages = [Message {
+            role: "user".into(),
+            content: q.into(),
+        }];
+        let text = tok.apply_chat_template(&messages).expect("template");
+        // the server's chat tokens are llama.cpp's tokens of the rendered prompt
+        let served = tok.encode_chat(&messages).expect("tokenize");
+        assert_eq!(served, tok.encode_templated(&text).expect("tokenize"));
+        prompts.push(served);
     }
     // one prompt longer than a prefill chunk of 16 tokens
     let long = "Once upon a time, in a small village by the mountains, there lived an old clockmaker who repaired every clock in town.";

@@ -189,6 +189,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         memory: None,
         api_key: None,
         max_body_bytes: 1 << 20,
+        http: Default::default(),
         shutdown_timeout: Duration::from_secs(2),
         cluster: None,
     };

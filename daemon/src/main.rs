@@ -208,11 +208,10 @@ fn run(args: RunArgs) -> Result<()> {
         .with_context(|| format!("loading the vocabulary of {}", args.model.display()))?;
     let hp = &mf.hparams;
     let prompt = if args.chat {
-        let text = tok.apply_chat_template(&[Message {
+        tok.encode_chat(&[Message {
             role: "user".into(),
             content: args.prompt.clone(),
-        }])?;
-        tok.encode_templated(&text)?
+        }])?
     } else {
         tok.encode(&args.prompt)?
     };

@@ -54,6 +54,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Stopped> {
     let settings = ServeSettings::from_config(&config)?;
+    // each client holds a descriptor: the connection limit stays below this
+    crate::system::raise_open_files_limit();
     let listener = TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("listening on {}", config.api.listen))?;
@@ -164,6 +166,7 @@ pub fn new_app(settings: &ServeSettings) -> Arc<App> {
         settings.max_body_bytes,
     );
     app.drain_timeout = settings.shutdown_timeout + Duration::from_secs(2);
+    app.http = settings.http;
     Arc::new(app)
 }
 
@@ -310,7 +313,10 @@ fn head_loading(
             .with_context(|| format!("loading {}", path.display()))?;
             let mf = Arc::new(mf);
             let hp = mf.hparams.clone();
-            let tokenizer = load_tokenizer(&path, &hp)?;
+            let tokenizer = {
+                let (path, hp) = (path.clone(), hp.clone());
+                tokio::task::spawn_blocking(move || load_tokenizer(&path, &hp)).await??
+            };
             let settings = settings.clamped(hp.n_ctx_train);
             let h = settings.with_engine_figures(h);
             let progress = app.progress.clone();

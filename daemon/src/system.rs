@@ -47,3 +47,28 @@ pub async fn shutdown_signal() {
         _ = term => tracing::info!("SIGTERM received: shutting down"),
     }
 }
+
+/// Raises this process's soft limit of open files to its hard limit (systemd and most
+/// shells start services at 1024, which a few hundred clients reach); returns the
+/// soft limit now in force, None if it cannot be read.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                tracing::debug!("open files limit raised from {soft} to {hard}");
+                return Some(hard);
+            }
+            Err(e) => tracing::warn!("cannot raise the open files limit from {soft}: {e}"),
+        }
+    }
+    Some(soft)
+}
+
+/// The soft limit of open files in force, None if it cannot be read.
+pub fn open_files_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}

@@ -1,6 +1,10 @@
 //! Text ↔ tokens with llama.cpp's own vocabulary (vocab-only load of the same GGUF),
-//! and the model's chat template rendered with a real Jinja engine.
+//! and the model's chat template rendered with a real Jinja engine. Chat prompts are
+//! tokenized so that only the template's markers are special tokens ([`chat`]).
 
+mod chat;
+
+use std::collections::HashMap;
 use std::path::Path;
 
 use ggml_shim::llama::{LlamaError, Vocab};
@@ -15,6 +19,11 @@ pub enum TokenizerError {
     NoTemplate,
     #[error("chat template: {0}")]
     Template(String),
+    #[error(
+        "messages[{message}].content holds the special-token text {text:?}, which this \
+         model's chat template does not let exo keep apart from its own markers"
+    )]
+    SpecialText { message: usize, text: String },
     #[error("chat template: {0}")]
     TemplateTooCostly(String),
 }
@@ -30,6 +39,7 @@ pub struct Tokenizer {
     vocab: Vocab,
     template: Option<String>,
     template_is_builtin: bool,
+    specials: chat::Specials,
 }
 
 /// Gemma's turn format, used when a Gemma GGUF carries no template of its own.
@@ -50,6 +60,7 @@ impl Tokenizer {
             None => (CHATML_TEMPLATE.to_string(), true),
         };
         let tokenizer = Tokenizer {
+            specials: chat::Specials::new(&vocab),
             vocab,
             template: Some(template),
             template_is_builtin,
@@ -160,6 +171,68 @@ impl Tokenizer {
             }
             Err(e) => Err(TokenizerError::Template(e.to_string())),
         }
+    }
+
+    /// Tokens of the chat prompt of `messages` (the template rendered, ending with the
+    /// assistant's turn). Only the template's own text is parsed for special tokens:
+    /// special-token text in a message's content stays text. A prompt whose contents
+    /// hold no special-token text gets exactly the tokens of
+    /// `encode_templated(apply_chat_template(messages))`, llama.cpp's.
+    ///
+    /// A template that changes contents beyond trimming them (so that exo cannot tell
+    /// where they stand) is tokenized as a whole, and then a content that holds
+    /// special-token text is refused ([`TokenizerError::SpecialText`]).
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<i32>, TokenizerError> {
+        let text = self.apply_chat_template(messages)?;
+        let source = self.template.as_deref().unwrap_or_default();
+        let prefix = chat::sentinel_prefix(&[&text, source]);
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message {
+                role: m.role.clone(),
+                content: chat::sentinel(&prefix, i),
+            })
+            .collect();
+        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        let ranges = self
+            .apply_chat_template(&marked)
+            .ok()
+            .and_then(|marked| chat::content_ranges(&text, &marked, &prefix, &contents));
+        let Some(ranges) = ranges else {
+            for (i, c) in contents.iter().enumerate() {
+                if let Some(t) = self.specials.parse_special_text_in(c.as_bytes()) {
+                    return Err(TokenizerError::SpecialText {
+                        message: i,
+                        text: String::from_utf8_lossy(&t.text).into_owned(),
+                    });
+                }
+            }
+            return self.encode_templated(&text);
+        };
+        let bytes = text.as_bytes();
+        let mut tokens = Vec::new();
+        // a raw piece is tokenized on its own, so equal pieces have equal tokens (a
+        // text of many markers repeats a few pieces many times)
+        let mut seen: HashMap<&[u8], Vec<i32>> = HashMap::new();
+        for piece in chat::partition(bytes, &ranges, &self.specials) {
+            match piece {
+                chat::Piece::Raw(r) => {
+                    let raw = &bytes[r];
+                    if let Some(t) = seen.get(raw) {
+                        tokens.extend_from_slice(t);
+                        continue;
+                    }
+                    let t = self.vocab.tokenize_bytes(raw, false, false)?;
+                    tokens.extend_from_slice(&t);
+                    if raw.len() <= 256 {
+                        seen.insert(raw, t);
+                    }
+                }
+                chat::Piece::Token(t) => tokens.push(t),
+            }
+        }
+        Ok(tokens)
     }
 }
 

@@ -41,6 +41,7 @@ fn default_settings(model: PathBuf) -> ServeSettings {
         memory: None,
         api_key: None,
         max_body_bytes: 64 * 1024,
+        http: Default::default(),
         shutdown_timeout: Duration::from_secs(2),
         cluster: None,
     }

@@ -73,6 +73,12 @@ pub struct Metrics {
     pub inter_token: Histogram,
     pub batch_tokens: Histogram,
     pub step_seconds: Histogram,
+    /// HTTP connections being served.
+    pub connections_open: AtomicU64,
+    /// Connections beyond `max_connections`, answered 503 and closed.
+    pub connections_refused: AtomicU64,
+    /// Clients that did not send their headers or body in time.
+    pub client_timeouts: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -85,6 +91,9 @@ impl Default for Metrics {
             inter_token: Histogram::new(LATENCY),
             batch_tokens: Histogram::new(BATCH),
             step_seconds: Histogram::new(LATENCY),
+            connections_open: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            client_timeouts: AtomicU64::new(0),
         }
     }
 }
@@ -127,6 +136,16 @@ impl Metrics {
                 "Tokens generated.",
                 &self.generated_tokens,
             ),
+            (
+                "exo_http_connections_refused_total",
+                "Connections beyond max_connections, answered 503 and closed.",
+                &self.connections_refused,
+            ),
+            (
+                "exo_http_client_timeouts_total",
+                "Clients that did not send their request headers or body in time.",
+                &self.client_timeouts,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -134,6 +153,12 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP exo_http_connections HTTP connections being served.\n\
+             # TYPE exo_http_connections gauge\nexo_http_connections {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
         self.ttft.render(
             &mut out,
             "exo_time_to_first_token_seconds",

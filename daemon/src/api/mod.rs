@@ -2,14 +2,16 @@
 //! health and metrics. `run(listener, app, shutdown)` serves until `shutdown`
 //! resolves, then stops accepting and lets open connections finish.
 
+mod conn;
 pub mod metrics;
 mod openai;
 #[doc(hidden)]
 pub use openai::fuzz as openai_fuzz;
 pub mod text;
 
+pub use conn::{connection_limit, run, HttpLimits};
+
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
@@ -18,13 +20,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::config::ApiKey;
@@ -50,6 +48,8 @@ pub struct App {
     /// The bearer token clients must send (None: open); SIGHUP may replace it.
     pub api_key: RwLock<Option<ApiKey>>,
     pub max_body_bytes: usize,
+    /// Connections at once, header and body timeouts.
+    pub http: HttpLimits,
     pub metrics: Arc<Metrics>,
     /// Set once the model is loaded.
     pub served: OnceLock<Served>,
@@ -73,6 +73,7 @@ impl App {
             model_id,
             api_key: RwLock::new(api_key),
             max_body_bytes,
+            http: HttpLimits::default(),
             metrics: Arc::new(Metrics::default()),
             served: OnceLock::new(),
             load_error: Mutex::new(None),
@@ -234,56 +235,6 @@ fn text_response(
     r
 }
 
-/// Serves HTTP on `listener` until `shutdown` completes; then stops accepting and
-/// waits for open connections to finish (the caller bounds that wait).
-pub async fn run(
-    listener: TcpListener,
-    app: Arc<App>,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // e.g. out of file descriptors: keep serving
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let app = app.clone();
-                let svc = service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(handle(app, req).await) }
-                });
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("connection from {peer}: {e}");
-                    }
-                });
-            }
-            _ = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(app.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "connections still open after {:?}; closing",
-            app.drain_timeout
-        );
-    }
-    Ok(())
-}
-
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> ApiResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
@@ -292,9 +243,14 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> ApiResponse {
         None => "other",
     }
     .to_string();
-    let resp = route(&app, req, &path, &method)
+    let mut resp = route(&app, req, &path, &method)
         .await
         .unwrap_or_else(ApiError::into_response);
+    if resp.status() == StatusCode::REQUEST_TIMEOUT {
+        // the rest of the body may still come: this connection is done
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     app.metrics.request(&endpoint, resp.status().as_u16());
     tracing::info!(target: "exo::http", "{method} {path} {}", resp.status().as_u16());
     resp
@@ -368,9 +324,9 @@ async fn route(
             let body = read_body(app, req).await?;
             let served = ready(app)?;
             if path == "/v1/completions" {
-                openai::completions(app, served, &body).await
+                openai::completions(app, served, body).await
             } else {
-                openai::chat_completions(app, served, &body).await
+                openai::chat_completions(app, served, body).await
             }
         }
     }
@@ -538,10 +494,22 @@ async fn read_body(app: &App, req: Request<Incoming>) -> Result<Bytes, ApiError>
             return Err(too_large());
         }
     }
-    match Limited::new(req.into_body(), app.max_body_bytes)
-        .collect()
-        .await
-    {
+    let collect = Limited::new(req.into_body(), app.max_body_bytes).collect();
+    let Ok(collected) = tokio::time::timeout(app.http.body_timeout, collect).await else {
+        app.metrics
+            .client_timeouts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                app.http.body_timeout.as_secs_f64()
+            ),
+        ));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::text::TextStream;
 use super::{json_response, ApiBody, ApiError, ApiResponse, App, Served};
 use crate::engine::scheduler::{FinishReason, GenEvent, GenRequest, SubmitError};
+use crate::tokenizer::TokenizerError;
 use request::{ChatRequest, CompletionRequest, GenParams, Prompt};
 use response::{unix_now, Header, Kind, Piece, Usage};
 
@@ -45,21 +46,25 @@ pub fn models(app: &App) -> ApiResponse {
 pub async fn completions(
     app: &Arc<App>,
     served: &Served,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<ApiResponse, ApiError> {
-    let (params, prompt) = request::parse::<CompletionRequest>(body)?.validate(app)?;
-    let prompt = match prompt {
-        Prompt::Text(s) => tokenize(served, &s, false)?,
-        Prompt::Tokens(ids) => {
-            if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= served.n_vocab) {
-                return Err(ApiError::bad_request(format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    served.n_vocab
-                )));
+    let (params, prompt) = off_runtime(app, move |app, served| {
+        let (params, prompt) = request::parse::<CompletionRequest>(&body)?.validate(app)?;
+        let prompt = match prompt {
+            Prompt::Text(s) => tokenize(served, &s)?,
+            Prompt::Tokens(ids) => {
+                if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= served.n_vocab) {
+                    return Err(ApiError::bad_request(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        served.n_vocab
+                    )));
+                }
+                ids
             }
-            ids
-        }
-    };
+        };
+        Ok((params, prompt))
+    })
+    .await?;
     // OpenAI's default for completions
     let max_tokens = params.max_tokens.unwrap_or(16);
     generate(app, served, prompt, max_tokens, params, Kind::Completion).await
@@ -69,30 +74,58 @@ pub async fn completions(
 pub async fn chat_completions(
     app: &Arc<App>,
     served: &Served,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<ApiResponse, ApiError> {
-    let (params, messages) = request::parse::<ChatRequest>(body)?.validate(app)?;
-    let text = served
-        .tokenizer
-        .apply_chat_template(&messages)
-        .map_err(|e| ApiError::bad_request(format!("chat template: {e}")))?;
-    let prompt = tokenize(served, &text, true)?;
+    let (params, prompt) = off_runtime(app, move |app, served| {
+        let (params, messages) = request::parse::<ChatRequest>(&body)?.validate(app)?;
+        // Only the template's own markers are special tokens, never a message's text.
+        let prompt = served
+            .tokenizer
+            .encode_chat(&messages)
+            .map_err(|e| match e {
+                TokenizerError::Llama(e) => {
+                    ApiError::bad_request(format!("cannot tokenize the prompt: {e}"))
+                }
+                e => ApiError::bad_request(e.to_string()),
+            })?;
+        if prompt.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty"));
+        }
+        Ok((params, prompt))
+    })
+    .await?;
     let max_tokens = params
         .max_tokens
         .unwrap_or_else(|| served.n_ctx.saturating_sub(prompt.len()).max(1));
     generate(app, served, prompt, max_tokens, params, Kind::Chat).await
 }
 
-fn tokenize(served: &Served, text: &str, templated: bool) -> Result<Vec<i32>, ApiError> {
+/// Runs a request's CPU-heavy part (parsing a body of up to `max_body_bytes`,
+/// rendering the chat template, tokenizing) on a blocking thread: on the async
+/// workers it would stall every other connection for as long.
+async fn off_runtime<T: Send + 'static>(
+    app: &Arc<App>,
+    work: impl FnOnce(&App, &Served) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let served = super::ready(&app)?;
+        work(&app, served)
+    })
+    .await
+    .map_err(|e| engine_error(format!("the request's preparation failed: {e}")))?
+}
+
+/// Tokens of a raw completion prompt: special-token text in it is parsed, as
+/// llama.cpp's server does (the client writes the whole prompt, markers included).
+fn tokenize(served: &Served, text: &str) -> Result<Vec<i32>, ApiError> {
     if text.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty"));
     }
-    let r = if templated {
-        served.tokenizer.encode_templated(text)
-    } else {
-        served.tokenizer.encode(text)
-    };
-    r.map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))
+    served
+        .tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))
 }
 
 async fn generate(

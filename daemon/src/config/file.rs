@@ -104,6 +104,9 @@ pub(super) struct FileApi {
     pub key_file: Key<String>,
     pub max_body_bytes: Key<u64>,
     pub shutdown_timeout_secs: Key<u64>,
+    pub max_connections: Key<u64>,
+    pub header_timeout_secs: Key<u64>,
+    pub body_timeout_secs: Key<u64>,
 }
 
 /// `[engine]`.
@@ -161,6 +164,9 @@ pub(super) const SECTIONS: &[Section] = &[
             "key_file",
             "max_body_bytes",
             "shutdown_timeout_secs",
+            "max_connections",
+            "header_timeout_secs",
+            "body_timeout_secs",
         ],
         false,
     ),

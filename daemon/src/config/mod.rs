@@ -48,6 +48,12 @@ pub const DEFAULT_LISTEN: SocketAddr =
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 /// `[api] shutdown_timeout_secs` by default.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+/// `[api] max_connections` by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// `[api] header_timeout_secs` by default.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+/// `[api] body_timeout_secs` by default.
+pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 30;
 /// `[engine] ctx` by default.
 pub const DEFAULT_CTX: usize = 4096;
 /// `[engine] max_slots` by default.
@@ -167,6 +173,14 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// On shutdown, how long running requests get to finish.
     pub shutdown_timeout_secs: u64,
+    /// Connections served at once (kept below the open-files limit); one more gets a
+    /// 503 and is closed.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers; also how long an idle
+    /// kept-alive connection is held.
+    pub header_timeout_secs: u64,
+    /// Seconds a client has to send a request's body.
+    pub body_timeout_secs: u64,
 }
 
 /// `[engine]`: the inference engine.
@@ -316,6 +330,9 @@ impl Default for ApiConfig {
             key_file: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
+            body_timeout_secs: DEFAULT_BODY_TIMEOUT_SECS,
         }
     }
 }
@@ -352,6 +369,15 @@ impl ApiConfig {
     /// `shutdown_timeout_secs` as a duration.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
+    }
+
+    /// `max_connections`, `header_timeout_secs` and `body_timeout_secs`.
+    pub fn http_limits(&self) -> crate::api::HttpLimits {
+        crate::api::HttpLimits {
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs(self.header_timeout_secs),
+            body_timeout: Duration::from_secs(self.body_timeout_secs),
+        }
     }
 }
 

@@ -102,6 +102,10 @@ fn defaults_applied() {
     assert!(c.api.key.is_none() && c.api.key_file.is_none());
     assert_eq!(c.api.max_body_bytes, 1024 * 1024);
     assert_eq!(c.api.shutdown_timeout(), Duration::from_secs(10));
+    let http = c.api.http_limits();
+    assert_eq!(http.max_connections, 512);
+    assert_eq!(http.header_timeout, Duration::from_secs(10));
+    assert_eq!(http.body_timeout, Duration::from_secs(30));
     let threads = std::thread::available_parallelism().unwrap().get();
     assert_eq!(c.engine.threads, threads);
     assert_eq!(c.engine.ctx, 4096);
@@ -125,6 +129,9 @@ listen = "[::1]:80"
 key = "sk-abc"
 max_body_bytes = 4096
 shutdown_timeout_secs = 0
+max_connections = 20
+header_timeout_secs = 2
+body_timeout_secs = 3
 [engine]
 threads = 3
 ctx = 2048
@@ -140,6 +147,15 @@ batch = 32
     assert_eq!(c.api.key.as_ref().map(ApiKey::expose), Some("sk-abc"));
     assert_eq!(c.api.max_body_bytes, 4096);
     assert_eq!(c.api.shutdown_timeout_secs, 0);
+    let a = &c.api;
+    assert_eq!(
+        (
+            a.max_connections,
+            a.header_timeout_secs,
+            a.body_timeout_secs
+        ),
+        (20, 2, 3)
+    );
     let e = &c.engine;
     assert_eq!(
         (e.threads, e.ctx, e.max_slots, e.max_queue, e.batch),
@@ -288,6 +304,21 @@ fn invalid_values_name_key_and_line() {
             "api.shutdown_timeout_secs",
         ),
         ("[api]\nmax_body_bytes = 0\n", "api.max_body_bytes"),
+        ("[api]\nmax_connections = 0\n", "api.max_connections"),
+        ("[api]\nmax_connections = 1000001\n", "api.max_connections"),
+        (
+            "[api]\nheader_timeout_secs = 0\n",
+            "api.header_timeout_secs",
+        ),
+        (
+            "[api]\nheader_timeout_secs = 3601\n",
+            "api.header_timeout_secs",
+        ),
+        ("[api]\nbody_timeout_secs = 0\n", "api.body_timeout_secs"),
+        (
+            "[api]\nbody_timeout_secs = 18446744073709551615\n",
+            "api.body_timeout_secs",
+        ),
         ("[node]\nname = \" \"\n", "node.name"),
         ("[api]\nkey = \"\"\n", "api.key"),
         ("[api]\nkey = \"two words\"\n", "api.key"),
@@ -304,7 +335,8 @@ fn invalid_values_name_key_and_line() {
     let e = error(&format!("{MODEL}[engine]\nthreads = 100000\n"), &[]);
     assert!(e.ends_with("must be in 1..=256, got 100000"), "{e}");
     let big = "[engine]\nthreads = 256\nctx = 1048576\nbatch = 8192\nmax_queue = 100000\n\
-               [api]\nshutdown_timeout_secs = 86400\n";
+               [api]\nshutdown_timeout_secs = 86400\nmax_connections = 1000000\n\
+               header_timeout_secs = 3600\nbody_timeout_secs = 3600\n";
     assert!(load(&format!("{MODEL}{big}"), &[]).is_ok());
 }
 
@@ -555,7 +587,10 @@ fn every_section_has_its_keys() {
                 "key",
                 "key_file",
                 "max_body_bytes",
-                "shutdown_timeout_secs"
+                "shutdown_timeout_secs",
+                "max_connections",
+                "header_timeout_secs",
+                "body_timeout_secs"
             ][..]
         )
     );

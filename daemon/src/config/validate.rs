@@ -137,6 +137,10 @@ const MAX_QUEUE_LIMIT: usize = 100_000;
 const BATCH_LIMIT: usize = 8192;
 const MAX_BODY_BYTES_LIMIT: usize = 1 << 30;
 const SHUTDOWN_TIMEOUT_LIMIT_SECS: usize = 86_400;
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+/// Header and body timeouts: at least a second (0 would refuse everyone), at most an
+/// hour (a client that takes longer is holding a connection, not sending a request).
+const CLIENT_TIMEOUT_LIMIT_SECS: usize = 3600;
 
 /// The defaults, and every value checked.
 pub(super) fn resolve(file: FileConfig, origin: &Origin<'_>) -> Result<Config, ConfigError> {
@@ -237,6 +241,30 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
         defaults.shutdown_timeout_secs as usize,
         0..=SHUTDOWN_TIMEOUT_LIMIT_SECS,
     )? as u64;
+    let max_connections = origin.count(
+        "api.max_connections",
+        api.max_connections.as_ref(),
+        defaults.max_connections,
+        1..=MAX_CONNECTIONS_LIMIT,
+    )?;
+    let [header_timeout_secs, body_timeout_secs] = [
+        (
+            "api.header_timeout_secs",
+            &api.header_timeout_secs,
+            defaults.header_timeout_secs,
+        ),
+        (
+            "api.body_timeout_secs",
+            &api.body_timeout_secs,
+            defaults.body_timeout_secs,
+        ),
+    ]
+    .map(|(key, value, default)| {
+        let range = 1..=CLIENT_TIMEOUT_LIMIT_SECS;
+        origin
+            .count(key, value.as_ref(), default as usize, range)
+            .map(|n| n as u64)
+    });
     let keys = ("api.key", "api.key_file");
     let (key, key_file) = origin.secret("api", keys, api.key, api.key_file, key_text)?;
     Ok(ApiConfig {
@@ -245,6 +273,9 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
         key_file,
         max_body_bytes,
         shutdown_timeout_secs,
+        max_connections,
+        header_timeout_secs: header_timeout_secs?,
+        body_timeout_secs: body_timeout_secs?,
     })
 }
 

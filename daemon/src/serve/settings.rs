@@ -29,6 +29,8 @@ pub struct ServeSettings {
     pub memory: Option<u64>,
     pub api_key: Option<ApiKey>,
     pub max_body_bytes: usize,
+    /// Connections at once, header and body timeouts of the HTTP API.
+    pub http: crate::api::HttpLimits,
     /// How long in-flight requests may run on after a shutdown signal.
     pub shutdown_timeout: Duration,
     /// This node's part in a cluster (None: a single node).
@@ -77,6 +79,7 @@ impl ServeSettings {
             memory: cfg.node.memory.as_ref().map(MemorySize::bytes),
             api_key: cfg.api.key.clone(),
             max_body_bytes: cfg.api.max_body_bytes,
+            http: cfg.api.http_limits(),
             shutdown_timeout: cfg.api.shutdown_timeout(),
             cluster: None,
         };

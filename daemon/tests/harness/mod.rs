@@ -290,12 +290,16 @@ impl Harness {
 
     /// Starts a single-node `exo serve` on the model; returns its index.
     pub fn single(&mut self, engine: &Engine) -> usize {
+        self.single_with_api(engine, "")
+    }
+
+    /// [`Harness::single`] with more `[api]` lines (`key = value`, one a line).
+    pub fn single_with_api(&mut self, engine: &Engine, api: &str) -> usize {
         let http_port = free_port(false);
         let config = self.dir.path().join("single.toml");
-        let text = format!(
-            "[node]\nname = \"single\"\n\n{}",
-            self.common_sections("single", true, http_port, engine)
-        );
+        let sections = self.common_sections("single", true, http_port, engine);
+        let sections = sections.replacen("\n\n[engine]", &format!("\n{api}\n\n[engine]"), 1);
+        let text = format!("[node]\nname = \"single\"\n\n{sections}");
         std::fs::write(&config, text).expect("write config");
         let mut node = Node {
             name: "single".into(),

@@ -23,7 +23,7 @@ mod vocab_check;
 
 pub use oracle::{LogitsWanted, OracleContext, OracleModel};
 pub use sampler::{argmax, SamplerChain, SamplingParams};
-pub use vocab::Vocab;
+pub use vocab::{SpecialToken, Vocab};
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::io::Write;

@@ -26,6 +26,22 @@ unsafe impl Send for Vocab {}
 // SAFETY: see `Send`: only const llama_vocab functions are called, so shared use is read-only.
 unsafe impl Sync for Vocab {}
 
+/// A token that llama.cpp's tokenizer cuts out of a text before it tokenizes the rest
+/// (see [`Vocab::special_tokens`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialToken {
+    pub id: i32,
+    /// Its text as the tokenizer looks for it.
+    pub text: Vec<u8>,
+    /// Cut out only when special-token parsing is on (CONTROL and UNKNOWN tokens);
+    /// otherwise always (USER_DEFINED tokens).
+    pub parse_special_only: bool,
+    /// Whitespace right before it is dropped (`LLAMA_TOKEN_ATTR_LSTRIP`).
+    pub lstrip: bool,
+    /// Whitespace right after it is dropped (`LLAMA_TOKEN_ATTR_RSTRIP`).
+    pub rstrip: bool,
+}
+
 impl std::fmt::Debug for Vocab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vocab")
@@ -102,6 +118,17 @@ impl Vocab {
     /// Tokenizes `text`. `add_special` adds BOS/EOS as the model asks; `parse_special` turns
     /// special-token text (e.g. `<start_of_turn>`) into its token.
     pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<i32>> {
+        self.tokenize_bytes(text.as_bytes(), add_special, parse_special)
+    }
+
+    /// [`Vocab::tokenize`] of raw bytes (llama.cpp takes any bytes; a piece of a text cut
+    /// at special-token boundaries need not be checked as UTF-8 again).
+    pub fn tokenize_bytes(
+        &self,
+        text: &[u8],
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<i32>> {
         let text_len = len_i32(text.len())?;
         if add_special {
             // llama.cpp asserts (aborts) when the special tokens it must add do not exist.
@@ -277,6 +304,45 @@ impl Vocab {
         }
         // SAFETY: llama.cpp returns `n` tokens stored in the vocab, alive while `self` lives.
         unsafe { std::slice::from_raw_parts(ptr, n as usize) }.to_vec()
+    }
+
+    /// The tokens llama.cpp's tokenizer cuts out of a text before it tokenizes the rest
+    /// (its special-token cache: CONTROL, USER_DEFINED and UNKNOWN tokens), in the order
+    /// it looks for them: longest text first (equal lengths by id; llama.cpp's order
+    /// among those is unspecified). Tokens with an empty text are left out.
+    pub fn special_tokens(&self) -> Vec<SpecialToken> {
+        let cached = sys::LLAMA_TOKEN_ATTR_CONTROL
+            | sys::LLAMA_TOKEN_ATTR_USER_DEFINED
+            | sys::LLAMA_TOKEN_ATTR_UNKNOWN;
+        let mut out = Vec::new();
+        for id in 0..self.n_tokens {
+            // SAFETY: `id` is in range; the vocab pointer is valid while `self` lives.
+            let attr = unsafe { sys::llama_vocab_get_attr(self.ptr(), id) };
+            if attr & cached == 0 {
+                continue;
+            }
+            // SAFETY: `id` is in range; the text is a NUL-terminated string owned by the vocab.
+            let ptr = unsafe { sys::llama_vocab_get_text(self.ptr(), id) };
+            if ptr.is_null() {
+                continue;
+            }
+            // SAFETY: non-null, NUL-terminated, alive while `self` lives (copied at once).
+            let text = unsafe { CStr::from_ptr(ptr) }.to_bytes().to_vec();
+            if text.is_empty() {
+                continue;
+            }
+            out.push(SpecialToken {
+                id,
+                text,
+                parse_special_only: attr
+                    & (sys::LLAMA_TOKEN_ATTR_CONTROL | sys::LLAMA_TOKEN_ATTR_UNKNOWN)
+                    != 0,
+                lstrip: attr & sys::LLAMA_TOKEN_ATTR_LSTRIP != 0,
+                rstrip: attr & sys::LLAMA_TOKEN_ATTR_RSTRIP != 0,
+            });
+        }
+        out.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
+        out
     }
 
     /// The model's default chat template (`tokenizer.chat_template`), if any.

@@ -3,9 +3,12 @@
 //!
 //! Every field is a [`Field`]: it records a value of the wrong type instead of failing
 //! the whole body, so that validation can name the field in OpenAI's manner ("'top_p'
-//! must be a number") and check the fields in a fixed order. Fields exo does not use
-//! (`user`, `logit_bias`, `tools`, …) are ignored, as clients such as the `openai` SDK
-//! send them.
+//! must be a number") and check the fields in a fixed order. OpenAI parameters that
+//! exo does not implement are refused unless their value is a no-op ([`unsupported`]);
+//! other fields exo does not use (`user`, …) are ignored, as clients such as the
+//! `openai` SDK send them.
+
+mod unsupported;
 
 use std::ops::RangeInclusive;
 
@@ -236,6 +239,7 @@ pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if !value.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
+    unsupported::check(&value)?;
     serde_json::from_value(value).map_err(invalid)
 }
 

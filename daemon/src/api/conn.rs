@@ -1,0 +1,220 @@
+//! Accepting connections within limits: at most `max_connections` served at once
+//! (kept below the open-files limit, so that `accept` itself never fails for want of
+//! descriptors); one more is answered with a short 503 and closed. Each connection
+//! must send its request headers within `header_timeout` (which also bounds how long
+//! an idle kept-alive connection is held) and its body within `body_timeout`
+//! (`read_body` in the parent module).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use super::{handle, ApiError, App};
+use crate::config::{
+    DEFAULT_BODY_TIMEOUT_SECS, DEFAULT_HEADER_TIMEOUT_SECS, DEFAULT_MAX_CONNECTIONS,
+};
+
+/// How many connections the server holds and how long it waits for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections served at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this; a kept-alive connection is closed
+    /// when no next request starts within it.
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this (408 otherwise, and the connection is
+    /// closed).
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS),
+            body_timeout: Duration::from_secs(DEFAULT_BODY_TIMEOUT_SECS),
+        }
+    }
+}
+
+/// Descriptors kept free besides the connections: the model file, logs, the runtime,
+/// the cluster's sockets and the connections being refused.
+const RESERVED_FDS: u64 = 256;
+
+/// Connections being refused (answered 503, then drained briefly) at once; beyond
+/// that one is closed right after its 503 is written.
+const MAX_REFUSING: usize = 64;
+
+/// How long a refused connection is drained, so that the client reads the 503.
+const REFUSE_LINGER: Duration = Duration::from_secs(1);
+
+/// The largest buffer a connection reads into: request headers fit (8 KiB by
+/// hyper's minimum and more), a slow client cannot make it grow to hyper's 400 KB.
+const MAX_BUF_BYTES: usize = 64 << 10;
+
+/// The most connections to serve: `configured`, kept below the soft limit of open
+/// files (less the reserve).
+pub fn connection_limit(configured: usize, open_files: Option<u64>) -> usize {
+    let by_fds = open_files.map_or(usize::MAX, |n| {
+        usize::try_from(n.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX)
+    });
+    configured.min(by_fds).max(1)
+}
+
+/// Serves HTTP on `listener` until `shutdown` completes; then stops accepting and
+/// waits for open connections to finish (the caller bounds that wait).
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let limits = app.http;
+    let max = connection_limit(limits.max_connections, crate::system::open_files_limit());
+    if max < limits.max_connections {
+        tracing::warn!(
+            "serving at most {max} connections, not {}: the open files limit is {:?} \
+             (raise LimitNOFILE)",
+            limits.max_connections,
+            crate::system::open_files_limit()
+        );
+    }
+    let slots = Arc::new(Semaphore::new(max));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_BUF_BYTES);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // e.g. out of descriptors all the same: keep serving
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    app.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    refuse(stream, max, &refusing);
+                    continue;
+                };
+                let app = app.clone();
+                let svc = {
+                    let app = app.clone();
+                    service_fn(move |req| {
+                        let app = app.clone();
+                        async move { Ok::<_, Infallible>(handle(app, req).await) }
+                    })
+                };
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+                tokio::spawn(async move {
+                    let metrics = &app.metrics;
+                    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = conn.await {
+                        if e.is_timeout() {
+                            metrics.client_timeouts.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::debug!("connection from {peer}: {e}");
+                    }
+                    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                    drop(slot);
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(app.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open after {:?}; closing",
+            app.drain_timeout
+        );
+    }
+    Ok(())
+}
+
+/// The whole HTTP answer to a connection beyond the limit.
+fn refusal(max: usize) -> Vec<u8> {
+    let error = ApiError::unavailable(
+        "too_many_connections",
+        format!("the server holds {max} connections, its limit; retry shortly"),
+    );
+    let body = error.body_json().to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Answers a connection beyond the limit with a 503 and closes it. The answer goes
+/// into the fresh socket's empty send buffer at once; then, if few connections are
+/// being refused, the client's request is drained for a moment (closing a socket
+/// with unread data sends a reset, which can discard the answer at the client).
+fn refuse(mut stream: TcpStream, max: usize, refusing: &Arc<Semaphore>) {
+    let _ = stream.try_write(&refusal(max));
+    let Ok(permit) = refusing.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _ = stream.shutdown().await;
+        let drain = async {
+            let mut buf = [0u8; 4096];
+            let mut left: usize = 64 << 10;
+            while left > 0 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSE_LINGER, drain).await;
+        drop(permit);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_stays_below_the_open_files_limit() {
+        assert_eq!(connection_limit(512, None), 512);
+        assert_eq!(connection_limit(512, Some(65536)), 512);
+        assert_eq!(connection_limit(2000, Some(1024)), 1024 - 256);
+        assert_eq!(connection_limit(512, Some(100)), 1);
+    }
+
+    #[test]
+    fn the_refusal_is_one_complete_http_answer() {
+        let r = String::from_utf8(refusal(7)).expect("utf-8");
+        let (head, body) = r.split_once("\r\n\r\n").expect("head and body");
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(head.contains("\r\nretry-after: 1"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["error"]["code"], "too_many_connections");
+    }
+}
