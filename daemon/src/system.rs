@@ -7,10 +7,18 @@ pub mod reload;
 use std::io::IsTerminal;
 
 /// One line per event, no colours unless a person is watching a terminal; the level
-/// comes from `EXO_LOG` (e.g. `info`, `exo=debug`), default `info`.
+/// comes from `EXO_LOG` (e.g. `info`, `exo=debug`), default `info`. The nng binding's
+/// own warnings (one per control request left unanswered, which is what exo does with
+/// frames that fail authentication) are off unless `EXO_LOG` names `anng`.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EXO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("EXO_LOG").unwrap_or_else(|_| "info".into());
+    let spec = if spec.contains("anng") {
+        spec
+    } else {
+        format!("{spec},anng=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,anng=error"));
     let tty = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -6,6 +6,8 @@
 //! vocabulary, samplers and full model (the oracle), and matrix products for
 //! quantized weights that prefetch them (`qmatmul`, bit-identical to ggml's), and
 //! products whose every column has the bits of a one-token product (`columns`).
+//! It also holds the few nng calls the async nng binding does not offer (`nng`:
+//! receive-size caps and a connection gate), so that they too stay out of the daemon.
 
 pub mod backend;
 pub mod columns;
@@ -13,6 +15,7 @@ pub mod cpu_guard;
 pub mod ggml;
 pub mod gguf;
 pub mod llama;
+pub mod nng;
 mod q4k_columns;
 pub mod qmatmul;
 pub mod writer;

@@ -4,12 +4,17 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use super::proto;
 use super::transport::{ControlClient, DialOptions};
 use super::wire::{FrameKey, FrameType, Limits, Opener, Sealer};
 use crate::config::PeerConfig;
+
+/// A peer's authenticated refusal of a request (its Error reply), with its reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Refused(pub String);
 
 pub(crate) struct Control {
     pub(crate) peers: Vec<(PeerConfig, ControlClient)>,
@@ -36,6 +41,7 @@ impl Control {
             tracing::info!("waiting for peer {} at {url}", p.name);
             let options = DialOptions {
                 connect_timeout: Duration::from_secs(3600),
+                reply_max: Limits::control_only().max_frame_len(),
                 ..DialOptions::default()
             };
             let client = ControlClient::dial(&url, &options)
@@ -91,7 +97,7 @@ impl Control {
         let frame = opener.open(reply.as_bytes(), &Limits::control_only())?;
         if frame.frame_type == FrameType::Error {
             let e: proto::ErrorMsg = frame.control()?;
-            bail!("{}", e.message);
+            return Err(Refused(e.message).into());
         }
         Ok(frame.control()?)
     }

@@ -1,7 +1,8 @@
 //! The head node: forms the cluster (hello, capabilities, plan), runs the first
 //! stage itself, and drives the pipeline for the scheduler with one step in flight
-//! per stage. Heartbeats watch the peers: a missing one fails the steps in flight
-//! within about two seconds, and a peer that comes back is given the plan again.
+//! per stage. Heartbeats watch the peers (all at once, every period): a missing one
+//! fails the steps in flight within about two seconds, and a peer that comes back is
+//! given the plan again, in a task of its own while the heartbeats go on.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -10,15 +11,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use super::admission::Admission;
 use super::capabilities::Capabilities;
-use super::control::Control;
+use super::control::{Control, Refused};
 use super::planner::{self, ModelCosts, NodeInfo};
 use super::proto::{self, Hello, HelloAck, Plan, PlanAck, PlannedStage, Pong};
 use super::remote::{FirstStage, LmHeadSplit, RemoteStages, SEND_TIMEOUT};
 use super::slices::send::{self, Delivered, Source};
 use super::slices::{Manifest, Progress};
-use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx};
-use super::wire::{Dtype, FrameKey, FrameType, Limits, Opener, Sealer};
+use super::transport::{ControlClient, DialOptions, PipelineRx, PipelineTx, TransportError};
+use super::wire::{DropReason, Dtype, FrameError, FrameKey, FrameType, Limits, Opener, Sealer};
 use crate::config::{HeadSharePolicy, PeerConfig};
 use crate::engine::scheduler::max_step_tokens;
 use crate::engine::{Pipeline, Stage, StageConfig};
@@ -121,6 +123,11 @@ pub type ClusterView = Arc<Mutex<Vec<PeerState>>>;
 /// Heartbeat period; a peer silent for `DEAD_AFTER` is missing.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 const DEAD_AFTER: Duration = SEND_TIMEOUT;
+/// How long a hello may take to be answered during formation.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Hellos unanswered in a row, the peer connected all along, after which it is taken
+/// not to share the cluster key (a node drops what it cannot authenticate unanswered).
+const SILENT_HELLOS: u32 = 3;
 
 /// Forms the cluster (connect, hello, plan) and returns the pipeline the scheduler
 /// drives: this node's first stage, then the other nodes' stages as one link.
@@ -132,8 +139,26 @@ pub async fn form(
     progress: Progress,
 ) -> anyhow::Result<(Pipeline, ClusterView)> {
     let key = FrameKey::derive(&s.key);
-    // our own data plane first: the last stage dials it
-    let rx = PipelineRx::listen(&s.listen)
+    let hp = &mf.hparams;
+    // what comes back: tokens, or (with a split lm_head) the last stage's rows of it
+    let limits = Limits {
+        max_seqs: s.n_slots,
+        max_tokens: max_step_tokens(s.batch, s.n_slots),
+        max_output_rows: s.n_slots,
+        width: hp.n_embd,
+        n_ctx: s.n_ctx,
+        n_slots: s.n_slots,
+        n_vocab: hp.n_vocab,
+        max_control_bytes: Limits::DEFAULT_MAX_CONTROL_BYTES,
+    };
+    // our own data plane first: the last stage dials it (head parts of the lm_head
+    // come back only if the plan splits it)
+    let unsplit = Limits {
+        n_vocab: 0,
+        ..limits
+    }
+    .max_frame_len();
+    let rx = PipelineRx::listen(&s.listen, Admission::cluster(s.peers.len(), unsplit))
         .await
         .with_context(|| format!("data plane on {}", s.listen))?;
     let control = Control::connect(&s.peers[1..], &key, frame_stats.clone()).await?;
@@ -151,12 +176,19 @@ pub async fn form(
         manifest: tokio::sync::OnceCell::new(),
     });
     let mut plan = make_plan(&s, &mf, &nodes, senders, model_hash)?;
+    if plan.lm_head_rows > 0 {
+        rx.recv_cap()
+            .set(limits.max_frame_len())
+            .context("capping the data plane")?;
+    }
     for (i, &needs_slice) in slice_peers.iter().enumerate() {
         if needs_slice {
             give_slice(&control, &slicer, &mut plan, i).await?;
         }
     }
-    for (p, client) in &control.peers {
+    // last stage first: each stage takes its plan's batches before the stage before it
+    // dials it
+    for (p, client) in control.peers.iter().rev() {
         let ack: PlanAck = control
             .ask(client, FrameType::Plan, &plan, Duration::from_secs(300))
             .await
@@ -200,7 +232,6 @@ pub async fn form(
     };
     let view = initial_view(&plan, mf.hparams.n_vocab, solo_rows);
     let last_sender = Arc::new(AtomicU64::new(plan.senders.last().copied().unwrap_or(0)));
-    let hp = &mf.hparams;
     let remote = RemoteStages {
         rt: tokio::runtime::Handle::current(),
         range: LayerRange::new(plan.stages[0].end, hp.n_layer),
@@ -209,15 +240,7 @@ pub async fn form(
         rx,
         sealer: data_sealer,
         opener: Opener::new(key).with_stats(frame_stats),
-        limits: Limits {
-            max_seqs: s.n_slots,
-            max_tokens: max_step_tokens(s.batch, s.n_slots),
-            width: hp.n_embd,
-            n_ctx: s.n_ctx,
-            n_slots: s.n_slots,
-            n_vocab: hp.n_vocab,
-            max_control_bytes: Limits::DEFAULT_MAX_CONTROL_BYTES,
-        },
+        limits,
         width: hp.n_embd,
         dtype: if s.f16 { Dtype::F16 } else { Dtype::F32 },
         view: view.clone(),
@@ -326,33 +349,13 @@ async fn greet(
         model_hash: model_hash.to_string(),
     };
     for (p, client) in &control.peers {
-        let ack: HelloAck = loop {
-            match control
-                .ask(client, FrameType::Hello, &hello, Duration::from_secs(5))
-                .await
-            {
-                Ok(a) => break a,
-                Err(e)
-                    if e.downcast_ref::<super::wire::FrameError>()
-                        .is_some_and(|f| f.reason() == super::wire::DropReason::Forged) =>
-                {
-                    bail!(
-                        "peer {} does not share the cluster key: its reply fails authentication",
-                        p.name
-                    );
-                }
-                Err(e) => {
-                    tracing::info!("waiting for peer {}: {e:#}", p.name);
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-            }
-        };
+        let ack = hello_peer(control, p, client, &hello).await?;
         if ack.full_model && ack.model_hash != model_hash {
             bail!(
                 "peer {} has a different model (id {}…, ours {}…): every node needs the same GGUF file",
                 p.name,
-                &ack.model_hash[..12.min(ack.model_hash.len())],
-                &model_hash[..12.min(model_hash.len())]
+                proto::short_id(&ack.model_hash),
+                proto::short_id(model_hash)
             );
         }
         if ack.name != p.name {
@@ -381,6 +384,63 @@ async fn greet(
         });
     }
     Ok((nodes, senders, slice_peers))
+}
+
+/// A peer's answer to our hello, waiting while it is not up. Refused, with why, when
+/// the peer refuses the hello, speaks another protocol, or is connected but answers
+/// none of [`SILENT_HELLOS`] hellos.
+async fn hello_peer(
+    control: &Control,
+    p: &PeerConfig,
+    client: &ControlClient,
+    hello: &Hello,
+) -> anyhow::Result<HelloAck> {
+    let mut silent = 0;
+    loop {
+        let e = match control
+            .ask::<HelloAck>(client, FrameType::Hello, hello, HELLO_TIMEOUT)
+            .await
+        {
+            Ok(ack) if ack.protocol != proto::PROTOCOL => bail!(
+                "peer {} speaks protocol {}, this node ({}) protocol {}: run the same exo version on every node",
+                p.name,
+                ack.protocol,
+                hello.from,
+                proto::PROTOCOL
+            ),
+            Ok(ack) => return Ok(ack),
+            Err(e) => e,
+        };
+        if e.downcast_ref::<FrameError>()
+            .is_some_and(|f| f.reason() == DropReason::Forged)
+        {
+            bail!(
+                "peer {} does not share the cluster key: its reply fails authentication",
+                p.name
+            );
+        }
+        if let Some(why) = e.downcast_ref::<Refused>() {
+            bail!("peer {} refused the hello: {why}", p.name);
+        }
+        let timed_out = e
+            .downcast_ref::<TransportError>()
+            .is_some_and(TransportError::is_timeout);
+        silent = if timed_out && client.connected() {
+            silent + 1
+        } else {
+            0
+        };
+        if silent >= SILENT_HELLOS {
+            bail!(
+                "peer {} is connected but answered none of {SILENT_HELLOS} hellos in {} s: it does \
+                 not share the cluster key ([cluster] key), or is not an exo node of this version",
+                p.name,
+                (HELLO_TIMEOUT * SILENT_HELLOS).as_secs()
+            );
+        }
+        tracing::info!("waiting for peer {}: {e:#}", p.name);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// The plan: the configured layer ranges, or the planner's from the nodes'
@@ -542,6 +602,14 @@ async fn rejoin(
     let ack: HelloAck = control
         .ask(client, FrameType::Hello, &hello, DEAD_AFTER)
         .await?;
+    if ack.protocol != proto::PROTOCOL {
+        bail!(
+            "peer {} now speaks protocol {}, this node protocol {}",
+            p.name,
+            ack.protocol,
+            proto::PROTOCOL
+        );
+    }
     if ack.full_model && ack.model_hash != plan.model_hash {
         bail!("peer {} now has a different model", p.name);
     }
@@ -577,8 +645,16 @@ async fn rejoin(
     Ok(r)
 }
 
-/// Pings every peer; marks the silent ones missing, and gives the plan again to
-/// one that comes back without it (restarted).
+/// A rejoin under way: the worker's index, and its task (which gives the plan back).
+type Rejoining = (
+    usize,
+    tokio::task::JoinHandle<(Plan, anyhow::Result<PlanAck>)>,
+);
+
+/// Pings every peer at once each period; marks the silent ones missing, and gives
+/// the plan again to one that comes back without it (restarted). A rejoin runs in a
+/// task of its own, one at a time (each updates the plan), so that the heartbeats go
+/// on meanwhile: a second peer that goes missing is seen at once.
 async fn heartbeats(
     control: Arc<Control>,
     slicer: Arc<Slicer>,
@@ -586,60 +662,96 @@ async fn heartbeats(
     view: ClusterView,
     last_sender: Arc<AtomicU64>,
 ) {
+    let mut rejoining: Option<Rejoining> = None;
     loop {
         tokio::time::sleep(HEARTBEAT).await;
-        for (i, (p, client)) in control.peers.iter().enumerate() {
-            let t0 = Instant::now();
-            let pong: anyhow::Result<Pong> = control
-                .ask(client, FrameType::Ping, &serde_json::json!({}), DEAD_AFTER)
-                .await;
-            let now = Instant::now();
-            let mut replan = false;
-            if let Ok(mut v) = view.lock() {
-                let Some(st) = v.get_mut(i + 1) else { continue };
-                match &pong {
-                    Ok(pong) => {
-                        st.last_seen = Some(now);
-                        st.rtt_ms = (now - t0).as_secs_f64() * 1e3;
-                        st.ms_per_token = pong.ms_per_token;
-                        // alive again only once it runs our plan
-                        replan = pong.epoch != plan.epoch;
-                        if replan && st.alive {
-                            tracing::warn!("peer {} lost its plan (restarted?)", p.name);
-                        }
-                        st.alive = !replan;
-                    }
-                    Err(e) => {
-                        if st.alive && st.last_seen.is_none_or(|t| now - t > DEAD_AFTER) {
-                            tracing::warn!("peer {} is missing: {e:#}", p.name);
-                            st.alive = false;
-                        }
-                    }
+        if let Some((i, task)) = rejoining.take_if(|(_, task)| task.is_finished()) {
+            match task.await {
+                Ok((updated, r)) => {
+                    plan = updated;
+                    rejoined(&control, &view, i, r);
+                }
+                Err(e) => tracing::warn!("the rejoin of a peer failed: {e}"),
+            }
+        }
+        let replan = ping_all(&control, &plan, &view).await;
+        if let (None, Some(i)) = (&rejoining, replan) {
+            let name = &control.peers[i].0.name;
+            tracing::info!("peer {name} runs no plan (restarted?): sending it again");
+            let (control, slicer, last_sender) =
+                (control.clone(), slicer.clone(), last_sender.clone());
+            let mut p = plan.clone();
+            rejoining = Some((
+                i,
+                tokio::spawn(async move {
+                    let r = rejoin(&control, &slicer, &mut p, i, &last_sender).await;
+                    (p, r)
+                }),
+            ));
+        }
+    }
+}
+
+/// Pings every peer at once and updates the view; returns the first peer that answers
+/// without our plan (restarted), if any.
+async fn ping_all(control: &Control, plan: &Plan, view: &ClusterView) -> Option<usize> {
+    let pongs = futures_util::future::join_all(control.peers.iter().map(|(_, client)| async {
+        let t0 = Instant::now();
+        let pong: anyhow::Result<Pong> = control
+            .ask(client, FrameType::Ping, &serde_json::json!({}), DEAD_AFTER)
+            .await;
+        (pong, t0)
+    }))
+    .await;
+    let now = Instant::now();
+    let mut replan = None;
+    let Ok(mut v) = view.lock() else {
+        return None;
+    };
+    for (i, ((p, _), (pong, t0))) in control.peers.iter().zip(&pongs).enumerate() {
+        let Some(st) = v.get_mut(i + 1) else { continue };
+        match pong {
+            Ok(pong) => {
+                st.last_seen = Some(now);
+                st.rtt_ms = (now - *t0).as_secs_f64() * 1e3;
+                st.ms_per_token = pong.ms_per_token;
+                // alive again only once it runs our plan
+                let lost = pong.epoch != plan.epoch;
+                if lost && st.alive {
+                    tracing::warn!("peer {} lost its plan (restarted?)", p.name);
+                }
+                st.alive = !lost;
+                if lost && replan.is_none() {
+                    replan = Some(i);
                 }
             }
-            if replan {
-                tracing::info!(
-                    "peer {} runs no plan (restarted?): sending it again",
-                    p.name
-                );
-                let r = rejoin(&control, &slicer, &mut plan, i, &last_sender).await;
-                match r {
-                    Ok(a) if a.ok => {
-                        tracing::info!("peer {} rejoined", p.name);
-                        if let Ok(mut v) = view.lock() {
-                            if let Some(st) = v.get_mut(i + 1) {
-                                st.alive = true;
-                            }
-                        }
-                    }
-                    Ok(a) => tracing::error!(
-                        "peer {} refused the plan: {}",
-                        p.name,
-                        a.error.unwrap_or_default()
-                    ),
-                    Err(e) => tracing::warn!("peer {}: {e:#}", p.name),
+            Err(e) => {
+                if st.alive && st.last_seen.is_none_or(|t| now - t > DEAD_AFTER) {
+                    tracing::warn!("peer {} is missing: {e:#}", p.name);
+                    st.alive = false;
                 }
             }
         }
+    }
+    replan
+}
+
+/// Reports how the rejoin of peer `i` ended.
+fn rejoined(control: &Control, view: &ClusterView, i: usize, r: anyhow::Result<PlanAck>) {
+    let name = &control.peers[i].0.name;
+    match r {
+        Ok(a) if a.ok => {
+            tracing::info!("peer {name} rejoined");
+            if let Ok(mut v) = view.lock() {
+                if let Some(st) = v.get_mut(i + 1) {
+                    st.alive = true;
+                }
+            }
+        }
+        Ok(a) => tracing::error!(
+            "peer {name} refused the plan: {}",
+            a.error.unwrap_or_default()
+        ),
+        Err(e) => tracing::warn!("peer {name}: {e:#}"),
     }
 }

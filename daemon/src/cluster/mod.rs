@@ -4,8 +4,10 @@
 //! ([`planner`]); the head node forms the cluster ([`head`]) and drives the
 //! other nodes' stages as one link of its pipeline ([`remote`]); workers run their
 //! stages ([`worker`]). A worker without the model file receives its slice of it from
-//! the head ([`slices`]).
+//! the head ([`slices`]). What a peer can make a node hold before its frames are
+//! authenticated is bounded ([`admission`]).
 
+pub mod admission;
 pub mod capabilities;
 mod control;
 pub mod head;

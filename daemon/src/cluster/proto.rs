@@ -19,6 +19,12 @@ pub fn model_hash(mf: &ModelFile) -> String {
     blake3::hash(&mf.gguf.meta_bytes()).to_hex().to_string()
 }
 
+/// The first 12 characters of a model id, for messages (whatever the peer sent: a
+/// cut inside a character is never made).
+pub fn short_id(id: &str) -> &str {
+    id.char_indices().nth(12).map_or(id, |(i, _)| &id[..i])
+}
+
 /// The head's greeting ([`super::wire::FrameType::Hello`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
@@ -182,6 +188,13 @@ pub struct ErrorMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_ids_never_cut_a_character() {
+        assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_id("abc"), "abc");
+        assert_eq!(short_id("ééééééééééééé"), "éééééééééééé");
+    }
 
     /// The JSON field names are the protocol's: `model_id` carries the hash,
     /// `head_rows` the lm_head split.

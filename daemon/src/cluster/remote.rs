@@ -253,6 +253,15 @@ impl Link for RemoteStages {
                 "the remote stages take activations".into(),
             ));
         };
+        // the answer's frame must fit what the head's data plane takes
+        let out_rows = BatchSeq::output_rows_of(seqs);
+        if out_rows > self.limits.max_output_rows {
+            return Err(EngineError::Pipeline(format!(
+                "a step across the cluster returns at most {} output rows (one per sequence), \
+                 this one asks for {out_rows}",
+                self.limits.max_output_rows
+            )));
+        }
         // Alone in the pipeline, a step's lm_head is all that both nodes wait for:
         // split it evenly instead of by the plan's balance of whole stages.
         let solo = self.in_flight == 0 && self.split.is_some_and(|s| s.solo_rows != s.rows);

@@ -5,6 +5,10 @@
 //! Every operation that waits on a peer takes a timeout, so a dead peer turns into
 //! an error instead of a hang. nng reconnects dialers by itself when a peer comes
 //! back. Dropping a socket closes it (and its dialers and listeners).
+//!
+//! Every socket caps the messages it takes and every listening socket its
+//! connections ([`super::admission`]): what an unauthenticated peer can make a node
+//! hold is bounded before a frame reaches the opener.
 
 use std::ffi::CString;
 use std::future::Future;
@@ -16,6 +20,9 @@ use std::time::Duration;
 use anng::protocols::pipeline0::{Pull0, Push0};
 use anng::protocols::reqrep0::{Rep0, Req0};
 use anng::{AioError, Message, Socket};
+
+use super::admission::{self, proto, Admission, AdmissionError, RecvCap};
+use ggml_shim::nng::ConnectionGate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -45,6 +52,12 @@ pub enum TransportError {
         url: String,
         #[source]
         source: AioError,
+    },
+    #[error("cannot limit what {url} takes: {source}")]
+    Admission {
+        url: String,
+        #[source]
+        source: AdmissionError,
     },
 }
 
@@ -82,13 +95,21 @@ impl AsRef<[u8]> for Packet {
     }
 }
 
-/// How long to keep trying to reach a peer that is not up yet.
+/// How long to keep trying to reach a peer that is not up yet, and what its answers
+/// may weigh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DialOptions {
     /// Give up after this long.
     pub connect_timeout: Duration,
     /// Pause between attempts after a refused connection.
     pub retry_interval: Duration,
+    /// The longest reply a [`ControlClient`] takes (a [`PipelineTx`] takes none).
+    pub reply_max: usize,
+}
+
+impl DialOptions {
+    /// [`DialOptions::reply_max`] by default.
+    pub const DEFAULT_REPLY_MAX: usize = 1 << 20;
 }
 
 impl Default for DialOptions {
@@ -96,6 +117,7 @@ impl Default for DialOptions {
         DialOptions {
             connect_timeout: Duration::from_secs(10),
             retry_interval: Duration::from_millis(100),
+            reply_max: DialOptions::DEFAULT_REPLY_MAX,
         }
     }
 }
@@ -113,19 +135,50 @@ fn c_url(url: &str) -> Result<CString, TransportError> {
     })
 }
 
-/// Adds a listener and returns the URL it is bound to (with the real port when
-/// `:0` was asked for).
-/// A socket made by `make`, listening on `url`; with the bound URL.
+/// A socket of protocol `protocol` made by `make`, capped as `admission` says and
+/// listening on `url` (`what` names it in logs); with the bound URL (the real port
+/// when `:0` was asked for).
 async fn listening<P>(
     make: impl FnOnce() -> io::Result<Socket<P>>,
+    protocol: u16,
     url: &str,
-) -> Result<(Socket<P>, String), TransportError> {
+    admission: Admission,
+    what: &'static str,
+) -> Result<(Socket<P>, String, RecvCap), TransportError> {
     let socket = make().map_err(|source| TransportError::Listen {
         url: url.to_string(),
         source,
     })?;
-    let url = listen_on(&socket, url).await?;
-    Ok((socket, url))
+    let capped = |source| TransportError::Admission {
+        url: url.to_string(),
+        source,
+    };
+    let id = admission::socket_id(&socket, protocol).map_err(capped)?;
+    let cap = RecvCap::install(id, admission, what).map_err(capped)?;
+    let url = listen_on(&socket, url, &cap).await?;
+    Ok((socket, url, cap))
+}
+
+/// A socket of protocol `protocol` made by `make` that takes messages of up to
+/// `recv_max` bytes (before it dials); with nng's id of it.
+fn dialing<P>(
+    make: impl FnOnce() -> io::Result<Socket<P>>,
+    protocol: u16,
+    url: &str,
+    recv_max: usize,
+) -> Result<(Socket<P>, u32), TransportError> {
+    let socket = make().map_err(|source| TransportError::Connect {
+        url: url.to_string(),
+        source,
+    })?;
+    let bytes = recv_max.saturating_add(admission::SP_HEADER_ROOM);
+    let id = admission::socket_id(&socket, protocol)
+        .and_then(|id| Ok(ggml_shim::nng::set_socket_recv_max(id, bytes).map(|()| id)?))
+        .map_err(|source| TransportError::Admission {
+            url: url.to_string(),
+            source,
+        })?;
+    Ok((socket, id))
 }
 
 /// A listening end: its bound URL, with the real port, and the address of a TCP one.
@@ -149,7 +202,11 @@ impl Listening for ControlServer {
     }
 }
 
-async fn listen_on<P>(socket: &Socket<P>, url: &str) -> Result<String, TransportError> {
+async fn listen_on<P>(
+    socket: &Socket<P>,
+    url: &str,
+    cap: &RecvCap,
+) -> Result<String, TransportError> {
     let c = c_url(url)?;
     let listener = socket
         .listen(c.as_c_str())
@@ -164,6 +221,18 @@ async fn listen_on<P>(socket: &Socket<P>, url: &str) -> Result<String, Transport
         .local_addr()
         .map(String::from)
         .unwrap_or_else(|_| url.to_string());
+    let port = tcp_addr(&bound)
+        .map(|a| a.port())
+        .ok_or_else(|| TransportError::BadUrl {
+            url: url.to_string(),
+            reason: "expected tcp://HOST:PORT",
+        })?;
+    let id =
+        admission::listener_id(&listener, port).map_err(|source| TransportError::Admission {
+            url: url.to_string(),
+            source,
+        })?;
+    cap.listening(id, &bound);
     Ok(bound)
 }
 
@@ -264,10 +333,13 @@ impl PipelineTx {
 
     /// Connects to the next stage's [`PipelineRx`] at `url`.
     pub async fn dial(url: &str, opts: &DialOptions) -> Result<PipelineTx, TransportError> {
-        let socket = Push0::socket().map_err(|source| TransportError::Connect {
-            url: url.to_string(),
-            source,
-        })?;
+        // nothing comes back on a push socket
+        let (socket, _) = dialing(
+            Push0::socket,
+            proto::PUSH0,
+            url,
+            admission::RECEIVES_NOTHING,
+        )?;
         dial_on(&socket, url, opts).await?;
         Ok(PipelineTx {
             socket,
@@ -311,13 +383,21 @@ impl PipelineTx {
 pub struct PipelineRx {
     socket: Socket<Pull0>,
     url: String,
+    cap: RecvCap,
 }
 
 impl PipelineRx {
-    /// Listens on `url`; `tcp://HOST:0` picks a free port (see [`PipelineRx::url`]).
-    pub async fn listen(url: &str) -> Result<PipelineRx, TransportError> {
-        let (socket, url) = listening(Pull0::socket, url).await?;
-        Ok(PipelineRx { socket, url })
+    /// Listens on `url` (`tcp://HOST:0` picks a free port, see [`PipelineRx::url`]),
+    /// admitting what `admission` says.
+    pub async fn listen(url: &str, admission: Admission) -> Result<PipelineRx, TransportError> {
+        let (socket, url, cap) =
+            listening(Pull0::socket, proto::PULL0, url, admission, "data plane").await?;
+        Ok(PipelineRx { socket, url, cap })
+    }
+
+    /// The receive cap (shared: it can be changed while another thread receives).
+    pub fn recv_cap(&self) -> RecvCap {
+        self.cap.clone()
     }
 
     /// Receives the next message; `None` waits forever. Cancellation safe: a
@@ -347,13 +427,21 @@ impl PipelineRx {
 pub struct ControlServer {
     socket: Socket<Rep0>,
     url: String,
+    cap: RecvCap,
 }
 
 impl ControlServer {
-    /// Listens on `url`; `tcp://HOST:0` picks a free port (see [`ControlServer::url`]).
-    pub async fn listen(url: &str) -> Result<ControlServer, TransportError> {
-        let (socket, url) = listening(Rep0::socket, url).await?;
-        Ok(ControlServer { socket, url })
+    /// Listens on `url` (`tcp://HOST:0` picks a free port, see [`ControlServer::url`]),
+    /// admitting what `admission` says.
+    pub async fn listen(url: &str, admission: Admission) -> Result<ControlServer, TransportError> {
+        let (socket, url, cap) =
+            listening(Rep0::socket, proto::REP0, url, admission, "control plane").await?;
+        Ok(ControlServer { socket, url, cap })
+    }
+
+    /// The receive cap.
+    pub fn recv_cap(&self) -> RecvCap {
+        self.cap.clone()
     }
 
     /// Waits (up to `timeout`) for one request, answers it with `handler`'s reply.
@@ -382,12 +470,24 @@ impl ControlServer {
             })
     }
 
-    /// Answers requests one after another until the socket fails; run it in its
-    /// own task and abort the task to stop.
-    pub async fn serve<F, Fut>(&self, mut handler: F) -> Result<(), TransportError>
+    /// Answers requests until the socket fails, up to `lanes` at a time (each lane
+    /// its own nng context, so a slow answer does not hold up the others); a handler
+    /// that returns None leaves its request unanswered (the requester times out). Run
+    /// it in its own task and abort the task to stop.
+    pub async fn serve<F, Fut>(&self, lanes: usize, handler: F) -> Result<(), TransportError>
     where
-        F: FnMut(Packet) -> Fut,
-        Fut: Future<Output = Vec<u8>>,
+        F: Fn(Packet) -> Fut,
+        Fut: Future<Output = Option<Vec<u8>>>,
+    {
+        let lanes = (0..lanes.max(1)).map(|_| Box::pin(self.serve_lane(&handler)));
+        // the first lane that fails ends the others
+        futures_util::future::select_all(lanes).await.0
+    }
+
+    async fn serve_lane<F, Fut>(&self, handler: &F) -> Result<(), TransportError>
+    where
+        F: Fn(Packet) -> Fut,
+        Fut: Future<Output = Option<Vec<u8>>>,
     {
         let mut ctx = self.socket.context();
         loop {
@@ -397,7 +497,11 @@ impl ControlServer {
                     url: self.url.clone(),
                     source,
                 })?;
-            let reply = handler(Packet(request)).await;
+            let Some(reply) = handler(Packet(request)).await else {
+                // no answer: the context takes the next request
+                drop(responder);
+                continue;
+            };
             if let Err((_responder, source, _msg)) =
                 responder.reply(Message::from(reply.as_slice())).await
             {
@@ -413,6 +517,8 @@ impl ControlServer {
 pub struct ControlClient {
     socket: Socket<Req0>,
     url: String,
+    /// Counts the connection (a dialer has one at most).
+    link: ConnectionGate,
 }
 
 impl ControlClient {
@@ -425,17 +531,30 @@ impl ControlClient {
             url: url.to_string(),
             source,
         };
-        let socket = Req0::socket().map_err(connect_err)?;
+        let (socket, id) = dialing(Req0::socket, proto::REQ0, url, opts.reply_max)?;
         socket.set_resend_time(None).map_err(connect_err)?;
+        let link =
+            ConnectionGate::install(id, 4, opts.reply_max, Box::new(|_| {})).map_err(|e| {
+                TransportError::Admission {
+                    url: url.to_string(),
+                    source: e.into(),
+                }
+            })?;
         dial_on(&socket, url, opts).await?;
         Ok(ControlClient {
             socket,
             url: url.to_string(),
+            link,
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Whether the server is connected now (a request may still go unanswered).
+    pub fn connected(&self) -> bool {
+        self.link.open() > 0
     }
 
     /// Sends a request and waits for the reply, all within `timeout`. Requests
@@ -470,25 +589,33 @@ mod tests {
         DialOptions {
             connect_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(20),
+            ..DialOptions::default()
         }
     }
 
     const T: Duration = Duration::from_secs(5);
+    /// Room for every test here: 16 MiB frames, 8 connections.
+    const OPEN: Admission = Admission {
+        recv_max: 16 << 20,
+        max_conns: 8,
+    };
 
     #[tokio::test]
     async fn bound_port_is_reported() {
-        let rx = PipelineRx::listen("tcp://127.0.0.1:0").await.unwrap();
+        let rx = PipelineRx::listen("tcp://127.0.0.1:0", OPEN).await.unwrap();
         let addr = rx.local_addr().expect("tcp address");
         assert_ne!(addr.port(), 0);
         assert_eq!(rx.url(), format!("tcp://127.0.0.1:{}", addr.port()));
-        let server = ControlServer::listen("tcp://127.0.0.1:0").await.unwrap();
+        let server = ControlServer::listen("tcp://127.0.0.1:0", OPEN)
+            .await
+            .unwrap();
         assert_ne!(server.local_addr().unwrap().port(), 0);
     }
 
     #[tokio::test]
     async fn bad_urls_are_errors() {
         assert!(matches!(
-            PipelineRx::listen("127.0.0.1:5").await,
+            PipelineRx::listen("127.0.0.1:5", OPEN).await,
             Err(TransportError::BadUrl { .. })
         ));
         assert!(matches!(
@@ -500,7 +627,7 @@ mod tests {
 
     #[tokio::test]
     async fn push_pull_delivers_in_order() {
-        let mut rx = PipelineRx::listen("tcp://127.0.0.1:0").await.unwrap();
+        let mut rx = PipelineRx::listen("tcp://127.0.0.1:0", OPEN).await.unwrap();
         let mut tx = PipelineTx::dial(rx.url(), &fast()).await.unwrap();
         let sender = tokio::spawn(async move {
             for i in 0u32..100 {
@@ -522,7 +649,7 @@ mod tests {
     #[tokio::test]
     async fn large_message_passes() {
         // A prefill chunk: 512 tokens × 2048 wide in f16 = 2 MiB.
-        let mut rx = PipelineRx::listen("tcp://127.0.0.1:0").await.unwrap();
+        let mut rx = PipelineRx::listen("tcp://127.0.0.1:0", OPEN).await.unwrap();
         let mut tx = PipelineTx::dial(rx.url(), &fast()).await.unwrap();
         let big: Vec<u8> = (0..2 << 20).map(|i| (i % 251) as u8).collect();
         let send = tokio::spawn(async move {
@@ -536,7 +663,7 @@ mod tests {
 
     #[tokio::test]
     async fn recv_times_out() {
-        let mut rx = PipelineRx::listen("tcp://127.0.0.1:0").await.unwrap();
+        let mut rx = PipelineRx::listen("tcp://127.0.0.1:0", OPEN).await.unwrap();
         let t0 = std::time::Instant::now();
         let err = rx.recv(Some(Duration::from_millis(100))).await.unwrap_err();
         assert!(err.is_timeout(), "{err}");
@@ -545,7 +672,7 @@ mod tests {
 
     #[tokio::test]
     async fn push_without_peer_times_out() {
-        let rx = PipelineRx::listen("tcp://127.0.0.1:0").await.unwrap();
+        let rx = PipelineRx::listen("tcp://127.0.0.1:0", OPEN).await.unwrap();
         let url = rx.url().to_string();
         let mut tx = PipelineTx::dial(&url, &fast()).await.unwrap();
         drop(rx);
@@ -560,7 +687,7 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(2));
 
         // When the next stage comes back on the same port, nng reconnects by itself.
-        let mut rx = PipelineRx::listen(&url).await.unwrap();
+        let mut rx = PipelineRx::listen(&url, OPEN).await.unwrap();
         tx.send_timeout(b"again", Some(T)).await.unwrap();
         let p = rx.recv(Some(T)).await.unwrap();
         assert_eq!(&p[..], b"again");
@@ -578,6 +705,7 @@ mod tests {
         let opts = DialOptions {
             connect_timeout: Duration::from_millis(300),
             retry_interval: Duration::from_millis(50),
+            ..DialOptions::default()
         };
         let t0 = std::time::Instant::now();
         let err = PipelineTx::dial(&url, &opts).await.unwrap_err();
@@ -603,7 +731,7 @@ mod tests {
         let late = url.clone();
         let server = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let mut rx = PipelineRx::listen(&late).await.unwrap();
+            let mut rx = PipelineRx::listen(&late, OPEN).await.unwrap();
             rx.recv(Some(T)).await.unwrap().to_vec()
         });
         let mut tx = PipelineTx::dial(&url, &fast()).await.unwrap();
@@ -613,7 +741,11 @@ mod tests {
 
     #[tokio::test]
     async fn req_rep_round_trip() {
-        let server = Arc::new(ControlServer::listen("tcp://127.0.0.1:0").await.unwrap());
+        let server = Arc::new(
+            ControlServer::listen("tcp://127.0.0.1:0", OPEN)
+                .await
+                .unwrap(),
+        );
         let url = server.url().to_string();
         let s = Arc::clone(&server);
         let serving = tokio::spawn(async move {
@@ -638,12 +770,19 @@ mod tests {
 
     #[tokio::test]
     async fn serve_loop_answers_concurrent_requests() {
-        let server = Arc::new(ControlServer::listen("tcp://127.0.0.1:0").await.unwrap());
+        let server = Arc::new(
+            ControlServer::listen("tcp://127.0.0.1:0", OPEN)
+                .await
+                .unwrap(),
+        );
         let url = server.url().to_string();
         let s = Arc::clone(&server);
         let serving = tokio::spawn(async move {
-            s.serve(|req| async move { req.iter().rev().copied().collect() })
-                .await
+            s.serve(
+                4,
+                |req| async move { Some(req.iter().rev().copied().collect()) },
+            )
+            .await
         });
         let client = Arc::new(ControlClient::dial(&url, &fast()).await.unwrap());
         let mut handles = Vec::new();
@@ -662,7 +801,9 @@ mod tests {
 
     #[tokio::test]
     async fn request_to_dead_peer_times_out() {
-        let server = ControlServer::listen("tcp://127.0.0.1:0").await.unwrap();
+        let server = ControlServer::listen("tcp://127.0.0.1:0", OPEN)
+            .await
+            .unwrap();
         let url = server.url().to_string();
         let client = ControlClient::dial(&url, &fast()).await.unwrap();
         drop(server);
@@ -679,7 +820,9 @@ mod tests {
     #[tokio::test]
     async fn request_to_silent_peer_times_out() {
         // The server is up but never answers.
-        let server = ControlServer::listen("tcp://127.0.0.1:0").await.unwrap();
+        let server = ControlServer::listen("tcp://127.0.0.1:0", OPEN)
+            .await
+            .unwrap();
         let client = ControlClient::dial(server.url(), &fast()).await.unwrap();
         let err = client
             .request(b"hello", Duration::from_millis(200))
@@ -691,7 +834,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn works_on_multi_thread_runtime() {
-        let mut rx = PipelineRx::listen("tcp://127.0.0.1:0").await.unwrap();
+        let mut rx = PipelineRx::listen("tcp://127.0.0.1:0", OPEN).await.unwrap();
         let mut tx = PipelineTx::dial(rx.url(), &fast()).await.unwrap();
         let h = tokio::spawn(async move {
             tx.send(b"x").await.unwrap();

@@ -23,6 +23,8 @@ mod secret;
 mod url;
 mod validate;
 
+pub use validate::{BATCH_LIMIT, CTX_LIMIT};
+
 #[cfg(test)]
 mod tests;
 

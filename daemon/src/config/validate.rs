@@ -132,9 +132,9 @@ fn parse_layers(text: &str) -> Result<(usize, usize), String> {
 /// The bounds of the numeric keys: beyond them a value is a mistake that would cost
 /// the machine (100,000 threads, an instant that overflows on shutdown).
 const THREADS_LIMIT: usize = 256;
-const CTX_LIMIT: usize = 1 << 20;
+pub const CTX_LIMIT: usize = 1 << 20;
 const MAX_QUEUE_LIMIT: usize = 100_000;
-const BATCH_LIMIT: usize = 8192;
+pub const BATCH_LIMIT: usize = 8192;
 const MAX_BODY_BYTES_LIMIT: usize = 1 << 30;
 const SHUTDOWN_TIMEOUT_LIMIT_SECS: usize = 86_400;
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;

@@ -170,6 +170,7 @@ impl ServeSettings {
                     key,
                     threads: self.threads,
                     memory: self.memory,
+                    n_peers: cfg.peers.len(),
                 },
                 head: format!("{} ({})", head.name, head.address),
             }));

@@ -147,7 +147,7 @@ impl Receiver {
         let Some(store) = self.store.as_ref().filter(|s| s.model_hash() == model_hash) else {
             anyhow::bail!(
                 "this node has no model file and has not been offered its slice of model {}",
-                &model_hash[..12.min(model_hash.len())]
+                crate::cluster::proto::short_id(model_hash)
             );
         };
         if !store.complete()? {

@@ -117,6 +117,8 @@ pub enum FrameError {
     DuplicateSlot(usize),
     #[error("{n} tokens in one frame, at most {max} allowed")]
     TooManyTokens { n: u64, max: usize },
+    #[error("{n} output rows in one frame, at most {max} allowed")]
+    TooManyOutputRows { n: u64, max: usize },
     #[error("token id {id} is outside the vocabulary of {n_vocab}")]
     BadToken { id: i32, n_vocab: usize },
     #[error("expected a {expected} frame, got {got}")]

@@ -43,6 +43,8 @@ mod payload;
 mod seal;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_limits;
 
 use std::fmt;
 
@@ -52,7 +54,7 @@ pub use crate::engine::codec::Dtype;
 use crate::engine::{codec, BatchSeq};
 pub use error::{DropReason, FrameError};
 pub use mac::FrameKey;
-pub use open::{Limits, Opener, OpenerStats, StatsSnapshot, REPLAY_WINDOW};
+pub use open::{Limits, Opener, OpenerStats, StatsSnapshot, MAX_CHUNK_FRAME_LEN, REPLAY_WINDOW};
 pub use payload::{Body, Floats, PartialLogits, Payload};
 pub use seal::{random_sender_id, Sealer};
 

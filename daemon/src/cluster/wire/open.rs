@@ -10,9 +10,10 @@ use std::sync::Arc;
 use super::header::{decode_seq, Header, RawHeader};
 use super::payload::{decode_data, Body};
 use super::{
-    DropReason, Frame, FrameError, FrameKey, FrameType, HEADER_LEN, MAC_LEN, MAX_CHUNK_FRAME_BYTES,
-    MIN_FRAME_LEN, SEQ_DESC_LEN,
+    DropReason, Dtype, Frame, FrameError, FrameKey, FrameType, HEADER_LEN, MAC_LEN,
+    MAX_CHUNK_FRAME_BYTES, MIN_FRAME_LEN, SEQ_DESC_LEN,
 };
+use crate::engine::sampler::MAX_LM_HEAD_CANDIDATES;
 use crate::engine::BatchSeq;
 
 /// What a receiver accepts; everything outside is rejected before use.
@@ -22,6 +23,9 @@ pub struct Limits {
     pub max_seqs: usize,
     /// Tokens (rows) per frame, summed over its sequences.
     pub max_tokens: usize,
+    /// Output rows per frame, summed over its sequences (a step of the scheduler has
+    /// at most one per sequence).
+    pub max_output_rows: usize,
     /// Activation width (`n_embd`).
     pub width: usize,
     /// Context length: `pos0 + n_tokens` must not exceed it.
@@ -43,6 +47,7 @@ impl Limits {
         Limits {
             max_seqs: 0,
             max_tokens: 0,
+            max_output_rows: 0,
             width: 0,
             n_ctx: 0,
             n_slots: 0,
@@ -50,7 +55,44 @@ impl Limits {
             max_control_bytes: Limits::DEFAULT_MAX_CONTROL_BYTES,
         }
     }
+
+    /// The longest frame a peer following the protocol sends under these limits, of
+    /// any type but a slice chunk (see [`MAX_CHUNK_FRAME_LEN`]): what a socket
+    /// receiving under them must take. Head parts count only with a vocabulary: a
+    /// row is every logit of the sender's rows, or its best candidates (at most
+    /// [`MAX_LM_HEAD_CANDIDATES`]).
+    pub fn max_frame_len(&self) -> usize {
+        let rows = self.max_tokens;
+        let out_rows = self.max_output_rows.min(rows);
+        let floats = |rows: usize| {
+            rows.saturating_mul(self.width)
+                .saturating_mul(Dtype::F32.size())
+        };
+        let head_row =
+            (self.n_vocab.saturating_mul(4).saturating_add(8)).max(4 + 8 * MAX_LM_HEAD_CANDIDATES);
+        let head_part = if self.n_vocab == 0 {
+            0
+        } else {
+            out_rows.saturating_mul(head_row)
+        };
+        let payload = [
+            self.max_control_bytes,
+            floats(rows),
+            floats(out_rows),
+            out_rows.saturating_mul(4),
+            head_part,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        MIN_FRAME_LEN
+            .saturating_add(self.max_seqs.saturating_mul(SEQ_DESC_LEN))
+            .saturating_add(payload)
+    }
 }
+
+/// The longest slice-chunk frame.
+pub const MAX_CHUNK_FRAME_LEN: usize = MIN_FRAME_LEN + MAX_CHUNK_FRAME_BYTES;
 
 /// Counters of opened and dropped frames (shared with `/metrics`).
 #[derive(Debug, Default)]
@@ -390,6 +432,12 @@ fn open_data<'a>(
     let seqs = open_seqs(descs, limits)?;
     let rows = seqs.iter().map(|s| s.n_tokens as u64).sum();
     let out_rows = BatchSeq::output_rows_of(&seqs) as u64;
+    if out_rows > limits.max_output_rows as u64 {
+        return Err(FrameError::TooManyOutputRows {
+            n: out_rows,
+            max: limits.max_output_rows,
+        });
+    }
     let body = decode_data(
         frame_type,
         h.dtype,

@@ -84,6 +84,7 @@ fn limits() -> Limits {
     Limits {
         max_seqs: 8,
         max_tokens: 512,
+        max_output_rows: 512,
         width: 4,
         n_ctx: 128,
         n_slots: 4,
