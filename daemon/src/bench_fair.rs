@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use exo::tokenizer::Tokenizer;
 
 use crate::bench::{median, turns};
-use crate::bench_serve::InProcess;
+use crate::bench_serve::{stream_one, InProcess};
 use crate::http_client;
 
 /// The short request: its prompt and the tokens it asks for.
@@ -42,13 +42,16 @@ async fn steps(addr: SocketAddr) -> Result<f64> {
         .context("no exo_step_seconds_count in /metrics")
 }
 
+/// The short request, streamed: (seconds to its first token, to its end).
+async fn short(addr: SocketAddr) -> Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let (ttft, _) = stream_one(addr, SHORT.0, SHORT.1).await?;
+    Ok((ttft, t0.elapsed().as_secs_f64()))
+}
+
 /// The long request, and the short one sent once the long prompt's first chunk has
-/// been computed: (short seconds, long seconds).
-async fn together(
-    addr: SocketAddr,
-    long: &serde_json::Value,
-    short: &serde_json::Value,
-) -> Result<(f64, f64)> {
+/// been computed: ((short's first token, short's end), long seconds).
+async fn together(addr: SocketAddr, long: &serde_json::Value) -> Result<((f64, f64), f64)> {
     let before = steps(addr).await?;
     let long_task = {
         let long = long.clone();
@@ -61,7 +64,7 @@ async fn together(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let s = complete(addr, short).await?;
+    let s = short(addr).await?;
     let l = long_task.await??;
     Ok((s, l))
 }
@@ -99,39 +102,51 @@ pub fn run(
         if !up {
             bail!("the server did not come up");
         }
-        let (mut s_alone, mut s_with, mut l_alone, mut l_with) = (vec![], vec![], vec![], vec![]);
+        // first tokens and ends of the short request, alone and beside; the long one
+        let [mut f_alone, mut f_with, mut e_alone, mut e_with, mut l_alone, mut l_with] =
+            [(); 6].map(|()| Vec::new());
         for rep in 0..reps {
             for which in turns(rep) {
                 if which == 0 {
-                    s_alone.push(complete(addr, &short_body).await?);
+                    let (f, e) = short(addr).await?;
+                    f_alone.push(f);
+                    e_alone.push(e);
                     l_alone.push(complete(addr, &long_body).await?);
                 } else {
-                    let (s, l) = together(addr, &long_body, &short_body).await?;
-                    s_with.push(s);
+                    let ((f, e), l) = together(addr, &long_body).await?;
+                    f_with.push(f);
+                    e_with.push(e);
                     l_with.push(l);
                 }
             }
         }
-        Ok((
-            median(&mut s_alone),
-            median(&mut s_with),
-            median(&mut l_alone),
-            median(&mut l_with),
-        ))
+        Ok([
+            &mut f_alone,
+            &mut f_with,
+            &mut e_alone,
+            &mut e_with,
+            &mut l_alone,
+            &mut l_with,
+        ]
+        .map(|v| median(v)))
     });
     server.stop(rt);
-    let (s_alone, s_with, l_alone, l_with) = result?;
+    let [f_alone, f_with, e_alone, e_with, l_alone, l_with] = result?;
+    let ms = |a: f64, b: f64| format!("{:.0} ms, {:.0} ms ({:.1}x)", a * 1e3, b * 1e3, b / a);
     println!(
-        "prefill fairness ({threads} threads, batch {batch}, {reps} interleaved repetitions): \
-         a {}-token request takes {:.0} ms alone, {:.0} ms sent during the prefill of a \
-         {long}-token prompt ({:.1}x); that prompt takes {:.0} ms alone, {:.0} ms with it ({:.2}x)",
-        SHORT.1,
-        s_alone * 1e3,
-        s_with * 1e3,
-        s_with / s_alone,
-        l_alone * 1e3,
-        l_with * 1e3,
-        l_with / l_alone
+        "prefill fairness ({threads} threads, batch {batch}, {reps} interleaved repetitions), \
+         alone vs sent during the prefill of a {long}-token prompt:"
     );
+    println!(
+        "  {}-token request, first token: {}",
+        SHORT.1,
+        ms(f_alone, f_with)
+    );
+    println!(
+        "  {}-token request, whole:       {}",
+        SHORT.1,
+        ms(e_alone, e_with)
+    );
+    println!("  the long prompt, whole:        {}", ms(l_alone, l_with));
     Ok(())
 }

@@ -45,7 +45,7 @@ const PROMPTS: &[&str] = &[
 ];
 
 /// One streamed completion: (ttft, completion tokens).
-async fn stream_one(
+pub(crate) async fn stream_one(
     addr: std::net::SocketAddr,
     prompt: &str,
     tokens: usize,
