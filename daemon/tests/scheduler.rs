@@ -66,7 +66,8 @@ fn submit(h: &SchedulerHandle, prompt: &[i32], max_tokens: usize) -> UnboundedRe
         sampling: SamplingParams {
             temperature: 0.0,
             ..SamplingParams::default()
-        },
+        }
+        .into(),
         events: tx,
     })
     .expect("submit");
@@ -78,7 +79,7 @@ fn tokens(mut rx: UnboundedReceiver<GenEvent>) -> Vec<i32> {
     let mut out = Vec::new();
     while let Some(e) = rx.blocking_recv() {
         match e {
-            GenEvent::Token(t) => out.push(t),
+            GenEvent::Token(t) => out.push(t.token),
             GenEvent::Done { .. } => return out,
             GenEvent::Started => {}
             other => panic!("generation failed: {other:?}"),

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ggml_shim::llama::SamplingParams;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{BatchSeq, EngineError, OutputRows, Pipeline, StepOutcome, TokenSampler};
+use super::{
+    BatchSeq, EngineError, OutputRows, Picked, Pipeline, Sampling, StepOutcome, TokenSampler,
+};
 
 /// How the scheduler runs.
 #[derive(Debug, Clone)]
@@ -53,7 +54,8 @@ pub enum FinishReason {
 pub enum GenEvent {
     /// The prompt has been processed; generation starts.
     Started,
-    Token(i32),
+    /// A generated token, with its log-probabilities when the request asked.
+    Token(Picked),
     Done {
         reason: FinishReason,
         prompt_tokens: usize,
@@ -68,7 +70,7 @@ pub enum GenEvent {
 pub struct GenRequest {
     pub prompt: Vec<i32>,
     pub max_tokens: usize,
-    pub sampling: SamplingParams,
+    pub sampling: Sampling,
     pub events: UnboundedSender<GenEvent>,
 }
 
@@ -138,6 +140,9 @@ impl SchedulerHandle {
                 "token id {bad} is outside the vocabulary"
             )));
         }
+        req.sampling
+            .check(self.n_vocab)
+            .map_err(SubmitError::Invalid)?;
         if req.prompt.len() + req.max_tokens > self.n_ctx {
             return Err(SubmitError::Invalid(format!(
                 "the prompt has {} tokens and max_tokens is {}, but the context holds {} tokens",
@@ -602,7 +607,8 @@ impl Engine {
             }
             let r = row;
             row += 1;
-            let t = pick(&outcome, r, &mut a.sampler, n_vocab)?;
+            let picked = pick(&outcome, r, &mut a.sampler, n_vocab)?;
+            let t = picked.token;
             if a.cancelled {
                 finished.push((slot, FinishReason::Cancelled));
                 continue;
@@ -613,7 +619,7 @@ impl Engine {
                 continue;
             }
             a.generated += 1;
-            let _ = a.events.send(GenEvent::Token(t));
+            let _ = a.events.send(GenEvent::Token(picked));
             if a.generated >= a.max_tokens {
                 a.next = None;
                 finished.push((slot, FinishReason::Length));
@@ -645,10 +651,10 @@ fn pick(
     r: usize,
     sampler: &mut TokenSampler,
     n_vocab: usize,
-) -> Result<i32, EngineError> {
+) -> Result<Picked, EngineError> {
     let missing = || EngineError::Pipeline("fewer results than output rows came back".into());
     match outcome {
-        StepOutcome::Tokens(t) => t.get(r).copied().ok_or_else(missing),
+        StepOutcome::Tokens(t) => t.get(r).cloned().ok_or_else(missing),
         StepOutcome::Logits(logits) => {
             let row = logits
                 .get(r * n_vocab..(r + 1) * n_vocab)
@@ -670,6 +676,7 @@ mod tests {
     use super::*;
     use crate::engine::{Link, LinkOutput, StageInput};
     use crate::model::LayerRange;
+    use ggml_shim::llama::SamplingParams;
     use std::sync::Mutex;
 
     const N_VOCAB: usize = 8;
@@ -732,10 +739,10 @@ mod tests {
         let req = GenRequest {
             prompt,
             max_tokens,
-            sampling: SamplingParams {
+            sampling: Sampling::from(SamplingParams {
                 temperature: 0.0,
                 ..SamplingParams::default()
-            },
+            }),
             events: tx,
         };
         (req, rx)
