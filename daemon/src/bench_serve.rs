@@ -28,6 +28,9 @@ pub struct BenchServeArgs {
     tokens: usize,
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Prompt tokens of the long request of the prefill-fairness line (0 skips it).
+    #[arg(long, default_value_t = 2000)]
+    long_prompt: usize,
 }
 
 const PROMPTS: &[&str] = &[
@@ -42,7 +45,7 @@ const PROMPTS: &[&str] = &[
 ];
 
 /// One streamed completion: (ttft, completion tokens).
-async fn stream_one(
+pub(crate) async fn stream_one(
     addr: std::net::SocketAddr,
     prompt: &str,
     tokens: usize,
@@ -173,32 +176,69 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// `exo serve` running in this process on 127.0.0.1.
+pub(crate) struct InProcess {
+    pub(crate) addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl InProcess {
+    /// Starts serving `settings` on a free port (the model loads in the background).
+    pub(crate) fn start(rt: &tokio::runtime::Runtime, settings: ServeSettings) -> Result<Self> {
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(serve(listener, settings, async move {
+            let _ = stop_rx.await;
+        }));
+        Ok(InProcess { addr, stop, task })
+    }
+
+    /// The settings of a benchmark's server: `n_ctx` positions per slot, steps of 512
+    /// prompt tokens, no key.
+    pub(crate) fn settings(
+        model: &std::path::Path,
+        threads: usize,
+        n_ctx: usize,
+        max_slots: usize,
+    ) -> ServeSettings {
+        ServeSettings {
+            model: Some(model.to_path_buf()),
+            n_ctx,
+            max_slots,
+            max_queue: 8,
+            batch: 512,
+            threads,
+            memory: None,
+            api_key: None,
+            max_body_bytes: 1 << 20,
+            http: Default::default(),
+            shutdown_timeout: Duration::from_secs(2),
+            cluster: None,
+        }
+    }
+
+    /// Shuts the server down and waits for it.
+    pub(crate) fn stop(self, rt: &tokio::runtime::Runtime) {
+        let _ = self.stop.send(());
+        let _ = rt.block_on(self.task);
+    }
+}
+
 /// Measures `exo serve` in this process against llama.cpp's batched decode.
 pub fn run(args: BenchServeArgs) -> Result<()> {
     init_backend();
     let threads = args.threads.unwrap_or_else(crate::default_threads);
     let max_n = args.concurrency.iter().copied().max().unwrap_or(1);
     let rt = runtime()?;
+    let settings = InProcess::settings(&args.model, threads, 512, max_n);
     let settings = ServeSettings {
-        model: Some(args.model.clone()),
-        n_ctx: 512,
-        max_slots: max_n,
         max_queue: 64,
-        batch: 512,
-        threads,
-        memory: None,
-        api_key: None,
-        max_body_bytes: 1 << 20,
-        http: Default::default(),
-        shutdown_timeout: Duration::from_secs(2),
-        cluster: None,
+        ..settings
     };
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(serve(listener, settings, async move {
-        let _ = stop_rx.await;
-    }));
+    let server = InProcess::start(&rt, settings)?;
+    let addr = server.addr;
     // wait until the model is loaded
     rt.block_on(async {
         for _ in 0..600 {
@@ -263,7 +303,11 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             );
         }
     }
-    let _ = stop_tx.send(());
-    let _ = rt.block_on(server);
+    server.stop(&rt);
+    drop(ctx);
+    drop(oracle);
+    if args.long_prompt > 0 {
+        crate::bench_fair::run(&rt, &args.model, threads, args.long_prompt, args.reps)?;
+    }
     Ok(())
 }

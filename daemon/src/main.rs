@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_fair;
 mod bench_serve;
 mod http_client;
 

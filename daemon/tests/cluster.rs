@@ -126,6 +126,130 @@ async fn a_split_output_head_equals_a_single_node() {
     );
 }
 
+/// `a` and `b` equal, numbers within a millionth (relative).
+fn assert_json_close(a: &Value, b: &Value, what: &str) {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "{what}: {x} vs {y}"
+            );
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{what}: {a} vs {b}");
+            x.iter()
+                .zip(y)
+                .for_each(|(x, y)| assert_json_close(x, y, what));
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            let keys = |m: &serde_json::Map<String, Value>| m.keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(x), keys(y), "{what}: {a} vs {b}");
+            x.iter()
+                .zip(y.values())
+                .for_each(|((_, x), y)| assert_json_close(x, y, what));
+        }
+        _ => assert_eq!(a, b, "{what}"),
+    }
+}
+
+/// A streamed completion on node `i`: its text, and the choices of its events.
+async fn streamed_choices(h: &Harness, i: usize, body: &Value) -> (String, Value) {
+    let r = h
+        .http
+        .post(h.node(i).url("/v1/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("body");
+    let choices = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|e| e["choices"].clone())
+        .collect();
+    (stream_text(&text), Value::Array(choices))
+}
+
+/// `logit_bias` and `logprobs` through two clusters: the output head split (the last
+/// node ranks its candidates with the biases, and sends every logit when
+/// log-probabilities are asked for) and the last node sampling (its tokens come back
+/// with their log-probabilities): texts and log-probabilities are a single node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_and_logprobs_through_a_cluster_equal_a_single_node() {
+    let t0 = Instant::now();
+    let mut h = Harness::tiny("biaslogprobs", &tiny_spec());
+    let single = h.single(&TINY_ENGINE);
+    // (prompts in chunks of the single node's size: a chunk's logits depend on it)
+    let split = Engine {
+        head_share: "0.5",
+        ..TINY_ENGINE
+    };
+    let split = h.cluster(&[peer("a", None), peer("b", None)], &split);
+    let off = Engine {
+        head_share: "off",
+        ..TINY_ENGINE
+    };
+    let off = h.cluster(&[peer("c", None), peer("d", None)], &off);
+    for i in [single, split[0], off[0]] {
+        h.wait_ready(i, Duration::from_secs(60)).await;
+    }
+    let log = |i: usize| std::fs::read_to_string(&h.node(i).log).unwrap_or_default();
+    assert!(log(split[0]).contains("output head split"));
+    assert!(!log(off[0]).contains("output head split"));
+    let (_, models) = h.get_json(single, "/v1/models").await;
+    let n_vocab = models["data"][0]["exo"]["vocabulary"]
+        .as_u64()
+        .expect("vocabulary");
+    // ids on the head node's side of the split and on the last node's
+    let (lo, hi) = (270.to_string(), (n_vocab - 3).to_string());
+    let bodies = [
+        json!({"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "logprobs": 3}),
+        json!({"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0,
+               "logit_bias": {hi.clone(): 100}}),
+        json!({"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0,
+               "logit_bias": {lo.clone(): 100, hi.clone(): -100}, "logprobs": 0}),
+        json!({"prompt": PROMPTS[2], "max_tokens": 16, "temperature": 0.8, "top_k": 5,
+               "seed": 7, "logit_bias": {hi.clone(): 8, lo.clone(): 6}}),
+        json!({"prompt": PROMPTS[3], "max_tokens": 16, "temperature": 0.9, "seed": 5,
+               "logprobs": 2, "logit_bias": {hi.clone(): 3}}),
+        json!({"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "stream": true,
+               "logprobs": 1, "logit_bias": {lo.clone(): 2}}),
+    ];
+    let mut texts = std::collections::HashSet::new();
+    for body in &bodies {
+        let path = "/v1/completions";
+        let want = if body["stream"] == true {
+            let (text, choices) = streamed_choices(&h, single, body).await;
+            texts.insert(text);
+            choices
+        } else {
+            let (status, v) = h.post_json(single, path, body).await;
+            assert_eq!(status, StatusCode::OK, "{body}: {v}");
+            texts.insert(text_of(&v));
+            v["choices"].clone()
+        };
+        for (head, what) in [(split[0], "split head"), (off[0], "last node sampling")] {
+            let got = if body["stream"] == true {
+                streamed_choices(&h, head, body).await.1
+            } else {
+                h.post_json(head, path, body).await.1["choices"].clone()
+            };
+            assert_json_close(&got, &want, &format!("{body}: {what} vs single node"));
+        }
+    }
+    assert!(texts.len() >= 5, "the requests should differ: {texts:?}");
+    eprintln!(
+        "logit_bias_and_logprobs_through_a_cluster_equal_a_single_node: {:?}",
+        t0.elapsed()
+    );
+}
+
 /// A tied head (the embedding table, whole on the head node): a step alone in the
 /// pipeline splits it evenly by speed instead of at the configured share; steps
 /// with company use the share. Both give the single node's text.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use exo::cluster::wire::fuzz::fuzz_key;
 use exo::cluster::wire::{Dtype, FrameType, PartialLogits, Payload, Sealer};
-use exo::engine::{BatchSeq, OutputRows};
+use exo::engine::{BatchSeq, OutputRows, Picked, TokenLogprobs};
 use exo::fuzzing::TARGETS;
 use exo_tests::{write_tiny_model, TempDir, TinyArch, TinySpec};
 use serde_json::json;
@@ -36,8 +36,8 @@ fn control_seeds() -> Vec<Vec<u8>> {
         "repeat_penalty": 1.0, "repeat_last_n": 64, "frequency_penalty": 0.0,
         "presence_penalty": 0.0, "seed": 7});
     [
-        json!({"from": "head", "protocol": 1, "model_id": hash}),
-        json!({"name": "b", "protocol": 1, "model_id": hash, "planned": false,
+        json!({"from": "head", "protocol": 2, "model_id": hash}),
+        json!({"name": "b", "protocol": 2, "model_id": hash, "planned": false,
             "data_sender": 9, "full_model": false, "caps": {"free_memory": 1_000_000_000u64,
             "cores": 2, "threads": 2, "ms_per_layer": 0.5, "ms_per_head_mb": 0.01}}),
         json!({"epoch": 3, "model_id": hash, "n_ctx": 4096, "n_slots": 8, "batch": 512,
@@ -87,12 +87,24 @@ fn sealed_frames() -> Vec<Vec<u8>> {
         },
         PartialLogits::Top(vec![(5, 1.0)]),
     ];
+    let picks = [
+        Picked::token(17),
+        Picked {
+            token: 4,
+            logprobs: Some(TokenLogprobs {
+                logprob: -0.5,
+                top: vec![(4, -0.5), (9, -1.25)],
+            }),
+        },
+        Picked::token(999),
+    ];
     let mut frames = vec![
         sealer.seal(1, &prompt, Payload::activations(&h, 64, Dtype::F32)),
         sealer.seal(2, &prompt, Payload::activations(&h, 64, Dtype::F16)),
         sealer.seal(3, &batch, Payload::activations(&h, 64, Dtype::BF16)),
         sealer.seal(4, &batch, Payload::normed(&normed, 64, Dtype::F32)),
         sealer.seal(5, &batch, Payload::Tokens(&[17, 4, 999])),
+        sealer.seal(5, &batch, Payload::TokenLogprobs(&picks)),
         sealer.seal(6, &batch, Payload::LmHeadPart(&parts)),
         sealer.seal_chunk(3, &[7u8; 300], blake3::hash(&[7u8; 300]).as_bytes()),
     ];

@@ -1,6 +1,7 @@
 //! End to end with the official `openai` Python package (in `.venv-test`, made by
 //! `scripts/setup.sh`) against `exo serve` running the real Gemma 3 270M: a
-//! completion, a chat completion and a streamed chat completion.
+//! completion, a chat completion and a streamed chat completion, and the SDK's
+//! typed log-probabilities and logit biases.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -23,6 +24,12 @@ for ch in c.chat.completions.create(model="gemma-3-270m-Q4_K_M", messages=[{"rol
     if ch.choices and ch.choices[0].finish_reason:
         finish = ch.choices[0].finish_reason
 out["stream"] = {"text": "".join(parts), "finish": finish}
+r = c.chat.completions.create(model="gemma-3-270m-Q4_K_M", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+lp = r.choices[0].logprobs.content
+out["chat_logprobs"] = {"n": 1 <= len(lp) <= 4, "top": len(lp[0].top_logprobs), "ok": all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.logprob for t in lp), "text": "".join(t.token for t in lp) == r.choices[0].message.content}
+r = c.completions.create(model="gemma-3-270m-Q4_K_M", prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=2, logit_bias={"9999": 100})
+l = r.choices[0].logprobs
+out["completion_logprobs"] = {"n": len(l.tokens), "lps": len(l.token_logprobs), "tops": [len(t) for t in l.top_logprobs], "offsets": l.text_offset, "text": r.choices[0].text, "forced": "".join(l.tokens)}
 try:
     c.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     out["unknown_model"] = "accepted"
@@ -144,5 +151,23 @@ fn openai_python_sdk_against_the_real_model() {
     assert!(v["stream"]["finish"].as_str().is_some(), "{v}");
     assert_eq!(v["unknown_model"], "NotFoundError", "{v}");
     assert_eq!(v["bad_key"], "AuthenticationError", "{v}");
+    assert_eq!(
+        v["chat_logprobs"],
+        serde_json::json!({"n": true, "top": 2, "ok": true, "text": true}),
+        "{v}"
+    );
+    let l = &v["completion_logprobs"];
+    assert_eq!(
+        (l["n"].as_u64(), l["lps"].as_u64()),
+        (Some(3), Some(3)),
+        "{v}"
+    );
+    assert!(
+        l["tops"].as_array().is_some_and(|t| t
+            .iter()
+            .all(|n| n.as_u64().is_some_and(|n| (2..=3).contains(&n)))),
+        "{v}"
+    );
+    assert_eq!(l["text"], l["forced"], "{v}");
     drop(server);
 }

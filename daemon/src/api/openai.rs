@@ -2,6 +2,7 @@
 
 #[doc(hidden)]
 pub mod fuzz;
+mod logprobs;
 mod request;
 mod response;
 
@@ -19,6 +20,8 @@ use super::text::TextStream;
 use super::{json_response, ApiBody, ApiError, ApiResponse, App, Served};
 use crate::engine::scheduler::{FinishReason, GenEvent, GenRequest, SubmitError};
 use crate::tokenizer::TokenizerError;
+use crate::engine::Sampling;
+use logprobs::{Entries, Entry};
 use request::{ChatRequest, CompletionRequest, GenParams, Prompt};
 use response::{unix_now, Header, Kind, Piece, Usage};
 
@@ -155,7 +158,11 @@ async fn generate(
         .submit(GenRequest {
             prompt,
             max_tokens,
-            sampling: params.sampling,
+            sampling: Sampling {
+                params: params.sampling,
+                logit_bias: params.logit_bias,
+                logprobs: params.logprobs,
+            },
             events: tx,
         })
         .map_err(|e| match e {
@@ -182,6 +189,8 @@ async fn generate(
         n_prompt,
         n_generated: 0,
         finished: None,
+        entries: params.logprobs.map(|_| Entries::new()),
+        logprobs: Vec::new(),
     };
     let header = Header::new(kind, &app.model_id);
     if params.stream {
@@ -203,6 +212,10 @@ struct Run {
     n_generated: usize,
     /// How the generation ended, once it has (a stop string ends it early).
     finished: Option<FinishReason>,
+    /// Makes the log-probability entries, when the request asked for them.
+    entries: Option<Entries>,
+    /// Entries of tokens not yet handed on ([`Run::take_logprobs`]).
+    logprobs: Vec<Entry>,
 }
 
 enum Step {
@@ -221,8 +234,12 @@ impl Run {
             }
             match self.rx.recv().await {
                 Some(GenEvent::Started) => continue,
-                Some(GenEvent::Token(t)) => {
+                Some(GenEvent::Token(picked)) => {
                     self.count_token();
+                    let t = picked.token;
+                    if let (Some(lp), Some(e)) = (&picked.logprobs, self.entries.as_mut()) {
+                        self.logprobs.push(e.next(&self.tokenizer, t, lp));
+                    }
                     let bytes = self.tokenizer.piece(t).unwrap_or_default();
                     let s = self.text.push(&bytes);
                     if self.text.stopped() {
@@ -250,6 +267,14 @@ impl Run {
                 None => return Step::Failed(engine_error("the engine stopped".into())),
             }
         }
+    }
+
+    /// The log-probability entries of the tokens since the last call (None when the
+    /// request did not ask for them).
+    fn take_logprobs(&mut self) -> Option<Vec<Entry>> {
+        self.entries
+            .as_ref()
+            .map(|_| std::mem::take(&mut self.logprobs))
     }
 
     /// Counts a generated token and its latency.
@@ -285,21 +310,28 @@ async fn full_response(mut run: Run, header: Header, kind: Kind) -> Result<ApiRe
         }
     };
     let usage = Usage::new(run.n_prompt, run.n_generated);
-    let body = response::whole(kind, &header, &text, reason, usage);
+    let logprobs = run.take_logprobs();
+    let body = response::whole(kind, &header, &text, reason, usage, logprobs.as_deref());
     Ok(json_response(StatusCode::OK, &body))
 }
 
 fn stream_response(mut run: Run, header: Header, kind: Kind, include_usage: bool) -> ApiResponse {
     let (tx, rx) = mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
-        let chunk = |piece: Piece<'_>| response::chunk(kind, &header, piece);
-        if kind == Kind::Chat && tx.send(chunk(Piece::Role)).await.is_err() {
+        let chunk = |piece: Piece<'_>, lp: Option<Vec<Entry>>| {
+            response::chunk(kind, &header, piece, lp.as_deref())
+        };
+        if kind == Kind::Chat && tx.send(chunk(Piece::Role, None)).await.is_err() {
             return;
         }
         let end = loop {
             match run.next().await {
                 Step::Text(s) => {
-                    if tx.send(chunk(Piece::Text(&s))).await.is_err() {
+                    if tx
+                        .send(chunk(Piece::Text(&s), run.take_logprobs()))
+                        .await
+                        .is_err()
+                    {
                         return; // client gone: dropping `run` cancels the generation
                     }
                 }
@@ -308,9 +340,11 @@ fn stream_response(mut run: Run, header: Header, kind: Kind, include_usage: bool
             }
         };
         let usage = Usage::new(run.n_prompt, run.n_generated);
+        // tokens whose text never came (cut by a stop string): on the last chunk
+        let rest = run.take_logprobs().filter(|l| !l.is_empty());
         drop(run);
         let last = match end {
-            Ok(reason) => chunk(Piece::End(reason, include_usage.then_some(usage))),
+            Ok(reason) => chunk(Piece::End(reason, include_usage.then_some(usage)), rest),
             Err(e) => response::sse(&e.body_json()),
         };
         let _ = tx.send(last).await;

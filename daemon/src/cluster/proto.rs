@@ -8,10 +8,12 @@ use serde::{Deserialize, Serialize};
 use ggml_shim::llama::SamplingParams;
 
 use super::capabilities::Capabilities;
+use crate::engine::Sampling;
 use crate::model::ModelFile;
 
-/// Protocol version of the control messages.
-pub const PROTOCOL: u32 = 1;
+/// Protocol version of the control messages (2: slot set-ups carry logit biases
+/// and log-probability requests, answered in token-logprobs frames).
+pub const PROTOCOL: u32 = 2;
 
 /// The identity of a model in the cluster: BLAKE3 of its GGUF header and tensor
 /// table (the API's model id is the file's stem instead).
@@ -152,14 +154,31 @@ pub struct SlotSetup {
     #[serde(with = "SamplingParamsDef")]
     pub sampling: SamplingParams,
     pub prompt: Vec<i32>,
+    /// `(token id, bias)` added to the logits, by id.
+    #[serde(default)]
+    pub logit_bias: Vec<(i32, f32)>,
+    /// Log-probabilities of the chosen token and of this many alternatives.
+    #[serde(default)]
+    pub logprobs: Option<usize>,
 }
 
 impl SlotSetup {
-    pub fn new(slot: usize, sampling: &SamplingParams, prompt: &[i32]) -> SlotSetup {
+    pub fn new(slot: usize, sampling: &Sampling, prompt: &[i32]) -> SlotSetup {
         SlotSetup {
             slot,
-            sampling: *sampling,
+            sampling: sampling.params,
             prompt: prompt.to_vec(),
+            logit_bias: sampling.logit_bias.clone(),
+            logprobs: sampling.logprobs,
+        }
+    }
+
+    /// How the sequence samples.
+    pub fn sampling(&self) -> Sampling {
+        Sampling {
+            params: self.sampling,
+            logit_bias: self.logit_bias.clone(),
+            logprobs: self.logprobs,
         }
     }
 }
@@ -208,7 +227,7 @@ mod tests {
         let json = serde_json::to_value(&hello).expect("json");
         assert_eq!(
             json,
-            serde_json::json!({"from": "head", "protocol": 1, "model_id": "abc123"})
+            serde_json::json!({"from": "head", "protocol": 2, "model_id": "abc123"})
         );
         let plan: Plan = serde_json::from_value(serde_json::json!({
             "epoch": 3, "model_id": "abc123", "stages": [], "n_ctx": 64, "n_slots": 2,

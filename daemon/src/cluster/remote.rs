@@ -8,15 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ggml_shim::llama::SamplingParams;
-
 use super::head::ClusterView;
 use super::proto::{self, SlotSetup};
 use super::transport::{PipelineRx, PipelineTx};
 use super::wire::{
     Dtype, Frame, FrameError, FrameType, Limits, Opener, Payload, Sealer, FLAG_SOLO,
 };
-use crate::engine::{BatchSeq, EngineError, Link, LinkOutput, Stage, StageInput};
+use crate::engine::{BatchSeq, EngineError, Link, LinkOutput, Sampling, Stage, StageInput};
 use crate::model::LayerRange;
 
 /// Sending to the next stage gives up after this (a missing peer).
@@ -122,7 +120,7 @@ impl RemoteStages {
     /// Counts the return hop where it arrives (a split `lm_head`'s rows once).
     fn count_return(&self, frame: &Frame<'_>, bytes: usize) {
         let rows: u64 = match frame.frame_type {
-            FrameType::Tokens | FrameType::LmHeadPart => {
+            FrameType::Tokens | FrameType::LmHeadPart | FrameType::TokenLogprobs => {
                 BatchSeq::output_rows_of(&frame.seqs) as u64
             }
             FrameType::Normed => 0,
@@ -162,7 +160,9 @@ impl RemoteStages {
             (FrameType::LmHeadPart, Some(_)) => {
                 LinkOutput::LmHeadPart(frame.head_part().map_err(wire)?.to_vec())
             }
-            (FrameType::Tokens, _) => LinkOutput::Tokens(frame.tokens().map_err(wire)?.to_vec()),
+            (FrameType::Tokens | FrameType::TokenLogprobs, _) => {
+                LinkOutput::Tokens(frame.picks().map_err(wire)?)
+            }
             (other, _) => {
                 tracing::warn!("unexpected {} frame on the head's data plane", other.name());
                 return Ok(None);
@@ -228,7 +228,7 @@ impl Link for RemoteStages {
     fn open_slot(
         &mut self,
         slot: usize,
-        sampling: &SamplingParams,
+        sampling: &Sampling,
         prompt: &[i32],
     ) -> Result<(), EngineError> {
         let setup = SlotSetup::new(slot, sampling, prompt);

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use ggml_shim::llama::SamplingParams;
 
-use super::{BatchSeq, EngineError, OutputRows, Pipeline, TokenSampler};
+use super::{BatchSeq, EngineError, OutputRows, Pipeline, Sampling, TokenSampler};
 
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
@@ -111,7 +111,7 @@ pub fn generate(
     mut on_token: impl FnMut(i32) -> bool,
 ) -> Result<Generation, EngineError> {
     check_context(p, prompt.len(), params.max_tokens)?;
-    let mut sampler = TokenSampler::new(&params.sampling, prompt)?;
+    let mut sampler = TokenSampler::new(&Sampling::from(params.sampling), prompt)?;
     let slot = p.slots.acquire()?;
     let guard = SlotGuard { pipeline: p, slot };
     let t0 = Instant::now();
@@ -121,7 +121,7 @@ pub fn generate(
     let mut tokens = Vec::new();
     let mut stop = StopReason::Length;
     let mut pos = prompt.len();
-    let mut next = sampler.pick(&logits)?;
+    let mut next = sampler.pick(&logits)?.token;
     drop(logits);
     while tokens.len() < params.max_tokens {
         if is_eog(next) {
@@ -142,7 +142,7 @@ pub fn generate(
             n_tokens: 1,
             output: OutputRows::Last,
         };
-        next = sampler.pick(&guard.pipeline.step(&[seq], &[next])?)?;
+        next = sampler.pick(&guard.pipeline.step(&[seq], &[next])?)?.token;
         pos += 1;
     }
     Ok(Generation {

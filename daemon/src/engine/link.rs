@@ -5,9 +5,7 @@
 
 use std::ops::Range;
 
-use ggml_shim::llama::SamplingParams;
-
-use super::sampler::PartialLogits;
+use super::sampler::{PartialLogits, Picked, Sampling};
 use super::stage::{Stage, StageInput, StageOutput};
 use super::EngineError;
 use crate::model::{BatchSeq, LayerRange};
@@ -19,8 +17,9 @@ pub enum LinkOutput {
     Hidden(Vec<f32>),
     /// Logits of the output rows, `n_vocab` values per row.
     Logits(Vec<f32>),
-    /// Token ids the last stage sampled, one per output row.
-    Tokens(Vec<i32>),
+    /// Token ids the last stage sampled (with their log-probabilities when asked
+    /// for), one per output row.
+    Tokens(Vec<Picked>),
     /// The last stage's normalized final state of the output rows (`n_embd` values
     /// per row), sent first when the `lm_head` is split: this node computes rows
     /// `0..rows` of the `lm_head` while the last stage computes the others.
@@ -53,7 +52,7 @@ pub trait Link: Send {
     fn open_slot(
         &mut self,
         _slot: usize,
-        _sampling: &SamplingParams,
+        _sampling: &Sampling,
         _prompt: &[i32],
     ) -> Result<(), EngineError> {
         Ok(())

@@ -13,7 +13,7 @@ mod stage;
 pub use generate::{generate, prompt_logits, GenerateParams, Generation, StopReason};
 pub use link::{Link, LinkOutput};
 pub use pipeline::{Pipeline, PipelineConfig, StepOutcome};
-pub use sampler::{PartialLogits, TokenSampler};
+pub use sampler::{PartialLogits, Picked, Sampling, TokenLogprobs, TokenSampler};
 pub use stage::{Stage, StageConfig, StageInput, StageOutput};
 
 pub use crate::model::graph::OutputRows;

@@ -4,11 +4,9 @@
 
 use std::collections::HashMap;
 
-use ggml_shim::llama::SamplingParams;
-
 use super::codec::{self, Dtype};
 use super::link::{Link, LinkOutput};
-use super::sampler::PartialLogits;
+use super::sampler::{PartialLogits, Picked, Sampling};
 use super::stage::{Stage, StageConfig, StageInput};
 use super::{EngineError, SlotPool};
 use crate::model::{BatchSeq, LayerRange, ModelFile};
@@ -19,7 +17,7 @@ pub enum StepOutcome {
     /// Logits of the output rows, `n_vocab` values per row.
     Logits(Vec<f32>),
     /// Tokens the last stage already sampled, one per output row.
-    Tokens(Vec<i32>),
+    Tokens(Vec<Picked>),
     /// A split `lm_head`: per output row, this node's logits of ids `0..rows`
     /// (`rows` values a row, in `mine`) and the last stage's part of the others.
     Split {
@@ -148,7 +146,7 @@ impl Pipeline {
     pub fn open_slot(
         &mut self,
         slot: usize,
-        sampling: &SamplingParams,
+        sampling: &Sampling,
         prompt: &[i32],
     ) -> Result<(), EngineError> {
         for l in &mut self.links {

@@ -1,7 +1,11 @@
 //! Continuous batching: one engine thread owns the pipeline; requests join and
 //! leave between steps. Every step decodes one token for each running sequence
-//! and spends what is left of the token budget on prompt chunks of newly admitted
-//! ones, so a long prompt never stalls running streams.
+//! and spends a budget of `batch` prompt tokens on prompt chunks of newly admitted
+//! ones, so a long prompt never stalls running streams. Prompts share that budget
+//! fairly ([`Active::prefill_rank`]): the one that has had the fewest tokens goes
+//! first, and one left out of a step goes first in the next, so a short prompt
+//! arriving during a long one's prefill is through within a step or two, and the
+//! long one still gets at least every other step.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,10 +14,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ggml_shim::llama::SamplingParams;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{BatchSeq, EngineError, OutputRows, Pipeline, StepOutcome, TokenSampler};
+use super::{
+    BatchSeq, EngineError, OutputRows, Picked, Pipeline, Sampling, StepOutcome, TokenSampler,
+};
 
 /// How the scheduler runs.
 #[derive(Debug, Clone)]
@@ -49,7 +54,8 @@ pub enum FinishReason {
 pub enum GenEvent {
     /// The prompt has been processed; generation starts.
     Started,
-    Token(i32),
+    /// A generated token, with its log-probabilities when the request asked.
+    Token(Picked),
     Done {
         reason: FinishReason,
         prompt_tokens: usize,
@@ -64,7 +70,7 @@ pub enum GenEvent {
 pub struct GenRequest {
     pub prompt: Vec<i32>,
     pub max_tokens: usize,
-    pub sampling: SamplingParams,
+    pub sampling: Sampling,
     pub events: UnboundedSender<GenEvent>,
 }
 
@@ -134,6 +140,9 @@ impl SchedulerHandle {
                 "token id {bad} is outside the vocabulary"
             )));
         }
+        req.sampling
+            .check(self.n_vocab)
+            .map_err(SubmitError::Invalid)?;
         if req.prompt.len() + req.max_tokens > self.n_ctx {
             return Err(SubmitError::Invalid(format!(
                 "the prompt has {} tokens and max_tokens is {}, but the context holds {} tokens",
@@ -197,6 +206,7 @@ pub fn spawn(
         deadline: None,
         in_flight: Vec::new(),
         next_step: 1,
+        admissions: 0,
     };
     let join = std::thread::Builder::new()
         .name("exo-engine".into())
@@ -219,11 +229,32 @@ struct Active {
     busy: bool,
     /// Cancelled while in flight: free the slot when its step returns.
     cancelled: bool,
+    /// Admission order (ties between prompts go to the earlier one).
+    admitted: u64,
+    /// Ready with prompt left, but left out of the last step launched.
+    skipped: bool,
 }
 
 impl Active {
     fn pos(&self) -> usize {
         self.fed + self.generated.saturating_sub(1)
+    }
+
+    /// Prompt tokens not yet fed (0 once decoding).
+    fn prompt_left(&self) -> usize {
+        if self.next.is_some() {
+            0
+        } else {
+            self.prompt.len() - self.fed
+        }
+    }
+
+    /// Where this sequence's next prompt chunk goes in a step's budget, smallest
+    /// first: one left out of the last step, then the one fed fewest prompt tokens
+    /// so far (a newcomer before a long prompt half way), the shorter rest, the
+    /// earlier admission.
+    fn prefill_rank(&self) -> (bool, usize, usize, u64) {
+        (!self.skipped, self.fed, self.prompt_left(), self.admitted)
     }
 }
 
@@ -247,6 +278,8 @@ struct Engine {
     deadline: Option<Instant>,
     in_flight: Vec<InFlight>,
     next_step: u64,
+    /// Requests admitted so far.
+    admissions: u64,
 }
 
 impl Engine {
@@ -415,7 +448,10 @@ impl Engine {
                 events: req.events,
                 busy: false,
                 cancelled: false,
+                admitted: self.admissions,
+                skipped: false,
             });
+            self.admissions += 1;
         }
         self.stats.active.store(self.active.len(), Ordering::SeqCst);
     }
@@ -427,12 +463,18 @@ impl Engine {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(false);
         }
-        let ready: Vec<usize> = (0..self.active.len())
+        // decoding sequences first (a token each, on top of the budget), then the
+        // prompts in their fair order
+        let mut ready: Vec<usize> = (0..self.active.len())
             .filter(|&i| !self.active[i].busy && !self.active[i].cancelled)
             .collect();
         if ready.is_empty() {
             return Ok(false);
         }
+        ready.sort_by_key(|&i| {
+            let a = &self.active[i];
+            (a.next.is_none(), a.prefill_rank())
+        });
         // Spread the running sequences evenly over the pipeline's places: a
         // micro-batch takes at most its share, so that uneven batches (one request
         // arrived alone, the others together) even out within a few steps instead of
@@ -446,51 +488,8 @@ impl Engine {
         } else {
             ready.len()
         };
-        let mut seqs = Vec::new();
-        let mut tokens = Vec::new();
-        let mut slots = Vec::new();
-        for &i in ready.iter().take(take) {
-            let a = &self.active[i];
-            if let Some(t) = a.next {
-                seqs.push(BatchSeq {
-                    slot: a.slot,
-                    pos0: a.pos(),
-                    n_tokens: 1,
-                    output: OutputRows::Last,
-                });
-                tokens.push(t);
-                slots.push(a.slot);
-            }
-        }
-        // Prompts go in whole chunks of `batch` tokens (the last one shorter), cut at
-        // the same places whatever else runs: a chunk's results depend on its
-        // length, so a prompt is processed exactly as alone (llama.cpp's ubatches).
-        // The decode tokens above come on top of this budget.
-        let chunk = self.cfg.batch.max(1);
-        let mut budget = chunk;
-        for &i in ready.iter().take(take) {
-            let a = &self.active[i];
-            if a.next.is_none() && a.fed < a.prompt.len() {
-                let n = (a.prompt.len() - a.fed).min(chunk);
-                if n > budget {
-                    break;
-                }
-                let done = a.fed + n == a.prompt.len();
-                seqs.push(BatchSeq {
-                    slot: a.slot,
-                    pos0: a.fed,
-                    n_tokens: n,
-                    output: if done {
-                        OutputRows::Last
-                    } else {
-                        OutputRows::None
-                    },
-                });
-                tokens.extend_from_slice(&a.prompt[a.fed..a.fed + n]);
-                slots.push(a.slot);
-                budget -= n;
-            }
-        }
+        ready.truncate(take);
+        let (seqs, tokens, slots) = self.fill_step(&ready);
         if seqs.is_empty() {
             return Ok(false);
         }
@@ -518,6 +517,58 @@ impl Engine {
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
         Ok(true)
+    }
+
+    /// The batch of one step over the sequences `chosen` (indices into `active`,
+    /// decoding ones first): a token for each decoding sequence, then prompt chunks
+    /// in order while they fit the budget of `batch` tokens. Prompts go in whole
+    /// chunks of `batch` tokens (the last one shorter), cut at the same places
+    /// whatever else runs: a chunk's results depend on its length, so a prompt is
+    /// processed exactly as alone (llama.cpp's ubatches). A prompt whose chunk does
+    /// not fit is marked skipped, and goes first next time.
+    fn fill_step(&mut self, chosen: &[usize]) -> (Vec<BatchSeq>, Vec<i32>, Vec<usize>) {
+        let mut seqs = Vec::new();
+        let mut tokens = Vec::new();
+        let mut slots = Vec::new();
+        let chunk = self.cfg.batch.max(1);
+        let mut budget = chunk;
+        for &i in chosen {
+            let a = &mut self.active[i];
+            if let Some(t) = a.next {
+                seqs.push(BatchSeq {
+                    slot: a.slot,
+                    pos0: a.pos(),
+                    n_tokens: 1,
+                    output: OutputRows::Last,
+                });
+                tokens.push(t);
+                slots.push(a.slot);
+                continue;
+            }
+            let n = a.prompt_left().min(chunk);
+            if n == 0 {
+                continue;
+            }
+            a.skipped = n > budget;
+            if a.skipped {
+                continue;
+            }
+            let done = a.fed + n == a.prompt.len();
+            seqs.push(BatchSeq {
+                slot: a.slot,
+                pos0: a.fed,
+                n_tokens: n,
+                output: if done {
+                    OutputRows::Last
+                } else {
+                    OutputRows::None
+                },
+            });
+            tokens.extend_from_slice(&a.prompt[a.fed..a.fed + n]);
+            slots.push(a.slot);
+            budget -= n;
+        }
+        (seqs, tokens, slots)
     }
 
     /// Waits for one step and hands its results to the sequences.
@@ -556,7 +607,8 @@ impl Engine {
             }
             let r = row;
             row += 1;
-            let t = pick(&outcome, r, &mut a.sampler, n_vocab)?;
+            let picked = pick(&outcome, r, &mut a.sampler, n_vocab)?;
+            let t = picked.token;
             if a.cancelled {
                 finished.push((slot, FinishReason::Cancelled));
                 continue;
@@ -567,7 +619,7 @@ impl Engine {
                 continue;
             }
             a.generated += 1;
-            let _ = a.events.send(GenEvent::Token(t));
+            let _ = a.events.send(GenEvent::Token(picked));
             if a.generated >= a.max_tokens {
                 a.next = None;
                 finished.push((slot, FinishReason::Length));
@@ -599,10 +651,10 @@ fn pick(
     r: usize,
     sampler: &mut TokenSampler,
     n_vocab: usize,
-) -> Result<i32, EngineError> {
+) -> Result<Picked, EngineError> {
     let missing = || EngineError::Pipeline("fewer results than output rows came back".into());
     match outcome {
-        StepOutcome::Tokens(t) => t.get(r).copied().ok_or_else(missing),
+        StepOutcome::Tokens(t) => t.get(r).cloned().ok_or_else(missing),
         StepOutcome::Logits(logits) => {
             let row = logits
                 .get(r * n_vocab..(r + 1) * n_vocab)
@@ -624,6 +676,7 @@ mod tests {
     use super::*;
     use crate::engine::{Link, LinkOutput, StageInput};
     use crate::model::LayerRange;
+    use ggml_shim::llama::SamplingParams;
     use std::sync::Mutex;
 
     const N_VOCAB: usize = 8;
@@ -662,12 +715,11 @@ mod tests {
         }
     }
 
-    /// A prompt is cut into chunks of `batch` tokens at the same places whether it
-    /// runs alone or next to decoding sequences (a chunk's results depend on its
-    /// length), and the step's decode tokens come on top of the chunk.
-    #[test]
-    fn prompts_are_cut_at_the_same_places_whatever_else_runs() {
-        let batches = Arc::new(Mutex::new(Vec::new()));
+    type Batches = Arc<Mutex<Vec<Vec<BatchSeq>>>>;
+
+    /// An engine of 4 slots and steps of 5 prompt tokens over a [`Recorder`].
+    fn recorded_engine() -> (SchedulerHandle, JoinHandle<()>, Batches) {
+        let batches = Batches::default();
         let stage = Recorder {
             batches: batches.clone(),
             done: VecDeque::new(),
@@ -679,29 +731,99 @@ mod tests {
             batch: 5,
         };
         let (handle, join) = spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn");
-        let mut receivers = Vec::new();
-        for (len, max_tokens) in [(2, 30), (12, 4), (7, 4)] {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            handle
-                .submit(GenRequest {
-                    prompt: (0..len).map(|t| t % 5).collect(),
-                    max_tokens,
-                    sampling: SamplingParams {
-                        temperature: 0.0,
-                        ..SamplingParams::default()
-                    },
-                    events: tx,
-                })
-                .expect("submit");
-            receivers.push(rx);
-        }
-        for mut rx in receivers {
-            while let Some(e) = rx.blocking_recv() {
-                if matches!(e, GenEvent::Done { .. }) {
-                    break;
-                }
+        (handle, join, batches)
+    }
+
+    fn greedy_request(prompt: Vec<i32>, max_tokens: usize) -> (GenRequest, Receiver) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = GenRequest {
+            prompt,
+            max_tokens,
+            sampling: Sampling::from(SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            }),
+            events: tx,
+        };
+        (req, rx)
+    }
+
+    type Receiver = tokio::sync::mpsc::UnboundedReceiver<GenEvent>;
+
+    fn wait_done(mut rx: Receiver) {
+        while let Some(e) = rx.blocking_recv() {
+            if matches!(e, GenEvent::Done { .. }) {
+                return;
             }
         }
+    }
+
+    /// Short prompts sent while a long one is being prefilled go in the next step
+    /// (or the one after, if that step was already planned), and the long prompt
+    /// keeps getting a chunk at least every other step.
+    #[test]
+    fn a_short_prompt_does_not_wait_for_a_long_prefill() {
+        let (handle, join, batches) = recorded_engine();
+        let long: Vec<i32> = (0..150).map(|t| t % 7).collect();
+        let (req, long_rx) = greedy_request(long.clone(), 2);
+        handle.submit(req).expect("submit");
+        while batches.lock().expect("lock").is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // three short prompts, one after the other, during the long prefill
+        let mut marks = Vec::new();
+        for len in [3, 4, 2] {
+            let (req, rx) = greedy_request((0..len).collect(), 3);
+            let mark = batches.lock().expect("lock").len();
+            handle.submit(req).expect("submit");
+            // the short prompt's only chunk: a whole prompt of `len` tokens
+            let is_it = move |s: &BatchSeq| s.pos0 == 0 && s.n_tokens == len as usize;
+            marks.push((mark, is_it));
+            wait_done(rx);
+        }
+        wait_done(long_rx);
+        handle.shutdown(Duration::from_secs(1));
+        join.join().expect("engine thread");
+        let batches = batches.lock().expect("lock");
+        let long_chunks: Vec<usize> = batches
+            .iter()
+            .enumerate()
+            .filter(|(_, seqs)| seqs.iter().any(|s| s.n_tokens == 5))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(long_chunks.len(), 30, "{batches:?}");
+        for (mark, is_it) in marks {
+            let at = batches
+                .iter()
+                .position(|seqs| seqs.iter().any(is_it))
+                .expect("the short prompt ran");
+            assert!(
+                at > mark.saturating_sub(1) && at <= mark + 1,
+                "sent after step {mark}, prefilled in step {at}: {batches:?}"
+            );
+            assert!(
+                long_chunks.iter().any(|&c| c > at),
+                "the short prompt came after the long prefill: {batches:?}"
+            );
+        }
+        for w in long_chunks.windows(2) {
+            assert!(w[1] - w[0] <= 2, "the long prompt waited: {batches:?}");
+        }
+    }
+
+    /// A prompt is cut into chunks of `batch` tokens at the same places whether it
+    /// runs alone or next to decoding sequences (a chunk's results depend on its
+    /// length), and the step's decode tokens come on top of the chunk.
+    #[test]
+    fn prompts_are_cut_at_the_same_places_whatever_else_runs() {
+        let (handle, join, batches) = recorded_engine();
+        let mut receivers = Vec::new();
+        for (len, max_tokens) in [(2, 30), (12, 4), (7, 4)] {
+            let (req, rx) = greedy_request((0..len).map(|t| t % 5).collect(), max_tokens);
+            handle.submit(req).expect("submit");
+            receivers.push(rx);
+        }
+        receivers.into_iter().for_each(wait_done);
         handle.shutdown(Duration::from_secs(1));
         join.join().expect("engine thread");
         let batches = batches.lock().expect("lock");

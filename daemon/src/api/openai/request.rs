@@ -6,7 +6,9 @@
 //! must be a number") and check the fields in a fixed order. OpenAI parameters that
 //! exo does not implement are refused unless their value is a no-op ([`unsupported`]);
 //! other fields exo does not use (`user`, …) are ignored, as clients such as the
-//! `openai` SDK send them.
+//! `openai` SDK send them. `logit_bias`, `logprobs` and (chat) `top_logprobs` are
+//! OpenAI's; the biases' ids are checked against the vocabulary when the request is
+//! submitted.
 
 mod unsupported;
 
@@ -19,6 +21,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::api::{ApiError, App};
+use crate::engine::sampler::{MAX_LOGIT_BIAS, MAX_LOGIT_BIASES, MAX_TOP_LOGPROBS};
 use crate::tokenizer::Message;
 
 /// The most stop strings a request may give.
@@ -91,6 +94,14 @@ impl Expected for String {
     const WHAT: &'static str = "a string";
 }
 
+/// `logit_bias`: token ids (as JSON object keys) to biases.
+type BiasMap = serde_json::Map<String, Value>;
+
+impl Expected for BiasMap {
+    const WHAT: &'static str = "an object mapping token ids to numbers";
+    const OBJECT: bool = true;
+}
+
 /// `stop`: one string or a list of them.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -133,6 +144,7 @@ struct GenFields {
     stop: Field<Stop>,
     stream: Field<bool>,
     stream_options: Field<StreamOptions>,
+    logit_bias: Field<BiasMap>,
 }
 
 /// `prompt` of a completion, in each form the JSON may take.
@@ -159,6 +171,8 @@ pub(super) struct CompletionRequest {
     gen: GenFields,
     prompt: Field<PromptField>,
     echo: Field<bool>,
+    /// How many alternatives' log-probabilities to report per token (0 and up).
+    logprobs: Field<i64>,
 }
 
 /// A chat message's `content`: text, or a list of parts.
@@ -212,6 +226,8 @@ pub(super) struct ChatRequest {
     gen: GenFields,
     max_completion_tokens: Field<i64>,
     messages: Field<Vec<Field<ChatMessage>>>,
+    logprobs: Field<bool>,
+    top_logprobs: Field<i64>,
 }
 
 /// What a valid request asks of the engine, apart from its prompt.
@@ -222,6 +238,10 @@ pub(super) struct GenParams {
     pub stops: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// `(token id, bias)` by id; ids not yet checked against the vocabulary.
+    pub logit_bias: Vec<(i32, f32)>,
+    /// Log-probabilities of each token and of this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// A completion's prompt: text to tokenize, or token ids (not yet checked against
@@ -247,10 +267,15 @@ impl CompletionRequest {
     /// Checks the request for `app`'s model.
     pub(super) fn validate(self, app: &App) -> Result<(GenParams, Prompt), ApiError> {
         check_model(app, self.model)?;
-        let params = self.gen.validate(Field::Absent)?;
+        let mut params = self.gen.validate(Field::Absent)?;
         if self.echo.get("echo")? == Some(true) {
             return Err(ApiError::bad_request("'echo' is not supported"));
         }
+        params.logprobs = self
+            .logprobs
+            .get("logprobs")?
+            .map(|n| top_logprobs(n, "logprobs"))
+            .transpose()?;
         let prompt = match self.prompt.get("prompt")? {
             None => return Err(ApiError::bad_request("'prompt' is required")),
             Some(PromptField::Text(s)) => Prompt::Text(s),
@@ -276,7 +301,17 @@ impl ChatRequest {
     /// Checks the request for `app`'s model; `developer` messages become `system` ones.
     pub(super) fn validate(self, app: &App) -> Result<(GenParams, Vec<Message>), ApiError> {
         check_model(app, self.model)?;
-        let params = self.gen.validate(self.max_completion_tokens)?;
+        let mut params = self.gen.validate(self.max_completion_tokens)?;
+        let top = self.top_logprobs.get("top_logprobs")?;
+        params.logprobs = match (self.logprobs.get("logprobs")?, top) {
+            (Some(true), n) => Some(n.map_or(Ok(0), |n| top_logprobs(n, "top_logprobs"))?),
+            (_, None) => None,
+            (_, Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "'top_logprobs' needs 'logprobs' to be true",
+                ))
+            }
+        };
         let messages = match self.messages.get("messages")? {
             Some(list) if !list.is_empty() => list,
             Some(_) => return Err(ApiError::bad_request("'messages' must not be empty")),
@@ -359,6 +394,7 @@ impl GenFields {
             Some(options) => options.include_usage.get("include_usage")?.unwrap_or(false),
             None => false,
         };
+        let logit_bias = logit_bias(self.logit_bias.get("logit_bias")?.unwrap_or_default())?;
         Ok(GenParams {
             max_tokens,
             sampling: SamplingParams {
@@ -375,8 +411,59 @@ impl GenFields {
             stops,
             stream,
             include_usage,
+            logit_bias,
+            logprobs: None,
         })
     }
+}
+
+/// `logit_bias` as `(token id, bias)` by id: keys must be token ids (not negative),
+/// values numbers within ±100, at most [`MAX_LOGIT_BIASES`] of them.
+fn logit_bias(map: BiasMap) -> Result<Vec<(i32, f32)>, ApiError> {
+    if map.len() > MAX_LOGIT_BIASES {
+        return Err(ApiError::bad_request(format!(
+            "'logit_bias' may hold at most {MAX_LOGIT_BIASES} tokens, got {}",
+            map.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let id = key
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .filter(|&id| id >= 0)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("'logit_bias' keys must be token ids, got {key:?}"))
+            })?;
+        let bias = value
+            .as_f64()
+            .filter(|b| b.abs() <= f64::from(MAX_LOGIT_BIAS))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "'logit_bias' values must be numbers between -100 and 100, got {value} for token {id}"
+                ))
+            })?;
+        out.push((id, bias as f32));
+    }
+    out.sort_by_key(|&(id, _)| id);
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ApiError::bad_request(format!(
+            "'logit_bias' names token {} twice",
+            w[0].0
+        )));
+    }
+    Ok(out)
+}
+
+/// A count of alternatives per token (`name`): 0 to [`MAX_TOP_LOGPROBS`].
+fn top_logprobs(n: i64, name: &str) -> Result<usize, ApiError> {
+    if !(0..=MAX_TOP_LOGPROBS as i64).contains(&n) {
+        return Err(ApiError::bad_request(format!(
+            "'{name}' must be between 0 and {MAX_TOP_LOGPROBS}"
+        )));
+    }
+    Ok(n as usize)
 }
 
 /// A number field within `range`, or `default` when absent.

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 
+use super::logprobs::{ChatLogprobs, CompletionLogprobs, Entry};
 use crate::engine::scheduler::FinishReason;
 
 /// Which endpoint answers.
@@ -90,19 +91,21 @@ enum Choice<'a> {
     Text {
         text: &'a str,
         index: u32,
-        logprobs: Option<()>,
+        logprobs: Option<CompletionLogprobs<'a>>,
         finish_reason: Option<&'static str>,
     },
     /// A whole chat completion.
     Message {
         index: u32,
         message: Delta<'a>,
+        logprobs: Option<ChatLogprobs<'a>>,
         finish_reason: &'static str,
     },
     /// A chunk of a streamed chat completion.
     Delta {
         index: u32,
         delta: Delta<'a>,
+        logprobs: Option<ChatLogprobs<'a>>,
         finish_reason: Option<&'static str>,
     },
 }
@@ -132,13 +135,14 @@ fn finish_str(r: FinishReason) -> &'static str {
     }
 }
 
-/// A whole (not streamed) response.
+/// A whole (not streamed) response; `logprobs` when the request asked for them.
 pub(super) fn whole<'a>(
     kind: Kind,
     header: &'a Header,
     text: &'a str,
     reason: FinishReason,
     usage: Usage,
+    logprobs: Option<&'a [Entry]>,
 ) -> impl Serialize + 'a {
     let finish_reason = finish_str(reason);
     let (object, choice) = match kind {
@@ -147,7 +151,7 @@ pub(super) fn whole<'a>(
             Choice::Text {
                 text,
                 index: 0,
-                logprobs: None,
+                logprobs: logprobs.map(CompletionLogprobs::of),
                 finish_reason: Some(finish_reason),
             },
         ),
@@ -159,6 +163,7 @@ pub(super) fn whole<'a>(
                     role: Some("assistant"),
                     content: Some(text),
                 },
+                logprobs: logprobs.map(ChatLogprobs::of),
                 finish_reason,
             },
         ),
@@ -171,8 +176,14 @@ pub(super) fn whole<'a>(
     }
 }
 
-/// One server-sent event of a stream.
-pub(super) fn chunk(kind: Kind, header: &Header, piece: Piece<'_>) -> Bytes {
+/// One server-sent event of a stream; `logprobs`, those of the tokens it adds, when
+/// the request asked for them.
+pub(super) fn chunk(
+    kind: Kind,
+    header: &Header,
+    piece: Piece<'_>,
+    logprobs: Option<&[Entry]>,
+) -> Bytes {
     let (text, role, finish, usage) = match piece {
         Piece::Role => (Some(""), Some("assistant"), None, None),
         Piece::Text(s) => (Some(s), None, None, None),
@@ -184,7 +195,7 @@ pub(super) fn chunk(kind: Kind, header: &Header, piece: Piece<'_>) -> Bytes {
             Choice::Text {
                 text: text.unwrap_or(""),
                 index: 0,
-                logprobs: None,
+                logprobs: logprobs.map(CompletionLogprobs::of),
                 finish_reason: finish,
             },
         ),
@@ -196,6 +207,7 @@ pub(super) fn chunk(kind: Kind, header: &Header, piece: Piece<'_>) -> Bytes {
                     role,
                     content: text,
                 },
+                logprobs: logprobs.map(ChatLogprobs::of),
                 finish_reason: finish,
             },
         ),
@@ -256,6 +268,7 @@ mod tests {
             "hi",
             FinishReason::Length,
             Usage::new(3, 2),
+            None,
         ))
         .expect("json");
         assert_eq!(
@@ -270,30 +283,34 @@ mod tests {
             "hi",
             FinishReason::Cancelled,
             Usage::new(3, 2),
+            None,
         ))
         .expect("json");
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(
             v["choices"],
-            json!([{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}])
+            json!([{"index": 0, "message": {"role": "assistant", "content": "hi"}, "logprobs": null,
+                "finish_reason": "stop"}])
         );
     }
 
     #[test]
     fn chat_chunks_open_with_the_role_and_close_with_an_empty_delta() {
         let h = header();
-        let first = event(chunk(Kind::Chat, &h, Piece::Role));
+        let first = event(chunk(Kind::Chat, &h, Piece::Role, None));
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(
             first["choices"],
-            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
+                "finish_reason": null}])
         );
-        let text = event(chunk(Kind::Chat, &h, Piece::Text("a")));
+        let text = event(chunk(Kind::Chat, &h, Piece::Text("a"), None));
         assert_eq!(text["choices"][0]["delta"], json!({"content": "a"}));
         let last = event(chunk(
             Kind::Chat,
             &h,
             Piece::End(FinishReason::Stop, Some(Usage::new(1, 1))),
+            None,
         ));
         assert_eq!(last["choices"][0]["delta"], json!({}));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
@@ -304,7 +321,7 @@ mod tests {
     #[test]
     fn completion_chunks_carry_text() {
         let h = header();
-        let v = event(chunk(Kind::Completion, &h, Piece::Text("x")));
+        let v = event(chunk(Kind::Completion, &h, Piece::Text("x"), None));
         assert_eq!(
             v["choices"],
             json!([{"text": "x", "index": 0, "logprobs": null, "finish_reason": null}])
@@ -313,6 +330,7 @@ mod tests {
             Kind::Completion,
             &h,
             Piece::End(FinishReason::Length, None),
+            None,
         ));
         assert_eq!(v["choices"][0]["text"], "");
         assert_eq!(v["choices"][0]["finish_reason"], "length");

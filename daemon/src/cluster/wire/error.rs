@@ -140,6 +140,8 @@ pub enum FrameError {
     },
     #[error("head part, output row {row}: {why}")]
     BadHeadPart { row: usize, why: String },
+    #[error("token log-probabilities, output row {row}: {why}")]
+    BadLogprobs { row: usize, why: String },
     #[error("the frame counter of this sender is exhausted")]
     CounterExhausted,
     #[error("control payload: {0}")]

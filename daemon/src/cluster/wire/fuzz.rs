@@ -15,6 +15,7 @@ pub fn fuzz_limits() -> Limits {
     Limits {
         max_seqs: 8,
         max_tokens: 512,
+        max_output_rows: 512,
         width: 64,
         n_ctx: 4096,
         n_slots: 8,
@@ -45,6 +46,7 @@ fn read_everything(frame: &super::Frame<'_>) {
     let _ = frame.normed(&mut floats);
     let _ = frame.head_part();
     let _ = frame.tokens();
+    let _ = frame.picks();
     let _ = frame.chunk();
     if frame.frame_type.is_control() && frame.frame_type != FrameType::SliceChunk {
         let _ = frame.control::<proto::Hello>();

@@ -40,6 +40,7 @@ mod header;
 mod mac;
 mod open;
 mod payload;
+mod picks;
 mod seal;
 #[cfg(test)]
 mod tests;
@@ -51,7 +52,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 
 pub use crate::engine::codec::Dtype;
-use crate::engine::{codec, BatchSeq};
+use crate::engine::{codec, BatchSeq, Picked};
 pub use error::{DropReason, FrameError};
 pub use mac::FrameKey;
 pub use open::{Limits, Opener, OpenerStats, StatsSnapshot, MAX_CHUNK_FRAME_LEN, REPLAY_WINDOW};
@@ -108,10 +109,13 @@ pub enum FrameType {
     /// One chunk of the model file (raw bytes; the step id is the chunk's index),
     /// at most [`MAX_CHUNK_FRAME_BYTES`].
     SliceChunk = 17,
+    /// Sampled tokens with their log-probabilities, one per output row (a last
+    /// stage that samples, when some sequence of the step asked for them).
+    TokenLogprobs = 18,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 17] = [
+    pub const ALL: [FrameType; 18] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Capabilities,
@@ -129,6 +133,7 @@ impl FrameType {
         FrameType::SliceOffer,
         FrameType::SliceStatus,
         FrameType::SliceChunk,
+        FrameType::TokenLogprobs,
     ];
 
     pub fn from_u8(v: u8) -> Option<FrameType> {
@@ -139,7 +144,11 @@ impl FrameType {
     pub fn is_control(self) -> bool {
         !matches!(
             self,
-            FrameType::Activations | FrameType::Tokens | FrameType::LmHeadPart | FrameType::Normed
+            FrameType::Activations
+                | FrameType::Tokens
+                | FrameType::LmHeadPart
+                | FrameType::Normed
+                | FrameType::TokenLogprobs
         )
     }
 
@@ -162,6 +171,7 @@ impl FrameType {
             FrameType::SliceOffer => "slice-offer",
             FrameType::SliceStatus => "slice-status",
             FrameType::SliceChunk => "slice-chunk",
+            FrameType::TokenLogprobs => "token-logprobs",
         }
     }
 }
@@ -230,6 +240,15 @@ impl Frame<'_> {
     pub fn tokens(&self) -> Result<&[i32], FrameError> {
         match &self.body {
             Body::Tokens(tokens) => Ok(tokens),
+            _ => Err(self.wrong_type(FrameType::Tokens.name())),
+        }
+    }
+
+    /// The sampled tokens of a tokens or token-logprobs frame, one per output row.
+    pub fn picks(&self) -> Result<Vec<Picked>, FrameError> {
+        match &self.body {
+            Body::Tokens(tokens) => Ok(tokens.iter().map(|&t| Picked::token(t)).collect()),
+            Body::TokenLogprobs(picks) => Ok(picks.clone()),
             _ => Err(self.wrong_type(FrameType::Tokens.name())),
         }
     }

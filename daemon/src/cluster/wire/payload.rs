@@ -4,8 +4,8 @@
 //! split `lm_head`'s logits ([`PartialLogits`]) are encoded here.
 
 use super::bytes::Reader;
-use super::{Dtype, FrameError, FrameType};
-use crate::engine::{codec, BatchSeq};
+use super::{picks, Dtype, FrameError, FrameType};
+use crate::engine::{codec, BatchSeq, Picked};
 
 /// Activation values to seal: `rows × width` f32 values, sent as `dtype` (F16
 /// falls back to BF16 for values beyond f16's range: [`Dtype::fitting`]).
@@ -28,6 +28,8 @@ pub enum Payload<'a> {
     Tokens(&'a [i32]),
     /// A last stage's share of a split `lm_head`: one logits row per output row.
     LmHeadPart(&'a [PartialLogits]),
+    /// Sampled tokens with their log-probabilities, one per output row.
+    TokenLogprobs(&'a [Picked]),
 }
 
 /// An opened frame's payload, decoded and checked against the receiver's limits.
@@ -43,6 +45,8 @@ pub enum Body<'a> {
     Tokens(Vec<i32>),
     /// One logits row per output row.
     LmHeadPart(Vec<PartialLogits>),
+    /// One sampled token (with log-probabilities, when asked) per output row.
+    TokenLogprobs(Vec<Picked>),
     /// A chunk of a model file ([`FrameType::SliceChunk`]) and its BLAKE3 hash.
     Chunk(&'a [u8], [u8; 32]),
 }
@@ -81,6 +85,7 @@ impl<'a> Payload<'a> {
             Payload::Normed(_) => FrameType::Normed,
             Payload::Tokens(_) => FrameType::Tokens,
             Payload::LmHeadPart(_) => FrameType::LmHeadPart,
+            Payload::TokenLogprobs(_) => FrameType::TokenLogprobs,
         }
     }
 
@@ -110,6 +115,11 @@ impl<'a> Payload<'a> {
                 row: logits.len(),
                 why: format!("{} logit rows for {out_rows} output rows", logits.len()),
             }),
+            Payload::TokenLogprobs(p) if p.len() == out_rows => Ok(plain(picks::encoded_len(p))),
+            Payload::TokenLogprobs(p) => Err(FrameError::BadLogprobs {
+                row: p.len(),
+                why: format!("{} rows for {out_rows} output rows", p.len()),
+            }),
         }
     }
 
@@ -125,6 +135,7 @@ impl<'a> Payload<'a> {
                     l.encode(out);
                 }
             }
+            (Payload::TokenLogprobs(p), _) => picks::encode(p, out),
             (Payload::Activations(_) | Payload::Normed(_), None) => {
                 debug_assert!(false, "activations are laid out with a dtype")
             }
@@ -215,6 +226,19 @@ pub(super) fn decode_data(
             }
             let rows = PartialLogits::decode_all(payload, out_rows as usize, n_vocab)?;
             Ok(Body::LmHeadPart(rows))
+        }
+        (FrameType::TokenLogprobs, None) => {
+            if out_rows == 0 || n_vocab == 0 {
+                return Err(FrameError::BadLogprobs {
+                    row: 0,
+                    why: "no output rows, or no vocabulary to check ids against".into(),
+                });
+            }
+            Ok(Body::TokenLogprobs(picks::decode(
+                payload,
+                out_rows as usize,
+                n_vocab,
+            )?))
         }
         _ => Err(FrameError::WrongDtype { frame_type, dtype }),
     }

@@ -9,8 +9,9 @@ use super::{DataCmd, RunningStage, Status};
 use crate::cluster::proto::{self, SlotSetup};
 use crate::cluster::transport::PipelineRx;
 use crate::cluster::wire::{FrameKey, FrameType, Opener, OpenerStats, Payload, Sealer, FLAG_SOLO};
-use crate::engine::sampler::lm_head_candidates;
-use crate::engine::{BatchSeq, PartialLogits, StageInput, StageOutput, TokenSampler};
+use crate::engine::{
+    BatchSeq, PartialLogits, Picked, Sampling, StageInput, StageOutput, TokenSampler,
+};
 
 /// The data side: one thread owning the stage; receives batches, computes, forwards.
 struct DataPlane {
@@ -23,13 +24,13 @@ struct DataPlane {
     sealer: Sealer,
     /// Per slot: its sampler (last stage only).
     samplers: HashMap<usize, TokenSampler>,
-    /// Per slot with a split `lm_head`: how many candidates to send (None: all logits).
-    candidates: HashMap<usize, Option<usize>>,
+    /// Per slot with a split `lm_head`: how it samples, which decides what to send.
+    split_sampling: HashMap<usize, Sampling>,
     hidden: Vec<f32>,
     out: Vec<f32>,
     /// This stage's `lm_head` rows' logits (split `lm_head`).
     logits: Vec<f32>,
-    toks: Vec<i32>,
+    picks: Vec<Picked>,
 }
 
 pub(super) fn data_loop(
@@ -50,11 +51,11 @@ pub(super) fn data_loop(
         status,
         run: None,
         samplers: HashMap::new(),
-        candidates: HashMap::new(),
+        split_sampling: HashMap::new(),
         hidden: Vec::new(),
         out: Vec::new(),
         logits: Vec::new(),
-        toks: Vec::new(),
+        picks: Vec::new(),
     };
     loop {
         // new plans first, and again right after a packet arrived (it may belong to
@@ -90,7 +91,7 @@ impl DataPlane {
                     self.opener = Opener::new(self.key.clone()).with_stats(self.stats.clone());
                     self.opener.allow_sender(r.prev_sender);
                     self.samplers.clear();
-                    self.candidates.clear();
+                    self.split_sampling.clear();
                     tracing::debug!("stage thread runs plan {}", r.epoch);
                     self.run = Some(r);
                     let _ = ack.send(());
@@ -159,14 +160,19 @@ impl DataPlane {
     }
 
     fn setup_slot(&mut self, s: SlotSetup) -> anyhow::Result<()> {
-        let params = s.sampling;
+        let sampling = s.sampling();
+        if let Some(r) = self.run.as_ref() {
+            sampling
+                .check(r.stage.hparams().n_vocab)
+                .map_err(|e| anyhow::anyhow!("slot {}: {e}", s.slot))?;
+        }
         if self.run.as_ref().is_some_and(|r| r.lm_head_first.is_some()) {
             // the head node samples; we only need to know what to send it
-            self.candidates.insert(s.slot, lm_head_candidates(&params));
+            self.split_sampling.insert(s.slot, sampling);
             return Ok(());
         }
         self.samplers
-            .insert(s.slot, TokenSampler::new(&params, &s.prompt)?);
+            .insert(s.slot, TokenSampler::new(&sampling, &s.prompt)?);
         Ok(())
     }
 
@@ -205,24 +211,30 @@ impl DataPlane {
                 let mut parts = Vec::new();
                 for row in rows_with_slots(seqs, &self.logits, width) {
                     let (slot, l) = row?;
-                    let Some(&candidates) = self.candidates.get(&slot) else {
+                    let Some(sampling) = self.split_sampling.get(&slot) else {
                         anyhow::bail!("slot {slot} has no sampling set-up");
                     };
-                    parts.push(PartialLogits::of_row(candidates, l, first));
+                    parts.push(PartialLogits::of_row(sampling, l, first));
                 }
                 self.sealer.seal(step, seqs, Payload::LmHeadPart(&parts))?
             }
             StageOutput::Logits => {
                 let n_vocab = r.stage.hparams().n_vocab;
-                self.toks.clear();
+                self.picks.clear();
                 for row in rows_with_slots(seqs, &self.out, n_vocab) {
                     let (slot, l) = row?;
                     let Some(sampler) = self.samplers.get_mut(&slot) else {
                         anyhow::bail!("slot {slot} has no sampling set-up");
                     };
-                    self.toks.push(sampler.pick(l)?);
+                    self.picks.push(sampler.pick(l)?);
                 }
-                self.sealer.seal(step, seqs, Payload::Tokens(&self.toks))?
+                if self.picks.iter().any(|p| p.logprobs.is_some()) {
+                    self.sealer
+                        .seal(step, seqs, Payload::TokenLogprobs(&self.picks))?
+                } else {
+                    let tokens: Vec<i32> = self.picks.iter().map(|p| p.token).collect();
+                    self.sealer.seal(step, seqs, Payload::Tokens(&tokens))?
+                }
             }
         };
         let n_tokens = seqs.iter().map(|s| s.n_tokens).sum::<usize>().max(1);

@@ -348,3 +348,102 @@ fn chat_message_errors() {
         "the messages have no content"
     );
 }
+
+#[test]
+fn logit_bias_and_logprobs_are_read() {
+    let (p, _) = completion(
+        json!({"prompt": "hi", "logit_bias": {"50": -100, " 7": 2.5, "0": 100},
+        "logprobs": 3}),
+    )
+    .expect("valid");
+    assert_eq!(p.logit_bias, vec![(0, 100.0), (7, 2.5), (50, -100.0)]);
+    assert_eq!(p.logprobs, Some(3));
+    let (p, _) = completion(json!({"prompt": "hi", "logprobs": 0})).expect("valid");
+    assert_eq!((p.logprobs, p.logit_bias.len()), (Some(0), 0));
+    let (p, _) = completion(json!({"prompt": "hi"})).expect("valid");
+    assert_eq!(p.logprobs, None);
+    let m = json!([{"role": "user", "content": "x"}]);
+    let c = |extra: Value| {
+        let mut body = json!({"messages": m});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        chat(body)
+    };
+    let (p, _) = c(json!({"logprobs": true, "top_logprobs": 20})).expect("valid");
+    assert_eq!(p.logprobs, Some(20));
+    let (p, _) = c(json!({"logprobs": true})).expect("valid");
+    assert_eq!(p.logprobs, Some(0));
+    let (p, _) = c(json!({"logprobs": false, "top_logprobs": null})).expect("valid");
+    assert_eq!(p.logprobs, None);
+    let (p, _) = c(json!({"logit_bias": {"3": 1}})).expect("valid");
+    assert_eq!(p.logit_bias, vec![(3, 1.0)]);
+    for (extra, want) in [
+        (
+            json!({"top_logprobs": 2}),
+            "'top_logprobs' needs 'logprobs' to be true",
+        ),
+        (
+            json!({"logprobs": false, "top_logprobs": 2}),
+            "'top_logprobs' needs 'logprobs' to be true",
+        ),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "'top_logprobs' must be between 0 and 20",
+        ),
+        (json!({"logprobs": 3}), "'logprobs' must be true or false"),
+    ] {
+        assert_eq!(bad(c(extra.clone())), want, "{extra}");
+    }
+}
+
+#[test]
+fn bad_logit_bias_and_logprobs_are_refused() {
+    let many: serde_json::Map<String, Value> =
+        (0..1025).map(|i| (i.to_string(), json!(1))).collect();
+    for (extra, want) in [
+        (
+            json!({"logit_bias": [1, 2]}),
+            "'logit_bias' must be an object mapping token ids to numbers",
+        ),
+        (
+            json!({"logit_bias": {"a": 1}}),
+            "'logit_bias' keys must be token ids, got \"a\"",
+        ),
+        (
+            json!({"logit_bias": {"-1": 1}}),
+            "'logit_bias' keys must be token ids, got \"-1\"",
+        ),
+        (
+            json!({"logit_bias": {"1": 101}}),
+            "'logit_bias' values must be numbers between -100 and 100, got 101 for token 1",
+        ),
+        (
+            json!({"logit_bias": {"1": "x"}}),
+            "'logit_bias' values must be numbers between -100 and 100, got \"x\" for token 1",
+        ),
+        (
+            json!({"logit_bias": {"5": 1, "05": 2}}),
+            "'logit_bias' names token 5 twice",
+        ),
+        (
+            json!({"logit_bias": many}),
+            "'logit_bias' may hold at most 1024 tokens, got 1025",
+        ),
+        (
+            json!({"logprobs": 21}),
+            "'logprobs' must be between 0 and 20",
+        ),
+        (
+            json!({"logprobs": -1}),
+            "'logprobs' must be between 0 and 20",
+        ),
+        (json!({"logprobs": true}), "'logprobs' must be an integer"),
+    ] {
+        let mut body = json!({"prompt": "hi"});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        assert_eq!(bad(completion(body)), want, "{extra}");
+    }
+}

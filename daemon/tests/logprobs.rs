@@ -1,0 +1,374 @@
+//! `logprobs`, `top_logprobs` and `logit_bias` on the real Gemma 3 270M, through
+//! `exo serve` in-process over HTTP: the log-probabilities are llama.cpp's logits
+//! (decoding the same tokens alone) log-softmaxed, plain and streamed alike; a bias
+//! of +100 forces a token, -100 bans one, and biases do not change the reported
+//! log-probabilities (those of the model's own distribution).
+
+mod harness;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use exo::serve::{serve, ServeSettings};
+use exo::tokenizer::Tokenizer;
+use ggml_shim::llama::{argmax, init_backend, LogitsWanted, OracleModel};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Largest difference allowed between exo's log-probabilities and llama.cpp's.
+const TOLERANCE: f64 = 2e-3;
+/// Prompt tokens per step (and llama.cpp's batch).
+const BATCH: usize = 512;
+
+struct Server {
+    addr: SocketAddr,
+    http: reqwest::Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Server {
+    async fn start(model: &Path) -> Server {
+        let settings = ServeSettings {
+            model: Some(model.to_path_buf()),
+            n_ctx: 512,
+            max_slots: 2,
+            max_queue: 8,
+            batch: BATCH,
+            threads: 1,
+            memory: None,
+            api_key: None,
+            max_body_bytes: 1 << 20,
+            http: Default::default(),
+            shutdown_timeout: Duration::from_secs(2),
+            cluster: None,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, settings, async move {
+            let _ = stop_rx.await;
+        }));
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = http.get(format!("http://{addr}/health")).send().await {
+                if r.status() == StatusCode::OK {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "the server never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Server {
+            addr,
+            http,
+            _stop: stop,
+        }
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (StatusCode, String) {
+        let r = self
+            .http
+            .post(format!("http://{}{path}", self.addr))
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = r.status();
+        (status, r.text().await.expect("body"))
+    }
+
+    async fn ok(&self, path: &str, body: &Value) -> Value {
+        let (status, text) = self.post(path, body).await;
+        assert_eq!(status, StatusCode::OK, "{body}: {text}");
+        serde_json::from_str(&text).expect("JSON")
+    }
+
+    /// The data events of a streamed request, without `[DONE]`.
+    async fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
+        let (status, text) = self.post(path, body).await;
+        assert_eq!(status, StatusCode::OK, "{body}: {text}");
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|l| *l != "[DONE]")
+            .map(|l| serde_json::from_str(l).expect("event JSON"))
+            .collect()
+    }
+}
+
+/// llama.cpp decoding `prompt` alone and greedily for `n` tokens, with `bias` added
+/// before each choice: per step, the chosen token and the log-softmax of the raw
+/// logits.
+fn oracle(model: &Path, prompt: &[i32], n: usize, bias: &[(i32, f32)]) -> Vec<(i32, Vec<f64>)> {
+    init_backend();
+    let m = OracleModel::load(model, 1).expect("oracle");
+    let mut ctx = m.context(512, BATCH as u32, 1).expect("context");
+    ctx.decode(prompt, 0, 0, LogitsWanted::Last)
+        .expect("prefill");
+    let mut out = Vec::new();
+    for pos in (prompt.len() as i32..).take(n) {
+        let logits = ctx.logits_ith(-1).expect("logits").to_vec();
+        let mut biased = logits.clone();
+        for &(id, b) in bias {
+            biased[id as usize] += b;
+        }
+        let t = argmax(&biased).expect("argmax") as i32;
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = f64::from(max)
+            + logits
+                .iter()
+                .map(|&v| (f64::from(v) - f64::from(max)).exp())
+                .sum::<f64>()
+                .ln();
+        out.push((t, logits.iter().map(|&v| f64::from(v) - lse).collect()));
+        ctx.decode(&[t], pos, 0, LogitsWanted::Last)
+            .expect("decode");
+    }
+    out
+}
+
+fn piece(tok: &Tokenizer, id: i32) -> String {
+    String::from_utf8_lossy(&tok.piece(id).expect("piece")).into_owned()
+}
+
+/// The `k` most likely ids of a row of log-probabilities, best first.
+fn best(lps: &[f64], k: usize) -> Vec<i32> {
+    let mut ids: Vec<i32> = (0..lps.len() as i32).collect();
+    ids.sort_by(|&a, &b| lps[b as usize].total_cmp(&lps[a as usize]).then(a.cmp(&b)));
+    ids.truncate(k);
+    ids
+}
+
+/// `got` within [`TOLERANCE`] of `want`; returns the difference.
+fn close(got: &Value, want: f64, what: &str) -> f64 {
+    let g = got
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: {got} is not a number"));
+    assert!(
+        (g - want).abs() <= TOLERANCE,
+        "{what}: exo {g}, llama.cpp {want}"
+    );
+    (g - want).abs()
+}
+
+/// A completion's `logprobs` against llama.cpp's steps (`top` alternatives).
+fn check_completion(lp: &Value, steps: &[(i32, Vec<f64>)], tok: &Tokenizer, top: usize) {
+    // the end-of-generation token ends the answer and has no entry
+    let steps = match steps.iter().position(|(t, _)| tok.is_eog(*t)) {
+        Some(end) => &steps[..end],
+        None => steps,
+    };
+    let tokens = lp["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), steps.len(), "{lp}");
+    let mut worst = 0f64;
+    for (i, (t, lps)) in steps.iter().enumerate() {
+        assert_eq!(tokens[i], piece(tok, *t), "token {i}");
+        let d = close(
+            &lp["token_logprobs"][i],
+            lps[*t as usize],
+            &format!("token {i}"),
+        );
+        worst = worst.max(d);
+        let map = lp["top_logprobs"][i].as_object().expect("top map");
+        assert!(map.len() <= top + 1, "{map:?}");
+        let mut seen = Vec::new();
+        for id in best(lps, top) {
+            let p = piece(tok, id);
+            if !seen.contains(&p) {
+                let what = format!("token {i}, alternative {p:?}");
+                worst = worst.max(close(&map[&p], lps[id as usize], &what));
+                seen.push(p);
+            }
+        }
+    }
+    eprintln!(
+        "{} tokens, {top} alternatives each: largest difference from llama.cpp {worst:.2e}",
+        steps.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_llama_cpp_s_and_logit_bias_forces_and_bans() {
+    let Some(model) = harness::real_model() else {
+        return;
+    };
+    let tok = Tokenizer::load(&model, "gemma3").expect("tokenizer");
+    let prompt = tok.encode("The capital of France is").expect("tokenize");
+    let n = 8;
+    let banana = *tok
+        .encode(" banana")
+        .expect("tokenize")
+        .last()
+        .expect("a token");
+    let (m, p) = (model.clone(), prompt.clone());
+    let alone = tokio::task::spawn_blocking(move || oracle(&m, &p, n, &[]));
+    let server = Server::start(&model).await;
+    let alone = alone.await.expect("oracle");
+    let first = alone[0].0;
+
+    // completions, plain and streamed
+    let body = json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 5});
+    let plain = server.ok("/v1/completions", &body).await;
+    let lp = &plain["choices"][0]["logprobs"];
+    check_completion(lp, &alone, &tok, 5);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(offsets.len(), lp["tokens"].as_array().map_or(0, Vec::len));
+    assert!(
+        offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]),
+        "{offsets:?}"
+    );
+    let events = server
+        .stream(
+            "/v1/completions",
+            &json!({"stream": true, "prompt": prompt,
+            "max_tokens": n, "temperature": 0, "logprobs": 5}),
+        )
+        .await;
+    let mut joined =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for e in &events {
+        let l = &e["choices"][0]["logprobs"];
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            if let (Some(all), Some(part)) = (joined[key].as_array_mut(), l[key].as_array()) {
+                all.extend(part.iter().cloned());
+            }
+        }
+    }
+    assert_eq!(&joined, lp, "streamed logprobs vs plain");
+    // cut by a stop string, the stream still carries every generated token's entry
+    let stop = lp["tokens"][4].as_str().expect("a token").to_string();
+    let body = json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1,
+        "stop": stop});
+    let plain = server.ok("/v1/completions", &body).await;
+    let text = plain["choices"][0]["text"].as_str().expect("text");
+    assert!(!text.contains(stop.as_str()), "{plain}");
+    // the tokens up to the one completing the stop string
+    let cut = &plain["choices"][0]["logprobs"]["tokens"];
+    let texts: Vec<&str> = cut
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let full = lp["tokens"].as_array().expect("tokens");
+    assert_eq!(cut, &json!(full[..texts.len()]), "{plain}");
+    assert!(texts.concat().contains(stop.as_str()), "{plain}");
+    assert!(
+        !texts[..texts.len() - 1].concat().contains(stop.as_str()),
+        "{plain}"
+    );
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let tokens: Vec<Value> = server
+        .stream("/v1/completions", &body)
+        .await
+        .iter()
+        .filter_map(|e| e["choices"][0]["logprobs"]["tokens"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&json!(tokens), cut, "streamed, cut by a stop string");
+
+    // chat: plain and streamed give the same entries, one per token of the text
+    let chat = json!({"messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let plain = server.ok("/v1/chat/completions", &chat).await;
+    let content = plain["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content")
+        .clone();
+    assert!(!content.is_empty(), "{plain}");
+    let text: String = content
+        .iter()
+        .map(|c| c["token"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(text, plain["choices"][0]["message"]["content"]);
+    for c in &content {
+        let top = c["top_logprobs"].as_array().expect("top");
+        assert_eq!(top.len(), 3, "{c}");
+        assert!(c["logprob"].as_f64().is_some_and(|l| l <= 0.0), "{c}");
+        assert!(top[0]["logprob"].as_f64() >= c["logprob"].as_f64(), "{c}");
+    }
+    let mut body = chat.clone();
+    body["stream"] = json!(true);
+    let streamed: Vec<Value> = server
+        .stream("/v1/chat/completions", &body)
+        .await
+        .iter()
+        .filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, content, "streamed chat logprobs vs plain");
+
+    // +100 forces " banana" at every step; its log-probability stays the model's
+    let body = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1,
+        "logit_bias": {banana.to_string(): 100}});
+    let forced = server.ok("/v1/completions", &body).await;
+    assert_eq!(
+        forced["choices"][0]["text"],
+        piece(&tok, banana).repeat(4),
+        "{forced}"
+    );
+    close(
+        &forced["choices"][0]["logprobs"]["token_logprobs"][0],
+        alone[0].1[banana as usize],
+        "the forced token's log-probability",
+    );
+    assert!(
+        alone[0].1[banana as usize] < -5.0,
+        "banana should be unlikely"
+    );
+    // -100 bans the greedy choice, here as with llama.cpp biased alike
+    let bias = [(first, -100.0f32)];
+    let (m, p) = (model.clone(), prompt.clone());
+    let banned = tokio::task::spawn_blocking(move || oracle(&m, &p, n, &bias))
+        .await
+        .expect("oracle");
+    let body = json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1,
+        "logit_bias": {first.to_string(): -100}});
+    let got = server.ok("/v1/completions", &body).await;
+    let lp = &got["choices"][0]["logprobs"];
+    check_completion(lp, &banned, &tok, 1);
+    assert!(banned.iter().all(|(t, _)| *t != first));
+    // the banned token is still the model's favourite, beside the chosen one
+    let top = lp["top_logprobs"][0].as_object().expect("top");
+    assert_eq!(top.len(), 2, "{lp}");
+    assert!(top.contains_key(&piece(&tok, first)), "{lp}");
+    // the same with a seeded sampler: the banned token never comes
+    let body = json!({"prompt": prompt, "max_tokens": 16, "temperature": 1.0, "seed": 3,
+        "logit_bias": {first.to_string(): -100}, "logprobs": 0});
+    let sampled = server.ok("/v1/completions", &body).await;
+    let banned_piece = piece(&tok, first);
+    assert!(
+        sampled["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .all(|t| t.as_str() != Some(banned_piece.as_str())),
+        "{sampled}"
+    );
+
+    // biases outside the vocabulary, or out of range: 400 naming the field
+    let n_vocab = 262_144;
+    for bias in [json!({n_vocab.to_string(): 1}), json!({"5": -100.5})] {
+        let (status, text) = server
+            .post(
+                "/v1/completions",
+                &json!({"prompt": "x", "logit_bias": bias}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert!(text.contains("logit_bias"), "{text}");
+    }
+}
