@@ -968,3 +968,8 @@ fn port_pairs_are_distinct_and_free() {
 
 #[path = "cluster/memory.rs"]
 mod memory;
+
+// ------------------------------------------------------------------ hostile peers
+
+#[path = "cluster/peers.rs"]
+mod peers;

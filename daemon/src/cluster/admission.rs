@@ -403,6 +403,18 @@ mod tests {
         assert!(eventually(|| !client.connected()).await);
     }
 
+    #[tokio::test]
+    async fn ids_that_name_nothing_are_errors() {
+        // a socket first: nng is initialised
+        let rx = pull(100, 1).await;
+        let cap = rx.recv_cap();
+        assert!(nng::socket_protocol(u32::MAX - 7).is_err());
+        assert!(nng::set_socket_recv_max(u32::MAX - 7, 10).is_err());
+        assert!(nng::set_listener_recv_max(u32::MAX - 7, 10).is_err());
+        assert!(nng::listener_port(u32::MAX - 7).is_err());
+        assert_eq!(cap.get(), 100);
+    }
+
     #[test]
     fn log_every_counts_what_it_holds_back() {
         let l = LogEvery::new(Duration::from_secs(3600));

@@ -8,20 +8,6 @@ use exo::cluster::capabilities::Capabilities;
 use exo::cluster::planner::{plan_cluster, size_text, ModelCosts, NodeInfo, NODE_OVERHEAD_BYTES};
 use exo::model::{LayerRange, ModelFile};
 
-/// VmRSS and VmHWM (the peak) of a process, in bytes.
-fn resident(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-            * 1024
-    };
-    (kb("VmRSS:"), kb("VmHWM:"))
-}
-
 /// The least memory that, offered alike by `n` nodes, fits the model (to 1 MB).
 fn least_even_offer(costs: &ModelCosts, n: usize, n_vocab: usize) -> u64 {
     let fits = |bytes: u64| {

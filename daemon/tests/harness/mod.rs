@@ -137,6 +137,30 @@ impl Node {
     pub fn data_address(&self) -> String {
         format!("tcp://127.0.0.1:{}", self.data_port)
     }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// VmRSS and VmHWM (the peak) of the process, in bytes.
+    pub fn resident(&self) -> (u64, u64) {
+        resident(self.pid().expect("the node runs"))
+    }
+}
+
+/// VmRSS and VmHWM (the peak) of a process, in bytes.
+pub fn resident(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+            * 1024
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
 }
 
 impl Drop for Node {
@@ -317,6 +341,15 @@ impl Harness {
     /// Writes one config per peer (same peer list everywhere) and starts the peers,
     /// workers first; returns their indices, head first.
     pub fn cluster(&mut self, peers: &[PeerSpec], engine: &Engine) -> Vec<usize> {
+        let idx = self.cluster_unstarted(peers, engine);
+        for &i in idx.iter().rev() {
+            self.nodes[i].start();
+        }
+        idx
+    }
+
+    /// As [`Harness::cluster`], without starting anyone.
+    pub fn cluster_unstarted(&mut self, peers: &[PeerSpec], engine: &Engine) -> Vec<usize> {
         let ports: Vec<(u16, u16)> = peers
             .iter()
             .map(|_| (free_port(false), free_port(true)))
@@ -363,11 +396,7 @@ impl Harness {
                 child: None,
             });
         }
-        let idx: Vec<usize> = (first..self.nodes.len()).collect();
-        for &i in idx.iter().rev() {
-            self.nodes[i].start();
-        }
-        idx
+        (first..self.nodes.len()).collect()
     }
 
     pub fn node(&self, i: usize) -> &Node {
