@@ -14,6 +14,7 @@ pub mod ggml;
 pub mod gguf;
 pub mod llama;
 mod q4k_columns;
+mod q6k_columns;
 pub mod qmatmul;
 pub mod writer;
 
