@@ -302,6 +302,15 @@ impl GraphBuilder {
         } else {
             self.cont(x)
         };
+        if crate::q6k_columns::applies(w) {
+            return self.quantized_product(
+                w,
+                x,
+                sys::GGML_TYPE_Q8_K,
+                crate::q6k_columns::q6k_columns_op,
+                std::ptr::null_mut(),
+            );
+        }
         if let Some(layout) = crate::columns::repacked_layout(w) {
             return self.quantized_product(
                 w,

@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod llama;
 pub mod nng;
 mod q4k_columns;
+mod q6k_columns;
 pub mod qmatmul;
 pub mod writer;
 

@@ -16,8 +16,9 @@ pub(crate) const AVAILABLE: bool = cfg!(all(
     target_feature = "f16c"
 ));
 
-/// The most columns multiplied per pass over a group of rows.
-pub(crate) const MAX_COLUMNS: usize = 8;
+/// The most columns multiplied per pass over a group of rows (the groups
+/// [`crate::columns::by_bands`] hands out).
+pub(crate) const MAX_COLUMNS: usize = crate::columns::GROUP_COLUMNS;
 
 pub(crate) use kernel::matmul;
 

@@ -179,7 +179,7 @@ struct Product {
     target_feature = "fma",
     target_feature = "f16c"
 ))]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -263,9 +263,10 @@ mod x86 {
         }
     }
 
-    /// ggml's horizontal sum of 8 lanes: (hi + lo), then pairs, then the last two.
+    /// ggml's horizontal sum of 8 lanes (`hsum_float_8`): (hi + lo), then pairs, then
+    /// the last two.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         // SAFETY: register-only SSE/AVX arithmetic.
         unsafe {
             let x = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
@@ -531,7 +532,7 @@ mod x86 {
     target_feature = "fma",
     target_feature = "f16c"
 )))]
-mod x86 {
+pub(crate) mod x86 {
     pub(super) const COMPILED: bool = false;
 
     pub(super) unsafe fn matmul(_: &super::Product, _: std::ops::Range<usize>) {}
