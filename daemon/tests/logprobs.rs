@@ -91,6 +91,16 @@ impl Server {
         serde_json::from_str(&text).expect("JSON")
     }
 
+    /// The arrays at `pointer` of a streamed request's events, joined.
+    async fn streamed(&self, path: &str, body: &Value, pointer: &str) -> Vec<Value> {
+        self.stream(path, body)
+            .await
+            .iter()
+            .filter_map(|e| e.pointer(pointer).and_then(Value::as_array).cloned())
+            .flatten()
+            .collect()
+    }
+
     /// The data events of a streamed request, without `[DONE]`.
     async fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
         let (status, text) = self.post(path, body).await;
@@ -194,6 +204,19 @@ fn check_completion(lp: &Value, steps: &[(i32, Vec<f64>)], tok: &Tokenizer, top:
     );
 }
 
+/// The real model, its server, and a prompt decoded alone by llama.cpp.
+struct Case {
+    model: std::path::PathBuf,
+    server: Server,
+    tok: Tokenizer,
+    prompt: Vec<i32>,
+    /// llama.cpp's greedy steps after `prompt`.
+    alone: Vec<(i32, Vec<f64>)>,
+}
+
+/// Tokens generated in the greedy cases.
+const N: usize = 8;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprobs_are_llama_cpp_s_and_logit_bias_forces_and_bans() {
     let Some(model) = harness::real_model() else {
@@ -201,23 +224,36 @@ async fn logprobs_are_llama_cpp_s_and_logit_bias_forces_and_bans() {
     };
     let tok = Tokenizer::load(&model, "gemma3").expect("tokenizer");
     let prompt = tok.encode("The capital of France is").expect("tokenize");
-    let n = 8;
-    let banana = *tok
-        .encode(" banana")
-        .expect("tokenize")
-        .last()
-        .expect("a token");
     let (m, p) = (model.clone(), prompt.clone());
-    let alone = tokio::task::spawn_blocking(move || oracle(&m, &p, n, &[]));
+    let alone = tokio::task::spawn_blocking(move || oracle(&m, &p, N, &[]));
     let server = Server::start(&model).await;
-    let alone = alone.await.expect("oracle");
-    let first = alone[0].0;
+    let c = Case {
+        alone: alone.await.expect("oracle"),
+        model,
+        server,
+        tok,
+        prompt,
+    };
+    let lp = completions(&c).await;
+    cut_by_a_stop_string(&c, &lp).await;
+    chat(&c).await;
+    forced_and_banned(&c).await;
+    // biases outside the vocabulary, or out of range: 400 naming the field
+    let n_vocab = 262_144;
+    for bias in [json!({n_vocab.to_string(): 1}), json!({"5": -100.5})] {
+        let body = json!({"prompt": "x", "logit_bias": bias});
+        let (status, text) = c.server.post("/v1/completions", &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert!(text.contains("logit_bias"), "{text}");
+    }
+}
 
-    // completions, plain and streamed
-    let body = json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 5});
-    let plain = server.ok("/v1/completions", &body).await;
-    let lp = &plain["choices"][0]["logprobs"];
-    check_completion(lp, &alone, &tok, 5);
+/// Completions, plain and streamed, against llama.cpp: the plain `logprobs`.
+async fn completions(c: &Case) -> Value {
+    let body = json!({"prompt": c.prompt, "max_tokens": N, "temperature": 0, "logprobs": 5});
+    let plain = c.server.ok("/v1/completions", &body).await;
+    let lp = plain["choices"][0]["logprobs"].clone();
+    check_completion(&lp, &c.alone, &c.tok, 5);
     let offsets: Vec<u64> = lp["text_offset"]
         .as_array()
         .expect("offsets")
@@ -229,32 +265,26 @@ async fn logprobs_are_llama_cpp_s_and_logit_bias_forces_and_bans() {
         offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]),
         "{offsets:?}"
     );
-    let events = server
-        .stream(
-            "/v1/completions",
-            &json!({"stream": true, "prompt": prompt,
-            "max_tokens": n, "temperature": 0, "logprobs": 5}),
-        )
-        .await;
-    let mut joined =
-        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
-    for e in &events {
-        let l = &e["choices"][0]["logprobs"];
-        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
-            if let (Some(all), Some(part)) = (joined[key].as_array_mut(), l[key].as_array()) {
-                all.extend(part.iter().cloned());
-            }
-        }
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let mut joined = json!({});
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        let path = format!("/choices/0/logprobs/{key}");
+        joined[key] = json!(c.server.streamed("/v1/completions", &body, &path).await);
     }
-    assert_eq!(&joined, lp, "streamed logprobs vs plain");
-    // cut by a stop string, the stream still carries every generated token's entry
+    assert_eq!(joined, lp, "streamed logprobs vs plain");
+    lp
+}
+
+/// Cut by a stop string (a token of the answer `lp`), plain and streamed answers
+/// carry the entries of every token up to the one completing the stop string.
+async fn cut_by_a_stop_string(c: &Case, lp: &Value) {
     let stop = lp["tokens"][4].as_str().expect("a token").to_string();
-    let body = json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1,
+    let body = json!({"prompt": c.prompt, "max_tokens": N, "temperature": 0, "logprobs": 1,
         "stop": stop});
-    let plain = server.ok("/v1/completions", &body).await;
+    let plain = c.server.ok("/v1/completions", &body).await;
     let text = plain["choices"][0]["text"].as_str().expect("text");
     assert!(!text.contains(stop.as_str()), "{plain}");
-    // the tokens up to the one completing the stop string
     let cut = &plain["choices"][0]["logprobs"]["tokens"];
     let texts: Vec<&str> = cut
         .as_array()
@@ -265,25 +295,20 @@ async fn logprobs_are_llama_cpp_s_and_logit_bias_forces_and_bans() {
     let full = lp["tokens"].as_array().expect("tokens");
     assert_eq!(cut, &json!(full[..texts.len()]), "{plain}");
     assert!(texts.concat().contains(stop.as_str()), "{plain}");
-    assert!(
-        !texts[..texts.len() - 1].concat().contains(stop.as_str()),
-        "{plain}"
-    );
+    let before = texts[..texts.len() - 1].concat();
+    assert!(!before.contains(stop.as_str()), "{plain}");
     let mut body = body.clone();
     body["stream"] = json!(true);
-    let tokens: Vec<Value> = server
-        .stream("/v1/completions", &body)
-        .await
-        .iter()
-        .filter_map(|e| e["choices"][0]["logprobs"]["tokens"].as_array().cloned())
-        .flatten()
-        .collect();
+    let path = "/choices/0/logprobs/tokens";
+    let tokens = c.server.streamed("/v1/completions", &body, path).await;
     assert_eq!(&json!(tokens), cut, "streamed, cut by a stop string");
+}
 
-    // chat: plain and streamed give the same entries, one per token of the text
+/// Chat: plain and streamed give the same entries, one per token of the text.
+async fn chat(c: &Case) {
     let chat = json!({"messages": [{"role": "user", "content": "Name a colour."}],
         "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 3});
-    let plain = server.ok("/v1/chat/completions", &chat).await;
+    let plain = c.server.ok("/v1/chat/completions", &chat).await;
     let content = plain["choices"][0]["logprobs"]["content"]
         .as_array()
         .expect("content")
@@ -302,73 +327,52 @@ async fn logprobs_are_llama_cpp_s_and_logit_bias_forces_and_bans() {
     }
     let mut body = chat.clone();
     body["stream"] = json!(true);
-    let streamed: Vec<Value> = server
-        .stream("/v1/chat/completions", &body)
-        .await
-        .iter()
-        .filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array().cloned())
-        .flatten()
-        .collect();
+    let path = "/choices/0/logprobs/content";
+    let streamed = c.server.streamed("/v1/chat/completions", &body, path).await;
     assert_eq!(streamed, content, "streamed chat logprobs vs plain");
+}
 
-    // +100 forces " banana" at every step; its log-probability stays the model's
+/// +100 forces a token at every step and -100 bans the greedy one (as llama.cpp
+/// biased alike); the log-probabilities stay the model's.
+async fn forced_and_banned(c: &Case) {
+    let (tok, prompt) = (&c.tok, &c.prompt);
+    let banana = *tok
+        .encode(" banana")
+        .expect("tokenize")
+        .last()
+        .expect("a token");
     let body = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1,
         "logit_bias": {banana.to_string(): 100}});
-    let forced = server.ok("/v1/completions", &body).await;
-    assert_eq!(
-        forced["choices"][0]["text"],
-        piece(&tok, banana).repeat(4),
-        "{forced}"
-    );
-    close(
-        &forced["choices"][0]["logprobs"]["token_logprobs"][0],
-        alone[0].1[banana as usize],
-        "the forced token's log-probability",
-    );
-    assert!(
-        alone[0].1[banana as usize] < -5.0,
-        "banana should be unlikely"
-    );
-    // -100 bans the greedy choice, here as with llama.cpp biased alike
+    let forced = c.server.ok("/v1/completions", &body).await;
+    let text = &forced["choices"][0]["text"];
+    assert_eq!(text, &json!(piece(tok, banana).repeat(4)), "{forced}");
+    let raw = c.alone[0].1[banana as usize];
+    let lp = &forced["choices"][0]["logprobs"]["token_logprobs"][0];
+    close(lp, raw, "the forced token's log-probability");
+    assert!(raw < -5.0, "banana should be unlikely");
+    let first = c.alone[0].0;
     let bias = [(first, -100.0f32)];
-    let (m, p) = (model.clone(), prompt.clone());
-    let banned = tokio::task::spawn_blocking(move || oracle(&m, &p, n, &bias))
+    let (m, p) = (c.model.clone(), prompt.clone());
+    let banned = tokio::task::spawn_blocking(move || oracle(&m, &p, N, &bias))
         .await
         .expect("oracle");
-    let body = json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1,
+    let body = json!({"prompt": prompt, "max_tokens": N, "temperature": 0, "logprobs": 1,
         "logit_bias": {first.to_string(): -100}});
-    let got = server.ok("/v1/completions", &body).await;
+    let got = c.server.ok("/v1/completions", &body).await;
     let lp = &got["choices"][0]["logprobs"];
-    check_completion(lp, &banned, &tok, 1);
+    check_completion(lp, &banned, tok, 1);
     assert!(banned.iter().all(|(t, _)| *t != first));
     // the banned token is still the model's favourite, beside the chosen one
     let top = lp["top_logprobs"][0].as_object().expect("top");
     assert_eq!(top.len(), 2, "{lp}");
-    assert!(top.contains_key(&piece(&tok, first)), "{lp}");
-    // the same with a seeded sampler: the banned token never comes
+    assert!(top.contains_key(&piece(tok, first)), "{lp}");
+    // with a seeded sampler too, the banned token never comes
     let body = json!({"prompt": prompt, "max_tokens": 16, "temperature": 1.0, "seed": 3,
         "logit_bias": {first.to_string(): -100}, "logprobs": 0});
-    let sampled = server.ok("/v1/completions", &body).await;
-    let banned_piece = piece(&tok, first);
-    assert!(
-        sampled["choices"][0]["logprobs"]["tokens"]
-            .as_array()
-            .expect("tokens")
-            .iter()
-            .all(|t| t.as_str() != Some(banned_piece.as_str())),
-        "{sampled}"
-    );
-
-    // biases outside the vocabulary, or out of range: 400 naming the field
-    let n_vocab = 262_144;
-    for bias in [json!({n_vocab.to_string(): 1}), json!({"5": -100.5})] {
-        let (status, text) = server
-            .post(
-                "/v1/completions",
-                &json!({"prompt": "x", "logit_bias": bias}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
-        assert!(text.contains("logit_bias"), "{text}");
-    }
+    let sampled = c.server.ok("/v1/completions", &body).await;
+    let banned_piece = json!(piece(tok, first));
+    let tokens = sampled["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .expect("tokens");
+    assert!(tokens.iter().all(|t| *t != banned_piece), "{sampled}");
 }
