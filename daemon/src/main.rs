@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_serve;
+mod bench_soak;
 mod http_client;
 
 use std::io::Write as _;
@@ -60,6 +61,8 @@ enum Command {
     BenchServe(bench_serve::BenchServeArgs),
     /// Measure a running `exo serve` (e.g. a cluster head) at several concurrent streams.
     BenchClient(bench_serve::BenchClientArgs),
+    /// Soak running `exo serve` nodes: many mixed requests, malformed HTTP, peer garbage.
+    BenchSoak(bench_soak::BenchSoakArgs),
     /// Write a GGUF of a published model's shape with random weights (tests, benchmarks).
     GenModel(GenModelArgs),
 }
@@ -188,6 +191,7 @@ fn cli_main() -> ExitCode {
         Command::Status { config } => done(status(&config)),
         Command::BenchServe(args) => done(bench_serve::run(args)),
         Command::BenchClient(args) => done(bench_serve::client(args)),
+        Command::BenchSoak(args) => done(bench_soak::run(args)),
         Command::GenModel(args) => done(gen_model(args)),
     };
     match result {
