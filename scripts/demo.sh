@@ -13,47 +13,12 @@ work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 
+. scripts/local-nodes.sh
 # free ports: HTTP for each node, and a data port (control = data + 1) for each
-read -r HTTP_A HTTP_B DATA_A DATA_B < <(python3 - <<'PY'
-import socket
-def free(pair=False):
-    while True:
-        s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
-        if not pair: return p
-        t = socket.socket()
-        try:
-            t.bind(("127.0.0.1", p + 1)); t.close(); return p
-        except OSError:
-            t.close()
-print(free(), free(), free(True), free(True))
-PY
-)
-for n in a b; do
-    if [ $n = a ]; then http=$HTTP_A; data=$DATA_A; else http=$HTTP_B; data=$DATA_B; fi
-    cat > "$work/$n.toml" <<TOML
-[node]
-name = "$n"
-listen = "tcp://127.0.0.1:$data"
-[model]
-path = "$MODEL"
-[api]
-listen = "127.0.0.1:$http"
-[engine]
-threads = 1
-ctx = 1024
-[cluster]
-key = "demo-cluster-secret-$(date +%s)"
-activations = "f32"
-[[peer]]
-name = "a"
-address = "tcp://127.0.0.1:$DATA_A"
-[[peer]]
-name = "b"
-address = "tcp://127.0.0.1:$DATA_B"
-TOML
-done
-# the same key on both nodes
-sed -i "s/^key = .*/$(grep '^key' "$work/a.toml")/" "$work/b.toml"
+read -r HTTP_A HTTP_B DATA_A DATA_B < <(free_ports http http data data)
+key="demo-cluster-secret-$(date +%s)"
+pair_config "$work/a.toml" a "$HTTP_A" "$DATA_A" "$DATA_A" "$DATA_B" "$key" "$MODEL"
+pair_config "$work/b.toml" b "$HTTP_B" "$DATA_B" "$DATA_A" "$DATA_B" "$key" "$MODEL"
 "$EXO" serve --config "$work/b.toml" 2> "$work/b.log" & pids+=($!)
 "$EXO" serve --config "$work/a.toml" 2> "$work/a.log" & pids+=($!)
 for _ in $(seq 1 240); do

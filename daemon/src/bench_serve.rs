@@ -33,7 +33,7 @@ pub struct BenchServeArgs {
     long_prompt: usize,
 }
 
-const PROMPTS: &[&str] = &[
+pub(crate) const PROMPTS: &[&str] = &[
     "The history of the printing press begins",
     "In a quiet village by the sea, an old fisherman",
     "The main ingredients of bread are",

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_fair;
 mod bench_serve;
+mod bench_soak;
 mod http_client;
 
 use std::io::Write as _;
@@ -61,6 +62,8 @@ enum Command {
     BenchServe(bench_serve::BenchServeArgs),
     /// Measure a running `exo serve` (e.g. a cluster head) at several concurrent streams.
     BenchClient(bench_serve::BenchClientArgs),
+    /// Soak running `exo serve` nodes: many mixed requests, malformed HTTP, peer garbage.
+    BenchSoak(bench_soak::BenchSoakArgs),
     /// Write a GGUF of a published model's shape with random weights (tests, benchmarks).
     GenModel(GenModelArgs),
 }
@@ -189,6 +192,7 @@ fn cli_main() -> ExitCode {
         Command::Status { config } => done(status(&config)),
         Command::BenchServe(args) => done(bench_serve::run(args)),
         Command::BenchClient(args) => done(bench_serve::client(args)),
+        Command::BenchSoak(args) => done(bench_soak::run(args)),
         Command::GenModel(args) => done(gen_model(args)),
     };
     match result {
