@@ -5,9 +5,9 @@
 //!
 //! A request's logit biases are added to the logits before either ([`Sampling`]).
 //! The log-probabilities it may ask for are those of the model's own distribution:
-//! the log-softmax of the raw logits, before biases, penalties and temperature (as
-//! OpenAI reports them, and vLLM by default), so they do not depend on how a token
-//! was chosen.
+//! the log-softmax of the raw logits, before biases, penalties and temperature
+//! (vLLM's default), so they do not depend on how a token was chosen: a token forced
+//! by a bias shows how likely the model found it.
 //!
 //! When the output projection (`lm_head`) is split between two nodes, each computes
 //! the logits of its rows; the last stage sends its part ([`PartialLogits`]) and the
