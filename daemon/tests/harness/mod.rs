@@ -21,8 +21,10 @@ pub use serde_json::{json, Value};
 
 /// The cluster secret every node shares (unless a test says otherwise).
 pub const KEY: &str = "a-test-secret-of-32-chars-long!!";
-/// Any request to a node (a lost step would otherwise hang for the head's 60 s).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Any request to a node: a hang guard below the head's 60 s step timeout (a lost step
+/// would otherwise hang that long). 45 s: a 1,365-token prefill through three nodes
+/// took more than 20 s while other cluster tests shared the two cores.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 /// Width of the default tiny model (`TinySpec::new`).
 pub const TINY_EMBD: usize = 64;
 
