@@ -158,6 +158,13 @@ check_report() {
     echo "$rep" | grep -qx 'exo.service=active' || { fail "$name" "exo.service is not active"; return 1; }
     echo "$rep" | grep -qx 'failed-units=\[\]' || { fail "$name" "systemctl --failed is not empty: $(echo "$rep" | grep failed-units)"; return 1; }
     echo "$rep" | grep -q '^health=HTTP/1.[01] 200' || { fail "$name" "/health inside the guest: $(echo "$rep" | grep '^health=')"; return 1; }
+    # the node announces its web page over mDNS under its hostname (a seed hostname file,
+    # else exo-XXXX)
+    local host; host=$(echo "$rep" | sed -n 's/^hostname=\([^ ]*\) avahi=active$/\1/p')
+    [ -n "$host" ] || { fail "$name" "avahi-daemon is not active: $(echo "$rep" | grep '^hostname=')"; return 1; }
+    case $name in node*) [ "$host" = "$name" ] ;; *) [[ $host =~ ^exo-[0-9a-f]{4}$ ]] ;; esac ||
+        { fail "$name" "hostname $host: expected the seed's, or exo-XXXX"; return 1; }
+    echo "$rep" | grep -q "^mdns=.*$host.local=" || { fail "$name" "$host.local is not announced: $(echo "$rep" | grep '^mdns=')"; return 1; }
 }
 
 # complete NAME PORT: a greedy completion of 8 tokens; sets $completion_s and $completion_text.
@@ -267,6 +274,11 @@ EOF
     # The worker booted cleanly too (its report), and its /health points to the head.
     wait_report node2 "$pid2" "$start" || { stop "$pid1"; stop "$pid2"; return 0; }
     check_report node2 || { stop "$pid1"; stop "$pid2"; return 0; }
+    # Both announce themselves over mDNS: the worker saw the head's web page on the LAN.
+    local mdns; mdns=$(tr -d '\r' <"$work/node2.serial.log" | grep -a -o 'EXO-REPORT mdns=.*' | tail -n 1)
+    log "[node2] $mdns"
+    printf '%s' "$mdns" | grep -q 'node1.local=10.77.0.1:8080' || { fail node2 "node1.local not seen over mDNS: $mdns"; stop "$pid1"; stop "$pid2"; return 0; }
+    printf '%s' "$mdns" | grep -q 'node2.local=' || { fail node2 "node2 does not announce itself: $mdns"; stop "$pid1"; stop "$pid2"; return 0; }
     local wh; wh=$(curl -s -m 10 "http://127.0.0.1:$p2/health" || true)
     log "[node2] /health: $wh"
     printf '%s' "$wh" | grep -q '"role":"worker"' || { fail node2 "/health is not a worker's: $wh"; stop "$pid1"; stop "$pid2"; return 0; }

@@ -96,7 +96,7 @@ fi
 [ "$(dpkg-deb -f "$deb" Architecture)" = "$arch" ] || die "$deb is not an $arch package"
 
 # --- the base layer ------------------------------------------------------------------
-common_pkgs="systemd,systemd-sysv,udev,dbus,kmod,iproute2,netbase,procps,zstd,initramfs-tools,less"
+common_pkgs="systemd,systemd-sysv,udev,dbus,kmod,iproute2,netbase,procps,zstd,initramfs-tools,less,avahi-daemon,avahi-utils,libnss-mdns"
 if [ $kind = virt ]; then
     suite_components=main
     pkgs="$common_pkgs,linux-image-cloud-$arch"
@@ -161,6 +161,7 @@ tar -C images/rootfs -cf - --sort=name --owner=0 --group=0 --numeric-owner --mod
     --mtime="@$SOURCE_DATE_EPOCH" . | tar -C "$root" -xf - --no-overwrite-dir --numeric-owner
 ln -sf /etc/systemd/system/exo-firstboot.service "$root/etc/systemd/system/multi-user.target.wants/exo-firstboot.service"
 ln -sf /etc/systemd/system/exo-boot-report.service "$root/etc/systemd/system/multi-user.target.wants/exo-boot-report.service"
+ln -sf /lib/systemd/system/avahi-daemon.service "$root/etc/systemd/system/multi-user.target.wants/avahi-daemon.service"
 ln -sf /etc/systemd/system/exo-ssh-host-keys.service "$root/etc/systemd/system/multi-user.target.wants/exo-ssh-host-keys.service"
 # openssh-server's postinst made host keys in the cached base: every image would share
 # them. exo-ssh-host-keys.service makes new ones on the first boot.
