@@ -35,7 +35,6 @@ cleanup() {
 trap cleanup EXIT
 
 . scripts/local-nodes.sh
-read -r HTTP_1 HTTP_A HTTP_B DATA_A DATA_B < <(free_ports http http http data data)
 
 wait_health() { # port name
     for _ in $(seq 1 480); do
@@ -73,7 +72,10 @@ soak() { # label, then --node arguments
     echo "wall time $((t1 - t0)) s (with the warm-up); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
+# Ports are picked right before each configuration starts: the soak's own
+# connections take ephemeral ports, and one picked earlier may be in use by then.
 if [ "$ONLY" != cluster ]; then
+    read -r HTTP_1 < <(free_ports http)
     cat > "$work/one.toml" <<EOF
 [model]
 path = "$MODEL"
@@ -94,6 +96,7 @@ EOF
 fi
 
 if [ "$ONLY" != single ]; then
+    read -r HTTP_A HTTP_B DATA_A DATA_B < <(free_ports http http data data)
     key="soak-cluster-secret-$(date +%s%N)"
     pair_config "$work/a.toml" a "$HTTP_A" "$DATA_A" "$DATA_A" "$DATA_B" "$key" "$MODEL" "max_slots = 8"
     pair_config "$work/b.toml" b "$HTTP_B" "$DATA_B" "$DATA_A" "$DATA_B" "$key" "$MODEL" "max_slots = 8"

@@ -39,11 +39,19 @@ const TOO_LARGE: Expect = Expect {
     ..BAD_REQUEST
 };
 
-const HELD: Expect = Expect {
+/// A request the server waits on and never reaches the API with.
+const HELD_UNCOUNTED: Expect = Expect {
     statuses: &[400, 408],
     closed: true,
     held: true,
+    when_held: None,
+};
+
+/// A request whose head reaches the API, which then waits on the body: it counts a
+/// 400 once the client closes.
+const HELD: Expect = Expect {
     when_held: Some(400),
+    ..HELD_UNCOUNTED
 };
 
 /// One malformed request.
@@ -82,10 +90,7 @@ pub const CASES: &[Case] = &[
         endpoint: "other",
         build: |r| (0..2048).map(|_| r.u8(..)).collect(),
         hold: true,
-        expect: Expect {
-            held: true,
-            ..BAD_REQUEST
-        },
+        expect: HELD_UNCOUNTED,
     },
     Case {
         name: "non-numeric Content-Length",
@@ -155,10 +160,7 @@ pub const CASES: &[Case] = &[
         endpoint: "other",
         build: |_| b"\r\n".repeat(1000),
         hold: true,
-        expect: Expect {
-            held: true,
-            ..BAD_REQUEST
-        },
+        expect: HELD_UNCOUNTED,
     },
     Case {
         name: "600 KB header",

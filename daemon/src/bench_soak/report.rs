@@ -378,13 +378,14 @@ fn print_metrics(r: &Report) -> (bool, bool) {
                     )
                 })
                 .collect();
-            frames_differ |= dropped != delivered;
+            // a node answers no unauthenticated control request
+            let answered = r.garbage.answered.get(&n.name).copied().unwrap_or(0);
+            frames_differ |= dropped != delivered || answered > 0;
             println!(
                 "  {}: peer garbage delivered {delivered} messages, frames dropped +{dropped} ({}); \
-                 forged control requests answered: {}",
+                 forged control requests answered: {answered}",
                 n.name,
                 by.join(", "),
-                r.garbage.answered.get(&n.name).copied().unwrap_or(0)
             );
         }
     }
