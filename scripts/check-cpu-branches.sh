@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Lints (and unit-tests the kernels of) the x86-64 code branches that depend on the
 # CPU a build targets (`cfg(target_feature = ...)` in ggml-shim), whatever CPU this
-# machine has: AVX2 without AVX-512 (x86-64-v3, the .deb's baseline) and AVX-512
-# with VNNI. The main build covers the branch of this CPU (target-cpu=native).
+# machine has: AVX2 without AVX-512 (x86-64-v3, the .deb's baseline), AVX-512 with
+# VNNI, and no AVX2 at all (x86-64-v2). The main build covers the branch of this CPU
+# (target-cpu=native).
 #
 # Each branch builds in its own target dir, so the main build stays warm. ggml's C++
 # is built unoptimized there (LLAMA_LIB_PROFILE=Debug): faster to compile, and the
@@ -32,4 +33,10 @@ branch target/branch-x86-64-v3 "-C target-cpu=x86-64-v3" \
 
 echo "check-cpu-branches: AVX-512 with VNNI (x86-64-v4 + avx512vnni)"
 branch target/branch-x86-64-v4-vnni "-C target-cpu=x86-64-v4 -C target-feature=+avx512vnni" \
+    clippy --release --target "$triple" --workspace --all-targets -- -D warnings
+
+# The code paths of a CPU without AVX2 (what the Pi's arm64 build compiles too): the
+# kernels' stubs and fallbacks must lint clean as well.
+echo "check-cpu-branches: no AVX2 (x86-64-v2)"
+branch target/branch-x86-64-v2 "-C target-cpu=x86-64-v2" \
     clippy --release --target "$triple" --workspace --all-targets -- -D warnings

@@ -31,6 +31,8 @@ const BAND_ROWS: usize = 16;
 /// f16 scale) and of one `block_q8_K` (f32 scale, 256 quants, 16 i16 sums).
 const Q6_K_BYTES: usize = 210;
 const Q8_K_BYTES: usize = 292;
+// The layouts above, checked on every target (the kernel that uses them is AVX2-only).
+const _: () = assert!(Q6_K_BYTES == 128 + 64 + 16 + 2 && Q8_K_BYTES == 4 + 256 + 2 * 16);
 
 /// Whether `wᵀ·x` with weights `w` can take this kernel: 2-D Q6_K weights in ggml's
 /// plain layout (not repacked: ggml marks repacked tensors with `extra`), whole
@@ -257,7 +259,7 @@ mod kernel {
 
 #[cfg(test)]
 mod tests {
-    use super::{Q6_K_BYTES, Q8_K_BYTES};
+    use super::Q6_K_BYTES;
     use crate::columns::tests::{add_alone, compute, read_node};
     use crate::test_rng::Rng;
     use crate::{f32_to_f16_bits, set_tensor_data, sys, DType, GraphBuilder};
@@ -344,7 +346,6 @@ mod tests {
     /// product has the bits of ggml's `vec_dot` product of that column alone.
     #[test]
     fn every_column_equals_ggml_alone_bit_for_bit() {
-        assert_eq!(Q8_K_BYTES, 4 + 256 + 32);
         let mut seed = 0x51f1_5eed_0000_0001;
         for (k, m, rows) in [
             (256, 8, 0..8),
