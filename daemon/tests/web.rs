@@ -381,10 +381,18 @@ async fn page_in_chromium_asks_the_key_streams_stops_and_shows_the_peers() {
     }
     h.wait_ready(c[0], Duration::from_secs(120)).await;
     let ranges = cluster_ranges(&h, c[0]).await;
+    h.wait_ready(c[1], Duration::from_secs(10)).await;
+    let (_, v) = h.get_json(c[1], "/v1/cluster").await;
+    assert!(
+        v["head"].as_str().is_some_and(|s| s.starts_with('a')),
+        "a worker names its head: {v}"
+    );
     let want = api_answer(&h, c[0]).await;
 
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../web-screenshots");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let generated = |m: &str| metric(m, "exo_generated_tokens_total").expect("generated");
+    let before = generated(&h.metrics(c[0]).await);
     let url = h.node(c[0]).url("/");
     let work = h.dir.path().to_path_buf();
     let seen = tokio::task::spawn_blocking(move || drive(&chromium, &url, &work, &shots))
@@ -421,10 +429,27 @@ async fn page_in_chromium_asks_the_key_streams_stops_and_shows_the_peers() {
     );
     assert_eq!(seen.regenerated, want, "regenerated");
 
-    // stopped: no chunk after Stop
+    // stopped: no chunk after Stop, and the server cancelled the generation
     assert_eq!(seen.stopped_state, "stopped");
     assert_eq!(seen.stopped.0, seen.stopped.1, "chunks arrived after Stop");
-    assert!(seen.stopped.0 < LONG_TOKENS);
+    let idle = || async {
+        let m = h.metrics(c[0]).await;
+        (metric(&m, "exo_active_slots") == Some(0.0)).then(|| generated(&m))
+    };
+    let t0 = Instant::now();
+    let after = loop {
+        if let Some(n) = idle().await {
+            break n;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "slots still busy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stopped_tokens = after - before - 2.0 * MAX_TOKENS as f64;
+    eprintln!("the stopped answer: {stopped_tokens} tokens generated of {LONG_TOKENS}");
+    assert!(
+        stopped_tokens < LONG_TOKENS as f64 / 2.0,
+        "{stopped_tokens}"
+    );
 
     // the peer table: every peer with its layer range, as /v1/cluster says
     assert_eq!(seen.rows.len(), ranges.len(), "{:?}", seen.rows);

@@ -331,7 +331,8 @@ async fn route(
 }
 
 /// `GET /v1/cluster`: every peer of a cluster head (none elsewhere), each with its
-/// `state` ("up" or "missing") and its stage's `tokens_per_s`, and the served model.
+/// `state` ("up" or "missing") and its stage's `tokens_per_s`, and the served model;
+/// on a worker, its `head`.
 fn cluster_json(app: &App) -> serde_json::Value {
     let peers = app
         .cluster
@@ -356,7 +357,11 @@ fn cluster_json(app: &App) -> serde_json::Value {
         model["context_length"] = json!(s.n_ctx);
         model["layers"] = json!(s.n_layer);
     }
-    json!({"peers": peers, "model": model})
+    let mut v = json!({"peers": peers, "model": model});
+    if let Some(head) = app.worker_of.get() {
+        v["head"] = json!(head);
+    }
+    v
 }
 
 /// The Prometheus text of `/metrics`.

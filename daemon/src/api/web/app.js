@@ -229,7 +229,8 @@ function cell(row, text, cls) {
 function showCluster(v) {
   const m = v.model || {};
   $('model').textContent = m.id || '?';
-  $('ctx').textContent = m.context_length ? `context ${m.context_length}` : 'loading…';
+  $('ctx').textContent = v.head ? `a worker: chat on the head (${v.head})`
+    : m.context_length ? `context ${m.context_length}` : 'loading…';
   const tbody = $('peers').tBodies[0];
   tbody.replaceChildren();
   let peers = v.peers || [];
