@@ -174,38 +174,105 @@ fn enter_key(b: &mut Browser, key: &str) {
     b.press_enter();
 }
 
+/// The page asks for the key (the API answers 401), again after a wrong one.
+fn answer_the_key_question(b: &mut Browser) {
+    let dialog = "document.getElementById('key-dialog').open";
+    b.wait_for(dialog, Duration::from_secs(15));
+    enter_key(b, "wrong-key");
+    let asked_again = format!("localStorage.getItem('exo.key') === 'wrong-key' && {dialog}");
+    b.wait_for(&asked_again, Duration::from_secs(15));
+    enter_key(b, API_KEY);
+    let kept = format!("localStorage.getItem('exo.key') === {API_KEY:?} && !{dialog}");
+    b.wait_for(&kept, Duration::from_secs(15));
+}
+
+/// Sends `QUESTION` greedily and watches the answer until it ends: every
+/// (text length, chunks, state) seen on the way.
+fn watch_an_answer(b: &mut Browser) -> Vec<(u64, u64, String)> {
+    set_field(b, "temperature", "0");
+    set_field(b, "max_tokens", &MAX_TOKENS.to_string());
+    send_message(b, QUESTION);
+    let mut observed = Vec::new();
+    let t0 = Instant::now();
+    loop {
+        let seen = last_answer(b);
+        let streaming = seen.2 == "streaming" || seen.2 == "none";
+        observed.push(seen);
+        if !streaming {
+            return observed;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{observed:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The peer table's cells once every peer is up, and the model's name and context.
+fn read_the_peers(b: &mut Browser) -> (Vec<Vec<String>>, String) {
+    let rows_up = "[...document.querySelectorAll('#peers tbody tr')].length === 2 && \
+                   [...document.querySelectorAll('#peers tbody tr td:nth-child(3)')] \
+                   .every((td) => td.textContent === 'up')";
+    b.wait_for(rows_up, Duration::from_secs(15));
+    let rows = b.eval(
+        "[...document.querySelectorAll('#peers tbody tr')] \
+         .map((tr) => [...tr.cells].map((td) => td.textContent))",
+    );
+    let label = b.eval(
+        "document.getElementById('model').textContent + ' ' + \
+         document.getElementById('ctx').textContent",
+    );
+    let rows = serde_json::from_value(rows).expect("rows");
+    (rows, label.as_str().unwrap_or("").to_string())
+}
+
+/// Screenshots at a desktop's and a phone's size: (file, bytes).
+fn take_screenshots(b: &mut Browser, shots: &Path) -> Vec<(PathBuf, usize)> {
+    let mut saved = Vec::new();
+    let desktop = shots.join("web-desktop.png");
+    saved.push((desktop.clone(), b.screenshot(&desktop)));
+    b.viewport(390, 844, true);
+    let folded = "!document.getElementById('settings-panel').open";
+    b.wait_for(folded, Duration::from_secs(5));
+    let phone = shots.join("web-phone.png");
+    saved.push((phone.clone(), b.screenshot(&phone)));
+    b.viewport(1280, 800, false);
+    saved
+}
+
+/// A long answer cut off by Stop after a few chunks: its chunks when it stopped and
+/// half a second later, and its state.
+fn stop_a_long_answer(b: &mut Browser) -> (u64, u64, String) {
+    set_field(b, "max_tokens", &LONG_TOKENS.to_string());
+    send_message(b, "Tell me a long story about a lighthouse keeper.");
+    let some_chunks = format!("(([, n, state]) => n >= 3 || state !== 'streaming')({LAST_ANSWER})");
+    b.wait_for(&some_chunks, Duration::from_secs(60));
+    let (_, _, state) = last_answer(b);
+    let error = b.eval("document.querySelector('.msg.assistant .error')?.textContent ?? ''");
+    assert_eq!(
+        state, "streaming",
+        "the long answer ended before Stop: {error}"
+    );
+    b.click("#stop");
+    let stopped = format!("{LAST_ANSWER}[2] === 'stopped'");
+    b.wait_for(&stopped, Duration::from_secs(10));
+    let at_stop = last_answer(b).1;
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, later, state) = last_answer(b);
+    let send_enabled = b.eval("!document.getElementById('send').disabled");
+    assert_eq!(
+        send_enabled,
+        json!(true),
+        "Send is enabled again after Stop"
+    );
+    (at_stop, later, state)
+}
+
 fn drive(chromium: &Path, url: &str, dir: &Path, shots: &Path) -> Seen {
     let mut b = Browser::launch(chromium, &dir.join("profile"), &dir.join("chromium.log"));
     b.viewport(1280, 800, false);
     b.navigate(url);
     let timing = b.eval(TIMING);
-
-    // the API answers 401: the page asks for the key, again after a wrong one
-    let dialog = "document.getElementById('key-dialog').open";
-    b.wait_for(dialog, Duration::from_secs(15));
-    enter_key(&mut b, "wrong-key");
-    let asked_again = format!("localStorage.getItem('exo.key') === 'wrong-key' && {dialog}");
-    b.wait_for(&asked_again, Duration::from_secs(15));
-    enter_key(&mut b, API_KEY);
-    let kept = format!("localStorage.getItem('exo.key') === {API_KEY:?} && !{dialog}");
-    b.wait_for(&kept, Duration::from_secs(15));
-
-    // a greedy answer, streamed
-    set_field(&mut b, "temperature", "0");
-    set_field(&mut b, "max_tokens", &MAX_TOKENS.to_string());
-    send_message(&mut b, QUESTION);
-    let mut observed = Vec::new();
-    let t0 = Instant::now();
-    loop {
-        let seen = last_answer(&mut b);
-        let streaming = seen.2 == "streaming" || seen.2 == "none";
-        observed.push(seen);
-        if !streaming {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "{observed:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    answer_the_key_question(&mut b);
+    let observed = watch_an_answer(&mut b);
     let text_of_last = "[...document.querySelectorAll('.msg.assistant .text')].pop().textContent";
     let answer = b.eval(text_of_last).as_str().unwrap_or("").to_string();
 
@@ -216,59 +283,9 @@ fn drive(chromium: &Path, url: &str, dir: &Path, shots: &Path) -> Seen {
     b.wait_for(one_done, Duration::from_secs(60));
     let regenerated = b.eval(text_of_last).as_str().unwrap_or("").to_string();
 
-    // the peer table: both peers up
-    let rows_up = "[...document.querySelectorAll('#peers tbody tr')].length === 2 && \
-                   [...document.querySelectorAll('#peers tbody tr td:nth-child(3)')] \
-                   .every((td) => td.textContent === 'up')";
-    b.wait_for(rows_up, Duration::from_secs(15));
-    let rows = b.eval(
-        "[...document.querySelectorAll('#peers tbody tr')] \
-         .map((tr) => [...tr.cells].map((td) => td.textContent))",
-    );
-    let rows: Vec<Vec<String>> = serde_json::from_value(rows).expect("rows");
-    let model_label = b.eval(
-        "document.getElementById('model').textContent + ' ' + \
-                              document.getElementById('ctx').textContent",
-    );
-    let model_label = model_label.as_str().unwrap_or("").to_string();
-
-    let mut saved = Vec::new();
-    let desktop = shots.join("web-desktop.png");
-    saved.push((desktop.clone(), b.screenshot(&desktop)));
-    b.viewport(390, 844, true);
-    b.wait_for(
-        "!document.getElementById('settings-panel').open",
-        Duration::from_secs(5),
-    );
-    let phone = shots.join("web-phone.png");
-    saved.push((phone.clone(), b.screenshot(&phone)));
-    b.viewport(1280, 800, false);
-
-    // stop: a long answer cut off after a few chunks
-    set_field(&mut b, "max_tokens", &LONG_TOKENS.to_string());
-    send_message(&mut b, "Tell me a long story about a lighthouse keeper.");
-    let some_chunks = format!("(([, n, state]) => n >= 3 || state !== 'streaming')({LAST_ANSWER})");
-    b.wait_for(&some_chunks, Duration::from_secs(60));
-    let (_, _, state) = last_answer(&mut b);
-    let error = b.eval("document.querySelector('.msg.assistant .error')?.textContent ?? ''");
-    assert_eq!(
-        state, "streaming",
-        "the long answer ended before Stop: {error}"
-    );
-    b.click("#stop");
-    b.wait_for(
-        &format!("{LAST_ANSWER}[2] === 'stopped'"),
-        Duration::from_secs(10),
-    );
-    let at_stop = last_answer(&mut b).1;
-    std::thread::sleep(Duration::from_millis(500));
-    let (_, later, stopped_state) = last_answer(&mut b);
-    let send_enabled = b.eval("!document.getElementById('send').disabled");
-    assert_eq!(
-        send_enabled,
-        json!(true),
-        "Send is enabled again after Stop"
-    );
+    let (rows, model_label) = read_the_peers(&mut b);
+    let shots = take_screenshots(&mut b, shots);
+    let (at_stop, later, stopped_state) = stop_a_long_answer(&mut b);
 
     // the first load again, the cache off: its timing, several times
     b.call("Network.enable", json!({}));
@@ -289,7 +306,7 @@ fn drive(chromium: &Path, url: &str, dir: &Path, shots: &Path) -> Seen {
         stopped_state,
         rows,
         model_label,
-        shots: saved,
+        shots,
     }
 }
 
@@ -337,6 +354,62 @@ fn report_load(first: &Value, reloads: &[Value]) {
         median("ready"),
         median("load"),
     );
+}
+
+/// The text grew over several observations, in several SSE chunks, to the API's
+/// greedy answer; Regenerate gave it again.
+fn check_streamed(seen: &Seen, want: &str) {
+    let growing: Vec<u64> = seen
+        .observed
+        .iter()
+        .filter(|o| o.2 == "streaming" && o.0 > 0)
+        .map(|o| o.0)
+        .collect();
+    let distinct: HashSet<u64> = growing.iter().copied().collect();
+    assert!(
+        distinct.len() >= 2,
+        "too few partial observations: {:?}",
+        seen.observed
+    );
+    assert!(growing.windows(2).all(|w| w[0] <= w[1]), "{growing:?}");
+    let last = seen.observed.last().expect("observations");
+    assert_eq!(last.2, "done", "{:?}", seen.observed);
+    assert!(last.1 >= 5, "few SSE chunks: {last:?}");
+    assert_eq!(
+        seen.answer, want,
+        "the page's answer vs the API's greedy one"
+    );
+    assert_eq!(seen.regenerated, want, "regenerated");
+}
+
+fn generated(metrics: &str) -> f64 {
+    metric(metrics, "exo_generated_tokens_total").expect("generated tokens")
+}
+
+/// Tokens generated so far by node `i`, once no slot is busy.
+async fn generated_when_idle(h: &Harness, i: usize) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        let m = h.metrics(i).await;
+        if metric(&m, "exo_active_slots") == Some(0.0) {
+            return generated(&m);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "slots still busy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Each screenshot is a PNG of 5 to 200 KB.
+fn check_screenshots(shots: &[(PathBuf, usize)]) {
+    for (path, size) in shots {
+        let png = std::fs::read(path).expect("screenshot");
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+        assert!(
+            *size > 5_000 && *size < 200_000,
+            "{}: {size} bytes",
+            path.display()
+        );
+    }
 }
 
 /// The API's own greedy answer to the page's first request (with the key).
@@ -389,9 +462,9 @@ async fn page_in_chromium_asks_the_key_streams_stops_and_shows_the_peers() {
     );
     let want = api_answer(&h, c[0]).await;
 
-    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../web-screenshots");
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent();
+    let shots = target.expect("target dir").join("web-screenshots");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let generated = |m: &str| metric(m, "exo_generated_tokens_total").expect("generated");
     let before = generated(&h.metrics(c[0]).await);
     let url = h.node(c[0]).url("/");
     let work = h.dir.path().to_path_buf();
@@ -406,44 +479,12 @@ async fn page_in_chromium_asks_the_key_streams_stops_and_shows_the_peers() {
         seen.answer, seen.stopped, seen.rows, seen.model_label, seen.shots
     );
 
-    // streamed: the text grew over several observations, in several SSE chunks
-    let growing: Vec<u64> = seen
-        .observed
-        .iter()
-        .filter(|o| o.2 == "streaming" && o.0 > 0)
-        .map(|o| o.0)
-        .collect();
-    let distinct: HashSet<u64> = growing.iter().copied().collect();
-    assert!(
-        distinct.len() >= 2,
-        "too few partial observations: {:?}",
-        seen.observed
-    );
-    assert!(growing.windows(2).all(|w| w[0] <= w[1]), "{growing:?}");
-    let last = seen.observed.last().expect("observations");
-    assert_eq!(last.2, "done", "{:?}", seen.observed);
-    assert!(last.1 >= 5, "few SSE chunks: {last:?}");
-    assert_eq!(
-        seen.answer, want,
-        "the page's answer vs the API's greedy one"
-    );
-    assert_eq!(seen.regenerated, want, "regenerated");
+    check_streamed(&seen, &want);
 
     // stopped: no chunk after Stop, and the server cancelled the generation
     assert_eq!(seen.stopped_state, "stopped");
     assert_eq!(seen.stopped.0, seen.stopped.1, "chunks arrived after Stop");
-    let idle = || async {
-        let m = h.metrics(c[0]).await;
-        (metric(&m, "exo_active_slots") == Some(0.0)).then(|| generated(&m))
-    };
-    let t0 = Instant::now();
-    let after = loop {
-        if let Some(n) = idle().await {
-            break n;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "slots still busy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let after = generated_when_idle(&h, c[0]).await;
     let stopped_tokens = after - before - 2.0 * MAX_TOKENS as f64;
     eprintln!("the stopped answer: {stopped_tokens} tokens generated of {LONG_TOKENS}");
     assert!(
@@ -467,15 +508,7 @@ async fn page_in_chromium_asks_the_key_streams_stops_and_shows_the_peers() {
     // first load: the page and its two files, and when it was ready
     report_load(&seen.timing, &seen.reloads);
 
-    for (path, size) in &seen.shots {
-        let png = std::fs::read(path).expect("screenshot");
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
-        assert!(
-            *size > 5_000 && *size < 200_000,
-            "{}: {size} bytes",
-            path.display()
-        );
-    }
+    check_screenshots(&seen.shots);
     if std::env::var_os("EXO_UPDATE_SCREENSHOTS").is_some() {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
         std::fs::create_dir_all(&docs).expect("docs/screenshots");
