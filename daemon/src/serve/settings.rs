@@ -28,6 +28,8 @@ pub struct ServeSettings {
     /// reports available).
     pub memory: Option<u64>,
     pub api_key: Option<ApiKey>,
+    /// `[api] web`: whether `/` serves the web page.
+    pub web: bool,
     pub max_body_bytes: usize,
     /// Connections at once, header and body timeouts of the HTTP API.
     pub http: crate::api::HttpLimits,
@@ -78,6 +80,7 @@ impl ServeSettings {
             threads: cfg.engine.threads,
             memory: cfg.node.memory.as_ref().map(MemorySize::bytes),
             api_key: cfg.api.key.clone(),
+            web: cfg.api.web,
             max_body_bytes: cfg.api.max_body_bytes,
             http: cfg.api.http_limits(),
             shutdown_timeout: cfg.api.shutdown_timeout(),

@@ -324,8 +324,7 @@ impl Harness {
         let http_port = free_port(false);
         let config = self.dir.path().join("single.toml");
         let sections = self.common_sections("single", true, http_port, engine);
-        let sections = sections.replacen("\n\n[engine]", &format!("\n{api}\n\n[engine]"), 1);
-        let text = format!("[node]\nname = \"single\"\n\n{sections}");
+        let text = with_api_lines(&format!("[node]\nname = \"single\"\n\n{sections}"), api);
         std::fs::write(&config, text).expect("write config");
         let mut node = Node {
             name: "single".into(),
@@ -338,6 +337,14 @@ impl Harness {
         node.start();
         self.nodes.push(node);
         self.nodes.len() - 1
+    }
+
+    /// Adds `[api]` lines (`key = value`, one a line) to node `i`'s config file, to
+    /// take effect when it starts.
+    pub fn add_api_lines(&self, i: usize, api: &str) {
+        let path = &self.node(i).config;
+        let text = std::fs::read_to_string(path).expect("read config");
+        std::fs::write(path, with_api_lines(&text, api)).expect("write config");
     }
 
     /// Writes one config per peer (same peer list everywhere) and starts the peers,
@@ -530,6 +537,11 @@ impl Harness {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+}
+
+/// A config text written by [`Harness::common_sections`] with more `[api]` lines.
+fn with_api_lines(text: &str, api: &str) -> String {
+    text.replacen("\n\n[engine]", &format!("\n{api}\n\n[engine]"), 1)
 }
 
 pub fn completion(prompt: &str, max_tokens: usize) -> Value {
