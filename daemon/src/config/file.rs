@@ -118,6 +118,7 @@ pub(super) struct FileEngine {
     pub max_slots: Key<u64>,
     pub max_queue: Key<u64>,
     pub batch: Key<u64>,
+    pub prompt_cache: Key<bool>,
 }
 
 /// `[cluster]`.
@@ -172,7 +173,14 @@ pub(super) const SECTIONS: &[Section] = &[
     ),
     section(
         "engine",
-        &["threads", "ctx", "max_slots", "max_queue", "batch"],
+        &[
+            "threads",
+            "ctx",
+            "max_slots",
+            "max_queue",
+            "batch",
+            "prompt_cache",
+        ],
         false,
     ),
     section(
