@@ -209,6 +209,7 @@ impl InProcess {
             max_slots,
             max_queue: 8,
             batch: 512,
+            prompt_cache: true,
             threads,
             memory: None,
             api_key: None,

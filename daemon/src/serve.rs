@@ -126,6 +126,7 @@ fn start_engine(
             max_slots: s.max_slots,
             max_queue: s.max_queue,
             batch: s.batch,
+            prompt_cache: s.prompt_cache,
         },
         Arc::new(move |t| tok.is_eog(t)),
         observer,

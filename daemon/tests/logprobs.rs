@@ -35,6 +35,7 @@ impl Server {
             max_slots: 2,
             max_queue: 8,
             batch: BATCH,
+            prompt_cache: true,
             threads: 1,
             memory: None,
             api_key: None,

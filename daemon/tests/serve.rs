@@ -37,6 +37,7 @@ fn default_settings(model: PathBuf) -> ServeSettings {
         max_slots: 4,
         max_queue: 8,
         batch: 64,
+        prompt_cache: true,
         threads: 1,
         memory: None,
         api_key: None,

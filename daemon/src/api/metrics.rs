@@ -194,6 +194,24 @@ impl Metrics {
             ] {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
             }
+            for (name, help, v) in [
+                (
+                    "exo_prompt_tokens_cached_total",
+                    "Prompt tokens taken from the KV cache of earlier requests.",
+                    &s.prompt_tokens_cached,
+                ),
+                (
+                    "exo_prompt_tokens_prefilled_total",
+                    "Prompt tokens prefilled.",
+                    &s.prompt_tokens_prefilled,
+                ),
+            ] {
+                let v = v.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+                );
+            }
         }
         out
     }

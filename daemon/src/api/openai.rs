@@ -187,6 +187,7 @@ async fn generate(
         started: Instant::now(),
         last_token: None,
         n_prompt,
+        n_cached: 0,
         n_generated: 0,
         finished: None,
         entries: params.logprobs.map(|_| Entries::new()),
@@ -209,6 +210,8 @@ struct Run {
     started: Instant,
     last_token: Option<Instant>,
     n_prompt: usize,
+    /// Prompt tokens the engine took from its prompt cache.
+    n_cached: usize,
     n_generated: usize,
     /// How the generation ended, once it has (a stop string ends it early).
     finished: Option<FinishReason>,
@@ -233,7 +236,10 @@ impl Run {
                 return Step::Done(reason);
             }
             match self.rx.recv().await {
-                Some(GenEvent::Started) => continue,
+                Some(GenEvent::Started { cached }) => {
+                    self.n_cached = cached;
+                    continue;
+                }
                 Some(GenEvent::Token(picked)) => {
                     self.count_token();
                     let t = picked.token;
@@ -309,7 +315,7 @@ async fn full_response(mut run: Run, header: Header, kind: Kind) -> Result<ApiRe
             Step::Failed(e) => return Err(e),
         }
     };
-    let usage = Usage::new(run.n_prompt, run.n_generated);
+    let usage = Usage::new(run.n_prompt, run.n_cached, run.n_generated);
     let logprobs = run.take_logprobs();
     let body = response::whole(kind, &header, &text, reason, usage, logprobs.as_deref());
     Ok(json_response(StatusCode::OK, &body))
@@ -339,7 +345,7 @@ fn stream_response(mut run: Run, header: Header, kind: Kind, include_usage: bool
                 Step::Failed(e) => break Err(e),
             }
         };
-        let usage = Usage::new(run.n_prompt, run.n_generated);
+        let usage = Usage::new(run.n_prompt, run.n_cached, run.n_generated);
         // tokens whose text never came (cut by a stop string): on the last chunk
         let rest = run.take_logprobs().filter(|l| !l.is_empty());
         drop(run);

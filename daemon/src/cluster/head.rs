@@ -116,6 +116,9 @@ pub struct PeerState {
     pub tokens_sent: u64,
     #[serde(skip)]
     pub last_seen: Option<Instant>,
+    /// Times the peer was found without our plan (restarted, its KV cache empty).
+    #[serde(skip)]
+    pub rejoins: u64,
 }
 
 pub type ClusterView = Arc<Mutex<Vec<PeerState>>>;
@@ -567,6 +570,7 @@ fn initial_view(plan: &Plan, n_vocab: usize, solo_rows: usize) -> ClusterView {
                 bytes_sent: 0,
                 tokens_sent: 0,
                 last_seen: Some(Instant::now()),
+                rejoins: 0,
             })
             .collect(),
     ))
@@ -678,6 +682,12 @@ async fn heartbeats(
         if let (None, Some(i)) = (&rejoining, replan) {
             let name = &control.peers[i].0.name;
             tracing::info!("peer {name} runs no plan (restarted?): sending it again");
+            // its KV cache is empty: the head's prompt cache must not count on it
+            if let Ok(mut v) = view.lock() {
+                if let Some(st) = v.get_mut(i + 1) {
+                    st.rejoins += 1;
+                }
+            }
             let (control, slicer, last_sender) =
                 (control.clone(), slicer.clone(), last_sender.clone());
             let mut p = plan.clone();

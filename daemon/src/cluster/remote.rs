@@ -225,6 +225,13 @@ impl Link for RemoteStages {
         true
     }
 
+    fn kv_generation(&self) -> u64 {
+        self.view
+            .lock()
+            .map(|v| v.iter().map(|p| p.rejoins).sum())
+            .unwrap_or(u64::MAX)
+    }
+
     fn open_slot(
         &mut self,
         slot: usize,

@@ -119,6 +119,7 @@ pub(super) struct FileEngine {
     pub max_slots: Key<u64>,
     pub max_queue: Key<u64>,
     pub batch: Key<u64>,
+    pub prompt_cache: Key<bool>,
 }
 
 /// `[cluster]`.
@@ -174,7 +175,14 @@ pub(super) const SECTIONS: &[Section] = &[
     ),
     section(
         "engine",
-        &["threads", "ctx", "max_slots", "max_queue", "batch"],
+        &[
+            "threads",
+            "ctx",
+            "max_slots",
+            "max_queue",
+            "batch",
+            "prompt_cache",
+        ],
         false,
     ),
     section(

@@ -200,6 +200,8 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Prompt tokens fed per prefill step (micro-batch).
     pub batch: usize,
+    /// Reuse the KV cache of a prompt prefix an earlier request left in a slot.
+    pub prompt_cache: bool,
 }
 
 /// `[cluster]`: what every node of a cluster shares.
@@ -350,6 +352,7 @@ impl Default for EngineConfig {
             max_slots: DEFAULT_MAX_SLOTS,
             max_queue: DEFAULT_MAX_QUEUE,
             batch: DEFAULT_BATCH,
+            prompt_cache: true,
         }
     }
 }

@@ -211,7 +211,7 @@ fn unknown_key_names_key_and_line() {
         e,
         format!(
             "{} line 7: unknown key 'engine.thread' \
-             (known: threads, ctx, max_slots, max_queue, batch)",
+             (known: threads, ctx, max_slots, max_queue, batch, prompt_cache)",
             file.0.display()
         )
     );

@@ -306,6 +306,7 @@ fn resolve_engine(
             0..=MAX_QUEUE_LIMIT,
         )?,
         batch: origin.count("engine.batch", e.batch.as_ref(), d.batch, 1..=BATCH_LIMIT)?,
+        prompt_cache: e.prompt_cache.as_ref().map_or(d.prompt_cache, |g| g.value),
     })
 }
 

@@ -47,6 +47,12 @@ pub trait Link: Send {
     /// Parks or wakes local compute threads.
     fn set_paused(&mut self, _paused: bool) {}
 
+    /// Changes whenever a stage behind this link may have lost the KV cache of its
+    /// slots (a peer restarted): what the scheduler knew cached is gone.
+    fn kv_generation(&self) -> u64 {
+        0
+    }
+
     /// A new sequence in `slot`: a link whose last stage samples takes its sampling
     /// parameters and prompt there.
     fn open_slot(

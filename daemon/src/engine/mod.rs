@@ -1,9 +1,10 @@
 //! The engine: stages behind one link trait ([`Link`]), a pipeline of them,
-//! sequence slots, the scheduler (chunked prefill and batched decode) and the one
-//! sampler.
+//! sequence slots and what their KV caches hold for later prompts, the scheduler
+//! (chunked prefill and batched decode) and the one sampler.
 
 pub mod codec;
 mod generate;
+pub mod kv;
 mod link;
 mod pipeline;
 pub mod sampler;
@@ -99,5 +100,9 @@ impl SlotPool {
 
     pub fn n_busy(&self) -> usize {
         self.n - self.free.len()
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.n
     }
 }

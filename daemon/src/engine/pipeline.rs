@@ -258,6 +258,14 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Changes whenever a stage may have lost the KV cache of its slots
+    /// ([`Link::kv_generation`]).
+    pub fn kv_generation(&self) -> u64 {
+        self.links
+            .iter()
+            .fold(0u64, |g, l| g.wrapping_add(l.kv_generation()))
+    }
+
     /// Runs one step to its end (one step in flight); returns the logits of the
     /// output rows (`n_vocab` values per row).
     pub fn step(&mut self, seqs: &[BatchSeq], tokens: &[i32]) -> Result<Vec<f32>, EngineError> {

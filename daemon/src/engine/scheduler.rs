@@ -6,6 +6,11 @@
 //! first, and one left out of a step goes first in the next, so a short prompt
 //! arriving during a long one's prefill is through within a step or two, and the
 //! long one still gets at least every other step.
+//!
+//! A prompt goes to the slot whose KV cache holds the longest reusable prefix of it
+//! ([`PrefixCache`]) and is prefilled from there; while nothing else runs, the whole
+//! chunks that answers completed are recomputed so that the next turn of a chat
+//! reuses them too.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::kv::{Fill, PrefixCache};
 use super::{
     BatchSeq, EngineError, OutputRows, Picked, Pipeline, Sampling, StepOutcome, TokenSampler,
 };
@@ -30,6 +36,8 @@ pub struct SchedulerConfig {
     /// Prompt tokens per step, and the length of a prompt chunk; a step carries one
     /// more token per decoding sequence ([`max_step_tokens`]).
     pub batch: usize,
+    /// Reuse the KV cache of earlier requests' prompt prefixes ([`PrefixCache`]).
+    pub prompt_cache: bool,
 }
 
 /// The most tokens one step holds: a prompt budget of `batch` plus one decode token
@@ -52,8 +60,11 @@ pub enum FinishReason {
 /// What a request's owner hears from the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
-    /// The prompt has been processed; generation starts.
-    Started,
+    /// The prompt has been processed; generation starts. `cached` of its tokens
+    /// came from the KV cache of an earlier request (not prefilled again).
+    Started {
+        cached: usize,
+    },
     /// A generated token, with its log-probabilities when the request asked.
     Token(Picked),
     Done {
@@ -92,6 +103,10 @@ pub struct SchedulerStats {
     pub last_batch_tokens: AtomicUsize,
     pub last_batch_seqs: AtomicUsize,
     pub steps: AtomicUsize,
+    /// Prompt tokens taken from the KV cache of earlier requests.
+    pub prompt_tokens_cached: AtomicUsize,
+    /// Prompt tokens prefilled.
+    pub prompt_tokens_prefilled: AtomicUsize,
 }
 
 /// Observes step timings (for metrics) without the engine knowing about HTTP.
@@ -195,7 +210,10 @@ pub fn spawn(
         n_vocab: pipeline.n_vocab(),
         closing: Arc::new(AtomicBool::new(false)),
     };
+    let n_slots = pipeline.slots.n_slots();
     let mut engine = Engine {
+        cache: PrefixCache::new(n_slots.min(cfg.max_slots), cfg.batch, cfg.prompt_cache),
+        kv_generation: pipeline.kv_generation(),
         pipeline,
         cfg,
         is_eog,
@@ -219,6 +237,10 @@ struct Active {
     prompt: Vec<i32>,
     /// Prompt tokens already in the cache.
     fed: usize,
+    /// Of those, the ones an earlier request left there.
+    cached: usize,
+    /// Tokens fed after the prompt (generated ones).
+    decoded: Vec<i32>,
     /// Next token to feed (after the prompt).
     next: Option<i32>,
     generated: usize,
@@ -265,6 +287,8 @@ struct InFlight {
     slots: Vec<usize>,
     n_tokens: usize,
     started: Instant,
+    /// A chunk recomputed in a free slot ([`PrefixCache::next_fill`]).
+    fill: Option<Fill>,
 }
 
 struct Engine {
@@ -280,6 +304,10 @@ struct Engine {
     next_step: u64,
     /// Requests admitted so far.
     admissions: u64,
+    /// What every slot's KV cache holds.
+    cache: PrefixCache,
+    /// The pipeline's [`Pipeline::kv_generation`] the cache describes.
+    kv_generation: u64,
 }
 
 impl Engine {
@@ -288,6 +316,18 @@ impl Engine {
             if self.active.is_empty() && self.waiting.is_empty() && self.in_flight.is_empty() {
                 if self.deadline.is_some() {
                     return;
+                }
+                if self.cache.has_fill() {
+                    // idle with chunks to recompute: one step of them, then look again
+                    while let Ok(cmd) = rx.try_recv() {
+                        self.command(cmd);
+                    }
+                    if self.waiting.is_empty() && self.deadline.is_none() {
+                        if let Err(e) = self.fill() {
+                            self.fail_all(&e.to_string());
+                        }
+                    }
+                    continue;
                 }
                 match rx.recv() {
                     Ok(cmd) => self.command(cmd),
@@ -357,13 +397,22 @@ impl Engine {
 
     fn finish(&mut self, idx: usize, reason: FinishReason) {
         let a = self.active.swap_remove(idx);
-        self.pipeline.slots.release(a.slot);
+        self.give_back(&a);
         self.stats.active.store(self.active.len(), Ordering::SeqCst);
         let _ = a.events.send(GenEvent::Done {
             reason,
             prompt_tokens: a.prompt.len(),
             completion_tokens: a.generated,
         });
+    }
+
+    /// Returns a sequence's slot to the cache, with the tokens its KV cells hold.
+    fn give_back(&mut self, a: &Active) {
+        let mut held = a.prompt[..a.fed].to_vec();
+        if a.fed == a.prompt.len() {
+            held.extend_from_slice(&a.decoded);
+        }
+        self.cache.release(a.slot, held, a.fed);
     }
 
     /// Frees the slots of requests whose owner has gone away (at once when idle,
@@ -393,7 +442,7 @@ impl Engine {
     /// At the shutdown deadline: what still runs is cut short.
     fn cancel_all(&mut self) {
         for a in std::mem::take(&mut self.active) {
-            self.pipeline.slots.release(a.slot);
+            self.give_back(&a);
             let _ = a.events.send(GenEvent::ShuttingDown);
         }
         self.stats.active.store(0, Ordering::SeqCst);
@@ -402,26 +451,42 @@ impl Engine {
     fn fail_all(&mut self, msg: &str) {
         tracing::error!("engine step failed: {msg}");
         for a in std::mem::take(&mut self.active) {
-            self.pipeline.slots.release(a.slot);
+            self.cache.release(a.slot, Vec::new(), 0);
             let _ = a.events.send(GenEvent::Error(msg.to_string()));
         }
-        self.in_flight.clear();
+        for f in std::mem::take(&mut self.in_flight) {
+            if let Some(fill) = f.fill {
+                self.cache.filled(&fill, false);
+            }
+        }
+        // a step may have reached some stages and not others
+        self.cache.forget_all();
         self.stats.active.store(0, Ordering::SeqCst);
     }
 
     fn admit(&mut self) {
+        // a chunk being recomputed may be the very one the next request wants
+        if self.in_flight.iter().any(|f| f.fill.is_some()) {
+            return;
+        }
+        let generation = self.pipeline.kv_generation();
+        if generation != self.kv_generation {
+            tracing::info!(
+                "a stage lost its KV cache (a peer restarted): nothing cached is reused"
+            );
+            self.cache.forget_all();
+            self.kv_generation = generation;
+        }
         while self.active.len() < self.cfg.max_slots && self.deadline.is_none() {
             let Some(req) = self.waiting.pop_front() else {
                 break;
             };
-            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-            let slot = match self.pipeline.slots.acquire() {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = req.events.send(GenEvent::Error(e.to_string()));
-                    continue;
-                }
+            let Some(claim) = self.cache.claim(&req.prompt) else {
+                self.waiting.push_front(req);
+                break;
             };
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            let slot = claim.slot;
             // the sampler stays with the sequence; the pipeline is told too (a last
             // stage on another node samples there)
             let setup = TokenSampler::new(&req.sampling, &req.prompt).and_then(|s| {
@@ -432,15 +497,21 @@ impl Engine {
             let sampler = match setup {
                 Ok(s) => s,
                 Err(e) => {
-                    self.pipeline.slots.release(slot);
+                    self.cache
+                        .release(slot, req.prompt[..claim.cached].to_vec(), claim.cached);
                     let _ = req.events.send(GenEvent::Error(e.to_string()));
                     continue;
                 }
             };
+            self.stats
+                .prompt_tokens_cached
+                .fetch_add(claim.cached, Ordering::Relaxed);
             self.active.push(Active {
                 slot,
                 prompt: req.prompt,
-                fed: 0,
+                fed: claim.cached,
+                cached: claim.cached,
+                decoded: Vec::new(),
                 next: None,
                 generated: 0,
                 max_tokens: req.max_tokens,
@@ -514,9 +585,37 @@ impl Engine {
             slots,
             n_tokens: tokens.len(),
             started,
+            fill: None,
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
         Ok(true)
+    }
+
+    /// Launches one chunk of a free slot's tokens recomputed as a prompt chunk
+    /// ([`PrefixCache::next_fill`]), with no output rows.
+    fn fill(&mut self) -> Result<(), EngineError> {
+        let Some(fill) = self.cache.next_fill() else {
+            return Ok(());
+        };
+        let seqs = [BatchSeq {
+            slot: fill.slot,
+            pos0: fill.pos0,
+            n_tokens: fill.tokens.len(),
+            output: OutputRows::None,
+        }];
+        let id = self.next_step;
+        self.next_step += 1;
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let tokens = fill.tokens.clone();
+        self.in_flight.push(InFlight {
+            id,
+            seqs: seqs.to_vec(),
+            slots: Vec::new(),
+            n_tokens: tokens.len(),
+            started: Instant::now(),
+            fill: Some(fill),
+        });
+        self.pipeline.launch(id, &seqs, &tokens)
     }
 
     /// The batch of one step over the sequences `chosen` (indices into `active`,
@@ -542,6 +641,7 @@ impl Engine {
                     output: OutputRows::Last,
                 });
                 tokens.push(t);
+                a.decoded.push(t);
                 slots.push(a.slot);
                 continue;
             }
@@ -580,6 +680,9 @@ impl Engine {
             return Ok(());
         };
         let flight = self.in_flight.swap_remove(pos);
+        if let Some(fill) = &flight.fill {
+            self.cache.filled(fill, true);
+        }
         if let Some(o) = &self.observer {
             o.step(
                 flight.seqs.len(),
@@ -598,8 +701,11 @@ impl Engine {
             a.busy = false;
             if a.fed < a.prompt.len() {
                 a.fed += seq.n_tokens;
+                self.stats
+                    .prompt_tokens_prefilled
+                    .fetch_add(seq.n_tokens, Ordering::Relaxed);
                 if a.fed == a.prompt.len() {
-                    let _ = a.events.send(GenEvent::Started);
+                    let _ = a.events.send(GenEvent::Started { cached: a.cached });
                 }
             }
             if seq.output == OutputRows::None {
@@ -672,193 +778,4 @@ fn pick(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::{Link, LinkOutput, StageInput};
-    use crate::model::LayerRange;
-    use ggml_shim::llama::SamplingParams;
-    use std::sync::Mutex;
-
-    const N_VOCAB: usize = 8;
-
-    /// A stage whose every output row picks token 3, recording the batches.
-    struct Recorder {
-        batches: Arc<Mutex<Vec<Vec<BatchSeq>>>>,
-        done: VecDeque<(u64, LinkOutput)>,
-    }
-
-    impl Link for Recorder {
-        fn range(&self) -> LayerRange {
-            LayerRange::new(0, 1)
-        }
-        fn launch(
-            &mut self,
-            step: u64,
-            seqs: &[BatchSeq],
-            _: StageInput<'_>,
-        ) -> Result<(), EngineError> {
-            self.batches.lock().expect("lock").push(seqs.to_vec());
-            // slow enough that the later requests arrive while the first decodes
-            std::thread::sleep(Duration::from_millis(2));
-            let rows: usize = seqs.iter().map(|s| s.output_rows()).sum();
-            let mut logits = vec![0.0; rows * N_VOCAB];
-            for row in logits.chunks_mut(N_VOCAB) {
-                row[3] = 1.0;
-            }
-            self.done.push_back((step, LinkOutput::Logits(logits)));
-            Ok(())
-        }
-        fn wait(&mut self) -> Result<(u64, LinkOutput), EngineError> {
-            self.done
-                .pop_front()
-                .ok_or_else(|| EngineError::Pipeline("no step in flight".into()))
-        }
-    }
-
-    type Batches = Arc<Mutex<Vec<Vec<BatchSeq>>>>;
-
-    /// An engine of 4 slots and steps of 5 prompt tokens over a [`Recorder`].
-    fn recorded_engine() -> (SchedulerHandle, JoinHandle<()>, Batches) {
-        let batches = Batches::default();
-        let stage = Recorder {
-            batches: batches.clone(),
-            done: VecDeque::new(),
-        };
-        let pipeline = Pipeline::new(vec![Box::new(stage)], 1, N_VOCAB, 256, 4).expect("pipeline");
-        let cfg = SchedulerConfig {
-            max_slots: 4,
-            max_queue: 8,
-            batch: 5,
-        };
-        let (handle, join) = spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn");
-        (handle, join, batches)
-    }
-
-    fn greedy_request(prompt: Vec<i32>, max_tokens: usize) -> (GenRequest, Receiver) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let req = GenRequest {
-            prompt,
-            max_tokens,
-            sampling: Sampling::from(SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            }),
-            events: tx,
-        };
-        (req, rx)
-    }
-
-    type Receiver = tokio::sync::mpsc::UnboundedReceiver<GenEvent>;
-
-    fn wait_done(mut rx: Receiver) {
-        while let Some(e) = rx.blocking_recv() {
-            if matches!(e, GenEvent::Done { .. }) {
-                return;
-            }
-        }
-    }
-
-    /// Short prompts sent while a long one is being prefilled go in the next step
-    /// (or the one after, if that step was already planned), and the long prompt
-    /// keeps getting a chunk at least every other step.
-    #[test]
-    fn a_short_prompt_does_not_wait_for_a_long_prefill() {
-        let (handle, join, batches) = recorded_engine();
-        let long: Vec<i32> = (0..150).map(|t| t % 7).collect();
-        let (req, long_rx) = greedy_request(long.clone(), 2);
-        handle.submit(req).expect("submit");
-        while batches.lock().expect("lock").is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // three short prompts, one after the other, during the long prefill
-        let mut marks = Vec::new();
-        for len in [3, 4, 2] {
-            let (req, rx) = greedy_request((0..len).collect(), 3);
-            let mark = batches.lock().expect("lock").len();
-            handle.submit(req).expect("submit");
-            // the short prompt's only chunk: a whole prompt of `len` tokens
-            let is_it = move |s: &BatchSeq| s.pos0 == 0 && s.n_tokens == len as usize;
-            marks.push((mark, is_it));
-            wait_done(rx);
-        }
-        wait_done(long_rx);
-        handle.shutdown(Duration::from_secs(1));
-        join.join().expect("engine thread");
-        let batches = batches.lock().expect("lock");
-        let long_chunks: Vec<usize> = batches
-            .iter()
-            .enumerate()
-            .filter(|(_, seqs)| seqs.iter().any(|s| s.n_tokens == 5))
-            .map(|(i, _)| i)
-            .collect();
-        assert_eq!(long_chunks.len(), 30, "{batches:?}");
-        for (mark, is_it) in marks {
-            let at = batches
-                .iter()
-                .position(|seqs| seqs.iter().any(is_it))
-                .expect("the short prompt ran");
-            assert!(
-                at > mark.saturating_sub(1) && at <= mark + 1,
-                "sent after step {mark}, prefilled in step {at}: {batches:?}"
-            );
-            assert!(
-                long_chunks.iter().any(|&c| c > at),
-                "the short prompt came after the long prefill: {batches:?}"
-            );
-        }
-        for w in long_chunks.windows(2) {
-            assert!(w[1] - w[0] <= 2, "the long prompt waited: {batches:?}");
-        }
-    }
-
-    /// A prompt is cut into chunks of `batch` tokens at the same places whether it
-    /// runs alone or next to decoding sequences (a chunk's results depend on its
-    /// length), and the step's decode tokens come on top of the chunk.
-    #[test]
-    fn prompts_are_cut_at_the_same_places_whatever_else_runs() {
-        let (handle, join, batches) = recorded_engine();
-        let mut receivers = Vec::new();
-        for (len, max_tokens) in [(2, 30), (12, 4), (7, 4)] {
-            let (req, rx) = greedy_request((0..len).map(|t| t % 5).collect(), max_tokens);
-            handle.submit(req).expect("submit");
-            receivers.push(rx);
-        }
-        receivers.into_iter().for_each(wait_done);
-        handle.shutdown(Duration::from_secs(1));
-        join.join().expect("engine thread");
-        let batches = batches.lock().expect("lock");
-        let mut chunks = 0;
-        let mut with_decoders = 0;
-        for seqs in batches.iter() {
-            let prompt_tokens: usize = seqs
-                .iter()
-                .filter(|s| s.n_tokens > 1)
-                .map(|s| s.n_tokens)
-                .sum();
-            assert!(
-                prompt_tokens <= 5,
-                "{seqs:?}: more prompt tokens than batch"
-            );
-            for s in seqs {
-                // a decode token continues a sequence past its prompt; anything else is
-                // a chunk, which starts at a multiple of 5 and is 5 long unless last
-                if s.output == OutputRows::Last && s.n_tokens == 1 && s.pos0 > 0 {
-                    continue;
-                }
-                chunks += 1;
-                assert_eq!(s.pos0 % 5, 0, "{seqs:?}: chunk at {}", s.pos0);
-                if s.output == OutputRows::None {
-                    assert_eq!(s.n_tokens, 5, "{seqs:?}: a chunk before the last is whole");
-                }
-                if seqs.iter().any(|o| o.n_tokens == 1 && o.pos0 > 0) {
-                    with_decoders += 1;
-                }
-            }
-        }
-        assert!(chunks >= 5, "{batches:?}");
-        assert!(
-            with_decoders >= 2,
-            "chunks ran next to decoding sequences: {batches:?}"
-        );
-    }
-}
+mod tests;

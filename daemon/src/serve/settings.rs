@@ -23,6 +23,8 @@ pub struct ServeSettings {
     pub max_queue: usize,
     /// Tokens per engine step (prefill micro-batch).
     pub batch: usize,
+    /// `[engine] prompt_cache`: reuse cached prompt prefixes.
+    pub prompt_cache: bool,
     pub threads: usize,
     /// `[node] memory` in bytes: what this node may plan on (None: what the system
     /// reports available).
@@ -77,6 +79,7 @@ impl ServeSettings {
             max_slots: cfg.engine.max_slots,
             max_queue: cfg.engine.max_queue,
             batch: cfg.engine.batch,
+            prompt_cache: cfg.engine.prompt_cache,
             threads: cfg.engine.threads,
             memory: cfg.node.memory.as_ref().map(MemorySize::bytes),
             api_key: cfg.api.key.clone(),

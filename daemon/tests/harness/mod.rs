@@ -233,6 +233,8 @@ pub struct Engine {
     pub batch: usize,
     /// `[engine] max_slots`.
     pub max_slots: usize,
+    /// `[engine] prompt_cache`.
+    pub prompt_cache: bool,
 }
 
 /// The settings of most tests: the default wire and head split.
@@ -242,6 +244,7 @@ pub const TINY_ENGINE: Engine = Engine {
     head_share: "",
     batch: 512,
     max_slots: 4,
+    prompt_cache: true,
 };
 
 impl Harness {
@@ -306,11 +309,12 @@ impl Harness {
         };
         format!(
             "[model]\n{path}cache_dir = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\n\n\
-             [engine]\nthreads = 1\nctx = {}\nmax_slots = {}\nbatch = {}\n",
+             [engine]\nthreads = 1\nctx = {}\nmax_slots = {}\nbatch = {}\nprompt_cache = {}\n",
             self.cache_dir(name).display(),
             engine.ctx,
             engine.max_slots,
-            engine.batch
+            engine.batch,
+            engine.prompt_cache
         )
     }
 
@@ -322,13 +326,24 @@ impl Harness {
     /// [`Harness::single`] with more `[api]` lines (`key = value`, one a line).
     pub fn single_with_api(&mut self, engine: &Engine, api: &str) -> usize {
         let http_port = free_port(false);
-        let config = self.dir.path().join("single.toml");
-        let sections = self.common_sections("single", true, http_port, engine);
-        let text = with_api_lines(&format!("[node]\nname = \"single\"\n\n{sections}"), api);
+        // "single", then "single1", "single2"... for more than one in a test
+        let n = self
+            .nodes
+            .iter()
+            .filter(|n| n.name.starts_with("single"))
+            .count();
+        let name = if n == 0 {
+            "single".to_string()
+        } else {
+            format!("single{n}")
+        };
+        let config = self.dir.path().join(format!("{name}.toml"));
+        let sections = self.common_sections(&name, true, http_port, engine);
+        let text = with_api_lines(&format!("[node]\nname = \"{name}\"\n\n{sections}"), api);
         std::fs::write(&config, text).expect("write config");
         let mut node = Node {
-            name: "single".into(),
-            log: self.dir.path().join("single.log"),
+            log: self.dir.path().join(format!("{name}.log")),
+            name,
             config,
             http_port,
             data_port: 0,
@@ -606,11 +621,23 @@ pub async fn references(h: &Harness, single: usize, prompts: &[&str], n: usize) 
 /// llama.cpp's greedy continuation of `prompt` (token ids), as the text the API
 /// returns: the pieces of the tokens before the first end-of-generation token.
 pub fn oracle_text(model: &Path, prompt: &[i32], n: usize) -> (String, Vec<i32>) {
+    oracle_text_in(model, prompt, n, 256, 256)
+}
+
+/// [`oracle_text`] in a context of `n_ctx` positions, the prompt decoded in chunks
+/// of `n_batch` tokens (exo's `[engine] batch`: a chunk's logits depend on it).
+pub fn oracle_text_in(
+    model: &Path,
+    prompt: &[i32],
+    n: usize,
+    n_ctx: u32,
+    n_batch: u32,
+) -> (String, Vec<i32>) {
     use ggml_shim::llama::{init_backend, OracleModel};
     init_backend();
     let m = OracleModel::load(model, 1).expect("oracle load");
     let vocab = m.vocab().expect("oracle vocab");
-    let mut ctx = m.context(256, 256, 1).expect("oracle context");
+    let mut ctx = m.context(n_ctx, n_batch, 1).expect("oracle context");
     let toks = ctx.greedy_generate(prompt, n).expect("oracle generate");
     let mut bytes = Vec::new();
     for &t in &toks {

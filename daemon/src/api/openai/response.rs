@@ -23,14 +23,26 @@ pub(super) struct Usage {
     prompt_tokens: usize,
     completion_tokens: usize,
     total_tokens: usize,
+    prompt_tokens_details: PromptDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Serialize, Debug)]
+struct PromptDetails {
+    /// Prompt tokens taken from the KV cache of an earlier request.
+    cached_tokens: usize,
 }
 
 impl Usage {
-    pub(super) fn new(prompt: usize, completion: usize) -> Usage {
+    /// `cached` of the `prompt` tokens came from the prompt cache.
+    pub(super) fn new(prompt: usize, cached: usize, completion: usize) -> Usage {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt + completion,
+            prompt_tokens_details: PromptDetails {
+                cached_tokens: cached,
+            },
         }
     }
 }
@@ -267,7 +279,7 @@ mod tests {
             &h,
             "hi",
             FinishReason::Length,
-            Usage::new(3, 2),
+            Usage::new(3, 1, 2),
             None,
         ))
         .expect("json");
@@ -275,14 +287,15 @@ mod tests {
             v,
             json!({"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
                 "choices": [{"text": "hi", "index": 0, "logprobs": null, "finish_reason": "length"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                    "prompt_tokens_details": {"cached_tokens": 1}}})
         );
         let v = serde_json::to_value(whole(
             Kind::Chat,
             &h,
             "hi",
             FinishReason::Cancelled,
-            Usage::new(3, 2),
+            Usage::new(3, 1, 2),
             None,
         ))
         .expect("json");
@@ -309,7 +322,7 @@ mod tests {
         let last = event(chunk(
             Kind::Chat,
             &h,
-            Piece::End(FinishReason::Stop, Some(Usage::new(1, 1))),
+            Piece::End(FinishReason::Stop, Some(Usage::new(1, 0, 1))),
             None,
         ));
         assert_eq!(last["choices"][0]["delta"], json!({}));
