@@ -16,10 +16,6 @@ pub(crate) const AVAILABLE: bool = cfg!(all(
     target_feature = "f16c"
 ));
 
-/// The most columns multiplied per pass over a group of rows (the groups
-/// [`crate::columns::by_bands`] hands out).
-pub(crate) const MAX_COLUMNS: usize = crate::columns::GROUP_COLUMNS;
-
 pub(crate) use kernel::matmul;
 
 /// The kernel and its pieces, each a stretch of ggml's instructions inlined into it.
@@ -32,7 +28,9 @@ pub(crate) use kernel::matmul;
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::MAX_COLUMNS;
+    /// The most columns multiplied per pass over a group of rows (the groups
+    /// [`crate::columns::by_bands`] hands out).
+    const MAX_COLUMNS: usize = crate::columns::GROUP_COLUMNS;
 
     /// `out[j][0..8·groups] = rows · column j` for `groups` groups of eight interleaved
     /// Q4_K rows at `w` (`k / 256` blocks each), every column a Q8_K row.

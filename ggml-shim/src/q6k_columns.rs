@@ -20,10 +20,8 @@ use crate::{sys, Tensor};
 /// AVX2, FMA and F16C, as [`crate::q4k_columns`].
 pub(crate) const AVAILABLE: bool = crate::q4k_columns::AVAILABLE;
 
-/// The most columns multiplied per pass over a block.
-const MAX_COLUMNS: usize = crate::columns::GROUP_COLUMNS;
-
-/// Rows per pass over the column groups of a product wider than [`MAX_COLUMNS`]: a
+/// Rows per pass over the column groups of a product wider than
+/// [`crate::columns::GROUP_COLUMNS`]: a
 /// band that stays in L1/L2 while each group of columns passes over it.
 const BAND_ROWS: usize = 16;
 
@@ -91,7 +89,10 @@ pub(crate) unsafe extern "C" fn q6k_columns_op(
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{MAX_COLUMNS, Q6_K_BYTES, Q8_K_BYTES};
+    use super::{Q6_K_BYTES, Q8_K_BYTES};
+
+    /// The most columns multiplied per pass over a block.
+    const MAX_COLUMNS: usize = crate::columns::GROUP_COLUMNS;
     use crate::qmatmul::x86::hsum;
 
     /// How far ahead the weights are prefetched, in blocks.
