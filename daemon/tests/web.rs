@@ -496,7 +496,7 @@ async fn page_in_chromium_asks_the_key_streams_stops_and_shows_the_peers() {
     assert_eq!(seen.rows.len(), ranges.len(), "{:?}", seen.rows);
     for (row, (name, start, end, _)) in seen.rows.iter().zip(&ranges) {
         assert_eq!(row[0], *name, "{row:?}");
-        assert_eq!(row[1], format!("{start}-{end}"), "{row:?}");
+        assert_eq!(row[1], format!("{start}..{end}"), "{row:?}");
         assert_eq!(row[2], "up", "{row:?}");
     }
     assert!(

@@ -241,7 +241,7 @@ function showCluster(v) {
   for (const p of peers) {
     const row = tbody.insertRow();
     cell(row, p.name);
-    cell(row, `${p.start}-${p.end}`, 'num');
+    cell(row, `${p.start}..${p.end}`, 'num');
     cell(row, p.state, p.state === 'up' ? 'up' : 'down');
     cell(row, p.rtt_ms ? p.rtt_ms.toFixed(1) : '–', 'num');
     cell(row, p.tokens_per_s ? p.tokens_per_s.toFixed(1) : '–', 'num');
