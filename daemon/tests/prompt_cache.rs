@@ -186,3 +186,118 @@ async fn streamed_and_chat_usage_report_cached_tokens() {
     }
     assert!(cached[1] >= BATCH as u64, "{cached:?}");
 }
+
+/// With chunks of 128 tokens a cached prefix may end inside a chunk (rows in groups
+/// of 4, pieces of at least 64): prompts cut so that reused rows, pieces and a
+/// recomputed answer fall at every kind of place in a chunk (inside ggml's 16-row
+/// blocks and after them) answer with the same bits as without the cache (the
+/// logprobs of every token) on one node and on two, and as llama.cpp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_inside_a_chunk_answer_with_the_same_bits_as_without_the_cache() {
+    const FINE_BATCH: usize = 128;
+    const FINE_CTX: usize = 1024;
+    let Some(path) = real_model() else {
+        return;
+    };
+    let t0 = Instant::now();
+    let dir = TempDir::new("prompt-cache-fine").expect("temp dir");
+    let mut h = Harness::with_model(dir, path);
+    let on = Engine {
+        ctx: FINE_CTX,
+        batch: FINE_BATCH,
+        ..ENGINE
+    };
+    let off = Engine {
+        prompt_cache: false,
+        ..on
+    };
+    let cached = h.single(&on);
+    let uncached = h.single(&off);
+    let two = h.cluster(&[peer("a", None), peer("b", None)], &on);
+    let tok = exo::tokenizer::Tokenizer::load(&h.model, "gemma3").expect("tokenizer");
+    for i in [cached, uncached, two[0]] {
+        h.wait_ready(i, Duration::from_secs(120)).await;
+    }
+    let text: String = (0..80)
+        .map(|i| format!("Note {i}: {} {} ", TURNS[i % 4], SYSTEM))
+        .collect();
+    let base = tok.encode(&text).expect("encode");
+    assert!(base.len() > 900, "{} tokens", base.len());
+    // (prompt length, answer tokens, cached tokens on the caching nodes): chunks
+    // 0..256 reused whole; 384..468 exact after a 86-token last chunk; 436 is 52 rows
+    // into its chunk (rows 496..500 leave ggml's 4-row tail for a 16-row block); the
+    // 80-token answer to 640 is recomputed as the piece 640..716, reused up to 704;
+    // a prompt that differs at 446 reuses 444
+    let mut prompts: Vec<(Vec<i32>, usize, usize)> = [
+        (300, 4, 0),
+        (420, 4, 256),
+        (470, 4, 384),
+        (500, 4, 436),
+        (640, 80, 448),
+    ]
+    .iter()
+    .map(|&(n, answer, c)| (base[..n].to_vec(), answer, c))
+    .collect();
+    let mut k = 0;
+    while k < prompts.len() {
+        let (ids, answer, want_cached) = prompts[k].clone();
+        let model = h.model.clone();
+        let p = ids.clone();
+        let (want, answer_ids) = tokio::task::spawn_blocking(move || {
+            oracle_text_in(&model, &p, answer, FINE_CTX as u32, FINE_BATCH as u32)
+        })
+        .await
+        .expect("oracle");
+        let body = json!({"prompt": ids, "max_tokens": answer, "temperature": 0, "logprobs": 5});
+        let mut answers = Vec::new();
+        for (i, what) in [
+            (uncached, "no cache"),
+            (cached, "one node"),
+            (two[0], "two nodes"),
+        ] {
+            let (status, v) = h.post_json(i, "/v1/completions", &body).await;
+            assert_eq!(status, StatusCode::OK, "{what}: {v}");
+            assert_eq!(
+                text_of(&v),
+                want,
+                "prompt {k} ({} tokens) on {what} vs llama.cpp",
+                ids.len()
+            );
+            let c = cached_of(&v) as usize;
+            let expect = if i == uncached { 0 } else { want_cached };
+            assert_eq!(c, expect, "prompt {k} ({} tokens) on {what}", ids.len());
+            answers.push(v["choices"][0]["logprobs"].clone());
+        }
+        assert!(
+            answers.windows(2).all(|w| w[0] == w[1]),
+            "prompt {k}: logprobs differ between the nodes: {answers:?}"
+        );
+        eprintln!(
+            "prompt {k}: {} tokens, {want_cached} cached, {want:?}",
+            ids.len()
+        );
+        if k == prompts.len() - 1 && prompts.len() == 5 {
+            // the next turn: the answer, then more text; the idle engine has
+            // recomputed 640..716 (prompt and answer) as one piece
+            let mut next = ids.clone();
+            next.extend(&answer_ids[..answer_ids.len().min(answer)]);
+            next.extend(&base[640..700]);
+            // the slot holds the answer's tokens but its last; the piece needs 64
+            let fed = answer_ids.len().min(answer).saturating_sub(1);
+            let reuse = if fed >= 64 { 704 } else { 640 };
+            // the fill runs when the engine is idle: let it
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            prompts.push((next, 4, reuse));
+            // a prompt differing from the slot's at 446 (62 rows into its chunk):
+            // reused up to the row group before it, 444, so that the piece 444..512
+            // has no odd rows at its end as the fresh chunk 384..512 has none
+            let diverging = [&base[..446], &base[600..700]].concat();
+            prompts.push((diverging, 4, 444));
+        }
+        k += 1;
+    }
+    eprintln!(
+        "cuts_inside_a_chunk_answer_with_the_same_bits_as_without_the_cache: {:?}",
+        t0.elapsed()
+    );
+}

@@ -7,21 +7,64 @@
 //! Every stage of a pipeline holds its layers' part of those cells, so the slot and
 //! positions of a step's batch descriptor are all a remote stage needs.
 //!
-//! Reuse keeps answers bit-identical to a fresh prefill (and so to llama.cpp): a prompt
-//! chunk's numbers depend on the chunk's length and on ggml's kernel choice for it, so
-//! only whole chunks of `chunk` tokens cut where a fresh prefill cuts them (at
-//! multiples of `chunk`) are reused, and only where they were computed as such a
-//! chunk. Decoded tokens (one-token products) are not: while the engine is idle it
-//! recomputes the whole chunks they complete ([`PrefixCache::next_fill`]), so the next
-//! turn of a chat finds the previous answer cached too. The chunk holding a prompt's
-//! last token is always prefilled (it gives the logits).
+//! Reuse keeps answers bit-identical to a fresh prefill (and so to llama.cpp), which
+//! cuts a prompt into chunks of `chunk` tokens at multiples of `chunk`. A token's
+//! numbers depend on which of ggml's kernels computes its row of a chunk
+//! ([`Granularity`]): a prefix is reused only where a fresh prefill of the new prompt
+//! would compute every reused row with the same kernels, and the rest is prefilled
+//! from there up to the next multiple of `chunk` as one piece that again computes
+//! each row as the fresh chunk would. Decoded tokens (one-token products) are never
+//! reused as such: while the engine is idle it recomputes them as a prompt piece
+//! ([`PrefixCache::next_fill`]), so the next turn of a chat finds the previous answer
+//! cached too. The piece holding a prompt's last token is always prefilled (it gives
+//! the logits).
+
+/// Where a prompt chunk's rows may be cut without changing their numbers.
+///
+/// Read off ggml's CPU kernels (the crate's pinned llama.cpp), and checked bit for
+/// bit on the real model by `daemon/tests/prompt_cache.rs`:
+/// - repacked weights (Q4_K, Q4_0 on x86; most K-quants on arm64) multiply a chunk's
+///   rows in groups of 4 from its first row with `gemm` and the last `len % 4` rows
+///   with `gemv`; each row's numbers depend only on which of the two it took (the
+///   16-row and 4-row loops of the AVX2/AVX-512 `gemm` do the same float operations
+///   per row);
+/// - flash attention takes its tiled path for chunks of 64 rows or more (a row's
+///   numbers then do not depend on the other rows of its tile), the vector path below;
+/// - tiled K-quant products (8 rows or more) and tinyBLAS (2 or more) compute each
+///   row alone.
+///
+/// So a row of a chunk that starts at `s` and holds at least `min_piece` rows gets
+/// the same numbers in any such chunk starting at `s + k * group` in which it is not
+/// among the last `len % group` rows. arm64 with int8 matrix instructions multiplies
+/// plain Q4_0/Q8_0 two rows at a time depending on the thread split: there only
+/// whole chunks are reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granularity {
+    pub group: usize,
+    pub min_piece: usize,
+}
+
+impl Granularity {
+    /// ggml's CPU backend as built here.
+    pub const GGML_CPU: Option<Granularity> =
+        if cfg!(all(target_arch = "aarch64", target_feature = "i8mm")) {
+            None
+        } else {
+            Some(Granularity {
+                group: 4,
+                min_piece: 64,
+            })
+        };
+}
 
 /// What one slot holds.
 #[derive(Debug, Default, Clone)]
 struct Entry {
     /// The tokens at positions `0..tokens.len()` of the slot's KV cells.
     tokens: Vec<i32>,
-    /// Positions `0..exact` (whole chunks) hold what a fresh prefill computes.
+    /// Positions `0..exact` hold what a fresh prefill computes: whole chunks, then
+    /// rows of the next chunk that a piece of at least `min_piece` rows computed
+    /// outside its last `len % group` ([`Granularity`]).
     exact: usize,
     /// When the slot was last taken or given back ([`PrefixCache::clock`]).
     used: u64,
@@ -36,7 +79,7 @@ pub struct Claim {
     pub cached: usize,
 }
 
-/// A whole chunk of a free slot's tokens to recompute as a prompt chunk.
+/// A piece of a free slot's tokens to recompute as a prompt chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fill {
     pub slot: usize,
@@ -49,18 +92,36 @@ pub struct Fill {
 pub struct PrefixCache {
     entries: Vec<Entry>,
     chunk: usize,
+    /// Cuts inside a chunk; None: whole chunks only.
+    fine: Option<Granularity>,
     enabled: bool,
     clock: u64,
 }
 
 impl PrefixCache {
-    /// `n_slots` empty slots; prompts are prefilled in chunks of `chunk` tokens.
-    /// Disabled, slots are still handed out (least recently used first) but nothing
-    /// is reused.
+    /// `n_slots` empty slots; prompts are prefilled in chunks of `chunk` tokens, cut
+    /// inside a chunk where ggml's CPU kernels allow it. Disabled, slots are still
+    /// handed out (least recently used first) but nothing is reused.
     pub fn new(n_slots: usize, chunk: usize, enabled: bool) -> PrefixCache {
+        PrefixCache::with_granularity(n_slots, chunk, enabled, Granularity::GGML_CPU)
+    }
+
+    /// As [`PrefixCache::new`] with the given cutting rule (None: whole chunks). A
+    /// chunk that is not a multiple of `group`, or shorter than `min_piece`, is only
+    /// reused whole.
+    pub fn with_granularity(
+        n_slots: usize,
+        chunk: usize,
+        enabled: bool,
+        granularity: Option<Granularity>,
+    ) -> PrefixCache {
+        let chunk = chunk.max(1);
+        let fine = granularity
+            .filter(|g| g.group > 0 && chunk.is_multiple_of(g.group) && chunk >= g.min_piece);
         PrefixCache {
             entries: vec![Entry::default(); n_slots],
-            chunk: chunk.max(1),
+            chunk,
+            fine,
             enabled,
             clock: 0,
         }
@@ -71,7 +132,14 @@ impl PrefixCache {
         self.clock
     }
 
-    /// The positions of `prompt` a fresh prefill computes exactly as `e` holds them.
+    /// The start of the chunk holding position `pos` of a fresh prefill.
+    fn chunk_start(&self, pos: usize) -> usize {
+        pos / self.chunk * self.chunk
+    }
+
+    /// The positions of `prompt` a fresh prefill computes exactly as `e` holds them,
+    /// such that the rest of their chunk is one piece computing each row as the
+    /// fresh chunk does.
     fn reusable(&self, e: &Entry, prompt: &[i32]) -> usize {
         if !self.enabled || prompt.is_empty() {
             return 0;
@@ -81,8 +149,23 @@ impl PrefixCache {
             .zip(prompt)
             .take_while(|(a, b)| a == b)
             .count();
-        // the chunk of the last prompt token is prefilled for its logits
-        common.min(prompt.len() - 1) / self.chunk * self.chunk
+        // the piece of the last prompt token is prefilled for its logits
+        let upto = common.min(prompt.len() - 1);
+        let start = self.chunk_start(upto);
+        let Some(g) = self.fine else {
+            return start;
+        };
+        // the fresh chunk [start, end) and the piece [cut, end) must both be long
+        // enough for the batched kernels, and cut at the fresh chunk's row groups
+        let end = (start + self.chunk).min(prompt.len());
+        let Some(last_cut) = end.checked_sub(g.min_piece) else {
+            return start;
+        };
+        let cut = upto.min(last_cut);
+        if cut <= start {
+            return start;
+        }
+        start + (cut - start) / g.group * g.group
     }
 
     /// Takes the free slot holding the longest reusable prefix of `prompt`; with none,
@@ -106,13 +189,25 @@ impl PrefixCache {
         Some(Claim { slot, cached })
     }
 
+    /// The exact prefix after a prompt piece ending at `end`, whose chunk's rows
+    /// before the piece were exact: whole chunks, then (cutting finely) the rows of
+    /// a piece long enough outside its last `len % group`.
+    fn exact_after(&self, end: usize) -> usize {
+        let start = self.chunk_start(end);
+        match self.fine {
+            Some(g) if end - start >= g.min_piece => start + (end - start) / g.group * g.group,
+            _ => start,
+        }
+    }
+
     /// Gives a slot back holding `tokens` at positions `0..`, of which the first
-    /// `prefilled` came from prompt chunks cut at multiples of the chunk size.
+    /// `prefilled` came from prompt pieces, each ending at a multiple of the chunk
+    /// size or at `prefilled`.
     pub fn release(&mut self, slot: usize, tokens: Vec<i32>, prefilled: usize) {
         let used = self.tick();
-        let chunk = self.chunk;
+        let exact = self.exact_after(prefilled.min(tokens.len()));
         if let Some(e) = self.entries.get_mut(slot) {
-            e.exact = prefilled.min(tokens.len()) / chunk * chunk;
+            e.exact = exact;
             e.tokens = tokens;
             e.busy = false;
             e.used = used;
@@ -128,42 +223,70 @@ impl PrefixCache {
         }
     }
 
-    /// The next whole chunk worth recomputing in a free slot (the most recently used
-    /// first), marking the slot busy; [`PrefixCache::filled`] gives it back.
-    pub fn next_fill(&mut self) -> Option<Fill> {
-        if !self.enabled {
+    /// The piece of `e`'s tokens worth recomputing, as positions `pos0..end`: the
+    /// rest of the chunk at its exact prefix, up to the chunk's end or (cutting
+    /// finely) up to the last whole group of rows held.
+    fn fill_range(&self, e: &Entry) -> Option<(usize, usize)> {
+        if !self.enabled || e.busy {
             return None;
         }
-        let chunk = self.chunk;
-        let (slot, e) = self
+        let start = self.chunk_start(e.exact);
+        let held = e.tokens.len();
+        let end = if held >= start + self.chunk {
+            start + self.chunk
+        } else {
+            let g = self.fine?;
+            start + (held.saturating_sub(start)) / g.group * g.group
+        };
+        if end <= e.exact {
+            return None;
+        }
+        // a whole chunk from its start; else (fine cuts) a piece long enough, from
+        // the exact prefix or, to be long enough, from the chunk's start
+        let min_piece = self.fine.map_or(usize::MAX, |g| g.min_piece);
+        let whole = end == start + self.chunk;
+        if e.exact == start && (whole || end - start >= min_piece) {
+            Some((start, end))
+        } else if end - e.exact >= min_piece {
+            Some((e.exact, end))
+        } else if end - start >= min_piece {
+            Some((start, end))
+        } else {
+            None
+        }
+    }
+
+    /// The next piece worth recomputing in a free slot (the most recently used
+    /// first), marking the slot busy; [`PrefixCache::filled`] gives it back.
+    pub fn next_fill(&mut self) -> Option<Fill> {
+        let (slot, (pos0, end)) = self
             .entries
-            .iter_mut()
+            .iter()
             .enumerate()
-            .filter(|(_, e)| !e.busy && e.tokens.len() >= e.exact + chunk)
-            .max_by_key(|(_, e)| e.used)?;
+            .filter_map(|(slot, e)| Some((slot, self.fill_range(e)?, e.used)))
+            .max_by_key(|&(_, _, used)| used)
+            .map(|(slot, range, _)| (slot, range))?;
+        let e = &mut self.entries[slot];
         e.busy = true;
         Some(Fill {
             slot,
-            pos0: e.exact,
-            tokens: e.tokens[e.exact..e.exact + chunk].to_vec(),
+            pos0,
+            tokens: e.tokens[pos0..end].to_vec(),
         })
     }
 
     /// Whether [`PrefixCache::next_fill`] has work.
     pub fn has_fill(&self) -> bool {
-        self.enabled
-            && self
-                .entries
-                .iter()
-                .any(|e| !e.busy && e.tokens.len() >= e.exact + self.chunk)
+        self.entries.iter().any(|e| self.fill_range(e).is_some())
     }
 
-    /// A fill step came back: `ok`, its chunk is now exact.
+    /// A fill step came back: `ok`, its piece is now exact.
     pub fn filled(&mut self, fill: &Fill, ok: bool) {
         if let Some(e) = self.entries.get_mut(fill.slot) {
             e.busy = false;
-            if ok && e.exact == fill.pos0 && e.tokens.len() >= fill.pos0 + fill.tokens.len() {
-                e.exact = fill.pos0 + fill.tokens.len();
+            let end = fill.pos0 + fill.tokens.len();
+            if ok && fill.pos0 <= e.exact && e.tokens.len() >= end {
+                e.exact = e.exact.max(end);
             } else if !ok {
                 e.tokens.clear();
                 e.exact = 0;
@@ -280,5 +403,88 @@ mod tests {
         on.release(a.slot, toks(8, 0), 8);
         on.forget_all();
         assert_eq!(on.claim(&toks(8, 0)).expect("slot").cached, 0);
+    }
+
+    /// Rows in groups of 2, pieces of at least 3 rows, chunks of 8.
+    fn fine(n_slots: usize) -> PrefixCache {
+        let g = Granularity {
+            group: 2,
+            min_piece: 3,
+        };
+        PrefixCache::with_granularity(n_slots, 8, true, Some(g))
+    }
+
+    #[test]
+    fn fine_cuts_reuse_rows_inside_a_chunk_where_the_rest_is_a_long_enough_piece() {
+        let mut c = fine(1);
+        let a = c.claim(&toks(13, 0)).expect("slot");
+        // chunks 0..8 and 8..13: the last row of the 5-row chunk is its odd one out
+        let mut held = toks(13, 0);
+        held.extend([90, 91, 92]);
+        c.release(a.slot, held.clone(), 13);
+        let with = |extra: &[i32]| [&toks(13, 0)[..], extra].concat();
+        // 20 tokens: the fresh chunk 8..16, a piece 12..16
+        assert_eq!(c.claim(&with(&[1; 7])).expect("slot").cached, 12);
+        c.release(0, held.clone(), 13);
+        // 14 tokens: the piece 12..14 would be too short, 10..14 is not
+        assert_eq!(c.claim(&with(&[1])).expect("slot").cached, 10);
+        c.release(0, held.clone(), 13);
+        // 10 tokens: the fresh chunk 8..10 is too short to cut
+        assert_eq!(c.claim(&toks(10, 0)).expect("slot").cached, 8);
+        c.release(0, held.clone(), 13);
+        // a difference at 11: rows up to the group before it
+        let mut other = with(&[1; 7]);
+        other[11] = -1;
+        assert_eq!(c.claim(&other).expect("slot").cached, 10);
+    }
+
+    #[test]
+    fn fine_cuts_recompute_answers_from_the_exact_prefix_or_the_chunk_start() {
+        let mut c = fine(1);
+        let a = c.claim(&toks(13, 0)).expect("slot");
+        let mut held = toks(13, 0);
+        held.extend([90, 91, 92, 93, 94]);
+        c.release(a.slot, held.clone(), 13);
+        // exact up to 12; 18 held: the rest of the chunk, 12..16
+        let f = c.next_fill().expect("fill");
+        assert_eq!((f.pos0, f.tokens.clone()), (12, held[12..16].to_vec()));
+        c.filled(&f, true);
+        // 16..18 is too short a piece, and too short to cut
+        assert!(!c.has_fill());
+        let mut next = held.clone();
+        next.extend([1, 2, 3, 4]);
+        assert_eq!(c.claim(&next).expect("slot").cached, 16);
+        // exact up to 12 and 14 held: 12..14 is too short, 8..14 is recomputed
+        c.release(0, held[..14].to_vec(), 13);
+        let f = c.next_fill().expect("fill");
+        assert_eq!((f.pos0, f.tokens.len()), (8, 6));
+        c.filled(&f, true);
+        assert!(!c.has_fill());
+    }
+
+    #[test]
+    fn fine_cuts_need_chunks_of_whole_groups_and_long_enough() {
+        for chunk in [5, 2] {
+            let g = Granularity {
+                group: 2,
+                min_piece: 3,
+            };
+            let mut c = PrefixCache::with_granularity(1, chunk, true, Some(g));
+            let a = c.claim(&toks(13, 0)).expect("slot");
+            c.release(a.slot, toks(13, 0), 13);
+            let mut next = toks(13, 0);
+            next.extend([1; 7]);
+            assert_eq!(c.claim(&next).expect("slot").cached, 13 / chunk * chunk);
+        }
+        // ggml's rule at the default batch: a 600-token prompt is exact up to 600
+        let mut c = PrefixCache::new(1, 512, true);
+        let a = c.claim(&toks(600, 0)).expect("slot");
+        c.release(a.slot, toks(600, 0), 600);
+        let expect = if Granularity::GGML_CPU.is_some() {
+            600
+        } else {
+            512
+        };
+        assert_eq!(c.claim(&toks(700, 0)).expect("slot").cached, expect);
     }
 }

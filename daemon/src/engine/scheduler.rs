@@ -620,10 +620,11 @@ impl Engine {
 
     /// The batch of one step over the sequences `chosen` (indices into `active`,
     /// decoding ones first): a token for each decoding sequence, then prompt chunks
-    /// in order while they fit the budget of `batch` tokens. Prompts go in whole
-    /// chunks of `batch` tokens (the last one shorter), cut at the same places
-    /// whatever else runs: a chunk's results depend on its length, so a prompt is
-    /// processed exactly as alone (llama.cpp's ubatches). A prompt whose chunk does
+    /// in order while they fit the budget of `batch` tokens. Prompts go in chunks
+    /// ending at multiples of `batch` tokens (the last one at the prompt's end), cut
+    /// at the same places whatever else runs: a chunk's results depend on its length,
+    /// so a prompt is processed exactly as alone (llama.cpp's ubatches); a prompt
+    /// resumed from a cached prefix inside a chunk first prefills the rest of it. A prompt whose chunk does
     /// not fit is marked skipped, and goes first next time.
     fn fill_step(&mut self, chosen: &[usize]) -> (Vec<BatchSeq>, Vec<i32>, Vec<usize>) {
         let mut seqs = Vec::new();
@@ -645,7 +646,8 @@ impl Engine {
                 slots.push(a.slot);
                 continue;
             }
-            let n = a.prompt_left().min(chunk);
+            // up to the next multiple of `chunk` (a cached prefix may end inside one)
+            let n = a.prompt_left().min(chunk - a.fed % chunk);
             if n == 0 {
                 continue;
             }
