@@ -1,6 +1,8 @@
 //! The scheduler on the real Gemma 3 270M, its steps recorded: a short request sent
 //! while a long prompt (over 2,000 tokens) is being prefilled gets its first token
-//! within two steps of its arrival, and both answers equal their answers alone.
+//! within two steps of its arrival and the rest of its answer in the steps right
+//! after, beside quarter-chunk pieces of the long prompt, and both answers equal
+//! their answers alone.
 //! Counted in steps, never in time.
 
 mod harness;
@@ -167,7 +169,24 @@ fn a_short_request_is_answered_within_steps_of_a_long_prefill() {
     let log = log.lock().expect("log");
     let at = whole_prompt_step(&log, start, short.len()).expect("the short prompt ran");
     let long_chunks: Vec<usize> = (start..log.len())
-        .filter(|&i| log[i].iter().any(|s| s.n_tokens == BATCH))
+        .filter(|&i| log[i].iter().any(|s| s.n_tokens > short.len()))
+        .collect();
+    // the short answer's tokens: one a step, each step's prompt pieces a quarter chunk
+    let short_slot = log[at]
+        .iter()
+        .find(|s| s.pos0 == 0 && s.n_tokens == short.len())
+        .expect("short prompt")
+        .slot;
+    let decode_steps: Vec<usize> = (at + 1..log.len())
+        .filter(|&i| {
+            log[i]
+                .iter()
+                .any(|s| s.slot == short_slot && s.n_tokens == 1)
+        })
+        .collect();
+    let pieces: Vec<usize> = decode_steps
+        .iter()
+        .flat_map(|&i| log[i].iter().filter(|s| s.n_tokens > 1).map(|s| s.n_tokens))
         .collect();
     eprintln!(
         "short request sent after step {} of the long prefill's {} chunks; \
@@ -186,6 +205,19 @@ fn a_short_request_is_answered_within_steps_of_a_long_prefill() {
     assert!(
         long_chunks.iter().any(|&c| c > at),
         "the long prefill was over before the short request ran: the test proves nothing"
+    );
+    eprintln!(
+        "short answer decoded in steps {:?}, beside prompt pieces {pieces:?}",
+        decode_steps.iter().map(|c| c - start).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        decode_steps,
+        (at + 1..at + short_together.len()).collect::<Vec<_>>(),
+        "the short answer's tokens in consecutive steps"
+    );
+    assert!(
+        !pieces.is_empty() && pieces.iter().all(|&n| n <= BATCH / 4),
+        "the long prompt beside the short answer in quarter-chunk pieces: {pieces:?}"
     );
     assert_eq!(
         short_together, short_alone,

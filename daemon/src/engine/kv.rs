@@ -35,7 +35,9 @@
 ///
 /// So a row of a chunk that starts at `s` and holds at least `min_piece` rows gets
 /// the same numbers in any such chunk starting at `s + k * group` in which it is not
-/// among the last `len % group` rows. arm64 with int8 matrix instructions multiplies
+/// among the last `len % group` rows: a chunk may be computed as consecutive pieces
+/// of at least `min_piece` rows cut at its row groups, and a cached prefix reused up
+/// to such a cut. arm64 with int8 matrix instructions multiplies
 /// plain Q4_0/Q8_0 two rows at a time depending on the thread split: there only
 /// whole chunks are reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,29 @@ pub struct Granularity {
 }
 
 impl Granularity {
+    /// The cuts ggml's CPU backend allows inside chunks of `chunk` tokens: none when
+    /// a chunk is not whole groups or is shorter than a piece.
+    pub fn for_chunks(chunk: usize) -> Option<Granularity> {
+        Granularity::GGML_CPU.filter(|g| g.fits(chunk))
+    }
+
+    fn fits(&self, chunk: usize) -> bool {
+        self.group > 0 && chunk.is_multiple_of(self.group) && chunk >= self.min_piece
+    }
+
+    /// The length of the next piece of a chunk whose `rest` rows are left, when the
+    /// step is shared with decoding sequences: about a quarter chunk, leaving a rest
+    /// long enough to be a piece itself, else the whole rest. A chunk computed as
+    /// such pieces has the numbers of the chunk computed at once.
+    pub fn shared_piece(&self, rest: usize, chunk: usize) -> usize {
+        let piece = (chunk / 4).max(self.min_piece).next_multiple_of(self.group);
+        if rest >= piece + self.min_piece {
+            piece
+        } else {
+            rest
+        }
+    }
+
     /// ggml's CPU backend as built here.
     pub const GGML_CPU: Option<Granularity> =
         if cfg!(all(target_arch = "aarch64", target_feature = "i8mm")) {
@@ -116,8 +141,7 @@ impl PrefixCache {
         granularity: Option<Granularity>,
     ) -> PrefixCache {
         let chunk = chunk.max(1);
-        let fine = granularity
-            .filter(|g| g.group > 0 && chunk.is_multiple_of(g.group) && chunk >= g.min_piece);
+        let fine = granularity.filter(|g| g.fits(chunk));
         PrefixCache {
             entries: vec![Entry::default(); n_slots],
             chunk,
@@ -486,5 +510,28 @@ mod tests {
             512
         };
         assert_eq!(c.claim(&toks(700, 0)).expect("slot").cached, expect);
+    }
+
+    #[test]
+    fn a_shared_step_takes_quarter_chunk_pieces_leaving_a_piece_or_nothing() {
+        let g = Granularity {
+            group: 4,
+            min_piece: 64,
+        };
+        let pieces = |mut rest: usize, chunk: usize| {
+            let mut out = Vec::new();
+            while rest > 0 {
+                let n = g.shared_piece(rest, chunk);
+                out.push(n);
+                rest -= n;
+            }
+            out
+        };
+        assert_eq!(pieces(512, 512), [128, 128, 128, 128]);
+        assert_eq!(pieces(319, 512), [128, 191]);
+        assert_eq!(pieces(320, 512), [128, 128, 64]);
+        assert_eq!(pieces(128, 128), [64, 64]);
+        assert_eq!(pieces(127, 128), [127]);
+        assert_eq!(pieces(40, 512), [40]);
     }
 }

@@ -5,7 +5,9 @@
 //! fairly ([`Active::prefill_rank`]): the one that has had the fewest tokens goes
 //! first, and one left out of a step goes first in the next, so a short prompt
 //! arriving during a long one's prefill is through within a step or two, and the
-//! long one still gets at least every other step.
+//! long one still gets at least every other step. While sequences decode, prompts
+//! go in quarter-chunk pieces (cut where ggml's kernels give the same numbers), so
+//! the steps that carry their tokens stay short.
 //!
 //! A prompt goes to the slot whose KV cache holds the longest reusable prefix of it
 //! ([`PrefixCache`]) and is prefilled from there; while nothing else runs, the whole
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::kv::{Fill, PrefixCache};
+use super::kv::{Fill, Granularity, PrefixCache};
 use super::{
     BatchSeq, EngineError, OutputRows, Picked, Pipeline, Sampling, StepOutcome, TokenSampler,
 };
@@ -624,7 +626,9 @@ impl Engine {
     /// ending at multiples of `batch` tokens (the last one at the prompt's end), cut
     /// at the same places whatever else runs: a chunk's results depend on its length,
     /// so a prompt is processed exactly as alone (llama.cpp's ubatches); a prompt
-    /// resumed from a cached prefix inside a chunk first prefills the rest of it. A prompt whose chunk does
+    /// resumed from a cached prefix inside a chunk first prefills the rest of it.
+    /// Next to decoding sequences a chunk goes in pieces of about a quarter
+    /// ([`Granularity::shared_piece`]), which give it the same numbers. A prompt whose chunk does
     /// not fit is marked skipped, and goes first next time.
     fn fill_step(&mut self, chosen: &[usize]) -> (Vec<BatchSeq>, Vec<i32>, Vec<usize>) {
         let mut seqs = Vec::new();
@@ -632,6 +636,10 @@ impl Engine {
         let mut slots = Vec::new();
         let chunk = self.cfg.batch.max(1);
         let mut budget = chunk;
+        // next to decoding sequences a prompt goes in shorter pieces of its chunks
+        // (same numbers), so that their steps stay short
+        let decoding = chosen.iter().any(|&i| self.active[i].next.is_some());
+        let cuts = Granularity::for_chunks(chunk).filter(|_| decoding);
         for &i in chosen {
             let a = &mut self.active[i];
             if let Some(t) = a.next {
@@ -647,7 +655,8 @@ impl Engine {
                 continue;
             }
             // up to the next multiple of `chunk` (a cached prefix may end inside one)
-            let n = a.prompt_left().min(chunk - a.fed % chunk);
+            let rest = a.prompt_left().min(chunk - a.fed % chunk);
+            let n = cuts.map_or(rest, |g| g.shared_piece(rest, chunk));
             if n == 0 {
                 continue;
             }
