@@ -77,21 +77,30 @@ def complete(base, prompt, n, extra):
 
 
 def first_token_seconds(base, prompt, extra):
-    """Seconds from sending a streamed request to its first chunk with text."""
-    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True, **extra}
+    """Seconds from sending a streamed request to its first chunk with text, and the
+    prompt tokens the server says it took from its cache (exo: usage's
+    cached_tokens; llama-server: timings.cache_n; None if not said)."""
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
+    dt, cached = None, None
     with post(base + "/v1/completions", body) as r:
         for line in r:
             line = line.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             v = json.loads(line[6:])
-            if v.get("choices") and v["choices"][0].get("text"):
+            if dt is None and v.get("choices") and v["choices"][0].get("text"):
                 dt = time.perf_counter() - t0
-                for _ in r:  # let the request end
-                    pass
-                return dt
-    raise RuntimeError("no text in the stream")
+            usage = v.get("usage") or {}
+            details = usage.get("prompt_tokens_details") or {}
+            if "cached_tokens" in details:
+                cached = details["cached_tokens"]
+            if "cache_n" in (v.get("timings") or {}):
+                cached = v["timings"]["cache_n"]
+    if dt is None:
+        raise RuntimeError("no text in the stream")
+    return dt, cached
 
 
 def free_port():
@@ -232,10 +241,10 @@ def main():
                 base, extra = servers[name]
                 prompt = play_chat(base, rep, extra, a.answer_tokens)
                 time.sleep(a.think)
-                t = first_token_seconds(base, prompt, extra)
+                t, cached = first_token_seconds(base, prompt, extra)
                 times[name].append(t)
                 n = prompt_tokens(servers["exo no cache"][0], prompt)
-                print(f"rep {rep} {name:13s} turn 5: {n} prompt tokens, "
+                print(f"rep {rep} {name:13s} turn 5: {n} prompt tokens, {cached} cached, "
                       f"first token {t * 1e3:8.1f} ms", flush=True)
         print(f"\nCPU: {cpu_name()}; threads {a.threads}; {a.reps} reps, interleaved")
         med = {n: statistics.median(v) for n, v in times.items()}

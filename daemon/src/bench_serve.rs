@@ -209,7 +209,8 @@ impl InProcess {
             max_slots,
             max_queue: 8,
             batch: 512,
-            prompt_cache: true,
+            // every repetition sends the same prompts, which llama.cpp prefills anew
+            prompt_cache: false,
             threads,
             memory: None,
             api_key: None,
