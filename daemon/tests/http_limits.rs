@@ -1,9 +1,10 @@
 //! Hostile and careless HTTP clients against a real `exo serve` process on the real
 //! model, over raw TCP on 127.0.0.1: slow and malformed requests are closed within
 //! the configured timeouts while the server keeps answering; connections beyond
-//! `[api] max_connections` get a 503 and the server stays usable; parameters exo does
-//! not implement get a 400 naming them; special-token text in a chat message stays
-//! text.
+//! `[api] max_connections` get a 503 and the server stays usable; a client that stops
+//! reading a stream loses its connection and its generation after
+//! `[api] write_timeout_secs`; parameters exo does not implement get a 400 naming them;
+//! special-token text in a chat message stays text.
 
 mod harness;
 
@@ -14,13 +15,18 @@ use tokio::net::TcpStream;
 /// Starts `exo serve` on the real model with these `[api]` limits; None without the
 /// real model.
 async fn start(tag: &str, api: &str) -> Option<(Harness, usize)> {
+    start_with_ctx(tag, api, 512).await
+}
+
+/// [`start`] with this context length.
+async fn start_with_ctx(tag: &str, api: &str, ctx: usize) -> Option<(Harness, usize)> {
     let model = real_model()?;
     let dir = TempDir::new(&format!("http-{tag}")).expect("temp dir");
     let mut h = Harness::with_model(dir, model);
     // no idle connection of the harness's own may hold a slot
     h.http = fresh_client();
     let engine = Engine {
-        ctx: 512,
+        ctx,
         max_slots: 2,
         ..TINY_ENGINE
     };
@@ -334,6 +340,59 @@ async fn connections_over_the_limit_get_503_and_the_server_stays_usable() {
     let metrics = metrics_text(&h, n).await;
     let refused = metric(&metrics, "exo_http_connections_refused_total").expect("refused");
     assert!(refused >= 20.0, "{refused}\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_stream_frees_its_slot() {
+    let Some((h, n)) = start_with_ctx("stall", "write_timeout_secs = 1", 8192).await else {
+        return;
+    };
+    // A stream far longer than the test (about 200 s at 40 tokens/s here), its end of
+    // sequence banned, with 20 alternatives a token to fill the buffers sooner.
+    let max_tokens = 8000;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": true,
+                      "temperature": 0, "logprobs": 20,
+                      "logit_bias": {"1": -100, "106": -100}})
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut s = socket
+        .connect(addr(&h, n).parse().expect("address"))
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    // ... and never reads: the writes stall once the socket buffers are full, then
+    // the connection is closed and the generation cancelled
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    let metrics = loop {
+        let m = metrics_text(&h, n).await;
+        let active = metric(&m, "exo_active_slots").expect("active slots");
+        let timeouts = metric(&m, "exo_http_write_timeouts_total").expect("write timeouts");
+        if active == 0.0 && timeouts == 1.0 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot is still held ({active} active, {timeouts} write timeouts)\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("slot freed {:?} after the request", started.elapsed());
+    // the engine stopped short of the tokens asked for (one step a token)
+    let steps = metric(&metrics, "exo_batch_tokens_count").expect("steps");
+    assert!(steps < max_tokens as f64, "{steps} steps\n{metrics}");
+    // the server closed the connection: what it had sent, then the end
+    let sent = until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .expect("the stalled connection is closed");
+    assert_eq!(status_of(&sent), Some(200), "{}", sent.len());
+    still_serves(&h, n, "after a client stopped reading").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

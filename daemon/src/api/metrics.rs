@@ -79,6 +79,8 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Clients that did not send their headers or body in time.
     pub client_timeouts: AtomicU64,
+    /// Connections closed because a response write made no progress in time.
+    pub write_timeouts: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -94,6 +96,7 @@ impl Default for Metrics {
             connections_open: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             client_timeouts: AtomicU64::new(0),
+            write_timeouts: AtomicU64::new(0),
         }
     }
 }
@@ -145,6 +148,12 @@ impl Metrics {
                 "exo_http_client_timeouts_total",
                 "Clients that did not send their request headers or body in time.",
                 &self.client_timeouts,
+            ),
+            (
+                "exo_http_write_timeouts_total",
+                "Connections closed because the client stopped reading a response \
+                 (its generation cancelled).",
+                &self.write_timeouts,
             ),
         ] {
             let _ = writeln!(

@@ -107,6 +107,7 @@ pub(super) struct FileApi {
     pub max_connections: Key<u64>,
     pub header_timeout_secs: Key<u64>,
     pub body_timeout_secs: Key<u64>,
+    pub write_timeout_secs: Key<u64>,
     pub web: Key<bool>,
 }
 
@@ -169,6 +170,7 @@ pub(super) const SECTIONS: &[Section] = &[
             "max_connections",
             "header_timeout_secs",
             "body_timeout_secs",
+            "write_timeout_secs",
             "web",
         ],
         false,

@@ -56,6 +56,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
 /// `[api] body_timeout_secs` by default.
 pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 30;
+/// `[api] write_timeout_secs` by default.
+pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 30;
 /// `[engine] ctx` by default.
 pub const DEFAULT_CTX: usize = 4096;
 /// `[engine] max_slots` by default.
@@ -183,6 +185,9 @@ pub struct ApiConfig {
     pub header_timeout_secs: u64,
     /// Seconds a client has to send a request's body.
     pub body_timeout_secs: u64,
+    /// Seconds a response write may make no progress (a client that stops reading)
+    /// before the connection is closed and its generation cancelled.
+    pub write_timeout_secs: u64,
     /// Whether `/` serves the web page (chat and cluster panel).
     pub web: bool,
 }
@@ -339,6 +344,7 @@ impl Default for ApiConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
             body_timeout_secs: DEFAULT_BODY_TIMEOUT_SECS,
+            write_timeout_secs: DEFAULT_WRITE_TIMEOUT_SECS,
             web: true,
         }
     }
@@ -379,12 +385,13 @@ impl ApiConfig {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
 
-    /// `max_connections`, `header_timeout_secs` and `body_timeout_secs`.
+    /// `max_connections` and the client timeouts.
     pub fn http_limits(&self) -> crate::api::HttpLimits {
         crate::api::HttpLimits {
             max_connections: self.max_connections,
             header_timeout: Duration::from_secs(self.header_timeout_secs),
             body_timeout: Duration::from_secs(self.body_timeout_secs),
+            write_timeout: Duration::from_secs(self.write_timeout_secs),
         }
     }
 }

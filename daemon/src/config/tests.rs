@@ -107,6 +107,7 @@ fn defaults_applied() {
     assert_eq!(http.max_connections, 512);
     assert_eq!(http.header_timeout, Duration::from_secs(10));
     assert_eq!(http.body_timeout, Duration::from_secs(30));
+    assert_eq!(http.write_timeout, Duration::from_secs(30));
     let threads = std::thread::available_parallelism().unwrap().get();
     assert_eq!(c.engine.threads, threads);
     assert_eq!(c.engine.ctx, 4096);
@@ -133,6 +134,7 @@ shutdown_timeout_secs = 0
 max_connections = 20
 header_timeout_secs = 2
 body_timeout_secs = 3
+write_timeout_secs = 4
 web = false
 [engine]
 threads = 3
@@ -154,9 +156,10 @@ batch = 32
         (
             a.max_connections,
             a.header_timeout_secs,
-            a.body_timeout_secs
+            a.body_timeout_secs,
+            a.write_timeout_secs
         ),
-        (20, 2, 3)
+        (20, 2, 3, 4)
     );
     assert!(!a.web);
     let e = &c.engine;
@@ -321,6 +324,11 @@ fn invalid_values_name_key_and_line() {
             "api.header_timeout_secs",
         ),
         ("[api]\nbody_timeout_secs = 0\n", "api.body_timeout_secs"),
+        ("[api]\nwrite_timeout_secs = 0\n", "api.write_timeout_secs"),
+        (
+            "[api]\nwrite_timeout_secs = 3601\n",
+            "api.write_timeout_secs",
+        ),
         (
             "[api]\nbody_timeout_secs = 18446744073709551615\n",
             "api.body_timeout_secs",
@@ -342,7 +350,8 @@ fn invalid_values_name_key_and_line() {
     assert!(e.ends_with("must be in 1..=256, got 100000"), "{e}");
     let big = "[engine]\nthreads = 256\nctx = 1048576\nbatch = 8192\nmax_queue = 100000\n\
                [api]\nshutdown_timeout_secs = 86400\nmax_connections = 1000000\n\
-               header_timeout_secs = 3600\nbody_timeout_secs = 3600\n";
+               header_timeout_secs = 3600\nbody_timeout_secs = 3600\n\
+               write_timeout_secs = 3600\n";
     assert!(load(&format!("{MODEL}{big}"), &[]).is_ok());
 }
 
@@ -597,6 +606,7 @@ fn every_section_has_its_keys() {
                 "max_connections",
                 "header_timeout_secs",
                 "body_timeout_secs",
+                "write_timeout_secs",
                 "web"
             ][..]
         )
