@@ -1,6 +1,7 @@
 //! Accepting connections within limits: at most `max_connections` served at once
 //! (kept below the open-files limit, so that `accept` itself never fails for want of
-//! descriptors); one more is answered with a short 503 and closed. Each connection
+//! descriptors), and at most `max_connections_per_ip` from one client address; one
+//! more is answered with a short 503 and closed. Each connection
 //! must send its request headers within `header_timeout` (which also bounds how long
 //! an idle kept-alive connection is held) and its body within `body_timeout`
 //! (`read_body` in the parent module). A response write that makes no progress for
@@ -8,12 +9,14 @@
 //! the response body and so cancels its generation; each connection's kernel send
 //! buffer is bounded so that such a client stalls the writes soon.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,7 +32,7 @@ use super::metrics::Metrics;
 use super::{handle, ApiError, App};
 use crate::config::{
     DEFAULT_BODY_TIMEOUT_SECS, DEFAULT_HEADER_TIMEOUT_SECS, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_WRITE_TIMEOUT_SECS,
+    DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_WRITE_TIMEOUT_SECS,
 };
 
 /// How many connections the server holds and how long it waits for a client.
@@ -37,6 +40,9 @@ use crate::config::{
 pub struct HttpLimits {
     /// Connections served at once; one more is answered 503 and closed.
     pub max_connections: usize,
+    /// Connections served at once from one client address (0: no limit); one more is
+    /// answered 503 and closed.
+    pub max_connections_per_ip: usize,
     /// A request's headers must arrive within this; a kept-alive connection is closed
     /// when no next request starts within it.
     pub header_timeout: Duration,
@@ -52,6 +58,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS),
             body_timeout: Duration::from_secs(DEFAULT_BODY_TIMEOUT_SECS),
             write_timeout: Duration::from_secs(DEFAULT_WRITE_TIMEOUT_SECS),
@@ -108,6 +115,7 @@ pub async fn run(
     }
     let slots = Arc::new(Semaphore::new(max));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let per_address = Arc::new(PerAddress::new(limits.max_connections_per_ip));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -127,9 +135,21 @@ pub async fn run(
                         continue;
                     }
                 };
+                let Some(from) = per_address.admit(peer.ip()) else {
+                    app.metrics.connections_refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                    let message = format!(
+                        "this client address holds {} connections, the limit for one \
+                         address; retry shortly",
+                        per_address.max
+                    );
+                    refuse(stream, &message, &refusing);
+                    continue;
+                };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     app.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                    refuse(stream, max, &refusing);
+                    let message =
+                        format!("the server holds {max} connections, its limit; retry shortly");
+                    refuse(stream, &message, &refusing);
                     continue;
                 };
                 let app = app.clone();
@@ -154,7 +174,7 @@ pub async fn run(
                         tracing::debug!("connection from {peer}: {e}");
                     }
                     metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-                    drop(slot);
+                    drop((slot, from));
                 });
             }
             _ = &mut shutdown => break,
@@ -171,6 +191,55 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Connections open per client address (IPv4-mapped IPv6 counted as IPv4).
+struct PerAddress {
+    /// At most this many from one address (0: no limit).
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection of an address, counted until dropped.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    fn new(max: usize) -> PerAddress {
+        PerAddress {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more connection from `ip`; None when it holds `max` already.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if self.max > 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A connection whose writes fail with `TimedOut` once one has made no progress for
@@ -265,12 +334,9 @@ impl AsyncWrite for WriteDeadline {
     }
 }
 
-/// The whole HTTP answer to a connection beyond the limit.
-fn refusal(max: usize) -> Vec<u8> {
-    let error = ApiError::unavailable(
-        "too_many_connections",
-        format!("the server holds {max} connections, its limit; retry shortly"),
-    );
+/// The whole HTTP answer to a connection beyond a limit.
+fn refusal(message: &str) -> Vec<u8> {
+    let error = ApiError::unavailable("too_many_connections", message);
     let body = error.body_json().to_string();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
@@ -280,12 +346,12 @@ fn refusal(max: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Answers a connection beyond the limit with a 503 and closes it. The answer goes
+/// Answers a connection beyond a limit with a 503 and closes it. The answer goes
 /// into the fresh socket's empty send buffer at once; then, if few connections are
 /// being refused, the client's request is drained for a moment (closing a socket
 /// with unread data sends a reset, which can discard the answer at the client).
-fn refuse(mut stream: TcpStream, max: usize, refusing: &Arc<Semaphore>) {
-    let _ = stream.try_write(&refusal(max));
+fn refuse(mut stream: TcpStream, message: &str, refusing: &Arc<Semaphore>) {
+    let _ = stream.try_write(&refusal(message));
     let Ok(permit) = refusing.clone().try_acquire_owned() else {
         return;
     };
@@ -320,7 +386,7 @@ mod tests {
 
     #[test]
     fn the_refusal_is_one_complete_http_answer() {
-        let r = String::from_utf8(refusal(7)).expect("utf-8");
+        let r = String::from_utf8(refusal("the server holds 7 connections")).expect("utf-8");
         let (head, body) = r.split_once("\r\n\r\n").expect("head and body");
         assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
         assert!(head.contains("\r\nretry-after: 1"), "{head}");
@@ -330,5 +396,25 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(body).expect("json");
         assert_eq!(v["error"]["code"], "too_many_connections");
+        assert_eq!(v["error"]["message"], "the server holds 7 connections");
+    }
+
+    #[test]
+    fn an_address_holds_at_most_its_share() {
+        let table = Arc::new(PerAddress::new(2));
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let first = table.admit(a).expect("first");
+        let second = table.admit(mapped).expect("second, the same address");
+        assert!(table.admit(a).is_none());
+        let other = table.admit(b).expect("another address");
+        drop(first);
+        let third = table.admit(a).expect("a slot freed");
+        drop((second, third, other));
+        assert!(table.open.lock().expect("lock").is_empty());
+        let open = Arc::new(PerAddress::new(0));
+        let many: Vec<_> = (0..100).map(|_| open.admit(a).expect("no limit")).collect();
+        assert_eq!(many.len(), 100);
     }
 }

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub connections_open: AtomicU64,
     /// Connections beyond `max_connections`, answered 503 and closed.
     pub connections_refused: AtomicU64,
+    /// Connections beyond `max_connections_per_ip`, answered 503 and closed.
+    pub connections_refused_per_ip: AtomicU64,
     /// Clients that did not send their headers or body in time.
     pub client_timeouts: AtomicU64,
     /// Connections closed because a response write made no progress in time.
@@ -95,6 +97,7 @@ impl Default for Metrics {
             step_seconds: Histogram::new(LATENCY),
             connections_open: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
+            connections_refused_per_ip: AtomicU64::new(0),
             client_timeouts: AtomicU64::new(0),
             write_timeouts: AtomicU64::new(0),
         }
@@ -143,6 +146,12 @@ impl Metrics {
                 "exo_http_connections_refused_total",
                 "Connections beyond max_connections, answered 503 and closed.",
                 &self.connections_refused,
+            ),
+            (
+                "exo_http_connections_refused_per_ip_total",
+                "Connections beyond max_connections_per_ip from one address, answered 503 \
+                 and closed.",
+                &self.connections_refused_per_ip,
             ),
             (
                 "exo_http_client_timeouts_total",

@@ -247,6 +247,12 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
         defaults.max_connections,
         1..=MAX_CONNECTIONS_LIMIT,
     )?;
+    let max_connections_per_ip = origin.count(
+        "api.max_connections_per_ip",
+        api.max_connections_per_ip.as_ref(),
+        defaults.max_connections_per_ip,
+        0..=MAX_CONNECTIONS_LIMIT,
+    )?;
     let [header_timeout_secs, body_timeout_secs, write_timeout_secs] = [
         (
             "api.header_timeout_secs",
@@ -279,6 +285,7 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
         max_body_bytes,
         shutdown_timeout_secs,
         max_connections,
+        max_connections_per_ip,
         header_timeout_secs: header_timeout_secs?,
         body_timeout_secs: body_timeout_secs?,
         write_timeout_secs: write_timeout_secs?,
