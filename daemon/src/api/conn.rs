@@ -122,6 +122,7 @@ pub async fn run(
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_BUF_BYTES);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let accept_failed = crate::log_every::LogEvery::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -130,7 +131,9 @@ pub async fn run(
                     Ok(a) => a,
                     Err(e) => {
                         // e.g. out of descriptors all the same: keep serving
-                        tracing::warn!("accept failed: {e}");
+                        if let Some(n) = accept_failed.hit() {
+                            tracing::warn!("{n} accept(s) failed; the latest: {e}");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
