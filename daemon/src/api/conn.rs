@@ -326,10 +326,9 @@ impl AsyncWrite for WriteDeadline {
         self.stream.is_write_vectored()
     }
 
+    /// A TCP stream's flush does nothing (and is no progress of a stalled write).
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.stream).poll_flush(cx);
-        this.progress(r, cx)
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
