@@ -11,6 +11,7 @@ pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gen_model;
+pub mod log_every;
 pub mod model;
 pub mod serve;
 pub mod system;

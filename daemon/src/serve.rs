@@ -197,8 +197,9 @@ pub async fn serve_app(
                 let _ = rx.wait_for(|s| *s).await;
             };
             let (stats, progress) = (app.frames.clone(), app.progress.clone());
+            let listeners = app.listeners.clone();
             tokio::spawn(async move {
-                if let Err(e) = worker::run(w, stats, progress, stop).await {
+                if let Err(e) = worker::run(w, stats, listeners, progress, stop).await {
                     tracing::error!("worker stopped: {e:#}");
                 }
             })
@@ -322,7 +323,8 @@ fn head_loading(
             let settings = settings.clamped(hp.n_ctx_train);
             let h = settings.with_engine_figures(h);
             let progress = app.progress.clone();
-            let (pipeline, view) = head::form(mf, h, app.frames.clone(), progress).await?;
+            let (frames, listeners) = (app.frames.clone(), app.listeners.clone());
+            let (pipeline, view) = head::form(mf, h, frames, listeners, progress).await?;
             let _ = app.cluster.set(view);
             let observer: Arc<dyn StepObserver> = app.metrics.clone();
             start_engine(pipeline, tokenizer, &hp, &settings, Some(observer))

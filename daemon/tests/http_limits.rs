@@ -1,9 +1,11 @@
 //! Hostile and careless HTTP clients against a real `exo serve` process on the real
 //! model, over raw TCP on 127.0.0.1: slow and malformed requests are closed within
 //! the configured timeouts while the server keeps answering; connections beyond
-//! `[api] max_connections` get a 503 and the server stays usable; parameters exo does
-//! not implement get a 400 naming them; special-token text in a chat message stays
-//! text.
+//! `[api] max_connections` (or `max_connections_per_ip` from one address) get a 503
+//! and the server stays usable; a client that stops
+//! reading a stream loses its connection and its generation after
+//! `[api] write_timeout_secs`; parameters exo does not implement get a 400 naming them;
+//! special-token text in a chat message stays text.
 
 mod harness;
 
@@ -14,13 +16,18 @@ use tokio::net::TcpStream;
 /// Starts `exo serve` on the real model with these `[api]` limits; None without the
 /// real model.
 async fn start(tag: &str, api: &str) -> Option<(Harness, usize)> {
+    start_with_ctx(tag, api, 512).await
+}
+
+/// [`start`] with this context length.
+async fn start_with_ctx(tag: &str, api: &str, ctx: usize) -> Option<(Harness, usize)> {
     let model = real_model()?;
     let dir = TempDir::new(&format!("http-{tag}")).expect("temp dir");
     let mut h = Harness::with_model(dir, model);
     // no idle connection of the harness's own may hold a slot
     h.http = fresh_client();
     let engine = Engine {
-        ctx: 512,
+        ctx,
         max_slots: 2,
         ..TINY_ENGINE
     };
@@ -246,6 +253,66 @@ async fn slow_and_malformed_clients_are_closed_within_the_timeouts() {
     assert!(timeouts >= 6.0, "{timeouts}\n{metrics}");
 }
 
+/// `count` kept-alive connections, each answered `GET /health` once, and how many
+/// attempts were refused on the way (a slot of a connection just closed, such as the
+/// harness's readiness probe, is not free yet).
+async fn hold_connections(h: &Harness, i: usize, count: usize) -> (Vec<TcpStream>, usize) {
+    let mut held = Vec::new();
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held.len() < count {
+        let mut s = TcpStream::connect(addr(h, i)).await.expect("connect");
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = read_response(&mut s).await;
+        match status_of(&answer) {
+            Some(200) => held.push(s),
+            Some(503) if Instant::now() < deadline => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("holding a slot: {other:?} {answer:?}"),
+        }
+    }
+    (held, refused)
+}
+
+/// A connection over a limit: the server answers 503 with Retry-After and closes it;
+/// returns the error's message.
+async fn refused_connection(h: &Harness, i: usize, attempt: usize) -> String {
+    let mut s = TcpStream::connect(addr(h, i)).await.expect("connect");
+    let _ = s
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let answer = until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .expect("a connection over the limit is closed");
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert_eq!(status_of(&answer), Some(503), "attempt {attempt}: {text}");
+    assert!(text.contains("\r\nretry-after: 1\r\n"), "{text}");
+    let v = json_body(&answer);
+    assert_eq!(v["error"]["code"], "too_many_connections", "{v}");
+    v["error"]["message"].as_str().unwrap_or("").to_string()
+}
+
+/// Waits until `/health` is answered 200 on a new connection; returns how many tries
+/// were refused with 503 before.
+async fn until_served_again(h: &Harness, i: usize) -> usize {
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = fresh_client().get(h.node(i).url("/health")).send().await;
+        match r.map(|r| r.status()) {
+            Ok(StatusCode::OK) => return refused,
+            Ok(StatusCode::SERVICE_UNAVAILABLE) => refused += 1,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the freed slots never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_get_503_and_the_server_stays_usable() {
     let api = "max_connections = 4\nheader_timeout_secs = 60";
@@ -253,51 +320,12 @@ async fn connections_over_the_limit_get_503_and_the_server_stays_usable() {
         return;
     };
     // four kept-alive connections, each answered once, take every slot
-    let mut held = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while held.len() < 4 {
-        let mut s = TcpStream::connect(addr(&h, n)).await.expect("connect");
-        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        let answer = read_response(&mut s).await;
-        match status_of(&answer) {
-            Some(200) => held.push(s),
-            // a slot of a connection just closed is not free yet
-            Some(503) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            other => panic!("holding a slot: {other:?} {answer:?}"),
-        }
-    }
+    let (held, _) = hold_connections(&h, n, 4).await;
     // every further connection is refused
-    let mut refused = 0;
     for attempt in 0..20 {
-        let mut s = TcpStream::connect(addr(&h, n)).await.expect("connect");
-        let _ = s
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await;
-        let answer = until_closed(&mut s, Duration::from_secs(20))
-            .await
-            .expect("a connection over the limit is closed");
-        match status_of(&answer) {
-            Some(503) => {
-                let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
-                assert!(text.contains("\r\nretry-after: 1\r\n"), "{text}");
-                let v = json_body(&answer);
-                assert_eq!(v["error"]["code"], "too_many_connections", "{v}");
-                assert!(
-                    v["error"]["message"]
-                        .as_str()
-                        .is_some_and(|m| m.contains('4')),
-                    "{v}"
-                );
-                refused += 1;
-            }
-            other => panic!("attempt {attempt}: over the limit: {other:?} {answer:?}"),
-        }
+        let message = refused_connection(&h, n, attempt).await;
+        assert!(message.contains('4'), "{message}");
     }
-    assert_eq!(refused, 20);
     // a burst of them at once: each gets its 503 or is closed, none is held
     let mut burst = Vec::new();
     for _ in 0..100 {
@@ -321,19 +349,94 @@ async fn connections_over_the_limit_get_503_and_the_server_stays_usable() {
 
     // the held connections go: the server serves again
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = fresh_client().get(h.node(n).url("/health")).send().await;
-        if r.is_ok_and(|r| r.status() == StatusCode::OK) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the freed slots never served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_served_again(&h, n).await;
     still_serves(&h, n, "after the flood").await;
     let metrics = metrics_text(&h, n).await;
     let refused = metric(&metrics, "exo_http_connections_refused_total").expect("refused");
     assert!(refused >= 20.0, "{refused}\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_address_limit_get_503() {
+    let api = "max_connections = 64\nmax_connections_per_ip = 3\nheader_timeout_secs = 60";
+    let Some((h, n)) = start("per-ip", api).await else {
+        return;
+    };
+    // three kept-alive connections from 127.0.0.1, each answered once
+    let (held, mut refused_early) = hold_connections(&h, n, 3).await;
+    // every further one from the same address is refused
+    let attempts = 5;
+    for attempt in 0..attempts {
+        let message = refused_connection(&h, n, attempt).await;
+        assert!(
+            message.contains("3 connections") && message.contains("address"),
+            "{message}"
+        );
+    }
+    // the held ones go: /health from the same address is answered again
+    drop(held);
+    refused_early += until_served_again(&h, n).await;
+    still_serves(&h, n, "after the address's connections closed").await;
+    let metrics = metrics_text(&h, n).await;
+    // refusals besides the attempts: connections just closed, not yet released
+    let per_ip = metric(&metrics, "exo_http_connections_refused_per_ip_total");
+    assert_eq!(per_ip, Some((attempts + refused_early) as f64), "{metrics}");
+    eprintln!("{refused_early} refusals of connections not yet released");
+    let global = metric(&metrics, "exo_http_connections_refused_total");
+    assert_eq!(global, Some(0.0), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_stream_frees_its_slot() {
+    let Some((h, n)) = start_with_ctx("stall", "write_timeout_secs = 1", 8192).await else {
+        return;
+    };
+    // A stream far longer than the test (about 200 s at 40 tokens/s here), its end of
+    // sequence banned, with 20 alternatives a token to fill the buffers sooner.
+    let max_tokens = 8000;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": true,
+                      "temperature": 0, "logprobs": 20,
+                      "logit_bias": {"1": -100, "106": -100}})
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut s = socket
+        .connect(addr(&h, n).parse().expect("address"))
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    // ... and never reads: the writes stall once the socket buffers are full, then
+    // the connection is closed and the generation cancelled
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    let metrics = loop {
+        let m = metrics_text(&h, n).await;
+        let active = metric(&m, "exo_active_slots").expect("active slots");
+        let timeouts = metric(&m, "exo_http_write_timeouts_total").expect("write timeouts");
+        if active == 0.0 && timeouts == 1.0 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot is still held ({active} active, {timeouts} write timeouts)\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("slot freed {:?} after the request", started.elapsed());
+    // the engine stopped short of the tokens asked for (one step a token)
+    let steps = metric(&metrics, "exo_batch_tokens_count").expect("steps");
+    assert!(steps < max_tokens as f64, "{steps} steps\n{metrics}");
+    // the server closed the connection: what it had sent, then the end
+    let sent = until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .expect("the stalled connection is closed");
+    assert_eq!(status_of(&sent), Some(200), "{}", sent.len());
+    still_serves(&h, n, "after a client stopped reading").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,8 +77,12 @@ pub struct Metrics {
     pub connections_open: AtomicU64,
     /// Connections beyond `max_connections`, answered 503 and closed.
     pub connections_refused: AtomicU64,
+    /// Connections beyond `max_connections_per_ip`, answered 503 and closed.
+    pub connections_refused_per_ip: AtomicU64,
     /// Clients that did not send their headers or body in time.
     pub client_timeouts: AtomicU64,
+    /// Connections closed because a response write made no progress in time.
+    pub write_timeouts: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -93,7 +97,9 @@ impl Default for Metrics {
             step_seconds: Histogram::new(LATENCY),
             connections_open: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
+            connections_refused_per_ip: AtomicU64::new(0),
             client_timeouts: AtomicU64::new(0),
+            write_timeouts: AtomicU64::new(0),
         }
     }
 }
@@ -142,9 +148,21 @@ impl Metrics {
                 &self.connections_refused,
             ),
             (
+                "exo_http_connections_refused_per_ip_total",
+                "Connections beyond max_connections_per_ip from one address, answered 503 \
+                 and closed.",
+                &self.connections_refused_per_ip,
+            ),
+            (
                 "exo_http_client_timeouts_total",
                 "Clients that did not send their request headers or body in time.",
                 &self.client_timeouts,
+            ),
+            (
+                "exo_http_write_timeouts_total",
+                "Connections closed because the client stopped reading a response \
+                 (its generation cancelled).",
+                &self.write_timeouts,
             ),
         ] {
             let _ = writeln!(

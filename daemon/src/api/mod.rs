@@ -66,6 +66,8 @@ pub struct App {
     pub worker_of: OnceLock<String>,
     /// Frames this node opened or dropped (cluster nodes).
     pub frames: Arc<crate::cluster::OpenerStats>,
+    /// This node's cluster listeners (cluster nodes), for their refusals.
+    pub listeners: crate::cluster::admission::Listeners,
     /// A model slice on its way (to a worker, or to this worker), while it travels.
     pub progress: crate::cluster::slices::Progress,
 }
@@ -85,6 +87,7 @@ impl App {
             cluster: OnceLock::new(),
             worker_of: OnceLock::new(),
             frames: Arc::new(crate::cluster::OpenerStats::default()),
+            listeners: Default::default(),
             progress: Default::default(),
         }
     }
@@ -387,6 +390,15 @@ fn metrics_text(app: &App) -> String {
             ("invalid", f.invalid),
         ] {
             body.push_str(&format!("exo_frames_total{{outcome=\"{outcome}\"}} {n}\n"));
+        }
+        body.push_str(
+            "# HELP exo_peer_connections_refused_total Connections to a cluster port refused \
+             by its listener's cap, by plane.\n# TYPE exo_peer_connections_refused_total counter\n",
+        );
+        for (plane, n) in app.listeners.refused() {
+            body.push_str(&format!(
+                "exo_peer_connections_refused_total{{plane=\"{plane}\"}} {n}\n"
+            ));
         }
     }
     body

@@ -6,11 +6,12 @@
 //! from its Debug output here and checked against nng (protocol, bound port).
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use anng::pipes::Listener;
 use anng::Socket;
 use ggml_shim::nng::{self, ConnectionGate, NngError, Refusal};
+
+use crate::log_every::LogEvery;
 
 /// Room for the SP protocol's own header in front of a message (REQ/REP carry a
 /// 4-byte request id): added to every cap.
@@ -19,8 +20,6 @@ pub const SP_HEADER_ROOM: usize = 64;
 pub const RECEIVES_NOTHING: usize = 64;
 /// Connections a listener admits beyond one per peer of the cluster.
 pub const SPARE_CONNECTIONS: usize = 4;
-/// Refusals are logged at most this often (with the count since the last line).
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// nng's protocol numbers of the sockets exo opens.
 pub mod proto {
@@ -100,34 +99,30 @@ pub fn listener_id<P>(listener: &Listener<'_, P>, port: u16) -> Result<u32, Admi
     Ok(id)
 }
 
-/// At most one line per period; the events in between are counted into the next one.
-#[derive(Debug)]
-pub struct LogEvery {
-    period: Duration,
-    /// When the last line went out, and events since.
-    state: Mutex<(Option<Instant>, u64)>,
-}
+/// This node's listening sockets by plane ("data", "control"), whose refusals
+/// `/metrics` counts; clones share the list.
+#[derive(Debug, Clone, Default)]
+pub struct Listeners(Arc<Mutex<Vec<(&'static str, RecvCap)>>>);
 
-impl LogEvery {
-    pub fn new(period: Duration) -> LogEvery {
-        LogEvery {
-            period,
-            state: Mutex::new((None, 0)),
-        }
+impl Listeners {
+    pub fn add(&self, plane: &'static str, cap: RecvCap) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((plane, cap));
     }
 
-    /// Counts one event; Some(events since the last line, this one included) when a
-    /// line is due.
-    pub fn hit(&self) -> Option<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.1 += 1;
-        let due = st.0.is_none_or(|t| t.elapsed() >= self.period);
-        if !due {
-            return None;
+    /// Connections refused so far, by plane (each once, in the order added).
+    pub fn refused(&self) -> Vec<(&'static str, u64)> {
+        let list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(&'static str, u64)> = Vec::new();
+        for (plane, cap) in list.iter() {
+            match out.iter_mut().find(|(p, _)| p == plane) {
+                Some((_, n)) => *n += cap.refused(),
+                None => out.push((plane, cap.refused())),
+            }
         }
-        let n = st.1;
-        *st = (Some(Instant::now()), 0);
-        Some(n)
+        out
     }
 }
 
@@ -157,7 +152,7 @@ impl RecvCap {
         let bytes = admission.recv_max.saturating_add(SP_HEADER_ROOM);
         nng::set_socket_recv_max(socket_id, bytes)?;
         let url: Arc<OnceLock<String>> = Arc::default();
-        let log = LogEvery::new(REFUSAL_LOG_EVERY);
+        let log = LogEvery::default();
         let where_ = url.clone();
         let hook = Box::new(move |r: &Refusal| {
             if let Some(n) = log.hit() {
@@ -228,6 +223,7 @@ impl RecvCap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn ids_are_read_after_their_field() {
@@ -413,16 +409,5 @@ mod tests {
         assert!(nng::set_listener_recv_max(u32::MAX - 7, 10).is_err());
         assert!(nng::listener_port(u32::MAX - 7).is_err());
         assert_eq!(cap.get(), 100);
-    }
-
-    #[test]
-    fn log_every_counts_what_it_holds_back() {
-        let l = LogEvery::new(Duration::from_secs(3600));
-        assert_eq!(l.hit(), Some(1));
-        assert_eq!(l.hit(), None);
-        assert_eq!(l.hit(), None);
-        let l = LogEvery::new(Duration::ZERO);
-        assert_eq!(l.hit(), Some(1));
-        assert_eq!(l.hit(), Some(1));
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::admission::Admission;
+use super::admission::{Admission, Listeners};
 use super::capabilities::Capabilities;
 use super::control::{Control, Refused};
 use super::planner::{self, ModelCosts, NodeInfo};
@@ -24,6 +24,7 @@ use super::wire::{DropReason, Dtype, FrameError, FrameKey, FrameType, Limits, Op
 use crate::config::{HeadSharePolicy, PeerConfig};
 use crate::engine::scheduler::max_step_tokens;
 use crate::engine::{Pipeline, Stage, StageConfig};
+use crate::log_every::LogEvery;
 use crate::model::{LayerRange, ModelFile};
 
 #[derive(Debug, Clone)]
@@ -139,6 +140,7 @@ pub async fn form(
     mf: Arc<ModelFile>,
     s: HeadSettings,
     frame_stats: Arc<super::wire::OpenerStats>,
+    listeners: Listeners,
     progress: Progress,
 ) -> anyhow::Result<(Pipeline, ClusterView)> {
     let key = FrameKey::derive(&s.key);
@@ -164,6 +166,7 @@ pub async fn form(
     let rx = PipelineRx::listen(&s.listen, Admission::cluster(s.peers.len(), unsplit))
         .await
         .with_context(|| format!("data plane on {}", s.listen))?;
+    listeners.add("data", rx.recv_cap());
     let control = Control::connect(&s.peers[1..], &key, frame_stats.clone()).await?;
     // the head's data-plane sealer; every stage's data sender id goes into the plan
     let data_sealer = Sealer::with_random_id(key.clone());
@@ -254,6 +257,8 @@ pub async fn form(
             solo_rows,
         }),
         in_flight: 0,
+        dropped: LogEvery::default(),
+        unexpected: LogEvery::default(),
     };
     tokio::spawn(heartbeats(
         Arc::new(control),

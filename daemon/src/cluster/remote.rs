@@ -15,6 +15,7 @@ use super::wire::{
     Dtype, Frame, FrameError, FrameType, Limits, Opener, Payload, Sealer, FLAG_SOLO,
 };
 use crate::engine::{BatchSeq, EngineError, Link, LinkOutput, Sampling, Stage, StageInput};
+use crate::log_every::LogEvery;
 use crate::model::LayerRange;
 
 /// Sending to the next stage gives up after this (a missing peer).
@@ -103,6 +104,9 @@ pub struct RemoteStages {
     pub(super) split: Option<LmHeadSplit>,
     /// Steps launched and not yet answered.
     pub(super) in_flight: usize,
+    /// Lines about frames dropped, and about authentic frames of an unexpected type.
+    pub(super) dropped: LogEvery,
+    pub(super) unexpected: LogEvery,
 }
 
 impl RemoteStages {
@@ -164,7 +168,12 @@ impl RemoteStages {
                 LinkOutput::Tokens(frame.picks().map_err(wire)?)
             }
             (other, _) => {
-                tracing::warn!("unexpected {} frame on the head's data plane", other.name());
+                if let Some(n) = self.unexpected.hit() {
+                    tracing::warn!(
+                        "{n} frame(s) of an unexpected type on the head's data plane; the latest: {}",
+                        other.name()
+                    );
+                }
                 return Ok(None);
             }
         }))
@@ -200,7 +209,9 @@ impl RemoteStages {
             let frame = match self.opener.open(pkt.as_bytes(), &self.limits) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::warn!("frame from the pipeline dropped: {e}");
+                    if let Some(n) = self.dropped.hit() {
+                        tracing::warn!("{n} frame(s) from the pipeline dropped; the latest: {e}");
+                    }
                     continue;
                 }
             };

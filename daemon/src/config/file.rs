@@ -105,8 +105,10 @@ pub(super) struct FileApi {
     pub max_body_bytes: Key<u64>,
     pub shutdown_timeout_secs: Key<u64>,
     pub max_connections: Key<u64>,
+    pub max_connections_per_ip: Key<u64>,
     pub header_timeout_secs: Key<u64>,
     pub body_timeout_secs: Key<u64>,
+    pub write_timeout_secs: Key<u64>,
     pub web: Key<bool>,
 }
 
@@ -167,8 +169,10 @@ pub(super) const SECTIONS: &[Section] = &[
             "max_body_bytes",
             "shutdown_timeout_secs",
             "max_connections",
+            "max_connections_per_ip",
             "header_timeout_secs",
             "body_timeout_secs",
+            "write_timeout_secs",
             "web",
         ],
         false,

@@ -52,10 +52,14 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
 /// `[api] max_connections` by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// `[api] max_connections_per_ip` by default.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
 /// `[api] header_timeout_secs` by default.
 pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
 /// `[api] body_timeout_secs` by default.
 pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 30;
+/// `[api] write_timeout_secs` by default.
+pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 30;
 /// `[engine] ctx` by default.
 pub const DEFAULT_CTX: usize = 4096;
 /// `[engine] max_slots` by default.
@@ -178,11 +182,17 @@ pub struct ApiConfig {
     /// Connections served at once (kept below the open-files limit); one more gets a
     /// 503 and is closed.
     pub max_connections: usize,
+    /// Connections served at once from one client address (0: no limit); one more
+    /// gets a 503 and is closed.
+    pub max_connections_per_ip: usize,
     /// Seconds a client has to send a request's headers; also how long an idle
     /// kept-alive connection is held.
     pub header_timeout_secs: u64,
     /// Seconds a client has to send a request's body.
     pub body_timeout_secs: u64,
+    /// Seconds a response write may make no progress (a client that stops reading)
+    /// before the connection is closed and its generation cancelled.
+    pub write_timeout_secs: u64,
     /// Whether `/` serves the web page (chat and cluster panel).
     pub web: bool,
 }
@@ -337,8 +347,10 @@ impl Default for ApiConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
             body_timeout_secs: DEFAULT_BODY_TIMEOUT_SECS,
+            write_timeout_secs: DEFAULT_WRITE_TIMEOUT_SECS,
             web: true,
         }
     }
@@ -379,12 +391,14 @@ impl ApiConfig {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
 
-    /// `max_connections`, `header_timeout_secs` and `body_timeout_secs`.
+    /// The connection limits and the client timeouts.
     pub fn http_limits(&self) -> crate::api::HttpLimits {
         crate::api::HttpLimits {
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             header_timeout: Duration::from_secs(self.header_timeout_secs),
             body_timeout: Duration::from_secs(self.body_timeout_secs),
+            write_timeout: Duration::from_secs(self.write_timeout_secs),
         }
     }
 }

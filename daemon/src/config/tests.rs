@@ -105,8 +105,10 @@ fn defaults_applied() {
     assert!(c.api.web);
     let http = c.api.http_limits();
     assert_eq!(http.max_connections, 512);
+    assert_eq!(http.max_connections_per_ip, 64);
     assert_eq!(http.header_timeout, Duration::from_secs(10));
     assert_eq!(http.body_timeout, Duration::from_secs(30));
+    assert_eq!(http.write_timeout, Duration::from_secs(30));
     let threads = std::thread::available_parallelism().unwrap().get();
     assert_eq!(c.engine.threads, threads);
     assert_eq!(c.engine.ctx, 4096);
@@ -131,8 +133,10 @@ key = "sk-abc"
 max_body_bytes = 4096
 shutdown_timeout_secs = 0
 max_connections = 20
+max_connections_per_ip = 0
 header_timeout_secs = 2
 body_timeout_secs = 3
+write_timeout_secs = 4
 web = false
 [engine]
 threads = 3
@@ -153,10 +157,12 @@ batch = 32
     assert_eq!(
         (
             a.max_connections,
+            a.max_connections_per_ip,
             a.header_timeout_secs,
-            a.body_timeout_secs
+            a.body_timeout_secs,
+            a.write_timeout_secs
         ),
-        (20, 2, 3)
+        (20, 0, 2, 3, 4)
     );
     assert!(!a.web);
     let e = &c.engine;
@@ -313,6 +319,10 @@ fn invalid_values_name_key_and_line() {
         ("[api]\nmax_connections = 0\n", "api.max_connections"),
         ("[api]\nmax_connections = 1000001\n", "api.max_connections"),
         (
+            "[api]\nmax_connections_per_ip = 1000001\n",
+            "api.max_connections_per_ip",
+        ),
+        (
             "[api]\nheader_timeout_secs = 0\n",
             "api.header_timeout_secs",
         ),
@@ -321,6 +331,11 @@ fn invalid_values_name_key_and_line() {
             "api.header_timeout_secs",
         ),
         ("[api]\nbody_timeout_secs = 0\n", "api.body_timeout_secs"),
+        ("[api]\nwrite_timeout_secs = 0\n", "api.write_timeout_secs"),
+        (
+            "[api]\nwrite_timeout_secs = 3601\n",
+            "api.write_timeout_secs",
+        ),
         (
             "[api]\nbody_timeout_secs = 18446744073709551615\n",
             "api.body_timeout_secs",
@@ -342,7 +357,9 @@ fn invalid_values_name_key_and_line() {
     assert!(e.ends_with("must be in 1..=256, got 100000"), "{e}");
     let big = "[engine]\nthreads = 256\nctx = 1048576\nbatch = 8192\nmax_queue = 100000\n\
                [api]\nshutdown_timeout_secs = 86400\nmax_connections = 1000000\n\
-               header_timeout_secs = 3600\nbody_timeout_secs = 3600\n";
+               max_connections_per_ip = 1000000\n\
+               header_timeout_secs = 3600\nbody_timeout_secs = 3600\n\
+               write_timeout_secs = 3600\n";
     assert!(load(&format!("{MODEL}{big}"), &[]).is_ok());
 }
 
@@ -595,8 +612,10 @@ fn every_section_has_its_keys() {
                 "max_body_bytes",
                 "shutdown_timeout_secs",
                 "max_connections",
+                "max_connections_per_ip",
                 "header_timeout_secs",
                 "body_timeout_secs",
+                "write_timeout_secs",
                 "web"
             ][..]
         )

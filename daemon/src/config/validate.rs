@@ -138,7 +138,7 @@ pub const BATCH_LIMIT: usize = 8192;
 const MAX_BODY_BYTES_LIMIT: usize = 1 << 30;
 const SHUTDOWN_TIMEOUT_LIMIT_SECS: usize = 86_400;
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
-/// Header and body timeouts: at least a second (0 would refuse everyone), at most an
+/// Header, body and write timeouts: at least a second (0 would refuse everyone), at most an
 /// hour (a client that takes longer is holding a connection, not sending a request).
 const CLIENT_TIMEOUT_LIMIT_SECS: usize = 3600;
 
@@ -247,7 +247,13 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
         defaults.max_connections,
         1..=MAX_CONNECTIONS_LIMIT,
     )?;
-    let [header_timeout_secs, body_timeout_secs] = [
+    let max_connections_per_ip = origin.count(
+        "api.max_connections_per_ip",
+        api.max_connections_per_ip.as_ref(),
+        defaults.max_connections_per_ip,
+        0..=MAX_CONNECTIONS_LIMIT,
+    )?;
+    let [header_timeout_secs, body_timeout_secs, write_timeout_secs] = [
         (
             "api.header_timeout_secs",
             &api.header_timeout_secs,
@@ -257,6 +263,11 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
             "api.body_timeout_secs",
             &api.body_timeout_secs,
             defaults.body_timeout_secs,
+        ),
+        (
+            "api.write_timeout_secs",
+            &api.write_timeout_secs,
+            defaults.write_timeout_secs,
         ),
     ]
     .map(|(key, value, default)| {
@@ -274,8 +285,10 @@ fn resolve_api(api: super::file::FileApi, origin: &Origin<'_>) -> Result<ApiConf
         max_body_bytes,
         shutdown_timeout_secs,
         max_connections,
+        max_connections_per_ip,
         header_timeout_secs: header_timeout_secs?,
         body_timeout_secs: body_timeout_secs?,
+        write_timeout_secs: write_timeout_secs?,
         web: api.web.map_or(defaults.web, |w| w.value),
     })
 }

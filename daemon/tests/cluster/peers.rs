@@ -185,6 +185,12 @@ async fn connections_beyond_a_listeners_cap_are_refused_and_the_cluster_serves()
     let grew = h.node(worker).resident().0.saturating_sub(before);
     eprintln!("worker growth with {} held: {} KiB", kept.len(), grew >> 10);
     assert!(grew < BOUND, "{grew} bytes");
+    // and counted, exactly
+    let m = h.metrics(worker).await;
+    for (plane, n) in ["data", "control"].into_iter().zip(refused) {
+        let series = format!("exo_peer_connections_refused_total{{plane=\"{plane}\"}}");
+        assert_eq!(metric(&m, &series), Some(n as f64), "{plane}: {m}");
+    }
     // the refusals are logged, once for many
     let log = std::fs::read_to_string(&h.node(worker).log).unwrap_or_default();
     let lines = log.lines().filter(|l| l.contains("refused")).count();
@@ -243,6 +249,21 @@ async fn control_frames_that_fail_authentication_get_no_answer() {
     .expect("raw requests");
     assert!(!junk, "junk was answered");
     assert!(!forged, "a forged ping was answered");
+    // and junk on the data plane, 20 messages
+    let data = h.node(worker).data_port;
+    tokio::task::spawn_blocking(move || {
+        let mut s = sp_connect(data, PUSH0);
+        for i in 0..20u8 {
+            let body = [b"junk on the data plane ".as_slice(), &[i]].concat();
+            s.write_all(&(body.len() as u64).to_be_bytes())
+                .expect("length");
+            s.write_all(&body).expect("junk");
+        }
+        // held until the node has taken them
+        std::thread::sleep(Duration::from_secs(1));
+    })
+    .await
+    .expect("raw data messages");
     // an authentic ping is answered once; the same bytes again are a replay
     let url = format!("tcp://127.0.0.1:{port}");
     let client = ControlClient::dial(&url, &DialOptions::default())
@@ -256,11 +277,27 @@ async fn control_frames_that_fail_authentication_get_no_answer() {
     client.request(&ping, t).await.expect("the first ping");
     let err = client.request(&ping, t).await.expect_err("the replay");
     assert!(err.is_timeout(), "{err}");
-    // counted: malformed, forged, replayed
-    let m = h.metrics(worker).await;
-    for outcome in ["malformed", "forged", "replayed"] {
-        let n = metric(&m, &format!("exo_frames_total{{outcome=\"{outcome}\"}}"));
-        assert!(n >= Some(1.0), "{outcome}: {m}");
+    // counted, exactly: malformed (the control junk and the 20), forged, replayed
+    let sent = [("malformed", 21.0), ("forged", 1.0), ("replayed", 1.0)];
+    let count = |m: &str, outcome: &str| {
+        metric(m, &format!("exo_frames_total{{outcome=\"{outcome}\"}}")).unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = h.metrics(worker).await;
+        if sent.iter().all(|&(o, n)| count(&m, o) >= n) || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (outcome, n) in sent {
+        assert_eq!(count(&m, outcome), n, "{outcome}: {m}");
+    }
+    // each kind logged once, with its count (a line per frame would be a flood)
+    let log = std::fs::read_to_string(&h.node(worker).log).unwrap_or_default();
+    for kind in ["control frame(s) dropped unanswered", "batch(es) dropped"] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(kind)).collect();
+        assert_eq!(lines.len(), 1, "{kind}:\n{log}");
     }
     let (got, _) = h.complete(head, &prompt()).await;
     assert_eq!(got, want, "after the unanswered frames");

@@ -12,6 +12,7 @@ use crate::cluster::wire::{FrameKey, FrameType, Opener, OpenerStats, Payload, Se
 use crate::engine::{
     BatchSeq, PartialLogits, Picked, Sampling, StageInput, StageOutput, TokenSampler,
 };
+use crate::log_every::LogEvery;
 
 /// The data side: one thread owning the stage; receives batches, computes, forwards.
 struct DataPlane {
@@ -31,6 +32,9 @@ struct DataPlane {
     /// This stage's `lm_head` rows' logits (split `lm_head`).
     logits: Vec<f32>,
     picks: Vec<Picked>,
+    /// Lines about batches dropped, and about failed receives.
+    dropped: LogEvery,
+    failed: LogEvery,
 }
 
 pub(super) fn data_loop(
@@ -56,6 +60,8 @@ pub(super) fn data_loop(
         out: Vec::new(),
         logits: Vec::new(),
         picks: Vec::new(),
+        dropped: LogEvery::default(),
+        failed: LogEvery::default(),
     };
     loop {
         // new plans first, and again right after a packet arrived (it may belong to
@@ -67,7 +73,9 @@ pub(super) fn data_loop(
             Ok(p) => p,
             Err(e) if e.is_timeout() => continue,
             Err(e) => {
-                tracing::warn!("data plane: {e}");
+                if let Some(n) = dp.failed.hit() {
+                    tracing::warn!("data plane: {n} receive(s) failed; the latest: {e}");
+                }
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -76,7 +84,9 @@ pub(super) fn data_loop(
             return;
         }
         if let Err(e) = dp.handle(pkt.as_bytes()) {
-            tracing::warn!("batch dropped: {e:#}");
+            if let Some(n) = dp.dropped.hit() {
+                tracing::warn!("{n} batch(es) dropped; the latest: {e:#}");
+            }
         }
     }
 }

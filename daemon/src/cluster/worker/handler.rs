@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use super::{DataCmd, RunningStage, Status, WorkerModel, WorkerSettings};
-use crate::cluster::admission::{LogEvery, RecvCap};
+use crate::cluster::admission::RecvCap;
 use crate::cluster::capabilities::Capabilities;
 use crate::cluster::proto::{self, Hello, HelloAck, Plan, PlanAck, Pong, SliceOffer};
 use crate::cluster::transport::{DialOptions, PipelineTx};
@@ -22,12 +22,11 @@ use crate::cluster::wire::{
 use crate::config::{BATCH_LIMIT, CTX_LIMIT, MAX_SLOTS_LIMIT};
 use crate::engine::scheduler::max_step_tokens;
 use crate::engine::{Stage, StageConfig};
+use crate::log_every::LogEvery;
 use crate::model::{LayerRange, ModelFile};
 
 /// How long the stage thread may take to take a command.
 const STAGE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
-/// Dropped control frames are logged at most this often.
-const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What the control side shares with the data side.
 pub(super) struct Links {
@@ -56,7 +55,9 @@ pub(super) struct ControlHandler {
     greeted: AtomicBool,
     /// Whether a plan is being applied (a second one is refused meanwhile).
     applying: AtomicBool,
+    /// Lines about frames dropped unanswered, and about frames refused.
     dropped: LogEvery,
+    refused: LogEvery,
 }
 
 /// Clears a flag when dropped (also when the request's future is).
@@ -94,7 +95,8 @@ impl ControlHandler {
             current: Mutex::new(None),
             greeted: AtomicBool::new(false),
             applying: AtomicBool::new(false),
-            dropped: LogEvery::new(DROP_LOG_EVERY),
+            dropped: LogEvery::default(),
+            refused: LogEvery::default(),
         }
     }
 
@@ -108,7 +110,9 @@ impl ControlHandler {
             Ok(f) => f,
             // a key holder's frame outside the limits: it may hear why
             Err(e) if e.reason() == DropReason::Invalid => {
-                tracing::warn!("control frame refused: {e}");
+                if let Some(n) = self.refused.hit() {
+                    tracing::warn!("{n} control frame(s) refused; the latest: {e}");
+                }
                 return Some(self.error(&format!("frame refused: {e}")));
             }
             Err(e) => {

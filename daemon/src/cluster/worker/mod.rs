@@ -8,7 +8,7 @@ mod handler;
 use std::path::PathBuf;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
-use super::admission::Admission;
+use super::admission::{Admission, Listeners};
 use super::capabilities::Capabilities;
 use super::proto;
 use super::slices::receive::Receiver;
@@ -83,6 +83,7 @@ struct Status {
 pub async fn run(
     s: WorkerSettings,
     frame_stats: Arc<OpenerStats>,
+    listeners: Listeners,
     progress: Progress,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -118,6 +119,8 @@ pub async fn run(
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<DataCmd>();
     let data_sender = super::wire::random_sender_id();
     let data_cap = rx.recv_cap();
+    listeners.add("control", control.recv_cap());
+    listeners.add("data", data_cap.clone());
     let data = {
         let (key, status, stats) = (key.clone(), status.clone(), frame_stats.clone());
         let rt = tokio::runtime::Handle::current();
