@@ -15,13 +15,14 @@ cd "$(dirname "$0")/.."
 SECS=${SECS:-60}
 TARGETS=${TARGETS:-"frame control gguf config request"}
 RSS_MB=${RSS_MB:-2048}
-export CARGO_TARGET_DIR="$PWD/target/fuzz"
-
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 seeds="$PWD/target/fuzz-seeds"
 rm -rf "$seeds"
+# the seeds come from the test build (target/, warm after the tests); the fuzz
+# targets have their own sanitized build in target/fuzz
 EXO_FUZZ_SEEDS="$seeds" cargo test --release -q -p exo --test fuzz_corpus -- \
     --ignored write_seed_corpus >/dev/null
+export CARGO_TARGET_DIR="$PWD/target/fuzz"
 (cd fuzz && cargo +nightly fuzz build -O)
 
 summary=()
