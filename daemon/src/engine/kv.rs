@@ -53,6 +53,11 @@ impl Granularity {
         Granularity::GGML_CPU.filter(|g| g.fits(chunk))
     }
 
+    /// The last row-group boundary at or before `pos` in the chunk starting at `start`.
+    fn floor(&self, start: usize, pos: usize) -> usize {
+        start + (pos - start) / self.group * self.group
+    }
+
     fn fits(&self, chunk: usize) -> bool {
         self.group > 0 && chunk.is_multiple_of(self.group) && chunk >= self.min_piece
     }
@@ -189,7 +194,7 @@ impl PrefixCache {
         if cut <= start {
             return start;
         }
-        start + (cut - start) / g.group * g.group
+        g.floor(start, cut)
     }
 
     /// Takes the free slot holding the longest reusable prefix of `prompt`; with none,
@@ -219,7 +224,7 @@ impl PrefixCache {
     fn exact_after(&self, end: usize) -> usize {
         let start = self.chunk_start(end);
         match self.fine {
-            Some(g) if end - start >= g.min_piece => start + (end - start) / g.group * g.group,
+            Some(g) if end - start >= g.min_piece => g.floor(start, end),
             _ => start,
         }
     }
@@ -260,7 +265,7 @@ impl PrefixCache {
             start + self.chunk
         } else {
             let g = self.fine?;
-            start + (held.saturating_sub(start)) / g.group * g.group
+            g.floor(start, held.max(start))
         };
         if end <= e.exact {
             return None;
