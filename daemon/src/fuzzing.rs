@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::cluster::proto::{
     ErrorMsg, Hello, HelloAck, Plan, PlanAck, Pong, SliceOffer, SliceStatus, SlotSetup,
 };
-use crate::cluster::slices::{from_runs, store::check_offer};
+use crate::cluster::slices::store::check_offer;
 
 /// One target: its name (the directory of its corpus) and its body.
 pub type Target = (&'static str, fn(&[u8]));
@@ -40,10 +40,8 @@ pub fn control(data: &[u8]) {
     let _ = serde_json::from_slice::<SliceStatus>(data);
     let _ = serde_json::from_slice::<ErrorMsg>(data);
     if let Ok(offer) = serde_json::from_slice::<SliceOffer>(data) {
-        if let Ok(manifest) = check_offer(&offer) {
-            if let Some(chunks) = from_runs(&offer.need, manifest.n_chunks()) {
-                let _ = manifest.bytes_of(&chunks);
-            }
+        if let Ok(checked) = check_offer(&offer) {
+            let _ = offer.chunking.bytes_of(&checked.need);
         }
     }
 }

@@ -36,8 +36,8 @@ fn control_seeds() -> Vec<Vec<u8>> {
         "repeat_penalty": 1.0, "repeat_last_n": 64, "frequency_penalty": 0.0,
         "presence_penalty": 0.0, "seed": 7});
     [
-        json!({"from": "head", "protocol": 2, "model_id": hash}),
-        json!({"name": "b", "protocol": 2, "model_id": hash, "planned": false,
+        json!({"from": "head", "protocol": 3, "model_id": hash}),
+        json!({"name": "b", "protocol": 3, "model_id": hash, "planned": false,
             "data_sender": 9, "full_model": false, "caps": {"free_memory": 1_000_000_000u64,
             "cores": 2, "threads": 2, "ms_per_layer": 0.5, "ms_per_head_mb": 0.01}}),
         json!({"epoch": 3, "model_id": hash, "n_ctx": 4096, "n_slots": 8, "batch": 512,
@@ -48,8 +48,8 @@ fn control_seeds() -> Vec<Vec<u8>> {
         json!({"name": "b", "epoch": 3, "ms_per_token": 4.5}),
         json!({"slot": 2, "sampling": sampling, "prompt": [2, 105, 2364]}),
         json!({"model_id": hash, "from": "head", "layers": "9..18", "need": [[0, 3], [7, 7]],
-            "manifest": {"file_size": 9_000_000u64, "chunk_size": 1_048_576u64,
-                         "hashes": vec!["cd".repeat(32); 9]}}),
+            "chunking": {"file_size": 9_000_000u64, "chunk_size": 1_048_576u64},
+            "hashes_from": 0, "hashes": vec!["cd".repeat(32); 5]}),
         json!({"missing": [[1, 2]], "need_bytes": 3_000_000u64, "have_bytes": 0}),
         json!({"message": "refused"}),
     ]

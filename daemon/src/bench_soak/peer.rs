@@ -182,7 +182,8 @@ fn forged(rng: &mut fastrand::Rng, forger: &mut Sealer) -> Vec<u8> {
         FrameType::Setup,
     ];
     let ty = types[rng.usize(..types.len())];
-    let body = json!({"from": "soak", "protocol": 2, "model_id": "x", "epoch": rng.u64(..)});
+    let protocol = exo::cluster::proto::PROTOCOL;
+    let body = json!({"from": "soak", "protocol": protocol, "model_id": "x", "epoch": rng.u64(..)});
     let mut f = forger
         .seal_control(ty, rng.u64(..1000), &body)
         .unwrap_or_else(|_| junk(rng, 256));

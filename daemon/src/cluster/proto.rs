@@ -12,8 +12,9 @@ use crate::engine::Sampling;
 use crate::model::ModelFile;
 
 /// Protocol version of the control messages (2: slot set-ups carry logit biases
-/// and log-probability requests, answered in token-logprobs frames).
-pub const PROTOCOL: u32 = 2;
+/// and log-probability requests, answered in token-logprobs frames; 3: slice
+/// offers carry only the needed chunks' hashes, in pages).
+pub const PROTOCOL: u32 = 3;
 
 /// The identity of a model in the cluster: BLAKE3 of its GGUF header and tensor
 /// table (the API's model id is the file's stem instead).
@@ -62,6 +63,9 @@ fn yes() -> bool {
 
 /// The head offers a worker the slice of the model its plan needs
 /// ([`super::wire::FrameType::SliceOffer`]); the worker answers with a [`SliceStatus`].
+/// The hashes of the needed chunks come in pages of at most
+/// [`crate::cluster::slices::HASHES_PER_OFFER`]: one offer per page, the same but
+/// for `hashes_from` and `hashes`; the answer to the last page tells what is missing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SliceOffer {
     /// [`model_hash`] of the model.
@@ -71,9 +75,14 @@ pub struct SliceOffer {
     pub from: String,
     /// The layers the slice is for, as "9..18" (for progress lines).
     pub layers: String,
-    pub manifest: crate::cluster::slices::Manifest,
+    /// How the model file is cut into chunks.
+    pub chunking: crate::cluster::slices::Chunking,
     /// The chunks the plan needs, as `[first, last]` runs.
     pub need: Vec<[u32; 2]>,
+    /// Which needed chunk (counted in `need`'s order) `hashes` starts at.
+    pub hashes_from: u32,
+    /// BLAKE3 of needed chunks from the `hashes_from`-th on, hex.
+    pub hashes: Vec<String>,
 }
 
 /// What a worker still misses of its slice: the answer to a [`SliceOffer`] and to
@@ -227,7 +236,7 @@ mod tests {
         let json = serde_json::to_value(&hello).expect("json");
         assert_eq!(
             json,
-            serde_json::json!({"from": "head", "protocol": 2, "model_id": "abc123"})
+            serde_json::json!({"from": "head", "protocol": 3, "model_id": "abc123"})
         );
         let plan: Plan = serde_json::from_value(serde_json::json!({
             "epoch": 3, "model_id": "abc123", "stages": [], "n_ctx": 64, "n_slots": 2,

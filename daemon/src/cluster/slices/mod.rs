@@ -30,12 +30,17 @@ use crate::model::weights::{self, LmHeadShare};
 use crate::model::{LayerRange, ModelError, ModelFile};
 
 /// Smallest chunk; larger files take larger chunks so that a manifest has at most
-/// [`MAX_CHUNKS`] hashes (and fits one control frame).
+/// [`MAX_CHUNKS`] hashes up to 64 GiB.
 pub const MIN_CHUNK: u64 = 1 << 20;
-/// Most chunks in a manifest.
+/// Most chunks in a manifest of a file up to 64 GiB.
 pub const MAX_CHUNKS: u64 = 8192;
 /// Largest chunk a worker accepts (a 64 GiB model at [`MAX_CHUNKS`] chunks).
 pub const MAX_CHUNK: u64 = super::wire::MAX_CHUNK_FRAME_BYTES as u64;
+/// Most chunks of a file a worker takes a slice of (8 TiB at [`MAX_CHUNK`]).
+pub const MAX_FILE_CHUNKS: u64 = 1 << 20;
+/// Chunk hashes in one offer: an offer of more chunks comes in pages, each well
+/// within a control frame (8,192 hashes are about 550 kB of JSON).
+pub const HASHES_PER_OFFER: usize = 8192;
 
 /// Why a slice cannot be made, stored or used.
 #[derive(Debug, thiserror::Error)]
@@ -72,28 +77,35 @@ impl SliceError {
     }
 }
 
-/// BLAKE3 of every chunk of a model file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
+/// How a file is cut into chunks: [`Chunking::chunk_size`] bytes each, the last one
+/// shorter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunking {
     pub file_size: u64,
     pub chunk_size: u64,
-    /// One hash per chunk, hex.
-    pub hashes: Vec<String>,
 }
 
-impl Manifest {
-    /// The chunk size for a file of `file_size` bytes.
-    /// (Above 64 GiB the chunks stay at [`MAX_CHUNK`] and the manifest grows.)
-    pub fn chunk_size_for(file_size: u64) -> u64 {
+impl Chunking {
+    /// The chunking of a file of `file_size` bytes: chunks of [`MIN_CHUNK`], larger
+    /// for files of more than [`MAX_CHUNKS`] of them, up to [`MAX_CHUNK`].
+    /// (Above 64 GiB the chunks stay at [`MAX_CHUNK`] and a manifest grows.)
+    pub fn for_file(file_size: u64) -> Chunking {
         let mut c = MIN_CHUNK;
         while file_size.div_ceil(c) > MAX_CHUNKS && c < MAX_CHUNK {
             c *= 2;
         }
-        c
+        Chunking {
+            file_size,
+            chunk_size: c,
+        }
     }
 
-    pub fn n_chunks(&self) -> u32 {
-        self.hashes.len() as u32
+    /// How many chunks the file has (0 for a chunk size of 0).
+    pub fn n_chunks(&self) -> u64 {
+        if self.chunk_size == 0 {
+            return 0;
+        }
+        self.file_size.div_ceil(self.chunk_size)
     }
 
     /// The bytes of chunk `i` in the file.
@@ -113,21 +125,48 @@ impl Manifest {
             .sum()
     }
 
-    /// The hash of chunk `i`.
-    pub fn hash(&self, i: u32) -> Option<[u8; 32]> {
-        let hex = self.hashes.get(i as usize)?;
-        blake3::Hash::from_hex(hex).ok().map(|h| *h.as_bytes())
+    /// The chunks that hold any byte of `ranges`, in order, each once.
+    pub fn chunks_covering(&self, ranges: &[Range<u64>]) -> Vec<u32> {
+        if self.chunk_size == 0 {
+            return Vec::new();
+        }
+        let n = u32::try_from(self.n_chunks()).unwrap_or(u32::MAX);
+        let mut out: Vec<u32> = ranges
+            .iter()
+            .filter(|r| r.start < r.end)
+            .flat_map(|r| {
+                let first = (r.start / self.chunk_size) as u32;
+                let last = ((r.end - 1) / self.chunk_size) as u32;
+                first..=last.min(n.saturating_sub(1))
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// BLAKE3 of every chunk of a model file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(flatten)]
+    pub chunking: Chunking,
+    /// One hash per chunk, hex.
+    pub hashes: Vec<String>,
+}
+
+impl Manifest {
+    pub fn n_chunks(&self) -> u32 {
+        self.hashes.len() as u32
     }
 
-    /// Whether `len` bytes of hash `hash` are chunk `i`.
-    pub fn matches_hash(&self, i: u32, len: usize, hash: &[u8; 32]) -> bool {
-        let r = self.chunk_range(i);
-        len as u64 == r.end.saturating_sub(r.start) && self.hash(i).as_ref() == Some(hash)
-    }
-
-    /// Whether `bytes` are chunk `i`.
-    pub fn matches(&self, i: u32, bytes: &[u8]) -> bool {
-        self.matches_hash(i, bytes.len(), blake3::hash(bytes).as_bytes())
+    /// The hashes of chunks `chunks`, hex (an unknown chunk gives an empty string,
+    /// which no chunk matches).
+    pub fn hashes_of(&self, chunks: &[u32]) -> Vec<String> {
+        chunks
+            .iter()
+            .map(|&i| self.hashes.get(i as usize).cloned().unwrap_or_default())
+            .collect()
     }
 
     /// Hashes the file at `path` (read once, front to back).
@@ -137,7 +176,8 @@ impl Manifest {
             .metadata()
             .map_err(SliceError::io("reading", path))?
             .len();
-        let chunk_size = Manifest::chunk_size_for(file_size);
+        let chunking = Chunking::for_file(file_size);
+        let chunk_size = chunking.chunk_size;
         let mut buf = vec![0u8; chunk_size as usize];
         let mut hashes = Vec::with_capacity(file_size.div_ceil(chunk_size) as usize);
         let mut left = file_size;
@@ -148,11 +188,7 @@ impl Manifest {
             hashes.push(blake3::hash(&buf[..n]).to_hex().to_string());
             left -= n as u64;
         }
-        Ok(Manifest {
-            file_size,
-            chunk_size,
-            hashes,
-        })
+        Ok(Manifest { chunking, hashes })
     }
 
     /// The manifest of the model file at `path`, from `cache_dir` when a cached one
@@ -167,7 +203,7 @@ impl Manifest {
         let cached = cache_dir.join(format!("{model_hash}.manifest.json"));
         if let Ok(text) = std::fs::read(&cached) {
             if let Ok(c) = serde_json::from_slice::<CachedManifest>(&text) {
-                if c.stamp == stamp && c.manifest.file_size == stamp.0 {
+                if c.stamp == stamp && c.manifest.chunking.file_size == stamp.0 {
                     return Ok(c.manifest);
                 }
             }
@@ -179,7 +215,7 @@ impl Manifest {
             path.display(),
             t0.elapsed().as_secs_f64(),
             manifest.n_chunks(),
-            manifest.chunk_size >> 20
+            manifest.chunking.chunk_size >> 20
         );
         let c = CachedManifest { stamp, manifest };
         let written = std::fs::create_dir_all(cache_dir).and_then(|()| {
@@ -195,22 +231,6 @@ impl Manifest {
             );
         }
         Ok(c.manifest)
-    }
-
-    /// The chunks that hold any byte of `ranges`, in order, each once.
-    pub fn chunks_covering(&self, ranges: &[Range<u64>]) -> Vec<u32> {
-        let mut out: Vec<u32> = ranges
-            .iter()
-            .filter(|r| r.start < r.end)
-            .flat_map(|r| {
-                let first = (r.start / self.chunk_size) as u32;
-                let last = ((r.end - 1) / self.chunk_size) as u32;
-                first..=last.min(self.n_chunks().saturating_sub(1))
-            })
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
     }
 }
 

@@ -67,7 +67,8 @@ impl Receiver {
         }
     }
 
-    /// Takes an offer: opens (or keeps) the slice and answers with what it misses.
+    /// Takes an offer page: opens (or keeps) the slice and, once the last page came,
+    /// answers with what it misses.
     pub fn offer(&mut self, offer: &SliceOffer) -> Result<SliceStatus, SliceError> {
         match self.store.as_mut() {
             Some(s) if s.model_hash() == offer.model_hash => s.reoffer(offer)?,
@@ -79,6 +80,14 @@ impl Receiver {
         let Some(store) = self.store.as_mut() else {
             return Err(SliceError::BadOffer("no slice".into()));
         };
+        if !store.has_every_hash() {
+            // a page of hashes before the last: nothing to tell yet
+            return Ok(SliceStatus {
+                missing: Vec::new(),
+                need_bytes: 0,
+                have_bytes: 0,
+            });
+        }
         let t0 = Instant::now();
         let missing = store.missing()?;
         let (need_bytes, have_bytes) = store.needed_bytes();
@@ -109,7 +118,7 @@ impl Receiver {
     }
 
     /// Takes chunk `index` of BLAKE3 hash `hash` (computed when its frame was
-    /// opened); a chunk that does not match the manifest is refused.
+    /// opened); a chunk that does not match its offered hash is refused.
     pub fn chunk(
         &mut self,
         index: u32,

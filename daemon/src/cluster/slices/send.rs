@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures_util::StreamExt;
 
-use super::{progress_figures, stage_bytes, to_runs, Manifest, Progress};
+use super::{progress_figures, stage_bytes, to_runs, Manifest, Progress, HASHES_PER_OFFER};
 use crate::cluster::control::Control;
 use crate::cluster::proto::{Plan, SliceOffer, SliceStatus};
 use crate::cluster::transport::ControlClient;
@@ -60,24 +60,32 @@ pub(crate) async fn deliver(
         // the rows the worker loads (a step alone uses a part of them)
         (true, rows) => LmHeadShare::Rows(rows..src.mf.hparams.n_vocab),
     };
-    let need = src
-        .manifest
-        .chunks_covering(&stage_bytes(src.mf, range, last, &lm_head)?);
-    let offer = SliceOffer {
-        model_hash: src.model_hash.to_string(),
-        from: src.from.to_string(),
-        layers: range.to_string(),
-        manifest: src.manifest.clone(),
-        need: to_runs(&need),
-    };
-    let status: SliceStatus = control
-        .ask(client, FrameType::SliceOffer, &offer, OFFER_TIMEOUT)
-        .await
-        .with_context(|| format!("offering {} its slice", stage.name))?;
-    let missing = super::from_runs(&status.missing, src.manifest.n_chunks())
+    let chunking = src.manifest.chunking;
+    let need = chunking.chunks_covering(&stage_bytes(src.mf, range, last, &lm_head)?);
+    let mut status = None;
+    let layers = range.to_string();
+    let pages = offer_pages(
+        src.manifest,
+        src.model_hash,
+        src.from,
+        &layers,
+        &need,
+        HASHES_PER_OFFER,
+    );
+    for offer in pages {
+        let answer: SliceStatus = control
+            .ask(client, FrameType::SliceOffer, &offer, OFFER_TIMEOUT)
+            .await
+            .with_context(|| format!("offering {} its slice", stage.name))?;
+        status = Some(answer);
+    }
+    // the answer to the last page tells what is missing
+    let status = status.context("an offer without pages")?;
+    let n_chunks = src.manifest.n_chunks();
+    let missing = super::from_runs(&status.missing, n_chunks)
         .filter(|m| m.iter().all(|c| need.binary_search(c).is_ok()))
         .with_context(|| format!("{} answered the offer with chunks outside it", stage.name))?;
-    let total = src.manifest.bytes_of(&missing);
+    let total = chunking.bytes_of(&missing);
     let delivered = Delivered {
         need_bytes: status.need_bytes,
         sent_bytes: total,
@@ -121,7 +129,7 @@ pub(crate) async fn deliver(
     let mut sent = 0u64;
     while let Some(reply) = replies.next().await {
         let (c, _) = reply.with_context(|| format!("sending {} its slice", stage.name))?;
-        sent += src.manifest.bytes_of(&[c]);
+        sent += chunking.bytes_of(&[c]);
         if last_report.elapsed() >= REPORT_EVERY {
             last_report = Instant::now();
             let line = format!(
@@ -153,13 +161,50 @@ fn seal_chunk(
     buf: &mut Vec<u8>,
 ) -> anyhow::Result<Vec<u8>> {
     let path = src.mf.gguf.path();
-    let r = src.manifest.chunk_range(c);
+    let r = src.manifest.chunking.chunk_range(c);
     buf.resize((r.end - r.start) as usize, 0);
     file.read_exact_at(buf, r.start)
         .with_context(|| format!("reading {}", path.display()))?;
     let hash = src
         .manifest
-        .hash(c)
+        .hashes
+        .get(c as usize)
+        .and_then(|h| blake3::Hash::from_hex(h).ok())
         .context("a chunk outside the manifest")?;
-    control.seal_chunk(c, buf, &hash)
+    control.seal_chunk(c, buf, hash.as_bytes())
+}
+
+/// The offer of the chunks `need` (sorted) of `manifest` for `layers`, sent by
+/// `from`, as pages of at most `per_page` hashes (at least one page).
+pub(crate) fn offer_pages(
+    manifest: &Manifest,
+    model_hash: &str,
+    from: &str,
+    layers: &str,
+    need: &[u32],
+    per_page: usize,
+) -> Vec<SliceOffer> {
+    let runs = to_runs(need);
+    let hashes = manifest.hashes_of(need);
+    let mut pages: Vec<&[String]> = hashes.chunks(per_page.max(1)).collect();
+    if pages.is_empty() {
+        pages.push(&[]);
+    }
+    let mut start = 0;
+    pages
+        .into_iter()
+        .map(|page| {
+            let offer = SliceOffer {
+                model_hash: model_hash.to_string(),
+                from: from.to_string(),
+                layers: layers.to_string(),
+                chunking: manifest.chunking,
+                need: runs.clone(),
+                hashes_from: start as u32,
+                hashes: page.to_vec(),
+            };
+            start += page.len();
+            offer
+        })
+        .collect()
 }

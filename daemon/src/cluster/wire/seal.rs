@@ -8,8 +8,8 @@ use serde::Serialize;
 use super::header::{encode_seq, seq_count, Header};
 use super::payload::{Layout, Payload};
 use super::{
-    FrameError, FrameKey, FrameType, HEADER_LEN, KNOWN_FLAGS, MAC_LEN, MAX_CHUNK_FRAME_BYTES,
-    SEQ_DESC_LEN,
+    FrameError, FrameKey, FrameType, Limits, HEADER_LEN, KNOWN_FLAGS, MAC_LEN,
+    MAX_CHUNK_FRAME_BYTES, SEQ_DESC_LEN,
 };
 use crate::engine::BatchSeq;
 
@@ -112,6 +112,13 @@ impl Sealer {
             });
         }
         let json = serde_json::to_vec(body)?;
+        if json.len() > Limits::DEFAULT_MAX_CONTROL_BYTES {
+            // the peer would drop it: say so here instead of waiting for its answer
+            return Err(FrameError::ControlTooLarge {
+                got: json.len(),
+                max: Limits::DEFAULT_MAX_CONTROL_BYTES,
+            });
+        }
         let layout = Layout {
             frame_type,
             dtype: None,
