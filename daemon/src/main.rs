@@ -18,7 +18,7 @@ use exo::engine::{generate, split_ranges, GenerateParams, Pipeline, PipelineConf
 use exo::model::{LayerRange, ModelFile};
 use exo::serve::Stopped;
 use exo::system::notify::EXIT_LOAD_FAILED;
-use exo::tokenizer::{Message, Tokenizer};
+use exo::tokenizer::{template, Message, Tokenizer};
 use ggml_shim::llama::{SamplingParams, DEFAULT_SEED};
 
 #[derive(Parser)]
@@ -66,6 +66,9 @@ enum Command {
     BenchSoak(bench_soak::BenchSoakArgs),
     /// Write a GGUF of a published model's shape with random weights (tests, benchmarks).
     GenModel(GenModelArgs),
+    /// Render chat templates for the parent exo process (its sandbox; not for users).
+    #[command(name = "template-sandbox", hide = true)]
+    TemplateSandbox,
 }
 
 #[derive(clap::Args)]
@@ -180,6 +183,18 @@ fn cpu_error(missing: &'static str) -> ExitCode {
 #[inline(never)]
 fn cli_main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::TemplateSandbox = cli.command {
+        return match template::sandbox::serve() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("exo: error: template sandbox: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // Chat templates are code from the model file: they run in a child process of
+    // this binary, with a memory cap.
+    template::sandbox::enable(PathBuf::from("/proc/self/exe"));
     // Route llama.cpp/ggml logging through exo (silent unless EXO_LLAMA_LOG=1).
     ggml_shim::llama::init_backend();
     let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
@@ -194,6 +209,7 @@ fn cli_main() -> ExitCode {
         Command::BenchClient(args) => done(bench_serve::client(args)),
         Command::BenchSoak(args) => done(bench_soak::run(args)),
         Command::GenModel(args) => done(gen_model(args)),
+        Command::TemplateSandbox => Ok(ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

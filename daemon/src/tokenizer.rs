@@ -3,13 +3,13 @@
 //! tokenized so that only the template's markers are special tokens ([`chat`]).
 
 mod chat;
+pub mod template;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use ggml_shim::llama::{LlamaError, Vocab};
-use minijinja::{context, Environment};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -29,7 +29,7 @@ pub enum TokenizerError {
 }
 
 /// One chat message.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Message {
     pub role: String,
     pub content: String,
@@ -120,57 +120,22 @@ impl Tokenizer {
         self.template.is_some()
     }
 
-    /// Renders the chat template for `messages`, ending with the assistant's turn.
+    /// Renders the chat template for `messages`, ending with the assistant's turn
+    /// (in the template sandbox when the process set one up: [`template`]).
     pub fn apply_chat_template(&self, messages: &[Message]) -> Result<String, TokenizerError> {
         let source = self.template.as_deref().ok_or(TokenizerError::NoTemplate)?;
-        let limits = TemplateLimits::for_messages(messages);
-        let mut env = Environment::new();
-        env.set_fuel(Some(limits.fuel));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", source)
-            .map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let tmpl = env
-            .get_template("chat")
-            .map_err(|e| TokenizerError::Template(e.to_string()))?;
         let piece = |t: Option<i32>| {
             t.and_then(|t| self.vocab.token_to_piece(t, true).ok())
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default()
         };
-        let mut out = BoundedOutput::new(limits.output_bytes);
-        let rendered = tmpl.render_captured_to(
-            context! {
-                messages => messages,
-                add_generation_prompt => true,
-                bos_token => piece(self.vocab.bos()),
-                eos_token => piece(self.vocab.eos()),
-            },
-            &mut out,
-        );
-        match rendered {
-            Ok(_) => String::from_utf8(out.bytes)
-                .map_err(|_| TokenizerError::Template("the output is not UTF-8".into())),
-            Err(_) if out.overflowed => Err(TokenizerError::TemplateTooCostly(format!(
-                "its output passed {} bytes, the most it may write for these messages",
-                limits.output_bytes
-            ))),
-            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
-                Err(TokenizerError::TemplateTooCostly(format!(
-                    "it took more than {} steps, the most it may take for these messages",
-                    limits.fuel
-                )))
-            }
-            Err(e) => Err(TokenizerError::Template(e.to_string())),
-        }
+        let job = template::Job {
+            source: source.into(),
+            messages: messages.into(),
+            bos_token: piece(self.vocab.bos()),
+            eos_token: piece(self.vocab.eos()),
+        };
+        template::render(&job)
     }
 
     /// Tokens of the chat prompt of `messages` (the template rendered, ending with the
@@ -233,71 +198,6 @@ impl Tokenizer {
             }
         }
         Ok(tokens)
-    }
-}
-
-/// What one render of a chat template may cost. The template is code from the model file:
-/// without bounds a loop in it costs seconds of CPU or gigabytes of output per request.
-/// Real templates take a few hundred steps per message and write the messages once,
-/// plus their markers.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct TemplateLimits {
-    /// minijinja's fuel: instructions executed.
-    fuel: u64,
-    output_bytes: usize,
-}
-
-impl TemplateLimits {
-    const FUEL_BASE: u64 = 1_000_000;
-    const FUEL_PER_MESSAGE: u64 = 20_000;
-    const OUTPUT_BASE: usize = 64 << 10;
-    const OUTPUT_PER_MESSAGE: usize = 1 << 10;
-
-    fn for_messages(messages: &[Message]) -> TemplateLimits {
-        let n = messages.len();
-        let content: usize = messages
-            .iter()
-            .map(|m| m.role.len() + m.content.len())
-            .sum();
-        TemplateLimits {
-            fuel: Self::FUEL_BASE.saturating_add(Self::FUEL_PER_MESSAGE.saturating_mul(n as u64)),
-            // a template may repeat a message (a system prompt) but not without end
-            output_bytes: Self::OUTPUT_BASE
-                .saturating_add(content.saturating_mul(4))
-                .saturating_add(Self::OUTPUT_PER_MESSAGE.saturating_mul(n)),
-        }
-    }
-}
-
-/// A `Write` into memory that refuses to grow past a limit.
-struct BoundedOutput {
-    bytes: Vec<u8>,
-    limit: usize,
-    overflowed: bool,
-}
-
-impl BoundedOutput {
-    fn new(limit: usize) -> BoundedOutput {
-        BoundedOutput {
-            bytes: Vec::new(),
-            limit,
-            overflowed: false,
-        }
-    }
-}
-
-impl std::io::Write for BoundedOutput {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len().saturating_add(buf.len()) > self.limit {
-            self.overflowed = true;
-            return Err(std::io::Error::other("output limit"));
-        }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -694,13 +694,17 @@ fn check_config_checks_layer_ranges_against_the_model() {
 
 /// A chat template is code from the model file: one that loops or writes without end is
 /// refused when the model is loaded (by `exo check-config` too), in well under a second
-/// of its work, instead of costing seconds of CPU and gigabytes per chat request.
+/// of its work, instead of costing seconds of CPU and gigabytes per chat request; so is
+/// one that builds a huge string in memory.
 #[test]
 fn a_hostile_chat_template_is_refused_with_the_model() {
     let dir = TempDir::new("cli-hostile-template").expect("tempdir");
     let templates = [
         r#"{% for i in range(100000) %}{{ "x" * 100000 }}{% endfor %}"#,
         "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+        // within fuel and output limits, but a string of 2^48 bytes: stopped by the
+        // memory cap of the process that renders templates
+        r#"{% set ns = namespace(s="x") %}{% for i in range(48) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}"#,
     ];
     for (i, template) in templates.into_iter().enumerate() {
         let model = dir.path().join(format!("t{i}.gguf"));

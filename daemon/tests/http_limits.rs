@@ -548,3 +548,53 @@ async fn unimplemented_parameters_get_400_and_chat_text_cannot_forge_turns() {
         "{v}"
     );
 }
+
+/// A chat template is code from the model file, and fuel and an output limit do not
+/// bound what it builds in memory: a string doubled in a loop, or squared with
+/// `replace`, is terabytes within a few steps. exo renders templates in a child
+/// process whose memory is capped, so such a chat gets a 400 naming the cap, the
+/// server's own memory does not move, and the next chats are answered as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_that_builds_huge_strings_costs_the_server_nothing() {
+    // hostile only for two message texts: the load-time check renders "hi"
+    let template = format!(
+        "{}{}{}",
+        r#"{%- if messages[0].content == "double" -%}{%- set ns = namespace(s="x") -%}{%- for i in range(48) -%}{%- set ns.s = ns.s ~ ns.s -%}{%- endfor -%}{{ ns.s | length }}"#,
+        r#"{%- elif messages[0].content == "square" -%}{%- set ns = namespace(s="xxxxxxxxxx") -%}{%- for i in range(5) -%}{%- set ns.s = ns.s | replace("x", ns.s) -%}{%- endfor -%}{{ ns.s | length }}{%- endif -%}"#,
+        exo_tests::TINY_CHAT_TEMPLATE
+    );
+    let mut spec = tiny_spec();
+    spec.chat_template = Some(template);
+    let mut h = Harness::tiny("huge-template", &spec);
+    let n = h.single(&TINY_ENGINE);
+    h.wait_ready(n, Duration::from_secs(60)).await;
+    let chat = |content: &str| {
+        json!({"messages": [{"role": "user", "content": content}], "max_tokens": 2,
+               "temperature": 0})
+    };
+    let (status, v) = h.post_json(n, "/v1/chat/completions", &chat("hi")).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (_, peak_before) = h.node(n).resident();
+    for (round, content) in ["double", "square", "double"].into_iter().enumerate() {
+        let t0 = Instant::now();
+        let (status, v) = h.post_json(n, "/v1/chat/completions", &chat(content)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{content}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("chat template: rendering it ended the sandbox process")
+                && message.contains("MiB of memory"),
+            "{content}: {message}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{content} round {round}"
+        );
+        let (status, v) = h.post_json(n, "/v1/chat/completions", &chat("hi")).await;
+        assert_eq!(status, StatusCode::OK, "after {content}: {v}");
+    }
+    let (_, peak_after) = h.node(n).resident();
+    assert!(
+        peak_after < peak_before + (16 << 20),
+        "the server's peak memory went from {peak_before} to {peak_after} bytes"
+    );
+}
