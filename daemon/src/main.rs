@@ -127,6 +127,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    ggml_shim::malloc::tune_for_server();
     #[cfg(target_arch = "aarch64")]
     run_dotprod_build_if_possible();
     // The CPU check runs before main, as a constructor (ggml and llama.cpp execute

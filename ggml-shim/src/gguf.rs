@@ -130,16 +130,21 @@ impl TensorInfo {
 }
 
 /// A parsed GGUF file: metadata and tensor table (no tensor data is read).
+/// The metadata stays in ggml's context until [`Gguf::release_metadata`] (a large
+/// vocabulary's strings are tens of MB); the tensor table, sizes and offsets stay.
 pub struct Gguf {
+    /// Null once the metadata is released.
     ctx: *mut sys::gguf_context,
     path: PathBuf,
     file_size: u64,
+    data_offset: u64,
     tensors: Vec<TensorInfo>,
 }
 
-// SAFETY: the gguf_context is only read after construction and owned exclusively.
+// SAFETY: the gguf_context is owned exclusively, only read after construction and
+// freed only through &mut self.
 unsafe impl Send for Gguf {}
-// SAFETY: all methods take &self and only read the immutable context.
+// SAFETY: all &self methods only read the immutable context (freeing takes &mut self).
 unsafe impl Sync for Gguf {}
 
 impl Gguf {
@@ -188,10 +193,13 @@ impl Gguf {
                 path: path.to_owned(),
             });
         }
+        // SAFETY: ctx is a valid gguf context.
+        let data_offset = unsafe { sys::gguf_get_data_offset(ctx) } as u64;
         let mut gguf = Gguf {
             ctx,
             path: path.to_owned(),
             file_size,
+            data_offset,
             tensors: Vec::new(),
         };
         gguf.tensors = gguf.read_tensor_table()?;
@@ -199,10 +207,9 @@ impl Gguf {
     }
 
     fn read_tensor_table(&self) -> Result<Vec<TensorInfo>, GgufError> {
-        // SAFETY: ctx is a valid gguf context for the lifetime of self.
+        // SAFETY: called from open, where ctx is a valid gguf context.
         let n = unsafe { sys::gguf_get_n_tensors(self.ctx) };
-        // SAFETY: as above.
-        let data_offset = unsafe { sys::gguf_get_data_offset(self.ctx) } as u64;
+        let data_offset = self.data_offset;
         let mut out = Vec::with_capacity(n.max(0) as usize);
         for id in 0..n {
             // SAFETY: id < n_tensors; the name is a NUL-terminated string owned by ctx.
@@ -255,8 +262,39 @@ impl Gguf {
     /// Where tensor data starts: the header (metadata, tensor table, padding) is the
     /// bytes before it.
     pub fn data_offset(&self) -> u64 {
-        // SAFETY: ctx is a valid gguf context for the lifetime of self.
-        unsafe { sys::gguf_get_data_offset(self.ctx) as u64 }
+        self.data_offset
+    }
+
+    /// Frees the metadata (ggml's copy of every key and value): afterwards [`Gguf::get`],
+    /// [`Gguf::array_len`] and [`Gguf::string_array_bytes`] answer `None`,
+    /// [`Gguf::keys`] nothing and [`Gguf::meta_bytes`] `None`. The tensor table stays.
+    pub fn release_metadata(&mut self) {
+        if !self.ctx.is_null() {
+            // SAFETY: ctx came from gguf_init_from_file, is freed once and nulled here.
+            unsafe { sys::gguf_free(self.ctx) };
+            self.ctx = std::ptr::null_mut();
+        }
+    }
+
+    /// The index of metadata key `key`, while the metadata is held.
+    fn key_id(&self, key: &str) -> Option<i64> {
+        if self.ctx.is_null() {
+            return None;
+        }
+        let ckey = CString::new(key).ok()?;
+        // SAFETY: ctx is valid (not released), ckey is NUL-terminated.
+        let id = unsafe { sys::gguf_find_key(self.ctx, ckey.as_ptr()) };
+        (id >= 0).then_some(id)
+    }
+
+    /// The number of elements of the array under `key` (without reading them), or
+    /// `None` if the key is absent or not an array.
+    pub fn array_len(&self, key: &str) -> Option<usize> {
+        let id = self.key_id(key)?;
+        // SAFETY: id is a valid key index of a held context.
+        let is_array = unsafe { sys::gguf_get_kv_type(self.ctx, id) } == sys::GGUF_TYPE_ARRAY;
+        // SAFETY: id is an array key.
+        is_array.then(|| unsafe { sys::gguf_get_arr_n(self.ctx, id) })
     }
 
     pub fn file_size(&self) -> u64 {
@@ -273,7 +311,10 @@ impl Gguf {
 
     /// All metadata keys, in file order.
     pub fn keys(&self) -> Vec<String> {
-        // SAFETY: ctx is valid.
+        if self.ctx.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: ctx is valid (not released).
         let n = unsafe { sys::gguf_get_n_kv(self.ctx) };
         (0..n)
             .map(|id| {
@@ -287,13 +328,8 @@ impl Gguf {
 
     /// The metadata value under `key`, type-checked before it is read.
     pub fn get(&self, key: &str) -> Option<Value> {
-        let ckey = CString::new(key).ok()?;
-        // SAFETY: ctx is valid, ckey is NUL-terminated.
-        let id = unsafe { sys::gguf_find_key(self.ctx, ckey.as_ptr()) };
-        if id < 0 {
-            return None;
-        }
-        // SAFETY: id is a valid key index.
+        let id = self.key_id(key)?;
+        // SAFETY: id is a valid key index of a held context.
         let ty = unsafe { sys::gguf_get_kv_type(self.ctx, id) };
         // Each getter below is called only for the matching type, as gguf asserts.
         let v = match ty {
@@ -339,13 +375,8 @@ impl Gguf {
     /// The raw bytes of each string of the string array under `key` (up to each string's
     /// first NUL, as llama.cpp reads them), or `None` if the key is not a string array.
     pub fn string_array_bytes(&self, key: &str) -> Option<Vec<&[u8]>> {
-        let ckey = CString::new(key).ok()?;
-        // SAFETY: ctx is valid, ckey is NUL-terminated.
-        let id = unsafe { sys::gguf_find_key(self.ctx, ckey.as_ptr()) };
-        if id < 0 {
-            return None;
-        }
-        // SAFETY: id is a valid key index.
+        let id = self.key_id(key)?;
+        // SAFETY: id is a valid key index of a held context.
         let is_array = unsafe { sys::gguf_get_kv_type(self.ctx, id) } == sys::GGUF_TYPE_ARRAY;
         // SAFETY: id is a valid key index; the element type is read only for arrays.
         if !is_array || unsafe { sys::gguf_get_arr_type(self.ctx, id) } != sys::GGUF_TYPE_STRING {
@@ -398,20 +429,23 @@ impl Gguf {
         }
     }
 
-    /// Bytes of the header (metadata + tensor table), used to identify a model.
-    pub fn meta_bytes(&self) -> Vec<u8> {
-        // SAFETY: ctx is valid.
+    /// Bytes of the header (metadata + tensor table), used to identify a model; `None`
+    /// once the metadata is released.
+    pub fn meta_bytes(&self) -> Option<Vec<u8>> {
+        if self.ctx.is_null() {
+            return None;
+        }
+        // SAFETY: ctx is valid (not released).
         let n = unsafe { sys::gguf_get_meta_size(self.ctx) };
         let mut buf = vec![0u8; n];
         // SAFETY: buf has exactly gguf_get_meta_size bytes.
         unsafe { sys::gguf_get_meta_data(self.ctx, buf.as_mut_ptr().cast()) };
-        buf
+        Some(buf)
     }
 }
 
 impl Drop for Gguf {
     fn drop(&mut self) {
-        // SAFETY: ctx came from gguf_init_from_file and is freed once.
-        unsafe { sys::gguf_free(self.ctx) };
+        self.release_metadata();
     }
 }

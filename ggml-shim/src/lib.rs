@@ -15,6 +15,7 @@ pub mod cpu_guard;
 pub mod ggml;
 pub mod gguf;
 pub mod llama;
+pub mod malloc;
 pub mod nng;
 mod q4k_columns;
 mod q6k_columns;

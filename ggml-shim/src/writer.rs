@@ -1069,6 +1069,36 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
+    /// The reader counts an array without reading it, and after releasing its
+    /// metadata keeps the tensor table and data offset but answers no key.
+    #[test]
+    fn released_metadata_keeps_the_tensor_table() {
+        let mut w = GgufWriter::new();
+        w.set_str("general.architecture", "llama").unwrap();
+        w.set_arr_str("test.strs", &["a", "b", "c"]).unwrap();
+        w.set_arr_i32("test.i32s", &[1, 2]).unwrap();
+        w.add_tensor_f32("t", &[64, 2], &[0.5; 128], WriterType::F32)
+            .unwrap();
+        let path = temp_path("release");
+        w.write(&path).unwrap();
+        let mut g = crate::Gguf::open(&path).unwrap();
+        assert_eq!(g.array_len("test.strs"), Some(3));
+        assert_eq!(g.array_len("test.i32s"), Some(2));
+        assert_eq!(g.array_len("general.architecture"), None);
+        assert_eq!(g.array_len("absent"), None);
+        let (offset, tensors) = (g.data_offset(), g.tensors().to_vec());
+        assert!(g.meta_bytes().is_some_and(|b| b.len() as u64 <= offset));
+        g.release_metadata();
+        assert_eq!(g.get("general.architecture"), None);
+        assert_eq!(g.array_len("test.strs"), None);
+        assert!(g.keys().is_empty() && g.meta_bytes().is_none());
+        assert!(g.string_array_bytes("test.strs").is_none());
+        assert_eq!((g.data_offset(), g.tensors()), (offset, &tensors[..]));
+        g.release_metadata();
+        drop(g);
+        std::fs::remove_file(&path).unwrap();
+    }
+
     #[test]
     fn rejects_bad_input() {
         let mut w = GgufWriter::new();

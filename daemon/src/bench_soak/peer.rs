@@ -13,6 +13,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Most messages one attack writes on one connection.
+pub const MAX_MESSAGES_PER_CONNECTION: u64 = 8;
+
 /// nng's SP protocol numbers (major × 16 + minor).
 const PUSH0: u16 = 0x50;
 const REQ0: u16 = 0x30;
@@ -207,7 +210,7 @@ async fn messages(
     sent: &mut Sent,
 ) -> Attack {
     let mut s = handshake(addr, PUSH0).await?;
-    for _ in 0..rng.usize(1..=8) {
+    for _ in 0..rng.usize(1..=MAX_MESSAGES_PER_CONNECTION as usize) {
         let m = if forge {
             forged(rng, forger)
         } else {

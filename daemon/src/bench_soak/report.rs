@@ -114,6 +114,8 @@ pub struct Metrics {
     pub requests: BTreeMap<(String, u16), u64>,
     /// `exo_frames_total` by outcome.
     pub frames: BTreeMap<String, u64>,
+    /// `exo_peer_connections_refused_total`, all planes.
+    pub peers_refused: u64,
 }
 
 impl Metrics {
@@ -139,6 +141,8 @@ impl Metrics {
                 if let Some(outcome) = label(labels, "outcome") {
                     m.frames.insert(outcome.to_string(), value);
                 }
+            } else if series.starts_with("exo_peer_connections_refused_total{") {
+                m.peers_refused += value;
             }
         }
         m
@@ -380,13 +384,27 @@ fn print_metrics(r: &Report) -> (bool, bool) {
                 .collect();
             // a node answers no unauthenticated control request
             let answered = r.garbage.answered.get(&n.name).copied().unwrap_or(0);
-            frames_differ |= dropped != delivered || answered > 0;
+            // A connection over a listener's cap is closed after its handshake: what
+            // was written to it is never read (nor counted).
+            let refused = a.peers_refused.saturating_sub(b.peers_refused);
+            let unread = delivered.saturating_sub(dropped);
+            frames_differ |= dropped > delivered
+                || unread > refused * super::peer::MAX_MESSAGES_PER_CONNECTION
+                || answered > 0;
             println!(
                 "  {}: peer garbage delivered {delivered} messages, frames dropped +{dropped} ({}); \
                  forged control requests answered: {answered}",
                 n.name,
                 by.join(", "),
             );
+            if unread > 0 {
+                println!(
+                    "  {}: {unread} messages not read: the node refused {refused} connections \
+                     over its listeners' caps after their handshakes (at most {} messages each)",
+                    n.name,
+                    super::peer::MAX_MESSAGES_PER_CONNECTION
+                );
+            }
         }
     }
     if !r.garbage.attacks.is_empty() {
@@ -418,6 +436,8 @@ exo_prompt_tokens_total 99
 exo_frames_total{outcome=\"accepted\"} 500
 exo_frames_total{outcome=\"forged\"} 7
 exo_frames_total{outcome=\"malformed\"} 2
+exo_peer_connections_refused_total{plane=\"data\"} 4
+exo_peer_connections_refused_total{plane=\"control\"} 1
 ";
 
     #[test]
@@ -428,6 +448,7 @@ exo_frames_total{outcome=\"malformed\"} 2
         assert_eq!(m.requests.len(), 2);
         assert_eq!(m.frames.get("forged"), Some(&7));
         assert_eq!(m.dropped(), 9);
+        assert_eq!(m.peers_refused, 5);
     }
 
     #[test]

@@ -13,16 +13,18 @@ pub struct NodeInfo {
 }
 
 /// What a node holds beyond its weights and KV cache: the binary and its libraries,
-/// the threads, the model file's metadata (with its token list: Gemma's has 262k
-/// entries), ggml's compute buffers (they grow with the micro-batch, the model's
-/// width and the tokens attended) and, on the head, the tokenizer and the HTTP
-/// server. Measured as VmRSS after a long prompt and a full batch, minus the node's
-/// weights and KV cache (`daemon/tests/cluster/memory.rs` prints it), 3 nodes on
-/// x86-64 (AMD EPYC, AVX2, 2 cores), threads 1, batch 512, 4 slots:
+/// the threads, ggml's compute buffers (they grow with the micro-batch, the model's
+/// width and the tokens attended), what the allocator keeps and, on the head, the
+/// tokenizer (38 MiB for Gemma's 262k tokens) and the HTTP server. The model file's
+/// metadata is not kept after it is read. Measured as VmRSS after a long prompt and a
+/// full batch, minus the node's weights and KV cache (`daemon/tests/cluster/memory.rs`
+/// prints it), 3 nodes on x86-64 (AMD EPYC, AVX2, 2 cores), threads 1, batch 512, 4
+/// slots:
 /// - tiny model (64 wide, ctx 512): 13 to 14 MiB on every node;
-/// - Gemma 3 270M (640 wide, ctx 4096), seven runs: workers 74 to 118 MiB, the head
-///   115 to 147 MiB. It varies by tens of MiB from run to run, also with the same
-///   plan; not yet traced (the allocator's arenas are a suspect).
+/// - Gemma 3 270M (640 wide, ctx 4096), three runs: workers 47 to 62 MiB, the head
+///   99 MiB. (Before glibc's thresholds were fixed ([`ggml_shim::malloc`]) and the
+///   metadata dropped: workers 74 to 118 MiB, the head 115 to 157 MiB, varying from
+///   run to run with the same plan.)
 ///
 /// A wider model's compute buffers are larger: measure it there (the test takes the
 /// model as its argument). Not counted: loading reads each tensor through a buffer of

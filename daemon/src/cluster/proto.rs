@@ -19,7 +19,7 @@ pub const PROTOCOL: u32 = 3;
 /// The identity of a model in the cluster: BLAKE3 of its GGUF header and tensor
 /// table (the API's model id is the file's stem instead).
 pub fn model_hash(mf: &ModelFile) -> String {
-    blake3::hash(&mf.gguf.meta_bytes()).to_hex().to_string()
+    mf.id.clone()
 }
 
 /// The first 12 characters of a model id, for messages (whatever the peer sent: a

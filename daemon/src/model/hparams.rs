@@ -120,9 +120,9 @@ impl HParams {
                 why: format!("{n_rot} does not fit head size {head_dim_k}"),
             });
         }
-        let n_vocab = match g.get("tokenizer.ggml.tokens") {
-            Some(Value::ArrStr(t)) => t.len(),
-            _ => match opt_usize(g, &k("vocab_size"))? {
+        let n_vocab = match g.array_len("tokenizer.ggml.tokens") {
+            Some(n) => n,
+            None => match opt_usize(g, &k("vocab_size"))? {
                 Some(v) => v,
                 None => return Err(ModelError::MissingKey("tokenizer.ggml.tokens".into())),
             },
