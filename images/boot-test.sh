@@ -183,6 +183,18 @@ complete() {
         { fail "$name" "the completion is not exo's greedy answer on the host ($(printf '%q' "$expected")): $body"; return 1; }
 }
 
+# chat NAME PORT: a 4-token chat completion answers 200 with text: the chat template
+# renders in exo's sandbox process (a child of the daemon) under the hardened unit.
+chat() {
+    local name=$1 port=$2 body
+    body=$(curl -s -m 900 "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' \
+        -d '{"messages":[{"role":"user","content":"Say hi."}],"max_tokens":4,"temperature":0}') ||
+        { fail "$name" "chat request failed (curl $?)"; return 1; }
+    printf '%s' "$body" | python3 -c 'import json,sys; assert json.load(sys.stdin)["choices"][0]["message"]["content"]' 2>/dev/null ||
+        { fail "$name" "not a chat completion: $body"; return 1; }
+    log "[$name] chat completion: $body"
+}
+
 stop() { # stop PID
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
@@ -199,6 +211,7 @@ single() { # single amd64|arm64
     wait_ready "$name" "$pid" "$port" "$start" || { stop "$pid"; return 0; }
     check_report "$name" || { stop "$pid"; return 0; }
     complete "$name" "$port" || { stop "$pid"; return 0; }
+    chat "$name" "$port" || { stop "$pid"; return 0; }
     local threads
     threads=$(tr -d '\r' <"$work/$name.serial.log" | grep -a -o 'threads[=: ]*[0-9]\+' | head -n 1 || true)
     echo "RESULT $name: boot to /health 200 ${ready_s} s, completion (8 tokens) ${completion_s} s, exo ${threads:-threads ?}" | tee -a "$work/results.txt"

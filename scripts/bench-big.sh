@@ -8,7 +8,8 @@
 #  (c) start to serving: the head's /health 200 after starting both nodes, when the
 #      worker must fetch its slice and when it already has it
 #  (d) the slice's transfer rate over loopback against a plain TCP copy of as many
-#      bytes of the same file (Python, file -> socket -> file + fsync), interleaved
+#      bytes of the same file (Python, file -> socket -> file + fsync; its sending
+#      thread on the head's core, its receiving thread on the worker's), interleaved
 # The worker has no model file: it receives its slice from the head.
 # EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 16) per stream;
 # ONLY=transfer stops after (c) and (d).
@@ -121,7 +122,7 @@ for r in $(seq 1 "$REPS"); do
     start_pair; t_have=$started
     stop_pid "$pid_a"; stop_pid "$pid_b"
     bytes=$(echo "$need * 1000000 / 1" | bc)
-    plain=$(python3 scripts/tcp-copy.py "$MODEL" "$bytes" "$work/copy.bin" | awk '{print $(NF-1)}')
+    plain=$(SEND_CPU=0 RECV_CPU=1 python3 scripts/tcp-copy.py "$MODEL" "$bytes" "$work/copy.bin" | awk '{print $(NF-1)}')
     rm -f "$work/copy.bin"
     printf "round %s: start to serving %.1f s fetching (%s MB at %s MB/s), %.1f s with the slice; plain TCP copy %s MB/s\n" \
         "$r" "$t_fetch" "$need" "$rate" "$t_have" "$plain" >&2
