@@ -12,7 +12,7 @@
 #      thread on the head's core, its receiving thread on the worker's), interleaved
 # The worker has no model file: it receives its slice from the head.
 # EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 16) per stream;
-# ONLY=transfer stops after (c) and (d).
+# ONLY=transfer stops after (c) and (d); ONLY=decode skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -115,6 +115,7 @@ echo "== $SHAPE ($(du -h --apparent-size "$MODEL" | cut -f1)), one machine, $(np
 # (c) and (d): interleaved, a fresh worker, a worker with its slice, a plain TCP copy
 declare -A runs
 for r in $(seq 1 "$REPS"); do
+    [ "${ONLY:-}" = decode ] && break
     FRESH=1 start_pair; t_fetch=$started
     rate=$(grep -o "sent layers .*, [0-9.]* MB/s" "$work/a.log" | tail -n 1 | sed -E 's/.* ([0-9.]+) MB\/s$/\1/')
     need=$(grep -o "holds [0-9.]* of [0-9.]* MB" "$work/b.log" | tail -n 1 | awk '{print $4}')
@@ -129,8 +130,8 @@ for r in $(seq 1 "$REPS"); do
     runs[fetch]+="$t_fetch "; runs[have]+="$t_have "; runs[rate]+="$rate "; runs[plain]+="$plain "
 done
 med() { echo "${runs[$1]}" | tr ' ' '\n' | grep . | median; }
-echo "(c) start to serving: $(med fetch) s when the worker fetches its slice, $(med have) s when it has it" >&2
-echo "(d) slice transfer $(med rate) MB/s vs plain TCP copy $(med plain) MB/s = $(echo "$(med rate) / $(med plain)" | bc -l | cut -c1-5)x (aim >= 0.8)" >&2
+[ "${ONLY:-}" = decode ] || echo "(c) start to serving: $(med fetch) s when the worker fetches its slice, $(med have) s when it has it" >&2
+[ "${ONLY:-}" = decode ] || echo "(d) slice transfer $(med rate) MB/s vs plain TCP copy $(med plain) MB/s = $(echo "$(med rate) / $(med plain)" | bc -l | cut -c1-5)x (aim >= 0.8)" >&2
 
 [ "${ONLY:-}" = transfer ] && exit 0
 # (a) and (b): the single node and the pair stay up; rounds alternate between them
