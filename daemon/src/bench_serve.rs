@@ -159,7 +159,7 @@ pub fn client(args: BenchClientArgs) -> Result<()> {
                 ttft.push(f);
             }
             println!(
-                "streams {n:>3}: {:>8.1} tok/s aggregate, median ttft {:>7.1} ms",
+                "streams {n:>3}: {:>8.2} tok/s aggregate, median ttft {:>7.1} ms",
                 median(&mut tps),
                 median(&mut ttft) * 1e3
             );
