@@ -67,7 +67,7 @@ enum Command {
     /// Write a GGUF of a published model's shape with random weights (tests, benchmarks).
     GenModel(GenModelArgs),
     /// Render chat templates for the parent exo process (its sandbox; not for users).
-    #[command(name = "template-sandbox", hide = true)]
+    #[command(name = template::sandbox::SUBCOMMAND, hide = true)]
     TemplateSandbox,
 }
 

@@ -170,7 +170,7 @@ pub async fn form(
     let control = Control::connect(&s.peers[1..], &key, frame_stats.clone()).await?;
     // the head's data-plane sealer; every stage's data sender id goes into the plan
     let data_sealer = Sealer::with_random_id(key.clone());
-    let model_hash = proto::model_hash(&mf);
+    let model_hash = mf.model_hash.clone();
     let (nodes, senders, slice_peers) =
         greet(&control, &s, &mf, &model_hash, data_sealer.sender_id()).await?;
     let slicer = Arc::new(Slicer {

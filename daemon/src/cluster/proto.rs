@@ -9,18 +9,11 @@ use ggml_shim::llama::SamplingParams;
 
 use super::capabilities::Capabilities;
 use crate::engine::Sampling;
-use crate::model::ModelFile;
 
 /// Protocol version of the control messages (2: slot set-ups carry logit biases
 /// and log-probability requests, answered in token-logprobs frames; 3: slice
 /// offers carry only the needed chunks' hashes, in pages).
 pub const PROTOCOL: u32 = 3;
-
-/// The identity of a model in the cluster: BLAKE3 of its GGUF header and tensor
-/// table (the API's model id is the file's stem instead).
-pub fn model_hash(mf: &ModelFile) -> String {
-    mf.id.clone()
-}
 
 /// The first 12 characters of a model id, for messages (whatever the peer sent: a
 /// cut inside a character is never made).
@@ -33,7 +26,7 @@ pub fn short_id(id: &str) -> &str {
 pub struct Hello {
     pub from: String,
     pub protocol: u32,
-    /// [`model_hash`] of the sender's model.
+    /// [`crate::model::ModelFile::model_hash`] of the sender's model.
     #[serde(rename = "model_id")]
     pub model_hash: String,
 }
@@ -43,7 +36,7 @@ pub struct Hello {
 pub struct HelloAck {
     pub name: String,
     pub protocol: u32,
-    /// [`model_hash`] of the sender's model.
+    /// [`crate::model::ModelFile::model_hash`] of the sender's model.
     #[serde(rename = "model_id")]
     pub model_hash: String,
     pub caps: Capabilities,
@@ -68,7 +61,7 @@ fn yes() -> bool {
 /// for `hashes_from` and `hashes`; the answer to the last page tells what is missing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SliceOffer {
-    /// [`model_hash`] of the model.
+    /// [`crate::model::ModelFile::model_hash`] of the model.
     #[serde(rename = "model_id")]
     pub model_hash: String,
     /// The sending node's name (for progress lines).
@@ -102,7 +95,7 @@ pub struct SliceStatus {
 pub struct Plan {
     /// Identifies this plan (changes when the cluster re-forms).
     pub epoch: u64,
-    /// [`model_hash`] of the model every stage runs.
+    /// [`crate::model::ModelFile::model_hash`] of the model every stage runs.
     #[serde(rename = "model_id")]
     pub model_hash: String,
     /// Ranges in pipeline order, one per peer name.

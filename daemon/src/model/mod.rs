@@ -188,20 +188,24 @@ pub struct ModelFile {
     pub gguf: Gguf,
     pub hparams: HParams,
     /// BLAKE3 of the GGUF header (metadata and tensor table), hex: the model's
-    /// identity in the cluster.
-    pub id: String,
+    /// identity in the cluster (`model_id` on the wire).
+    pub model_hash: String,
 }
 
 impl ModelFile {
     pub fn open(path: &Path) -> Result<ModelFile, ModelError> {
         let mut gguf = Gguf::open(path)?;
         let hparams = HParams::from_gguf(&gguf)?;
-        let id = gguf
+        let model_hash = gguf
             .meta_bytes()
             .map(|b| blake3::hash(&b).to_hex().to_string())
             .unwrap_or_default();
         gguf.release_metadata();
-        let mf = ModelFile { gguf, hparams, id };
+        let mf = ModelFile {
+            gguf,
+            hparams,
+            model_hash,
+        };
         // Validate the whole tensor table once, so any stage can trust it.
         weights::plan(
             &mf,

@@ -455,7 +455,7 @@ async fn a_second_peer_failing_during_a_rejoin_is_seen() {
     }
     // "b" comes back without a plan, takes the hello, and never answers the plan
     let mf = exo::model::ModelFile::open(&h.model).expect("model");
-    let model_hash = exo::cluster::proto::model_hash(&mf);
+    let model_hash = mf.model_hash.clone();
     let fake = fake_worker(h.node(c[1]).data_port + 1, move |ft| match ft {
         FrameType::Hello => Some((FrameType::HelloAck, hello_ack(PROTOCOL, &model_hash))),
         FrameType::Ping => Some((

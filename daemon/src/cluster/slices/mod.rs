@@ -1,7 +1,7 @@
 //! Model slices: the model file lives on the head only; a worker receives the bytes
 //! its plan needs and keeps them in `[model] cache_dir`.
 //!
-//! The file is cut into chunks of [`Manifest::chunk_size`] bytes (the last one
+//! The file is cut into chunks of [`Chunking::chunk_size`] bytes (the last one
 //! shorter). The head hashes every chunk once (BLAKE3; the [`Manifest`] is cached in
 //! its own `cache_dir`, keyed by the file's size and modification time). A worker's
 //! slice is a sparse copy of the model file (`<model id>.gguf`): the GGUF header and

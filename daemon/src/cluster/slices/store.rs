@@ -169,9 +169,9 @@ impl SliceStore {
             buf.resize((r.end - r.start) as usize, 0);
             let read =
                 !is_hole(&self.file, &r) && self.file.read_exact_at(&mut buf, r.start).is_ok();
-            self.verified[j] = read.then(|| *blake3::hash(&buf).as_bytes());
-            if !self.held(j) {
-                self.verified[j] = None;
+            let hash = read.then(|| *blake3::hash(&buf).as_bytes());
+            self.verified[j] = hash.filter(|h| Some(h) == self.hashes[j].as_ref());
+            if self.verified[j].is_none() {
                 out.push(i);
             }
         }

@@ -10,7 +10,6 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
 use super::admission::{Admission, Listeners};
 use super::capabilities::Capabilities;
-use super::proto;
 use super::slices::receive::Receiver;
 use super::slices::Progress;
 use super::transport::{ControlServer, PipelineRx, PipelineTx};
@@ -195,7 +194,7 @@ async fn open_model(
             ModelFile::open(&path).with_context(|| format!("loading {}", path.display()))?,
         );
         let caps = Capabilities::measure(&mf, threads, memory);
-        let id = proto::model_hash(&mf);
+        let id = mf.model_hash.clone();
         Ok((WorkerModel::File(mf, id), caps))
     })
     .await?
