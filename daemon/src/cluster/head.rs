@@ -257,6 +257,7 @@ pub async fn form(
             solo_rows,
         }),
         in_flight: 0,
+        tokens_in_flight: Default::default(),
         dropped: LogEvery::default(),
         unexpected: LogEvery::default(),
     };

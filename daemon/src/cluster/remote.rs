@@ -20,8 +20,6 @@ use crate::model::LayerRange;
 
 /// Sending to the next stage gives up after this (a missing peer).
 pub(super) const SEND_TIMEOUT: Duration = Duration::from_millis(1200);
-/// A step that never comes back (a frame lost on the way) fails after this.
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The head node's own stage: a local stage whose speed goes into the cluster view.
 pub struct FirstStage {
@@ -104,6 +102,8 @@ pub struct RemoteStages {
     pub(super) split: Option<LmHeadSplit>,
     /// Steps launched and not yet answered.
     pub(super) in_flight: usize,
+    /// Their tokens (what the stages after this node have to compute first).
+    pub(super) tokens_in_flight: std::collections::VecDeque<(u64, usize)>,
     /// Lines about frames dropped, and about authentic frames of an unexpected type.
     pub(super) dropped: LogEvery,
     pub(super) unexpected: LogEvery,
@@ -186,11 +186,13 @@ impl RemoteStages {
             self.allowed_last = last;
         }
         let started = Instant::now();
+        let tokens = self.tokens_in_flight.iter().map(|(_, n)| n).sum();
+        let timeout = crate::engine::step_timeout(tokens);
         loop {
-            if started.elapsed() > STEP_TIMEOUT {
+            if started.elapsed() > timeout {
                 return Err(EngineError::Pipeline(format!(
                     "no answer from the pipeline in {} s",
-                    STEP_TIMEOUT.as_secs()
+                    timeout.as_secs()
                 )));
             }
             let r = self
@@ -300,11 +302,18 @@ impl Link for RemoteStages {
         }
         self.send(&bytes)?;
         self.in_flight += 1;
+        let n_tokens = seqs.iter().map(|s| s.n_tokens).sum();
+        self.tokens_in_flight.push_back((step, n_tokens));
         Ok(())
     }
 
     fn wait(&mut self) -> Result<(u64, LinkOutput), EngineError> {
         let r = self.wait_step();
+        match &r {
+            Ok((_, LinkOutput::Normed { .. })) => {}
+            Ok((step, _)) => self.tokens_in_flight.retain(|(s, _)| s != step),
+            Err(_) => self.tokens_in_flight.clear(),
+        }
         self.in_flight = match &r {
             // the normalized state of a split lm_head is half an answer
             Ok((_, LinkOutput::Normed { .. })) => self.in_flight,

@@ -128,11 +128,17 @@ impl Pipeline {
     /// Steps that may be in flight at once: one per stage when some run elsewhere
     /// (so every stage computes at the same time), else one.
     pub fn max_in_flight(&self) -> usize {
-        if self.links.iter().any(|l| l.is_remote()) {
+        if self.has_remote_links() {
             self.links.iter().map(|l| l.stages()).sum()
         } else {
             1
         }
+    }
+
+    /// Whether some stages run on other machines (a step can then be lost on the way;
+    /// a local step is computed before [`Pipeline::launch`] returns).
+    pub fn has_remote_links(&self) -> bool {
+        self.links.iter().any(|l| l.is_remote())
     }
 
     /// Parks (or wakes) the compute threads of the local stages.

@@ -122,9 +122,6 @@ enum Command {
     Shutdown(Instant),
 }
 
-/// A launched step that has not come back after this fails its sequences.
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Handle to the engine thread; cheap to clone.
 #[derive(Clone)]
 pub struct SchedulerHandle {
@@ -282,6 +279,13 @@ impl Active {
     }
 }
 
+/// When a step of `n_tokens` that left this node at `now` counts as lost: never for
+/// a local pipeline (its steps are computed before they return, however long that
+/// takes), else after [`super::step_timeout`].
+fn lost_after(remote: bool, n_tokens: usize, now: Instant) -> Option<Instant> {
+    remote.then(|| now + super::step_timeout(n_tokens))
+}
+
 /// A launched step: its sequences (by slot) and when it started.
 struct InFlight {
     id: u64,
@@ -289,6 +293,9 @@ struct InFlight {
     slots: Vec<usize>,
     n_tokens: usize,
     started: Instant,
+    /// When it counts as lost, for a step that went to other machines
+    /// ([`super::step_timeout`], from the moment it left this node).
+    lost_after: Option<Instant>,
     /// A chunk recomputed in a free slot ([`PrefixCache::next_fill`]).
     fill: Option<Fill>,
 }
@@ -358,15 +365,16 @@ impl Engine {
                 false
             };
             // a step lost on the way (a frame dropped) must not hold its slots forever
+            let now = Instant::now();
             if let Some(f) = self
                 .in_flight
                 .iter()
-                .find(|f| f.started.elapsed() > STEP_TIMEOUT)
+                .find(|f| f.lost_after.is_some_and(|t| now > t))
             {
                 let msg = format!(
                     "step {} got no answer in {} s",
                     f.id,
-                    STEP_TIMEOUT.as_secs()
+                    super::step_timeout(f.n_tokens).as_secs()
                 );
                 self.fail_all(&msg);
                 continue;
@@ -587,9 +595,11 @@ impl Engine {
             slots,
             n_tokens: tokens.len(),
             started,
+            lost_after: None,
             fill: None,
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
+        self.launched(tokens.len());
         Ok(true)
     }
 
@@ -615,9 +625,21 @@ impl Engine {
             slots: Vec::new(),
             n_tokens: tokens.len(),
             started: Instant::now(),
+            lost_after: None,
             fill: Some(fill),
         });
-        self.pipeline.launch(id, &seqs, &tokens)
+        self.pipeline.launch(id, &seqs, &tokens)?;
+        self.launched(tokens.len());
+        Ok(())
+    }
+
+    /// The step just launched (the last in flight) has left this node: from now on
+    /// it may be lost on the way, if it went to other machines.
+    fn launched(&mut self, n_tokens: usize) {
+        let remote = self.pipeline.has_remote_links();
+        if let Some(f) = self.in_flight.last_mut() {
+            f.lost_after = lost_after(remote, n_tokens, Instant::now());
+        }
     }
 
     /// The batch of one step over the sequences `chosen` (indices into `active`,

@@ -238,3 +238,16 @@ fn the_next_turn_reuses_whole_chunks_of_the_last_one_and_its_answer() {
         (15, 3, OutputRows::Last)
     );
 }
+
+/// A local step is never given up (an 8B prompt chunk on one slow core took over
+/// the old fixed 60 s and failed every stream); a step sent to other machines gets
+/// more time the more tokens it carries.
+#[test]
+fn only_steps_sent_to_other_machines_can_be_lost() {
+    let now = Instant::now();
+    assert_eq!(lost_after(false, 512, now), None);
+    let chunk = lost_after(true, 512, now).expect("a remote step can be lost");
+    assert!(chunk - now >= Duration::from_secs(60 + 512));
+    let token = lost_after(true, 1, now).expect("a remote step can be lost");
+    assert!(token < chunk);
+}
