@@ -3,7 +3,9 @@
 # 8B's exact shapes and types (`exo gen-model --shape llama3-8b`, random weights; the
 # file is kept in models/generated/), SHAPE=llama3-1b for a quicker run.
 #  (a) decode: 1 node pinned to one core vs 2 nodes pinned to one core each, at 1 and
-#      8 streams (interleaved rounds, medians)
+#      8 streams (interleaved rounds, medians): the steady decode rate (tokens the head
+#      generated while every stream decoded, from its /metrics) and the aggregate rate
+#      (all tokens over the whole round, the prompts' prefill included)
 #  (b) each node's resident memory (VmRSS, and the peak VmHWM) against its weights + KV
 #  (c) start to serving: the head's /health 200 after starting both nodes, when the
 #      worker must fetch its slice and when it already has it
@@ -11,7 +13,7 @@
 #      bytes of the same file (Python, file -> socket -> file + fsync; its sending
 #      thread on the head's core, its receiving thread on the worker's), interleaved
 # The worker has no model file: it receives its slice from the head.
-# EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 16) per stream;
+# EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 48) per stream;
 # ONLY=transfer stops after (c) and (d); ONLY=decode skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ cargo build --release -p exo
 EXO=${EXO:-$PWD/target/release/exo}
 SHAPE=${SHAPE:-llama3-8b}
 REPS=${REPS:-3}
-TOKENS=${TOKENS:-16}
+TOKENS=${TOKENS:-48}
 CTX=${CTX:-1024}
 MODEL=${MODEL:-$PWD/models/generated/$SHAPE.gguf}
 if [ ! -f "$MODEL" ]; then
@@ -139,13 +141,16 @@ single one 0 18600
 wait_health 18600
 start_pair
 grep -hE "cluster formed|stage .* loaded" "$work/a.log" "$work/b.log" >&2 || true
-measure() { # port concurrency
-    "$EXO" bench-client --addr "127.0.0.1:$1" --concurrency "$2" --tokens "$TOKENS" --reps 1 | awk '{print $3}'
+measure() { # port concurrency -> "aggregate steady" tok/s
+    "$EXO" bench-client --addr "127.0.0.1:$1" --concurrency "$2" --tokens "$TOKENS" --reps 1 |
+        awk '{print $3, $(NF-1)}'
 }
 for r in $(seq 1 "$REPS"); do
-    o1=$(measure 18600 1); t1=$(measure 18610 1); o8=$(measure 18600 8); t8=$(measure 18610 8)
+    read -r o1 so1 <<<"$(measure 18600 1)"; read -r t1 st1 <<<"$(measure 18610 1)"
+    read -r o8 so8 <<<"$(measure 18600 8)"; read -r t8 st8 <<<"$(measure 18610 8)"
     runs[one_1]+="$o1 "; runs[two_1]+="$t1 "; runs[one_8]+="$o8 "; runs[two_8]+="$t8 "
-    echo "round $r: 1 stream $o1 / $t1, 8 streams $o8 / $t8 tok/s (1 node / 2 nodes)" >&2
+    runs[sone_1]+="$so1 "; runs[stwo_1]+="$st1 "; runs[sone_8]+="$so8 "; runs[stwo_8]+="$st8 "
+    echo "round $r: steady decode 1 stream $so1 / $st1, 8 streams $so8 / $st8 tok/s (1 node / 2 nodes); aggregate 1 stream $o1 / $t1, 8 streams $o8 / $t8" >&2
 done
 mem() { # pid -> "rss peak" in MB
     awk '/^VmRSS/ {r=$2} /^VmHWM/ {h=$2} END {printf "%.0f %.0f", r/1000, h/1000}' "/proc/$1/status"
@@ -154,7 +159,9 @@ share() { # log -> weights + KV in MB of the serving stage (the last "stage … 
     grep -o "stage [0-9.]* loaded: [0-9.]* MB of weights, [0-9.]* MB of KV" "$1" | tail -n 1 |
         awk '{print $4 + $8}'
 }
-echo "(a) 1 stream: 2 nodes / 1 node (one core each) = $(echo "$(med two_1) / $(med one_1)" | bc -l | cut -c1-5)x (aim >= 0.95); 8 streams: $(echo "$(med two_8) / $(med one_8)" | bc -l | cut -c1-5)x (aim >= 1.8); medians $(med one_1) / $(med two_1) and $(med one_8) / $(med two_8) tok/s" >&2
+ratio() { echo "$(med "$1") / $(med "$2")" | bc -l | cut -c1-5; }
+echo "(a) steady decode, 2 nodes / 1 node (one core each): 1 stream $(ratio stwo_1 sone_1)x (aim >= 0.95), 8 streams $(ratio stwo_8 sone_8)x (aim >= 1.8); medians $(med sone_1) / $(med stwo_1) and $(med sone_8) / $(med stwo_8) tok/s" >&2
+echo "(a) aggregate with the prefill of the prompts: 1 stream $(ratio two_1 one_1)x, 8 streams $(ratio two_8 one_8)x; medians $(med one_1) / $(med two_1) and $(med one_8) / $(med two_8) tok/s" >&2
 for n in a b; do
     pid=pid_$n
     read -r rss peak <<<"$(mem "${!pid}")"

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use exo::serve::{serve, ServeSettings};
 use exo::tokenizer::Tokenizer;
 use ggml_shim::llama::{argmax, init_backend, LogitsWanted, OracleModel};
@@ -50,56 +50,140 @@ pub(crate) async fn stream_one(
     prompt: &str,
     tokens: usize,
 ) -> Result<(f64, usize)> {
+    stream_marked(addr, prompt, tokens, None).await
+}
+
+/// What a stream tells its round's watcher.
+enum Mark {
+    /// Its first event arrived (its prompt is in the KV cache, it decodes).
+    First,
+    /// It ended.
+    Done,
+}
+
+/// One streamed completion; its first event and its end are told to `marks`.
+/// Returns (seconds to its first event, its completion tokens).
+async fn stream_marked(
+    addr: std::net::SocketAddr,
+    prompt: &str,
+    tokens: usize,
+    marks: Option<tokio::sync::mpsc::UnboundedSender<Mark>>,
+) -> Result<(f64, usize)> {
+    let t0 = Instant::now();
     let body = serde_json::json!({
         "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": true,
         "stream_options": {"include_usage": true}
     });
-    let t0 = Instant::now();
     let mut response = http_client::post_json(addr, "/v1/completions", &body).await?;
     if response.status() != hyper::StatusCode::OK {
         bail!("server answered: {}", response.status_line());
     }
+    let mark = |m: Mark| {
+        if let Some(tx) = &marks {
+            let _ = tx.send(m);
+        }
+    };
     let mut buf = Vec::new();
     let mut ttft = None;
+    let mut usage = None;
+    let mut last_event = String::new();
     while let Some(chunk) = response.chunk().await? {
         buf.extend_from_slice(&chunk);
-        if ttft.is_none() && buf.windows(6).any(|w| w == b"data: ") {
-            ttft = Some(t0.elapsed().as_secs_f64());
+        // whole events ("data: …\n\n") as they arrive
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let line = String::from_utf8_lossy(&event);
+            let Some(data) = line.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if ttft.is_none() {
+                ttft = Some(t0.elapsed().as_secs_f64());
+                mark(Mark::First);
+            }
+            last_event = data.to_string();
+            let usage_now = serde_json::from_str::<serde_json::Value>(data)
+                .ok()
+                .and_then(|v| v["usage"]["completion_tokens"].as_u64());
+            if let Some(c) = usage_now {
+                usage = Some(c as usize);
+            }
         }
     }
-    let text = String::from_utf8_lossy(&buf);
-    let usage = text
-        .lines()
-        .rev()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| {
-            v.get("usage")
-                .and_then(|u| u.get("completion_tokens"))
-                .and_then(|c| c.as_u64())
-        })
-        .context("no usage in the stream")?;
-    Ok((ttft.unwrap_or(0.0), usage as usize))
+    mark(Mark::Done);
+    match (ttft, usage) {
+        (Some(ttft), Some(tokens)) => Ok((ttft, tokens)),
+        _ => bail!("no usage in the stream; its last event: {last_event}"),
+    }
 }
 
-async fn exo_round(addr: std::net::SocketAddr, n: usize, tokens: usize) -> Result<(f64, f64)> {
+/// The server's count of generated tokens (`exo_generated_tokens_total`) and when
+/// it was read.
+async fn generated(addr: std::net::SocketAddr) -> Option<(f64, Instant)> {
+    let text = http_client::get(addr, "/metrics")
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let n = text
+        .lines()
+        .find_map(|l| l.strip_prefix("exo_generated_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())?;
+    Some((n, Instant::now()))
+}
+
+/// One round of `n` concurrent streams: aggregate tok/s (from the requests to the
+/// last token, prefill included), median ttft, and the steady decode rate: tokens
+/// the server generated (its /metrics) from the moment every stream had its first
+/// token to the moment the first one ended, over that time (no prefill in it;
+/// None when the server has no such counter or the window is empty).
+async fn exo_round(
+    addr: std::net::SocketAddr,
+    n: usize,
+    tokens: usize,
+) -> Result<(f64, f64, Option<f64>)> {
     let t0 = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     for i in 0..n {
         let p = PROMPTS[i % PROMPTS.len()];
-        tasks.push(tokio::spawn(stream_one(addr, p, tokens)));
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(stream_marked(addr, p, tokens, Some(tx))));
     }
-    let mut total = 0;
-    let mut ttfts = Vec::new();
+    drop(tx);
+    let watcher = tokio::spawn(async move {
+        let (mut firsts, mut start, mut rate) = (0, None, None);
+        while let Some(m) = rx.recv().await {
+            match m {
+                Mark::First => {
+                    firsts += 1;
+                    if firsts == n {
+                        start = generated(addr).await;
+                    }
+                }
+                Mark::Done if rate.is_none() => {
+                    let end = generated(addr).await;
+                    rate = Some(match (start, end) {
+                        (Some((a, ta)), Some((b, tb))) if tb > ta && b > a => {
+                            Some((b - a) / (tb - ta).as_secs_f64())
+                        }
+                        _ => None,
+                    });
+                }
+                Mark::Done => {}
+            }
+        }
+        rate.flatten()
+    });
+    let (mut total, mut ttfts) = (0, Vec::new());
     for t in tasks {
         let (ttft, k) = t.await??;
         total += k;
         ttfts.push(ttft);
     }
-    Ok((
-        total as f64 / t0.elapsed().as_secs_f64(),
-        median(&mut ttfts),
-    ))
+    let elapsed = t0.elapsed().as_secs_f64();
+    let rate = watcher.await?;
+    Ok((total as f64 / elapsed, median(&mut ttfts), rate))
 }
 
 fn llama_round(
@@ -152,14 +236,19 @@ pub fn client(args: BenchClientArgs) -> Result<()> {
     rt.block_on(async {
         stream_one(args.addr, "warm up", 2).await?;
         for &n in &args.concurrency {
-            let (mut tps, mut ttft) = (vec![], vec![]);
+            let (mut tps, mut ttft, mut decode) = (vec![], vec![], vec![]);
             for _ in 0..args.reps {
-                let (t, f) = exo_round(args.addr, n, args.tokens).await?;
+                let (t, f, d) = exo_round(args.addr, n, args.tokens).await?;
                 tps.push(t);
                 ttft.push(f);
+                decode.extend(d);
             }
+            let decode = match decode.is_empty() {
+                true => "-".to_string(),
+                false => format!("{:.2}", median(&mut decode)),
+            };
             println!(
-                "streams {n:>3}: {:>8.2} tok/s aggregate, median ttft {:>7.1} ms",
+                "streams {n:>3}: {:>8.2} tok/s aggregate, median ttft {:>7.1} ms, steady decode {decode} tok/s",
                 median(&mut tps),
                 median(&mut ttft) * 1e3
             );
@@ -275,7 +364,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         for rep in 0..args.reps {
             for which in turns(rep) {
                 if which == 0 {
-                    let (tps, ttft) = rt.block_on(exo_round(addr, n, args.tokens))?;
+                    let (tps, ttft, _) = rt.block_on(exo_round(addr, n, args.tokens))?;
                     e_tps.push(tps);
                     e_ttft.push(ttft);
                 } else {
