@@ -14,6 +14,8 @@
 #      thread on the head's core, its receiving thread on the worker's), interleaved
 # The worker has no model file: it receives its slice from the head.
 # EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 48) per stream;
+# WIDE (default 8) streams for the many-streams measurement (two nodes split them in
+# two micro-batches, so WIDE=16 gives each node's steps 8 columns, as one node's at 8);
 # ONLY=transfer stops after (c) and (d); ONLY=decode skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,8 @@ SHAPE=${SHAPE:-llama3-8b}
 REPS=${REPS:-3}
 TOKENS=${TOKENS:-48}
 CTX=${CTX:-1024}
+WIDE=${WIDE:-8}
+SLOTS=$(( WIDE > 8 ? WIDE : 8 ))
 MODEL=${MODEL:-$PWD/models/generated/$SHAPE.gguf}
 if [ ! -f "$MODEL" ]; then
     mkdir -p models/generated
@@ -52,7 +56,7 @@ listen = "127.0.0.1:$3"
 [engine]
 threads = 1
 ctx = $CTX
-max_slots = 8
+max_slots = $SLOTS
 EOF
     taskset -c "$2" "$EXO" serve --config "$work/$1.toml" 2> "$work/$1.log" &
     pids+=($!)
@@ -74,7 +78,7 @@ listen = "127.0.0.1:$3"
 [engine]
 threads = 1
 ctx = $CTX
-max_slots = 8
+max_slots = $SLOTS
 [cluster]
 key = "$KEY"
 [[peer]]
@@ -147,10 +151,10 @@ measure() { # port concurrency -> "aggregate steady" tok/s
 }
 for r in $(seq 1 "$REPS"); do
     read -r o1 so1 <<<"$(measure 18600 1)"; read -r t1 st1 <<<"$(measure 18610 1)"
-    read -r o8 so8 <<<"$(measure 18600 8)"; read -r t8 st8 <<<"$(measure 18610 8)"
+    read -r o8 so8 <<<"$(measure 18600 "$WIDE")"; read -r t8 st8 <<<"$(measure 18610 "$WIDE")"
     runs[one_1]+="$o1 "; runs[two_1]+="$t1 "; runs[one_8]+="$o8 "; runs[two_8]+="$t8 "
     runs[sone_1]+="$so1 "; runs[stwo_1]+="$st1 "; runs[sone_8]+="$so8 "; runs[stwo_8]+="$st8 "
-    echo "round $r: steady decode 1 stream $so1 / $st1, 8 streams $so8 / $st8 tok/s (1 node / 2 nodes); aggregate 1 stream $o1 / $t1, 8 streams $o8 / $t8" >&2
+    echo "round $r: steady decode 1 stream $so1 / $st1, $WIDE streams $so8 / $st8 tok/s (1 node / 2 nodes); aggregate 1 stream $o1 / $t1, $WIDE streams $o8 / $t8" >&2
 done
 mem() { # pid -> "rss peak" in MB
     awk '/^VmRSS/ {r=$2} /^VmHWM/ {h=$2} END {printf "%.0f %.0f", r/1000, h/1000}' "/proc/$1/status"
@@ -160,8 +164,8 @@ share() { # log -> weights + KV in MB of the serving stage (the last "stage … 
         awk '{print $4 + $8}'
 }
 ratio() { echo "$(med "$1") / $(med "$2")" | bc -l | cut -c1-5; }
-echo "(a) steady decode, 2 nodes / 1 node (one core each): 1 stream $(ratio stwo_1 sone_1)x (aim >= 0.95), 8 streams $(ratio stwo_8 sone_8)x (aim >= 1.8); medians $(med sone_1) / $(med stwo_1) and $(med sone_8) / $(med stwo_8) tok/s" >&2
-echo "(a) aggregate with the prefill of the prompts: 1 stream $(ratio two_1 one_1)x, 8 streams $(ratio two_8 one_8)x; medians $(med one_1) / $(med two_1) and $(med one_8) / $(med two_8) tok/s" >&2
+echo "(a) steady decode, 2 nodes / 1 node (one core each): 1 stream $(ratio stwo_1 sone_1)x (aim >= 0.95), $WIDE streams $(ratio stwo_8 sone_8)x (aim at 8 >= 1.8); medians $(med sone_1) / $(med stwo_1) and $(med sone_8) / $(med stwo_8) tok/s" >&2
+echo "(a) aggregate with the prefill of the prompts: 1 stream $(ratio two_1 one_1)x, $WIDE streams $(ratio two_8 one_8)x; medians $(med one_1) / $(med two_1) and $(med one_8) / $(med two_8) tok/s" >&2
 for n in a b; do
     pid=pid_$n
     read -r rss peak <<<"$(mem "${!pid}")"
