@@ -256,8 +256,7 @@ pub async fn form(
             rows: lm_head_rows,
             solo_rows,
         }),
-        in_flight: 0,
-        tokens_in_flight: Default::default(),
+        in_flight: Default::default(),
         dropped: LogEvery::default(),
         unexpected: LogEvery::default(),
     };

@@ -100,10 +100,9 @@ pub struct RemoteStages {
     pub(super) last_sender: Arc<AtomicU64>,
     pub(super) allowed_last: u64,
     pub(super) split: Option<LmHeadSplit>,
-    /// Steps launched and not yet answered.
-    pub(super) in_flight: usize,
-    /// Their tokens (what the stages after this node have to compute first).
-    pub(super) tokens_in_flight: std::collections::VecDeque<(u64, usize)>,
+    /// Steps launched and not yet answered, with their tokens (what the stages after
+    /// this node have to compute first).
+    pub(super) in_flight: std::collections::VecDeque<(u64, usize)>,
     /// Lines about frames dropped, and about authentic frames of an unexpected type.
     pub(super) dropped: LogEvery,
     pub(super) unexpected: LogEvery,
@@ -186,7 +185,7 @@ impl RemoteStages {
             self.allowed_last = last;
         }
         let started = Instant::now();
-        let tokens = self.tokens_in_flight.iter().map(|(_, n)| n).sum();
+        let tokens = self.in_flight.iter().map(|(_, n)| n).sum();
         let timeout = crate::engine::step_timeout(tokens);
         loop {
             if started.elapsed() > timeout {
@@ -284,7 +283,7 @@ impl Link for RemoteStages {
         }
         // Alone in the pipeline, a step's lm_head is all that both nodes wait for:
         // split it evenly instead of by the plan's balance of whole stages.
-        let solo = self.in_flight == 0 && self.split.is_some_and(|s| s.solo_rows != s.rows);
+        let solo = self.in_flight.is_empty() && self.split.is_some_and(|s| s.solo_rows != s.rows);
         self.sealer.set_step_flags(if solo { FLAG_SOLO } else { 0 });
         let bytes = self
             .sealer
@@ -301,27 +300,20 @@ impl Link for RemoteStages {
             }
         }
         self.send(&bytes)?;
-        self.in_flight += 1;
         let n_tokens = seqs.iter().map(|s| s.n_tokens).sum();
-        self.tokens_in_flight.push_back((step, n_tokens));
+        self.in_flight.push_back((step, n_tokens));
         Ok(())
     }
 
     fn wait(&mut self) -> Result<(u64, LinkOutput), EngineError> {
         let r = self.wait_step();
         match &r {
-            Ok((_, LinkOutput::Normed { .. })) => {}
-            Ok((step, _)) => self.tokens_in_flight.retain(|(s, _)| s != step),
-            Err(_) => self.tokens_in_flight.clear(),
-        }
-        self.in_flight = match &r {
             // the normalized state of a split lm_head is half an answer
-            Ok((_, LinkOutput::Normed { .. })) => self.in_flight,
-            Ok(_) => self.in_flight.saturating_sub(1),
-            // the scheduler fails every step in flight (a wrong count only makes a
-            // step take the other, equally exact, split of the lm_head)
-            Err(_) => 0,
-        };
+            Ok((_, LinkOutput::Normed { .. })) => {}
+            Ok((step, _)) => self.in_flight.retain(|(s, _)| s != step),
+            // the scheduler fails every step in flight
+            Err(_) => self.in_flight.clear(),
+        }
         r
     }
 }
