@@ -599,7 +599,7 @@ impl Engine {
             fill: None,
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
-        self.launched(tokens.len());
+        self.launched();
         Ok(true)
     }
 
@@ -629,16 +629,16 @@ impl Engine {
             fill: Some(fill),
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
-        self.launched(tokens.len());
+        self.launched();
         Ok(())
     }
 
     /// The step just launched (the last in flight) has left this node: from now on
     /// it may be lost on the way, if it went to other machines.
-    fn launched(&mut self, n_tokens: usize) {
+    fn launched(&mut self) {
         let remote = self.pipeline.has_remote_links();
         if let Some(f) = self.in_flight.last_mut() {
-            f.lost_after = lost_after(remote, n_tokens, Instant::now());
+            f.lost_after = lost_after(remote, f.n_tokens, Instant::now());
         }
     }
 
