@@ -252,10 +252,26 @@ impl PrefixCache {
         }
     }
 
-    /// The piece of `e`'s tokens worth recomputing, as positions `pos0..end`: the
+    /// The piece of `e`'s tokens worth recomputing in one step of at most `max_len`
+    /// tokens, as positions `pos0..end`: the first part of [`PrefixCache::fill_rest`]
+    /// that fits, cut at a row group so that both it and what stays are pieces long
+    /// enough (None when no such cut fits).
+    fn fill_range(&self, e: &Entry, max_len: usize) -> Option<(usize, usize)> {
+        let (from, end) = self.fill_rest(e)?;
+        if end - from <= max_len {
+            return Some((from, end));
+        }
+        // a recomputation from the chunk's start (its exact rows too) is done whole
+        let g = self.fine.filter(|_| from >= e.exact)?;
+        // the piece, and what stays after it, each at least `min_piece` rows
+        let cut = max_len.min((end - from).saturating_sub(g.min_piece)) / g.group * g.group;
+        (cut >= g.min_piece).then_some((from, from + cut))
+    }
+
+    /// What of `e`'s tokens is worth recomputing, as positions `pos0..end`: the
     /// rest of the chunk at its exact prefix, up to the chunk's end or (cutting
     /// finely) up to the last whole group of rows held.
-    fn fill_range(&self, e: &Entry) -> Option<(usize, usize)> {
+    fn fill_rest(&self, e: &Entry) -> Option<(usize, usize)> {
         if !self.enabled || e.busy {
             return None;
         }
@@ -286,13 +302,14 @@ impl PrefixCache {
     }
 
     /// The next piece worth recomputing in a free slot (the most recently used
-    /// first), marking the slot busy; [`PrefixCache::filled`] gives it back.
-    pub fn next_fill(&mut self) -> Option<Fill> {
+    /// first), at most `max_len` tokens (a longer rest goes in several pieces),
+    /// marking the slot busy; [`PrefixCache::filled`] gives it back.
+    pub fn next_fill(&mut self, max_len: usize) -> Option<Fill> {
         let (slot, (pos0, end)) = self
             .entries
             .iter()
             .enumerate()
-            .filter_map(|(slot, e)| Some((slot, self.fill_range(e)?, e.used)))
+            .filter_map(|(slot, e)| Some((slot, self.fill_range(e, max_len)?, e.used)))
             .max_by_key(|&(_, _, used)| used)
             .map(|(slot, range, _)| (slot, range))?;
         let e = &mut self.entries[slot];
@@ -304,9 +321,11 @@ impl PrefixCache {
         })
     }
 
-    /// Whether [`PrefixCache::next_fill`] has work.
-    pub fn has_fill(&self) -> bool {
-        self.entries.iter().any(|e| self.fill_range(e).is_some())
+    /// Whether [`PrefixCache::next_fill`] has work of at most `max_len` tokens.
+    pub fn has_fill(&self, max_len: usize) -> bool {
+        self.entries
+            .iter()
+            .any(|e| self.fill_range(e, max_len).is_some())
     }
 
     /// A fill step came back: `ok`, its piece is now exact.
@@ -406,15 +425,18 @@ mod tests {
         let mut held = toks(5, 0);
         held.extend([40, 41, 42, 43, 44]);
         c.release(a.slot, held.clone(), 5);
-        assert!(c.has_fill());
-        let f = c.next_fill().expect("fill");
+        assert!(c.has_fill(usize::MAX));
+        let f = c.next_fill(usize::MAX).expect("fill");
         assert_eq!(
             (f.slot, f.pos0, f.tokens.clone()),
             (a.slot, 4, held[4..8].to_vec())
         );
-        assert!(!c.has_fill(), "the slot is busy while its fill runs");
+        assert!(
+            !c.has_fill(usize::MAX),
+            "the slot is busy while its fill runs"
+        );
         c.filled(&f, true);
-        assert!(!c.has_fill(), "8..10 is not a whole chunk");
+        assert!(!c.has_fill(usize::MAX), "8..10 is not a whole chunk");
         let mut next = held.clone();
         next.extend([1, 2]);
         assert_eq!(c.claim(&next).expect("slot").cached, 8);
@@ -426,7 +448,7 @@ mod tests {
         let a = off.claim(&toks(8, 0)).expect("slot");
         off.release(a.slot, toks(8, 0), 8);
         assert_eq!(off.claim(&toks(8, 0)).expect("slot").cached, 0);
-        assert!(off.next_fill().is_none());
+        assert!(off.next_fill(usize::MAX).is_none());
         let mut on = PrefixCache::new(1, 2, true);
         let a = on.claim(&toks(8, 0)).expect("slot");
         on.release(a.slot, toks(8, 0), 8);
@@ -475,20 +497,43 @@ mod tests {
         held.extend([90, 91, 92, 93, 94]);
         c.release(a.slot, held.clone(), 13);
         // exact up to 12; 18 held: the rest of the chunk, 12..16
-        let f = c.next_fill().expect("fill");
+        let f = c.next_fill(usize::MAX).expect("fill");
         assert_eq!((f.pos0, f.tokens.clone()), (12, held[12..16].to_vec()));
         c.filled(&f, true);
         // 16..18 is too short a piece, and too short to cut
-        assert!(!c.has_fill());
+        assert!(!c.has_fill(usize::MAX));
         let mut next = held.clone();
         next.extend([1, 2, 3, 4]);
         assert_eq!(c.claim(&next).expect("slot").cached, 16);
         // exact up to 12 and 14 held: 12..14 is too short, 8..14 is recomputed
         c.release(0, held[..14].to_vec(), 13);
-        let f = c.next_fill().expect("fill");
+        let f = c.next_fill(usize::MAX).expect("fill");
         assert_eq!((f.pos0, f.tokens.len()), (8, 6));
         c.filled(&f, true);
-        assert!(!c.has_fill());
+        assert!(!c.has_fill(usize::MAX));
+    }
+
+    #[test]
+    fn a_rest_longer_than_a_fill_step_goes_in_pieces_each_long_enough() {
+        let mut c = fine(1);
+        let a = c.claim(&toks(2, 0)).expect("slot");
+        let mut held = toks(2, 0);
+        held.extend([90, 91, 92, 93, 94, 95]);
+        c.release(a.slot, held.clone(), 2);
+        // the chunk 0..8 is to be recomputed; steps of at most 2 rows cannot hold a
+        // piece of 3
+        assert!(!c.has_fill(2));
+        // at most 5: 0..4 (a group boundary, leaving 4 rows, a piece), then 4..8
+        let f = c.next_fill(5).expect("fill");
+        assert_eq!((f.pos0, f.tokens.clone()), (0, held[..4].to_vec()));
+        c.filled(&f, true);
+        let f = c.next_fill(5).expect("fill");
+        assert_eq!((f.pos0, f.tokens.clone()), (4, held[4..8].to_vec()));
+        c.filled(&f, true);
+        assert!(!c.has_fill(usize::MAX));
+        let mut next = held.clone();
+        next.extend([1, 2, 3, 4]);
+        assert_eq!(c.claim(&next).expect("slot").cached, 8);
     }
 
     #[test]

@@ -12,7 +12,11 @@
 //! A prompt goes to the slot whose KV cache holds the longest reusable prefix of it
 //! ([`PrefixCache`]) and is prefilled from there; while nothing else runs, the whole
 //! chunks that answers completed are recomputed so that the next turn of a chat
-//! reuses them too.
+//! reuses them too. Those recomputations go in steps of about [`FILL_STEP_SECS`] at
+//! the fastest rate a step has shown, or not at all where even the shortest piece
+//! would take longer: a request arriving meanwhile waits for the step in flight,
+//! and on a slow node (an 8B model on one core prefills a few tokens a second) a
+//! whole chunk of speculative work would hold it for minutes.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -41,6 +45,11 @@ pub struct SchedulerConfig {
     /// Reuse the KV cache of earlier requests' prompt prefixes ([`PrefixCache`]).
     pub prompt_cache: bool,
 }
+
+/// About the longest an idle engine's recomputation step ([`PrefixCache::next_fill`])
+/// may take, at the fastest per-token rate of the steps so far: a request that
+/// arrives meanwhile waits for it.
+pub const FILL_STEP_SECS: f64 = 1.0;
 
 /// The most tokens one step holds: a prompt budget of `batch` plus one decode token
 /// for each of `n_slots` sequences.
@@ -224,6 +233,7 @@ pub fn spawn(
         in_flight: Vec::new(),
         next_step: 1,
         admissions: 0,
+        fastest_token_secs: None,
     };
     let join = std::thread::Builder::new()
         .name("exo-engine".into())
@@ -317,6 +327,9 @@ struct Engine {
     cache: PrefixCache,
     /// The pipeline's [`Pipeline::kv_generation`] the cache describes.
     kv_generation: u64,
+    /// The fewest seconds per token a step has taken (since the stages last
+    /// changed), which sizes the idle recomputation steps ([`FILL_STEP_SECS`]).
+    fastest_token_secs: Option<f64>,
 }
 
 impl Engine {
@@ -326,7 +339,7 @@ impl Engine {
                 if self.deadline.is_some() {
                     return;
                 }
-                if self.cache.has_fill() {
+                if self.cache.has_fill(self.fill_budget()) {
                     // idle with chunks to recompute: one step of them, then look again
                     while let Ok(cmd) = rx.try_recv() {
                         self.command(cmd);
@@ -486,6 +499,7 @@ impl Engine {
             );
             self.cache.forget_all();
             self.kv_generation = generation;
+            self.fastest_token_secs = None;
         }
         while self.active.len() < self.cfg.max_slots && self.deadline.is_none() {
             let Some(req) = self.waiting.pop_front() else {
@@ -606,7 +620,7 @@ impl Engine {
     /// Launches one chunk of a free slot's tokens recomputed as a prompt chunk
     /// ([`PrefixCache::next_fill`]), with no output rows.
     fn fill(&mut self) -> Result<(), EngineError> {
-        let Some(fill) = self.cache.next_fill() else {
+        let Some(fill) = self.cache.next_fill(self.fill_budget()) else {
             return Ok(());
         };
         let seqs = [BatchSeq {
@@ -631,6 +645,13 @@ impl Engine {
         self.pipeline.launch(id, &seqs, &tokens)?;
         self.launched();
         Ok(())
+    }
+
+    /// The most tokens an idle recomputation step may hold: what the fastest step so
+    /// far would compute in [`FILL_STEP_SECS`] (none before any step has run).
+    fn fill_budget(&self) -> usize {
+        self.fastest_token_secs
+            .map_or(0, |s| (FILL_STEP_SECS / s) as usize) // saturating
     }
 
     /// The step just launched (the last in flight) has left this node: from now on
@@ -716,11 +737,15 @@ impl Engine {
         if let Some(fill) = &flight.fill {
             self.cache.filled(fill, true);
         }
+        let secs = flight.started.elapsed().as_secs_f64();
         if let Some(o) = &self.observer {
-            o.step(
-                flight.seqs.len(),
-                flight.n_tokens,
-                flight.started.elapsed().as_secs_f64(),
+            o.step(flight.seqs.len(), flight.n_tokens, secs);
+        }
+        if flight.n_tokens > 0 {
+            let per_token = secs / flight.n_tokens as f64;
+            self.fastest_token_secs = Some(
+                self.fastest_token_secs
+                    .map_or(per_token, |f| f.min(per_token)),
             );
         }
         let n_vocab = self.pipeline.n_vocab();
