@@ -112,6 +112,9 @@ pub struct PeerState {
     pub alive: bool,
     pub rtt_ms: f64,
     pub ms_per_token: f64,
+    /// Computing a step at its last pong.
+    #[serde(skip)]
+    pub busy: bool,
     /// Bytes this node sent to the next hop, and tokens they carried (head only).
     pub bytes_sent: u64,
     pub tokens_sent: u64,
@@ -572,6 +575,7 @@ fn initial_view(plan: &Plan, n_vocab: usize, solo_rows: usize) -> ClusterView {
                 alive: true,
                 rtt_ms: 0.0,
                 ms_per_token: 0.0,
+                busy: false,
                 bytes_sent: 0,
                 tokens_sent: 0,
                 last_seen: Some(Instant::now()),
@@ -730,6 +734,7 @@ async fn ping_all(control: &Control, plan: &Plan, view: &ClusterView) -> Option<
                 st.last_seen = Some(now);
                 st.rtt_ms = (now - *t0).as_secs_f64() * 1e3;
                 st.ms_per_token = pong.ms_per_token;
+                st.busy = pong.busy;
                 // alive again only once it runs our plan
                 let lost = pong.epoch != plan.epoch;
                 if lost && st.alive {
@@ -741,6 +746,7 @@ async fn ping_all(control: &Control, plan: &Plan, view: &ClusterView) -> Option<
                 }
             }
             Err(e) => {
+                st.busy = false;
                 if st.alive && st.last_seen.is_none_or(|t| now - t > DEAD_AFTER) {
                     tracing::warn!("peer {} is missing: {e:#}", p.name);
                     st.alive = false;

@@ -146,6 +146,10 @@ pub struct Pong {
     pub epoch: u64,
     /// Milliseconds per token of this node's stage (moving average), 0 if unknown.
     pub ms_per_token: f64,
+    /// Computing a step when it answered: the head waits for a slow stage's long step
+    /// however long it takes, and counts a step lost only when no stage is busy.
+    #[serde(default)]
+    pub busy: bool,
 }
 
 /// A sequence's sampling parameters, for the stage that samples (or, with a split

@@ -21,6 +21,11 @@ use crate::model::LayerRange;
 /// Sending to the next stage gives up after this (a missing peer).
 pub(super) const SEND_TIMEOUT: Duration = Duration::from_millis(1200);
 
+/// With steps in flight and no answer, no stage after this node computing (their
+/// pongs) and every peer present for this long, a step was lost on the way (a frame
+/// dropped). A missing peer is noticed sooner.
+const IDLE_PIPELINE_LIMIT: Duration = Duration::from_secs(60);
+
 /// The head node's own stage: a local stage whose speed goes into the cluster view.
 pub struct FirstStage {
     pub stage: Stage,
@@ -100,15 +105,21 @@ pub struct RemoteStages {
     pub(super) last_sender: Arc<AtomicU64>,
     pub(super) allowed_last: u64,
     pub(super) split: Option<LmHeadSplit>,
-    /// Steps launched and not yet answered, with their tokens (what the stages after
-    /// this node have to compute first).
-    pub(super) in_flight: std::collections::VecDeque<(u64, usize)>,
+    /// Steps launched and not yet answered.
+    pub(super) in_flight: std::collections::VecDeque<u64>,
     /// Lines about frames dropped, and about authentic frames of an unexpected type.
     pub(super) dropped: LogEvery,
     pub(super) unexpected: LogEvery,
 }
 
 impl RemoteStages {
+    /// Whether a stage after this node was computing a step at its last pong.
+    fn stage_busy(&self) -> bool {
+        self.view
+            .lock()
+            .is_ok_and(|v| v.iter().skip(1).any(|p| p.busy))
+    }
+
     fn missing_peer(&self) -> Option<String> {
         let v = self.view.lock().ok()?;
         v.iter().skip(1).find(|p| !p.alive).map(|p| p.name.clone())
@@ -184,14 +195,19 @@ impl RemoteStages {
             self.opener.allow_sender(last);
             self.allowed_last = last;
         }
-        let started = Instant::now();
-        let tokens = self.in_flight.iter().map(|(_, n)| n).sum();
-        let timeout = crate::engine::step_timeout(tokens);
+        // a slow stage's step may take many minutes (a prompt chunk of a big model on
+        // a small board): an answer is overdue only once no stage has been computing
+        // for a while
+        let mut quiet_since = Instant::now();
         loop {
-            if started.elapsed() > timeout {
+            if self.stage_busy() {
+                quiet_since = Instant::now();
+            }
+            if quiet_since.elapsed() > IDLE_PIPELINE_LIMIT {
                 return Err(EngineError::Pipeline(format!(
-                    "no answer from the pipeline in {} s",
-                    timeout.as_secs()
+                    "no answer from the pipeline, whose stages have computed nothing for {} s \
+                     (a step lost on the way)",
+                    IDLE_PIPELINE_LIMIT.as_secs()
                 )));
             }
             let r = self
@@ -300,8 +316,7 @@ impl Link for RemoteStages {
             }
         }
         self.send(&bytes)?;
-        let n_tokens = seqs.iter().map(|s| s.n_tokens).sum();
-        self.in_flight.push_back((step, n_tokens));
+        self.in_flight.push_back(step);
         Ok(())
     }
 
@@ -310,7 +325,7 @@ impl Link for RemoteStages {
         match &r {
             // the normalized state of a split lm_head is half an answer
             Ok((_, LinkOutput::Normed { .. })) => {}
-            Ok((step, _)) => self.in_flight.retain(|(s, _)| s != step),
+            Ok((step, _)) => self.in_flight.retain(|s| s != step),
             // the scheduler fails every step in flight
             Err(_) => self.in_flight.clear(),
         }

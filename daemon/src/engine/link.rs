@@ -90,16 +90,6 @@ pub trait Link: Send {
     fn wait(&mut self) -> Result<(u64, LinkOutput), EngineError>;
 }
 
-/// How long the stages after this node may take to answer a step of `n_tokens`
-/// tokens before it counts as lost (a frame dropped on the way; a peer that goes
-/// missing is noticed sooner). A prompt chunk of 512 tokens of an 8B model takes
-/// minutes on one slow core, so the allowance grows with the step's tokens.
-pub fn step_timeout(n_tokens: usize) -> std::time::Duration {
-    const BASE: std::time::Duration = std::time::Duration::from_secs(60);
-    const PER_TOKEN: std::time::Duration = std::time::Duration::from_secs(1);
-    BASE.saturating_add(PER_TOKEN.saturating_mul(u32::try_from(n_tokens).unwrap_or(u32::MAX)))
-}
-
 impl Link for Stage {
     fn range(&self) -> LayerRange {
         self.config().range

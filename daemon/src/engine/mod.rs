@@ -12,7 +12,7 @@ pub mod scheduler;
 mod stage;
 
 pub use generate::{generate, prompt_logits, GenerateParams, Generation, StopReason};
-pub use link::{step_timeout, Link, LinkOutput};
+pub use link::{Link, LinkOutput};
 pub use pipeline::{Pipeline, PipelineConfig, StepOutcome};
 pub use sampler::{PartialLogits, Picked, Sampling, TokenLogprobs, TokenSampler};
 pub use stage::{Stage, StageConfig, StageInput, StageOutput};

@@ -289,13 +289,6 @@ impl Active {
     }
 }
 
-/// When a step of `n_tokens` that left this node at `now` counts as lost: never for
-/// a local pipeline (its steps are computed before they return, however long that
-/// takes), else after [`super::step_timeout`].
-fn lost_after(remote: bool, n_tokens: usize, now: Instant) -> Option<Instant> {
-    remote.then(|| now + super::step_timeout(n_tokens))
-}
-
 /// A launched step: its sequences (by slot) and when it started.
 struct InFlight {
     id: u64,
@@ -303,9 +296,6 @@ struct InFlight {
     slots: Vec<usize>,
     n_tokens: usize,
     started: Instant,
-    /// When it counts as lost, for a step that went to other machines
-    /// ([`super::step_timeout`], from the moment it left this node).
-    lost_after: Option<Instant>,
     /// A chunk recomputed in a free slot ([`PrefixCache::next_fill`]).
     fill: Option<Fill>,
 }
@@ -377,21 +367,6 @@ impl Engine {
             } else {
                 false
             };
-            // a step lost on the way (a frame dropped) must not hold its slots forever
-            let now = Instant::now();
-            if let Some(f) = self
-                .in_flight
-                .iter()
-                .find(|f| f.lost_after.is_some_and(|t| now > t))
-            {
-                let msg = format!(
-                    "step {} got no answer in {} s",
-                    f.id,
-                    super::step_timeout(f.n_tokens).as_secs()
-                );
-                self.fail_all(&msg);
-                continue;
-            }
             if !launched && !self.in_flight.is_empty() {
                 if let Err(e) = self.complete() {
                     self.fail_all(&e.to_string());
@@ -609,11 +584,9 @@ impl Engine {
             slots,
             n_tokens: tokens.len(),
             started,
-            lost_after: None,
             fill: None,
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
-        self.launched();
         Ok(true)
     }
 
@@ -639,11 +612,9 @@ impl Engine {
             slots: Vec::new(),
             n_tokens: tokens.len(),
             started: Instant::now(),
-            lost_after: None,
             fill: Some(fill),
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
-        self.launched();
         Ok(())
     }
 
@@ -652,15 +623,6 @@ impl Engine {
     fn fill_budget(&self) -> usize {
         self.fastest_token_secs
             .map_or(0, |s| (FILL_STEP_SECS / s) as usize) // saturating
-    }
-
-    /// The step just launched (the last in flight) has left this node: from now on
-    /// it may be lost on the way, if it went to other machines.
-    fn launched(&mut self) {
-        let remote = self.pipeline.has_remote_links();
-        if let Some(f) = self.in_flight.last_mut() {
-            f.lost_after = lost_after(remote, f.n_tokens, Instant::now());
-        }
     }
 
     /// The batch of one step over the sequences `chosen` (indices into `active`,
@@ -733,6 +695,7 @@ impl Engine {
             tracing::warn!("result of step {id}, which is not in flight, ignored");
             return Ok(());
         };
+        lost_before(&self.in_flight, id)?;
         let flight = self.in_flight.swap_remove(pos);
         if let Some(fill) = &flight.fill {
             self.cache.filled(fill, true);
@@ -805,6 +768,19 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// Every stage computes steps in the order they come and passes them on in that
+/// order, so the answer to step `answered` comes after those of every step launched
+/// before it: one still in flight was lost on the way (a frame dropped), and the KV
+/// cache of its sequences misses its tokens.
+fn lost_before(in_flight: &[InFlight], answered: u64) -> Result<(), EngineError> {
+    match in_flight.iter().map(|f| f.id).filter(|&id| id < answered).min() {
+        Some(lost) => Err(EngineError::Pipeline(format!(
+            "step {lost} was lost on the way: the answer to step {answered}, launched after it, came first"
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -149,7 +149,9 @@ impl DataPlane {
                 frame.activations(&mut self.hidden)?;
                 self.sealer.set_step_flags(frame.flags);
                 let solo = frame.flags & FLAG_SOLO != 0;
+                self.set_busy(true);
                 let result = self.run_batch(step, &seqs, solo);
+                self.set_busy(false);
                 if let Err(e) = &result {
                     // tell the head at once instead of letting it wait
                     let range = self.run.as_ref().map(|r| r.stage.config().range);
@@ -166,6 +168,13 @@ impl DataPlane {
                 result
             }
             other => anyhow::bail!("unexpected {} frame on the data plane", other.name()),
+        }
+    }
+
+    /// What the pongs say: computing a step, or not.
+    fn set_busy(&self, busy: bool) {
+        if let Ok(mut st) = self.status.lock() {
+            st.busy = busy;
         }
     }
 

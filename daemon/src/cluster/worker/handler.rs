@@ -136,11 +136,14 @@ impl ControlHandler {
                 Err(_) => self.error("bad hello"),
             },
             FrameType::Ping => {
+                let status = lock(&self.links.status);
                 let pong = Pong {
                     name: self.name.clone(),
                     epoch,
-                    ms_per_token: lock(&self.links.status).ms_per_token,
+                    ms_per_token: status.ms_per_token,
+                    busy: status.busy,
                 };
+                drop(status);
                 self.reply(FrameType::Pong, step, &pong)
             }
             FrameType::Plan => {

@@ -75,6 +75,8 @@ struct RunningStage {
 struct Status {
     epoch: u64,
     ms_per_token: f64,
+    /// Computing a step now.
+    busy: bool,
 }
 
 /// Serves as a worker until `shutdown` resolves.
