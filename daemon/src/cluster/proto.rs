@@ -255,5 +255,13 @@ mod tests {
         assert_eq!(ack.model_hash, "abc123");
         let caps = serde_json::to_value(&ack.caps).expect("json");
         assert_eq!(caps["ms_per_head_mb"], 0.0, "{caps}");
+        // a pong without `busy` (a peer from before it) reads as idle
+        let pong: Pong = serde_json::from_value(serde_json::json!({
+            "name": "b", "epoch": 3, "ms_per_token": 2.5
+        }))
+        .expect("a pong without busy");
+        assert!(!pong.busy);
+        let busy = Pong { busy: true, ..pong };
+        assert_eq!(serde_json::to_value(&busy).expect("json")["busy"], true);
     }
 }
