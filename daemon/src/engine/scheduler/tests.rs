@@ -46,21 +46,30 @@ impl Link for Recorder {
 
 type Batches = Arc<Mutex<Vec<Vec<BatchSeq>>>>;
 
-/// An engine of 4 slots and steps of 5 prompt tokens over a [`Recorder`].
-fn recorded_engine(prompt_cache: bool) -> (SchedulerHandle, JoinHandle<()>, Batches) {
-    let batches = Batches::default();
-    let stage = Recorder {
-        batches: batches.clone(),
-        done: VecDeque::new(),
-    };
-    let pipeline = Pipeline::new(vec![Box::new(stage)], 1, N_VOCAB, 256, 4).expect("pipeline");
+/// A pipeline of `link` alone, 4 slots.
+fn pipeline_of(link: Box<dyn Link>) -> Pipeline {
+    Pipeline::new(vec![link], 1, N_VOCAB, 256, 4).expect("pipeline")
+}
+
+/// An engine of 4 slots and steps of 5 prompt tokens over `pipeline`.
+fn engine_over(pipeline: Pipeline, prompt_cache: bool) -> (SchedulerHandle, JoinHandle<()>) {
     let cfg = SchedulerConfig {
         max_slots: 4,
         max_queue: 8,
         batch: 5,
         prompt_cache,
     };
-    let (handle, join) = spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn");
+    spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn")
+}
+
+/// [`engine_over`] a [`Recorder`].
+fn recorded_engine(prompt_cache: bool) -> (SchedulerHandle, JoinHandle<()>, Batches) {
+    let batches = Batches::default();
+    let stage = Recorder {
+        batches: batches.clone(),
+        done: VecDeque::new(),
+    };
+    let (handle, join) = engine_over(pipeline_of(Box::new(stage)), prompt_cache);
     (handle, join, batches)
 }
 
@@ -282,18 +291,11 @@ impl Link for DropsFirstStep {
 /// step, the scheduler does not time steps out).
 #[test]
 fn a_step_overtaken_by_a_later_ones_answer_was_lost() {
-    let link = DropsFirstStep {
+    let pipeline = pipeline_of(Box::new(DropsFirstStep {
         done: VecDeque::new(),
-    };
-    let pipeline = Pipeline::new(vec![Box::new(link)], 1, N_VOCAB, 256, 4).expect("pipeline");
+    }));
     assert_eq!(pipeline.max_in_flight(), 2);
-    let cfg = SchedulerConfig {
-        max_slots: 4,
-        max_queue: 8,
-        batch: 5,
-        prompt_cache: false,
-    };
-    let (handle, join) = spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn");
+    let (handle, join) = engine_over(pipeline, false);
     let mut receivers = Vec::new();
     for prompt in [vec![1, 2], vec![3, 4]] {
         let (req, rx) = greedy_request(prompt, 2);
