@@ -17,7 +17,11 @@
 # EXO=path runs another build; REPS (default 3) rounds; TOKENS (default 48) per stream;
 # WIDE (default 8) streams for the many-streams measurement (two nodes split them in
 # two micro-batches, so WIDE=16 gives each node's steps 8 columns, as one node's at 8);
+# One node is also timed at WIDE/2 streams: the pair's micro-batches have WIDE/2 columns,
+# so twice that rate bounds what two nodes can decode (printed as the ceiling).
 # ONLY=transfer stops after (c) and (d); ONLY=decode skips them.
+# LINK=1gbit (any `tc` rate; needs root) shapes loopback to that rate for (c) and (d),
+# as a board's Ethernet would, with a token bucket (`tc qdisc ... tbf`) removed after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -29,6 +33,7 @@ TOKENS=${TOKENS:-48}
 CTX=${CTX:-1024}
 WIDE=${WIDE:-8}
 SLOTS=$(( WIDE > 8 ? WIDE : 8 ))
+HALF=$(( WIDE / 2 ))
 MODEL=${MODEL:-$PWD/models/generated/$SHAPE.gguf}
 if [ ! -f "$MODEL" ]; then
     mkdir -p models/generated
@@ -43,6 +48,7 @@ cleanup() {
     for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"
+    [ -z "${LINK:-}" ] || tc qdisc del dev lo root 2>/dev/null || true
 }
 trap cleanup EXIT
 KEY="bench-big-secret-0123456789abcdef"
@@ -119,6 +125,10 @@ start_pair() {
 }
 
 echo "== $SHAPE ($(du -h --apparent-size "$MODEL" | cut -f1)), one machine, $(nproc) cores, $REPS rounds, medians ==" >&2
+if [ -n "${LINK:-}" ] && [ "${ONLY:-}" != decode ]; then
+    tc qdisc replace dev lo root tbf rate "$LINK" burst 256kb latency 20ms
+    echo "loopback shaped to $LINK for (c) and (d): $(tc qdisc show dev lo)" >&2
+fi
 # (c) and (d): interleaved, a fresh worker, a worker with its slice, a plain TCP copy.
 # The first round is a warm-up, shown but not counted: on a fresh VM whichever writes
 # 2 GB first pays for the guest's new memory pages. Later rounds alternate which of
@@ -155,6 +165,7 @@ med() { echo "${runs[$1]}" | tr ' ' '\n' | grep . | median; }
 [ "${ONLY:-}" = decode ] || echo "(d) slice transfer $(med rate) MB/s vs plain TCP copy $(med plain) MB/s = $(echo "$(med rate) / $(med plain)" | bc -l | cut -c1-5)x; median of the rounds' ratios $(med ratio)x (aim >= 0.8)" >&2
 
 [ "${ONLY:-}" = transfer ] && exit 0
+[ -z "${LINK:-}" ] || { tc qdisc del dev lo root; echo "loopback unshaped for (a) and (b)" >&2; }
 # (a) and (b): the single node and the pair stay up; rounds alternate between them
 single one 0 18600
 wait_health 18600
@@ -167,9 +178,11 @@ measure() { # port concurrency -> "aggregate steady" tok/s
 for r in $(seq 1 "$REPS"); do
     read -r o1 so1 <<<"$(measure 18600 1)"; read -r t1 st1 <<<"$(measure 18610 1)"
     read -r ow sow <<<"$(measure 18600 "$WIDE")"; read -r tw stw <<<"$(measure 18610 "$WIDE")"
+    read -r _ soh <<<"$(measure 18600 "$HALF")"
+    runs[sone_h]+="$soh "
     runs[one_1]+="$o1 "; runs[two_1]+="$t1 "; runs[one_w]+="$ow "; runs[two_w]+="$tw "
     runs[sone_1]+="$so1 "; runs[stwo_1]+="$st1 "; runs[sone_w]+="$sow "; runs[stwo_w]+="$stw "
-    echo "round $r: steady decode 1 stream $so1 / $st1, $WIDE streams $sow / $stw tok/s (1 node / 2 nodes); aggregate 1 stream $o1 / $t1, $WIDE streams $ow / $tw" >&2
+    echo "round $r: steady decode 1 stream $so1 / $st1, $WIDE streams $sow / $stw tok/s (1 node / 2 nodes); aggregate 1 stream $o1 / $t1, $WIDE streams $ow / $tw; 1 node at $HALF streams $soh" >&2
 done
 mem() { # pid -> "rss peak" in MB
     awk '/^VmRSS/ {r=$2} /^VmHWM/ {h=$2} END {printf "%.0f %.0f", r/1000, h/1000}' "/proc/$1/status"
@@ -180,6 +193,7 @@ share() { # log -> weights + KV in MB of the serving stage (the last "stage … 
 }
 ratio() { echo "$(med "$1") / $(med "$2")" | bc -l | cut -c1-5; }
 echo "(a) steady decode, 2 nodes / 1 node (one core each): 1 stream $(ratio stwo_1 sone_1)x (aim >= 0.95), $WIDE streams $(ratio stwo_w sone_w)x (aim at 8 >= 1.8); medians $(med sone_1) / $(med stwo_1) and $(med sone_w) / $(med stwo_w) tok/s" >&2
+echo "(a) the pair's ceiling at $WIDE streams: two micro-batches of $HALF, each node computing half the layers, decode at most twice what one node does at $HALF streams: 2 x $(med sone_h) / $(med sone_w) = $(echo "2 * $(med sone_h) / $(med sone_w)" | bc -l | cut -c1-5)x" >&2
 echo "(a) aggregate with the prefill of the prompts: 1 stream $(ratio two_1 one_1)x, $WIDE streams $(ratio two_w one_w)x; medians $(med one_1) / $(med two_1) and $(med one_w) / $(med two_w) tok/s" >&2
 for n in a b; do
     pid=pid_$n
