@@ -127,6 +127,7 @@ fn start_engine(
             max_queue: s.max_queue,
             batch: s.batch,
             prompt_cache: s.prompt_cache,
+            step_secs: scheduler::STEP_SECS,
         },
         Arc::new(move |t| tok.is_eog(t)),
         observer,

@@ -62,13 +62,17 @@ impl Granularity {
         self.group > 0 && chunk.is_multiple_of(self.group) && chunk >= self.min_piece
     }
 
-    /// The length of the next piece of a chunk whose `rest` rows are left, when the
-    /// step is shared with decoding sequences: about a quarter chunk, leaving a rest
-    /// long enough to be a piece itself, else the whole rest. A chunk computed as
-    /// such pieces has the numbers of the chunk computed at once.
-    pub fn shared_piece(&self, rest: usize, chunk: usize) -> usize {
-        let piece = (chunk / 4).max(self.min_piece).next_multiple_of(self.group);
-        if rest >= piece + self.min_piece {
+    /// The length of the next piece of a chunk whose `rest` rows are left: `target`
+    /// rows rounded up to a multiple of `min_piece` (so that the rest of a chunk
+    /// stays one, and quarter-chunk pieces stay quarters after longer ones), leaving
+    /// a rest long enough to be a piece itself, else the whole rest. A chunk
+    /// computed as such pieces has the numbers of the chunk computed at once.
+    pub fn piece(&self, rest: usize, target: usize) -> usize {
+        let piece = target
+            .max(1)
+            .checked_next_multiple_of(self.min_piece)
+            .unwrap_or(usize::MAX);
+        if rest >= piece.saturating_add(self.min_piece) {
             piece
         } else {
             rest
@@ -563,25 +567,37 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_step_takes_quarter_chunk_pieces_leaving_a_piece_or_nothing() {
+    fn a_chunk_goes_in_pieces_of_about_the_target_leaving_a_piece_or_nothing() {
         let g = Granularity {
             group: 4,
             min_piece: 64,
         };
-        let pieces = |mut rest: usize, chunk: usize| {
+        let pieces = |mut rest: usize, target: usize| {
             let mut out = Vec::new();
             while rest > 0 {
-                let n = g.shared_piece(rest, chunk);
+                let n = g.piece(rest, target);
                 out.push(n);
                 rest -= n;
             }
             out
         };
-        assert_eq!(pieces(512, 512), [128, 128, 128, 128]);
-        assert_eq!(pieces(319, 512), [128, 191]);
-        assert_eq!(pieces(320, 512), [128, 128, 64]);
-        assert_eq!(pieces(128, 128), [64, 64]);
-        assert_eq!(pieces(127, 128), [127]);
-        assert_eq!(pieces(40, 512), [40]);
+        // quarter chunks of 512 (next to decoding sequences)
+        assert_eq!(pieces(512, 128), [128, 128, 128, 128]);
+        assert_eq!(pieces(319, 128), [128, 191]);
+        assert_eq!(pieces(320, 128), [128, 128, 64]);
+        assert_eq!(pieces(128, 32), [64, 64]);
+        assert_eq!(pieces(127, 32), [127]);
+        assert_eq!(pieces(40, 128), [40]);
+        // a target rounds up to whole minimum pieces; none means one
+        assert_eq!(pieces(512, 301), [320, 192]);
+        assert_eq!(pieces(512, 65), [128, 128, 128, 128]);
+        assert_eq!(pieces(512, 0), [64, 64, 64, 64, 64, 64, 64, 64]);
+        // a target of the whole chunk (or more) takes it at once
+        assert_eq!(pieces(512, 512), [512]);
+        assert_eq!(pieces(512, usize::MAX), [512]);
+        // whole minimum pieces are whole row groups
+        if let Some(g) = Granularity::GGML_CPU {
+            assert_eq!(g.min_piece % g.group, 0);
+        }
     }
 }

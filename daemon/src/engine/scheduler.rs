@@ -5,18 +5,21 @@
 //! fairly ([`Active::prefill_rank`]): the one that has had the fewest tokens goes
 //! first, and one left out of a step goes first in the next, so a short prompt
 //! arriving during a long one's prefill is through within a step or two, and the
-//! long one still gets at least every other step. While sequences decode, prompts
-//! go in quarter-chunk pieces (cut where ggml's kernels give the same numbers), so
-//! the steps that carry their tokens stay short.
+//! long one still gets at least every other step.
+//!
+//! A request that arrives waits for the step in flight, and a step of a big model
+//! on a small node is slow (an 8B model on one core prefills about 5 tokens a
+//! second: a 512-token chunk takes 100 s). So prompts go in pieces of their chunks,
+//! cut where ggml's kernels give the same numbers, and a step holds about what the
+//! fastest step so far computed in [`STEP_SECS`] (at least one piece): a quarter
+//! chunk at most next to decoding sequences, so their steps stay short.
 //!
 //! A prompt goes to the slot whose KV cache holds the longest reusable prefix of it
 //! ([`PrefixCache`]) and is prefilled from there; while nothing else runs, the whole
 //! chunks that answers completed are recomputed so that the next turn of a chat
-//! reuses them too. Those recomputations go in steps of about [`FILL_STEP_SECS`] at
-//! the fastest rate a step has shown, or not at all where even the shortest piece
-//! would take longer: a request arriving meanwhile waits for the step in flight,
-//! and on a slow node (an 8B model on one core prefills about 5 tokens a second) a
-//! 64-token piece of speculative work held up every new request for over 12 s.
+//! reuses them too. Those recomputations go in steps of about [`STEP_SECS`] too, or
+//! not at all where even the shortest piece would take longer (on the 8B, 64 tokens
+//! of such speculative work held up every new request for over 12 s).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,12 +47,14 @@ pub struct SchedulerConfig {
     pub batch: usize,
     /// Reuse the KV cache of earlier requests' prompt prefixes ([`PrefixCache`]).
     pub prompt_cache: bool,
+    /// About the longest a step that can be cut may take ([`STEP_SECS`]).
+    pub step_secs: f64,
 }
 
-/// About the longest an idle engine's recomputation step ([`PrefixCache::next_fill`])
-/// may take, at the fastest per-token rate of the steps so far: a request that
-/// arrives meanwhile waits for it.
-pub const FILL_STEP_SECS: f64 = 1.0;
+/// About the longest a step of prompt pieces or of an idle engine's recomputation
+/// ([`PrefixCache::next_fill`]) should take, at the fastest per-token rate of the
+/// steps so far: a request that arrives meanwhile waits for it.
+pub const STEP_SECS: f64 = 1.0;
 
 /// The most tokens one step holds: a prompt budget of `batch` plus one decode token
 /// for each of `n_slots` sequences.
@@ -318,7 +323,7 @@ struct Engine {
     /// The pipeline's [`Pipeline::kv_generation`] the cache describes.
     kv_generation: u64,
     /// The fewest seconds per token a step has taken (since the stages last
-    /// changed), which sizes the idle recomputation steps ([`FILL_STEP_SECS`]).
+    /// changed), which sizes prompt and recomputation steps ([`STEP_SECS`]).
     fastest_token_secs: Option<f64>,
 }
 
@@ -329,7 +334,7 @@ impl Engine {
                 if self.deadline.is_some() {
                     return;
                 }
-                if self.cache.has_fill(self.fill_budget()) {
+                if self.cache.has_fill(self.step_rows()) {
                     // idle with chunks to recompute: one step of them, then look again
                     while let Ok(cmd) = rx.try_recv() {
                         self.command(cmd);
@@ -593,7 +598,7 @@ impl Engine {
     /// Launches one chunk of a free slot's tokens recomputed as a prompt chunk
     /// ([`PrefixCache::next_fill`]), with no output rows.
     fn fill(&mut self) -> Result<(), EngineError> {
-        let Some(fill) = self.cache.next_fill(self.fill_budget()) else {
+        let Some(fill) = self.cache.next_fill(self.step_rows()) else {
             return Ok(());
         };
         let seqs = [BatchSeq {
@@ -618,33 +623,37 @@ impl Engine {
         Ok(())
     }
 
-    /// The most tokens an idle recomputation step may hold: what the fastest step so
-    /// far would compute in [`FILL_STEP_SECS`] (none before any step has run).
-    fn fill_budget(&self) -> usize {
+    /// The tokens a short step holds: what the fastest step so far computed in
+    /// [`STEP_SECS`] (none before any step has run).
+    fn step_rows(&self) -> usize {
         self.fastest_token_secs
-            .map_or(0, |s| (FILL_STEP_SECS / s) as usize) // saturating
+            .map_or(0, |s| (self.cfg.step_secs / s) as usize) // saturating
     }
 
     /// The batch of one step over the sequences `chosen` (indices into `active`,
     /// decoding ones first): a token for each decoding sequence, then prompt chunks
-    /// in order while they fit the budget of `batch` tokens. Prompts go in chunks
-    /// ending at multiples of `batch` tokens (the last one at the prompt's end), cut
-    /// at the same places whatever else runs: a chunk's results depend on its length,
-    /// so a prompt is processed exactly as alone (llama.cpp's ubatches); a prompt
-    /// resumed from a cached prefix inside a chunk first prefills the rest of it.
-    /// Next to decoding sequences a chunk goes in pieces of about a quarter
-    /// ([`Granularity::shared_piece`]), which give it the same numbers. A prompt whose chunk does
-    /// not fit is marked skipped, and goes first next time.
+    /// in order while they fit the step's budget of prompt tokens: `batch`, or what
+    /// the fastest step so far computed in [`STEP_SECS`] if less (the first piece
+    /// always goes). Prompts go in chunks ending at multiples of `batch` tokens (the
+    /// last one at the prompt's end), cut at the same places whatever else runs: a
+    /// chunk's results depend on its length, so a prompt is processed exactly as
+    /// alone (llama.cpp's ubatches); a prompt resumed from a cached prefix inside a
+    /// chunk first prefills the rest of it. A chunk goes in pieces of about the
+    /// budget, a quarter chunk at most next to decoding sequences
+    /// ([`Granularity::piece`]), which give it the same numbers. A prompt whose piece
+    /// does not fit is marked skipped, and goes first next time.
     fn fill_step(&mut self, chosen: &[usize]) -> (Vec<BatchSeq>, Vec<i32>, Vec<usize>) {
         let mut seqs = Vec::new();
         let mut tokens = Vec::new();
         let mut slots = Vec::new();
         let chunk = self.cfg.batch.max(1);
-        let mut budget = chunk;
-        // next to decoding sequences a prompt goes in shorter pieces of its chunks
-        // (same numbers), so that their steps stay short
+        // before any step, one piece (which times the pipeline)
+        let rows = self.step_rows().min(chunk);
+        let mut budget = rows;
+        let mut first_piece = true;
         let decoding = chosen.iter().any(|&i| self.active[i].next.is_some());
-        let cuts = Granularity::for_chunks(chunk).filter(|_| decoding);
+        let target = if decoding { rows.min(chunk / 4) } else { rows };
+        let cuts = Granularity::for_chunks(chunk);
         for &i in chosen {
             let a = &mut self.active[i];
             if let Some(t) = a.next {
@@ -661,14 +670,15 @@ impl Engine {
             }
             // up to the next multiple of `chunk` (a cached prefix may end inside one)
             let rest = a.prompt_left().min(chunk - a.fed % chunk);
-            let n = cuts.map_or(rest, |g| g.shared_piece(rest, chunk));
+            let n = cuts.map_or(rest, |g| g.piece(rest, target));
             if n == 0 {
                 continue;
             }
-            a.skipped = n > budget;
+            a.skipped = n > budget && !first_piece;
             if a.skipped {
                 continue;
             }
+            first_piece = false;
             let done = a.fed + n == a.prompt.len();
             seqs.push(BatchSeq {
                 slot: a.slot,
@@ -682,7 +692,7 @@ impl Engine {
             });
             tokens.extend_from_slice(&a.prompt[a.fed..a.fed + n]);
             slots.push(a.slot);
-            budget -= n;
+            budget = budget.saturating_sub(n);
         }
         (seqs, tokens, slots)
     }

@@ -10,10 +10,12 @@ use std::time::Instant;
 
 const N_VOCAB: usize = 8;
 
-/// A stage whose every output row picks token 3, recording the batches.
+/// A stage whose every output row picks token 3, recording the batches; a step
+/// takes 2 ms and `per_token` for each of its tokens.
 struct Recorder {
     batches: Arc<Mutex<Vec<Vec<BatchSeq>>>>,
     done: VecDeque<(u64, LinkOutput)>,
+    per_token: Duration,
 }
 
 impl Link for Recorder {
@@ -28,7 +30,8 @@ impl Link for Recorder {
     ) -> Result<(), EngineError> {
         self.batches.lock().expect("lock").push(seqs.to_vec());
         // slow enough that the later requests arrive while the first decodes
-        std::thread::sleep(Duration::from_millis(2));
+        let tokens: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        std::thread::sleep(Duration::from_millis(2) + self.per_token * tokens as u32);
         let rows: usize = seqs.iter().map(|s| s.output_rows()).sum();
         let mut logits = vec![0.0; rows * N_VOCAB];
         for row in logits.chunks_mut(N_VOCAB) {
@@ -58,6 +61,7 @@ fn engine_over(pipeline: Pipeline, prompt_cache: bool) -> (SchedulerHandle, Join
         max_queue: 8,
         batch: 5,
         prompt_cache,
+        step_secs: STEP_SECS,
     };
     spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn")
 }
@@ -68,6 +72,7 @@ fn recorded_engine(prompt_cache: bool) -> (SchedulerHandle, JoinHandle<()>, Batc
     let stage = Recorder {
         batches: batches.clone(),
         done: VecDeque::new(),
+        per_token: Duration::ZERO,
     };
     let (handle, join) = engine_over(pipeline_of(Box::new(stage)), prompt_cache);
     (handle, join, batches)
@@ -319,4 +324,74 @@ fn a_step_overtaken_by_a_later_ones_answer_was_lost() {
     }
     handle.shutdown(Duration::from_secs(1));
     join.join().expect("engine thread");
+}
+
+/// The prompt steps of a 600-token prompt alone, as (position, tokens), on an
+/// engine of chunks of 256 tokens, steps of about `step_secs`, over a stage that
+/// takes 1 ms per token.
+fn prompt_steps_alone(step_secs: f64) -> Vec<(usize, usize)> {
+    let batches = Batches::default();
+    let stage = Recorder {
+        batches: batches.clone(),
+        done: VecDeque::new(),
+        per_token: Duration::from_millis(1),
+    };
+    let pipeline = Pipeline::new(vec![Box::new(stage)], 1, N_VOCAB, 1024, 4).expect("pipeline");
+    let cfg = SchedulerConfig {
+        max_slots: 4,
+        max_queue: 8,
+        batch: 256,
+        prompt_cache: false,
+        step_secs,
+    };
+    let (handle, join) = spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn");
+    let (req, rx) = greedy_request((0..600).map(|t| t % 7).collect(), 1);
+    handle.submit(req).expect("submit");
+    wait_done(rx);
+    handle.shutdown(Duration::from_secs(1));
+    join.join().expect("engine thread");
+    let batches = batches.lock().expect("lock");
+    batches
+        .iter()
+        .flatten()
+        .map(|s| (s.pos0, s.n_tokens))
+        .collect()
+}
+
+/// A step a request arriving would wait for is about `step_secs` long at the
+/// fastest rate seen: a prompt goes in pieces of its chunks (whole minimum pieces,
+/// never across a chunk's end), the first one, before any step was timed, the
+/// shortest; where the time allows, in whole chunks after that first piece.
+#[test]
+fn a_prompt_goes_in_steps_of_about_step_secs_at_the_fastest_rate_seen() {
+    let g = Granularity::for_chunks(256);
+    let short = prompt_steps_alone(0.1);
+    let long = prompt_steps_alone(1000.0);
+    for steps in [&short, &long] {
+        // in order, every token once, none across a multiple of 256
+        let mut at = 0;
+        for &(pos, n) in steps.iter() {
+            assert_eq!(pos, at, "{steps:?}");
+            assert_eq!(pos / 256, (pos + n - 1) / 256, "{steps:?}");
+            at += n;
+        }
+        assert_eq!(at, 600, "{steps:?}");
+    }
+    let Some(g) = g else {
+        // no cuts inside chunks on this CPU: whole chunks only
+        assert_eq!(short, [(0, 256), (256, 256), (512, 88)]);
+        assert_eq!(long, short);
+        return;
+    };
+    // 0.1 s at 1 ms a token (or more): pieces of one or two minimum pieces
+    assert_eq!(short[0], (0, g.min_piece), "{short:?}");
+    for &(pos, n) in &short {
+        let last = pos + n == 600;
+        assert!(n <= 2 * g.min_piece, "{short:?}");
+        assert!(last || n % g.min_piece == 0, "{short:?}");
+    }
+    // a budget of whole chunks: the first piece, then the rest of its chunk, then
+    // whole chunks
+    let m = g.min_piece;
+    assert_eq!(long, [(0, m), (m, 256 - m), (256, 256), (512, 88)]);
 }
