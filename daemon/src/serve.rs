@@ -128,6 +128,7 @@ fn start_engine(
             batch: s.batch,
             prompt_cache: s.prompt_cache,
             step_secs: scheduler::STEP_SECS,
+            decode_share: scheduler::DECODE_SHARE,
         },
         Arc::new(move |t| tok.is_eog(t)),
         observer,

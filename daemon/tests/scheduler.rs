@@ -142,6 +142,7 @@ fn a_short_request_is_answered_within_steps_of_a_long_prefill() {
         // the long prompt is sent twice and must be prefilled both times
         prompt_cache: false,
         step_secs: scheduler::STEP_SECS,
+        decode_share: scheduler::DECODE_SHARE,
     };
     let eog = {
         let tok = Tokenizer::load(&path, hp.arch.name()).expect("tokenizer");

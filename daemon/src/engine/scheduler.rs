@@ -12,7 +12,11 @@
 //! second: a 512-token chunk takes 100 s). So prompts go in pieces of their chunks,
 //! cut where ggml's kernels give the same numbers, and a step holds about what the
 //! fastest step so far computed in [`STEP_SECS`] (at least one piece): a quarter
-//! chunk at most next to decoding sequences, so their steps stay short.
+//! chunk at most next to decoding sequences, so their steps stay short. Even so a
+//! piece can take far longer than a token (64 tokens of the 8B: 12 s), so after a
+//! step with pieces beside decoding streams, the streams have steps of their own
+//! for [`DECODE_SHARE`] of the time the pieces added to it before the prompts that
+//! already started go on (a new prompt's first piece does not wait).
 //!
 //! A prompt goes to the slot whose KV cache holds the longest reusable prefix of it
 //! ([`PrefixCache`]) and is prefilled from there; while nothing else runs, the whole
@@ -49,12 +53,20 @@ pub struct SchedulerConfig {
     pub prompt_cache: bool,
     /// About the longest a step that can be cut may take ([`STEP_SECS`]).
     pub step_secs: f64,
+    /// The decoding streams' share beside a long prefill ([`DECODE_SHARE`]; 0: none).
+    pub decode_share: f64,
 }
 
 /// About the longest a step of prompt pieces or of an idle engine's recomputation
 /// ([`PrefixCache::next_fill`]) should take, at the fastest per-token rate of the
 /// steps so far: a request that arrives meanwhile waits for it.
 pub const STEP_SECS: f64 = 1.0;
+
+/// After a step that carried prompt pieces beside decoding sequences, steps without
+/// pieces of started prompts run for this share of what the pieces added to it:
+/// decoding streams get about a fifth of the engine beside a long prefill, which
+/// keeps about four fifths.
+pub const DECODE_SHARE: f64 = 0.25;
 
 /// The most tokens one step holds: a prompt budget of `batch` plus one decode token
 /// for each of `n_slots` sequences.
@@ -239,6 +251,8 @@ pub fn spawn(
         next_step: 1,
         admissions: 0,
         fastest_token_secs: None,
+        owed_decode_secs: 0.0,
+        decode_step_secs: 0.0,
     };
     let join = std::thread::Builder::new()
         .name("exo-engine".into())
@@ -301,6 +315,9 @@ struct InFlight {
     slots: Vec<usize>,
     n_tokens: usize,
     started: Instant,
+    /// Whether it carried decode tokens, and prompt tokens ([`DECODE_SHARE`]).
+    decoding: bool,
+    prompting: bool,
     /// A chunk recomputed in a free slot ([`PrefixCache::next_fill`]).
     fill: Option<Fill>,
 }
@@ -325,6 +342,10 @@ struct Engine {
     /// The fewest seconds per token a step has taken (since the stages last
     /// changed), which sizes prompt and recomputation steps ([`STEP_SECS`]).
     fastest_token_secs: Option<f64>,
+    /// Seconds of steps without pieces of started prompts still owed to decoding
+    /// sequences ([`DECODE_SHARE`]), and how long the last such step took.
+    owed_decode_secs: f64,
+    decode_step_secs: f64,
 }
 
 impl Engine {
@@ -564,6 +585,16 @@ impl Engine {
             ready.len()
         };
         ready.truncate(take);
+        // decoding sequences all go in, a token each
+        let n_decoding = ready
+            .iter()
+            .filter(|&&i| self.active[i].next.is_some())
+            .count();
+        let decoding = n_decoding > 0;
+        if !self.active.iter().any(|a| a.next.is_some()) {
+            // nothing decodes: nothing is owed to anyone
+            self.owed_decode_secs = 0.0;
+        }
         let (seqs, tokens, slots) = self.fill_step(&ready);
         if seqs.is_empty() {
             return Ok(false);
@@ -589,6 +620,8 @@ impl Engine {
             slots,
             n_tokens: tokens.len(),
             started,
+            decoding,
+            prompting: tokens.len() > n_decoding,
             fill: None,
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
@@ -617,6 +650,8 @@ impl Engine {
             slots: Vec::new(),
             n_tokens: tokens.len(),
             started: Instant::now(),
+            decoding: false,
+            prompting: true,
             fill: Some(fill),
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
@@ -653,6 +688,9 @@ impl Engine {
         let mut first_piece = true;
         let decoding = chosen.iter().any(|&i| self.active[i].next.is_some());
         let target = if decoding { rows.min(chunk / 4) } else { rows };
+        // the decoding streams' own steps first, if at least half of one is owed (a
+        // new prompt still starts)
+        let hold_started = decoding && self.owed_decode_secs > self.decode_step_secs / 2.0;
         let cuts = Granularity::for_chunks(chunk);
         for &i in chosen {
             let a = &mut self.active[i];
@@ -666,6 +704,9 @@ impl Engine {
                 tokens.push(t);
                 a.decoded.push(t);
                 slots.push(a.slot);
+                continue;
+            }
+            if hold_started && a.fed > a.cached {
                 continue;
             }
             // up to the next multiple of `chunk` (a cached prefix may end inside one)
@@ -711,6 +752,17 @@ impl Engine {
             self.cache.filled(fill, true);
         }
         let secs = flight.started.elapsed().as_secs_f64();
+        match (flight.decoding, flight.prompting) {
+            (true, true) => {
+                let added = (secs - self.decode_step_secs).max(0.0);
+                self.owed_decode_secs += self.cfg.decode_share * added;
+            }
+            (true, false) => {
+                self.owed_decode_secs = (self.owed_decode_secs - secs).max(0.0);
+                self.decode_step_secs = secs;
+            }
+            _ => {}
+        }
         if let Some(o) = &self.observer {
             o.step(flight.seqs.len(), flight.n_tokens, secs);
         }

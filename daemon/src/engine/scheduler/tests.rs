@@ -62,6 +62,9 @@ fn engine_over(pipeline: Pipeline, prompt_cache: bool) -> (SchedulerHandle, Join
         batch: 5,
         prompt_cache,
         step_secs: STEP_SECS,
+        // steps here take the same time with or without prompt pieces: the streams
+        // are owed nothing (DECODE_SHARE has a test of its own)
+        decode_share: 0.0,
     };
     spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn")
 }
@@ -326,25 +329,32 @@ fn a_step_overtaken_by_a_later_ones_answer_was_lost() {
     join.join().expect("engine thread");
 }
 
-/// The prompt steps of a 600-token prompt alone, as (position, tokens), on an
-/// engine of chunks of 256 tokens, steps of about `step_secs`, over a stage that
-/// takes 1 ms per token.
-fn prompt_steps_alone(step_secs: f64) -> Vec<(usize, usize)> {
+/// An engine of chunks of 256 tokens and steps of about `step_secs`, over a
+/// [`Recorder`] that takes 1 ms per token.
+fn timed_engine(step_secs: f64) -> (SchedulerHandle, JoinHandle<()>, Batches) {
     let batches = Batches::default();
     let stage = Recorder {
         batches: batches.clone(),
         done: VecDeque::new(),
         per_token: Duration::from_millis(1),
     };
-    let pipeline = Pipeline::new(vec![Box::new(stage)], 1, N_VOCAB, 1024, 4).expect("pipeline");
+    let pipeline = Pipeline::new(vec![Box::new(stage)], 1, N_VOCAB, 2048, 4).expect("pipeline");
     let cfg = SchedulerConfig {
         max_slots: 4,
         max_queue: 8,
         batch: 256,
         prompt_cache: false,
         step_secs,
+        decode_share: DECODE_SHARE,
     };
     let (handle, join) = spawn(pipeline, cfg, Arc::new(|_| false), None).expect("spawn");
+    (handle, join, batches)
+}
+
+/// The prompt steps of a 600-token prompt alone on a [`timed_engine`], as
+/// (position, tokens).
+fn prompt_steps_alone(step_secs: f64) -> Vec<(usize, usize)> {
+    let (handle, join, batches) = timed_engine(step_secs);
     let (req, rx) = greedy_request((0..600).map(|t| t % 7).collect(), 1);
     handle.submit(req).expect("submit");
     wait_done(rx);
@@ -394,4 +404,42 @@ fn a_prompt_goes_in_steps_of_about_step_secs_at_the_fastest_rate_seen() {
     // whole chunks
     let m = g.min_piece;
     assert_eq!(long, [(0, m), (m, 256 - m), (256, 256), (512, 88)]);
+}
+
+/// A stream decoding beside a long prefill gets steps of its own after each step
+/// that carried a piece of the long prompt beside it (a share of that step's time),
+/// and the long prompt still goes on beside it.
+#[test]
+fn a_stream_beside_a_long_prefill_gets_steps_of_its_own() {
+    let (handle, join, batches) = timed_engine(0.1);
+    let (req, long_rx) = greedy_request((0..1500).map(|t| t % 7).collect(), 1);
+    handle.submit(req).expect("submit");
+    while batches.lock().expect("lock").is_empty() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (req, short_rx) = greedy_request(vec![1, 2, 0, 4, 6, 5], 12);
+    handle.submit(req).expect("submit");
+    wait_done(short_rx);
+    wait_done(long_rx);
+    handle.shutdown(Duration::from_secs(1));
+    join.join().expect("engine thread");
+    let batches = batches.lock().expect("lock");
+    let long_slot = batches[0][0].slot;
+    // the steps in which the short answer decodes: with a long piece beside or not
+    let beside: Vec<bool> = batches
+        .iter()
+        .filter(|seqs| seqs.iter().any(|s| s.slot != long_slot && s.n_tokens == 1))
+        .map(|seqs| seqs.iter().any(|s| s.slot == long_slot))
+        .collect();
+    assert_eq!(beside.len(), 11, "{batches:?}");
+    assert!(
+        beside.iter().any(|&b| b),
+        "the long prompt stopped: {beside:?}"
+    );
+    for w in beside.windows(2) {
+        assert!(
+            !(w[0] && w[1]),
+            "no step of its own after a piece: {beside:?}"
+        );
+    }
 }
