@@ -1,11 +1,13 @@
 //! Continuous batching: one engine thread owns the pipeline; requests join and
 //! leave between steps. Every step decodes one token for each running sequence
-//! and spends a budget of `batch` prompt tokens on prompt chunks of newly admitted
-//! ones, so a long prompt never stalls running streams. Prompts share that budget
+//! and spends a budget of prompt tokens (at most `batch`, and about a second's
+//! worth, below) on prompt chunks of newly admitted ones, so a long prompt never
+//! stalls running streams. Prompts share that budget
 //! fairly ([`Active::prefill_rank`]): the one that has had the fewest tokens goes
 //! first, and one left out of a step goes first in the next, so a short prompt
 //! arriving during a long one's prefill is through within a step or two, and the
-//! long one still gets at least every other step.
+//! long one still gets at least every other step among the prompts (decoding
+//! streams may be owed steps of their own, below).
 //!
 //! A request that arrives waits for the step in flight, and a step of a big model
 //! on a small node is slow (an 8B model on one core prefills about 5 tokens a
