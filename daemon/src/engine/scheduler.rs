@@ -317,9 +317,13 @@ struct InFlight {
     slots: Vec<usize>,
     n_tokens: usize,
     started: Instant,
-    /// Whether it carried decode tokens, and prompt tokens ([`DECODE_SHARE`]).
+    /// Whether it carried decode tokens, prompt tokens, whether streams were
+    /// decoding (in it or in another micro-batch) when it was launched, and whether
+    /// it went behind a step with prompt tokens ([`DECODE_SHARE`]).
     decoding: bool,
     prompting: bool,
+    beside_streams: bool,
+    behind_prompt: bool,
     /// A chunk recomputed in a free slot ([`PrefixCache::next_fill`]).
     fill: Option<Fill>,
 }
@@ -592,8 +596,8 @@ impl Engine {
             .iter()
             .filter(|&&i| self.active[i].next.is_some())
             .count();
-        let decoding = n_decoding > 0;
-        if !self.active.iter().any(|a| a.next.is_some()) {
+        let streams = self.streams_decoding();
+        if !streams {
             // nothing decodes: nothing is owed to anyone
             self.owed_decode_secs = 0.0;
         }
@@ -622,8 +626,10 @@ impl Engine {
             slots,
             n_tokens: tokens.len(),
             started,
-            decoding,
+            decoding: n_decoding > 0,
             prompting: tokens.len() > n_decoding,
+            beside_streams: streams,
+            behind_prompt: self.in_flight.iter().any(|f| f.prompting),
             fill: None,
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
@@ -654,10 +660,17 @@ impl Engine {
             started: Instant::now(),
             decoding: false,
             prompting: true,
+            beside_streams: false,
+            behind_prompt: false,
             fill: Some(fill),
         });
         self.pipeline.launch(id, &seqs, &tokens)?;
         Ok(())
+    }
+
+    /// Whether any sequence decodes (in a step in flight or not).
+    fn streams_decoding(&self) -> bool {
+        self.active.iter().any(|a| a.next.is_some())
     }
 
     /// The tokens a short step holds: what the fastest step so far computed in
@@ -688,7 +701,9 @@ impl Engine {
         let rows = self.step_rows().min(chunk);
         let mut budget = rows;
         let mut first_piece = true;
-        let decoding = chosen.iter().any(|&i| self.active[i].next.is_some());
+        // streams decoding here or in another micro-batch (whose next steps queue
+        // behind this one at every stage)
+        let decoding = self.streams_decoding();
         let target = if decoding { rows.min(chunk / 4) } else { rows };
         // the decoding streams' own steps first, if at least half of one is owed (a
         // new prompt still starts)
@@ -754,16 +769,14 @@ impl Engine {
             self.cache.filled(fill, true);
         }
         let secs = flight.started.elapsed().as_secs_f64();
-        match (flight.decoding, flight.prompting) {
-            (true, true) => {
-                let added = (secs - self.decode_step_secs).max(0.0);
-                self.owed_decode_secs += self.cfg.decode_share * added;
-            }
-            (true, false) => {
-                self.owed_decode_secs = (self.owed_decode_secs - secs).max(0.0);
-                self.decode_step_secs = secs;
-            }
-            _ => {}
+        if flight.prompting && flight.beside_streams && flight.fill.is_none() {
+            let added = (secs - self.decode_step_secs).max(0.0);
+            self.owed_decode_secs += self.cfg.decode_share * added;
+        } else if flight.decoding && !flight.prompting && !flight.behind_prompt {
+            // a step of the streams' own (one that waited behind a prompt's step at
+            // the stages tells neither)
+            self.owed_decode_secs = (self.owed_decode_secs - secs).max(0.0);
+            self.decode_step_secs = secs;
         }
         if let Some(o) = &self.observer {
             o.step(flight.seqs.len(), flight.n_tokens, secs);
