@@ -769,7 +769,7 @@ impl Engine {
             self.cache.filled(fill, true);
         }
         let secs = flight.started.elapsed().as_secs_f64();
-        if flight.prompting && flight.beside_streams && flight.fill.is_none() {
+        if flight.prompting && flight.beside_streams {
             let added = (secs - self.decode_step_secs).max(0.0);
             self.owed_decode_secs += self.cfg.decode_share * added;
         } else if flight.decoding && !flight.prompting && !flight.behind_prompt {
