@@ -601,7 +601,7 @@ impl Engine {
             // nothing decodes: nothing is owed to anyone
             self.owed_decode_secs = 0.0;
         }
-        let (seqs, tokens, slots) = self.fill_step(&ready);
+        let (seqs, tokens, slots) = self.fill_step(&ready, streams);
         if seqs.is_empty() {
             return Ok(false);
         }
@@ -691,8 +691,14 @@ impl Engine {
     /// chunk first prefills the rest of it. A chunk goes in pieces of about the
     /// budget, a quarter chunk at most next to decoding sequences
     /// ([`Granularity::piece`]), which give it the same numbers. A prompt whose piece
-    /// does not fit is marked skipped, and goes first next time.
-    fn fill_step(&mut self, chosen: &[usize]) -> (Vec<BatchSeq>, Vec<i32>, Vec<usize>) {
+    /// does not fit is marked skipped, and goes first next time. `decoding`: whether
+    /// any stream decodes, here or in another micro-batch (whose next steps queue
+    /// behind this one at every stage).
+    fn fill_step(
+        &mut self,
+        chosen: &[usize],
+        decoding: bool,
+    ) -> (Vec<BatchSeq>, Vec<i32>, Vec<usize>) {
         let mut seqs = Vec::new();
         let mut tokens = Vec::new();
         let mut slots = Vec::new();
@@ -701,9 +707,6 @@ impl Engine {
         let rows = self.step_rows().min(chunk);
         let mut budget = rows;
         let mut first_piece = true;
-        // streams decoding here or in another micro-batch (whose next steps queue
-        // behind this one at every stage)
-        let decoding = self.streams_decoding();
         let target = if decoding { rows.min(chunk / 4) } else { rows };
         // the decoding streams' own steps first, if at least half of one is owed (a
         // new prompt still starts)
