@@ -22,6 +22,10 @@ rm -rf "$seeds"
 # targets have their own sanitized build in target/fuzz
 EXO_FUZZ_SEEDS="$seeds" cargo test --release -q -p exo --test fuzz_corpus -- \
     --ignored write_seed_corpus >/dev/null
+# the gguf target renders chat templates in this exo's sandbox, as exo serve does (a
+# template that builds a huge string ends that child, not the fuzzer)
+cargo build --release -q -p exo --bin exo
+export EXO_FUZZ_TEMPLATE_SANDBOX="$PWD/target/release/exo"
 export CARGO_TARGET_DIR="$PWD/target/fuzz"
 (cd fuzz && cargo +nightly fuzz build -O)
 

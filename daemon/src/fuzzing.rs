@@ -2,6 +2,15 @@
 //! and of the test that replays their corpus on every run of the suite
 //! (`daemon/tests/fuzz_corpus.rs`). Each takes any bytes and must return: no panic, no
 //! abort inside ggml or llama.cpp, no hang, memory bounded by the input.
+//!
+//! The gguf target renders the file's chat template (loading a tokenizer renders it
+//! for a one-message chat). A template can build strings far larger than any input,
+//! which is why `exo` renders in its template sandbox: with [`TEMPLATE_SANDBOX_ENV`]
+//! naming an `exo` binary the target does the same (`scripts/fuzz.sh` sets it; the
+//! corpus test enables the sandbox itself), so such a template ends that child
+//! process, as it would in `exo serve`, and not the fuzzer. The child is not
+//! instrumented: the target checks that exo survives any template, while coverage
+//! guidance inside minijinja is lost (without the variable renders run in process).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +19,10 @@ use crate::cluster::proto::{
     ErrorMsg, Hello, HelloAck, Plan, PlanAck, Pong, SliceOffer, SliceStatus, SlotSetup,
 };
 use crate::cluster::slices::store::check_offer;
+
+/// The environment variable naming the `exo` binary whose `template-sandbox` renders
+/// the gguf target's chat templates.
+pub const TEMPLATE_SANDBOX_ENV: &str = "EXO_FUZZ_TEMPLATE_SANDBOX";
 
 /// One target: its name (the directory of its corpus) and its body.
 pub type Target = (&'static str, fn(&[u8]));
@@ -54,6 +67,9 @@ const RUN_MODELS_UP_TO: usize = 4 << 20;
 /// the vocabulary and chat template as llama.cpp loads them, and a small model's weights
 /// loaded and run for two tokens as `exo run` would.
 pub fn gguf(data: &[u8]) {
+    if let Some(exe) = std::env::var_os(TEMPLATE_SANDBOX_ENV) {
+        crate::tokenizer::template::sandbox::enable(PathBuf::from(exe));
+    }
     let file = ScratchFile::new("gguf", data);
     let Ok(model) = crate::model::ModelFile::open(&file.0) else {
         return;

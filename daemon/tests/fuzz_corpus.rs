@@ -1,7 +1,9 @@
 //! The fuzz targets' corpus, replayed on every run of the suite: the seed inputs (real
 //! frames, control messages, model files, configs and requests, generated here) and
 //! whatever `scripts/fuzz.sh` kept in `fuzz/corpus/<target>/` and
-//! `fuzz/regressions/<target>/` (inputs that once crashed a target). Each goes through
+//! `fuzz/regressions/<target>/` (inputs that once crashed a target), and a few hostile
+//! inputs replayed only here (a chat template that builds a huge string, rendered in
+//! the built `exo`'s template sandbox as `exo serve` renders it). Each goes through
 //! the same body the fuzzer runs (`exo::fuzzing`); a panic fails the test, an abort
 //! kills it.
 //!
@@ -115,6 +117,22 @@ fn sealed_frames() -> Vec<Vec<u8>> {
     frames.into_iter().map(|f| f.expect("seal")).collect()
 }
 
+/// A chat template that doubles a string 48 times (2^48 bytes): only the template
+/// sandbox's memory cap stops it.
+const DOUBLING_TEMPLATE: &str = r#"{%- set ns = namespace(s="x") -%}{%- for i in range(48) -%}{%- set ns.s = ns.s ~ ns.s -%}{%- endfor -%}{{ ns.s | length }}"#;
+
+/// A small model file of `spec`'s architecture and template.
+fn tiny_model_bytes(dir: &Path, name: &str, mut spec: TinySpec) -> Vec<u8> {
+    spec.n_layer = 1;
+    spec.n_embd = 16;
+    spec.n_head = 2;
+    spec.n_head_kv = 1;
+    spec.n_ff = 16;
+    let path = dir.join(format!("{name}.gguf"));
+    write_tiny_model(&path, &spec).expect("tiny model");
+    std::fs::read(&path).expect("read")
+}
+
 /// Small model files of every architecture exo runs.
 fn gguf_seeds(dir: &Path) -> Vec<Vec<u8>> {
     [
@@ -124,18 +142,31 @@ fn gguf_seeds(dir: &Path) -> Vec<Vec<u8>> {
         TinyArch::Gemma3,
     ]
     .into_iter()
-    .map(|arch| {
-        let mut spec = TinySpec::new(arch);
-        spec.n_layer = 1;
-        spec.n_embd = 16;
-        spec.n_head = 2;
-        spec.n_head_kv = 1;
-        spec.n_ff = 16;
-        let path = dir.join(format!("{}.gguf", arch.name()));
-        write_tiny_model(&path, &spec).expect("tiny model");
-        std::fs::read(&path).expect("read")
-    })
+    .map(|arch| tiny_model_bytes(dir, arch.name(), TinySpec::new(arch)))
     .collect()
+}
+
+/// Inputs replayed here but not given to the fuzzer as seeds (it would spend its time
+/// on their mutants): a model whose chat template builds a huge string, which the
+/// gguf target survives only by rendering in the template sandbox.
+fn replayed_only(target: &str, dir: &Path) -> Vec<Vec<u8>> {
+    match target {
+        "gguf" => vec![tiny_model_bytes(
+            dir,
+            "doubling-template",
+            TinySpec {
+                chat_template: Some(DOUBLING_TEMPLATE.into()),
+                ..TinySpec::new(TinyArch::Gemma3)
+            },
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// Renders chat templates in the built `exo`'s sandbox, as `scripts/fuzz.sh` has the
+/// fuzzer do.
+fn use_template_sandbox() {
+    exo::tokenizer::template::sandbox::enable(PathBuf::from(env!("CARGO_BIN_EXE_exo")));
 }
 
 /// The configuration files the project ships and documents.
@@ -196,6 +227,7 @@ fn kept_inputs(target: &str) -> Vec<PathBuf> {
 
 #[test]
 fn every_target_survives_its_corpus() {
+    use_template_sandbox();
     let dir = TempDir::new("fuzz-seeds").expect("tempdir");
     for (target, body) in TARGETS {
         let seeds = seeds(target, dir.path());
@@ -204,6 +236,9 @@ fn every_target_survives_its_corpus() {
             body(seed);
             // and each seed cut short, a common shape of bad input
             body(&seed[..seed.len() / 2]);
+        }
+        for input in replayed_only(target, dir.path()) {
+            body(&input);
         }
         let kept = kept_inputs(target);
         for path in &kept {

@@ -38,8 +38,8 @@ const MAX_FRAME: usize = 1 << 30;
 static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
 
 /// Renders every chat template of this process in a child process running `exe
-/// template-sandbox` (`exe` is this binary: `/proc/self/exe`). Only the first call
-/// counts.
+/// template-sandbox` (`exe` is an `exo` binary: `/proc/self/exe` in `exo` itself, the
+/// built one in the fuzz targets and their corpus test). Only the first call counts.
 pub fn enable(exe: PathBuf) {
     let _ = SANDBOX.set(Sandbox {
         exe,
