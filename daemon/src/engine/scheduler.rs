@@ -349,7 +349,8 @@ struct Engine {
     /// changed), which sizes prompt and recomputation steps ([`STEP_SECS`]).
     fastest_token_secs: Option<f64>,
     /// Seconds of steps without pieces of started prompts still owed to decoding
-    /// sequences ([`DECODE_SHARE`]), and how long the last such step took.
+    /// sequences ([`DECODE_SHARE`]), and how long the last such step took (both
+    /// since the stages last changed).
     owed_decode_secs: f64,
     decode_step_secs: f64,
 }
@@ -506,7 +507,10 @@ impl Engine {
             );
             self.cache.forget_all();
             self.kv_generation = generation;
+            // the stages changed: their speed is measured afresh
             self.fastest_token_secs = None;
+            self.decode_step_secs = 0.0;
+            self.owed_decode_secs = 0.0;
         }
         while self.active.len() < self.cfg.max_slots && self.deadline.is_none() {
             let Some(req) = self.waiting.pop_front() else {
