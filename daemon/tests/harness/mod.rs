@@ -44,14 +44,31 @@ pub fn bindable(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// The ports handed out: below the kernel's ephemeral range, so that no outgoing
+/// connection of any process (a node dialling a peer, a browser, a client) takes one as
+/// its local port between its pick and its node's bind; a data plane's control port
+/// (P + 1) was once taken that way.
+fn port_range() -> std::ops::Range<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let start = 10_000.min(ephemeral_start / 2);
+    start..ephemeral_start.max(start + 2)
+}
+
 /// A free port (`pair`: P such that P + 1 is free too, for a data and a control plane).
 pub fn free_port(pair: bool) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let range = port_range();
+    let span = u32::from(range.end - range.start - 1);
+    // a walk through the range by a step coprime to nearly any span, from a place that
+    // differs between test processes
+    let offset = std::process::id().wrapping_mul(2_654_435_761);
     for _ in 0..1000 {
-        let p = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0")
-            .port();
-        if pair && (p == u16::MAX || !bindable(p + 1)) {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = range.start + (offset.wrapping_add(i.wrapping_mul(7_919)) % span) as u16;
+        if !bindable(p) || (pair && !bindable(p + 1)) {
             continue;
         }
         let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
@@ -65,7 +82,7 @@ pub fn free_port(pair: bool) -> u16 {
         }
         return p;
     }
-    panic!("no free port found");
+    panic!("no free port found in {range:?}");
 }
 
 // ------------------------------------------------------------------ processes
