@@ -46,8 +46,8 @@ pub fn bindable(port: u16) -> bool {
 
 /// The ports handed out: below the kernel's ephemeral range, so that no outgoing
 /// connection of any process (a node dialling a peer, a browser, a client) takes one as
-/// its local port between its pick and its node's bind; a data plane's control port
-/// (P + 1) was once taken that way.
+/// its local port between its pick and its node's bind (picked by binding port 0, inside
+/// that range, a node once found its control port, P + 1, taken by then).
 fn port_range() -> std::ops::Range<u16> {
     let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
