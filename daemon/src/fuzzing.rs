@@ -67,9 +67,12 @@ const RUN_MODELS_UP_TO: usize = 4 << 20;
 /// the vocabulary and chat template as llama.cpp loads them, and a small model's weights
 /// loaded and run for two tokens as `exo run` would.
 pub fn gguf(data: &[u8]) {
-    if let Some(exe) = std::env::var_os(TEMPLATE_SANDBOX_ENV) {
-        crate::tokenizer::template::sandbox::enable(PathBuf::from(exe));
-    }
+    static SANDBOX_FROM_ENV: std::sync::Once = std::sync::Once::new();
+    SANDBOX_FROM_ENV.call_once(|| {
+        if let Some(exe) = std::env::var_os(TEMPLATE_SANDBOX_ENV) {
+            crate::tokenizer::template::sandbox::enable(PathBuf::from(exe));
+        }
+    });
     let file = ScratchFile::new("gguf", data);
     let Ok(model) = crate::model::ModelFile::open(&file.0) else {
         return;
