@@ -179,10 +179,11 @@ for r in $(seq 1 "$REPS"); do
     read -r o1 so1 <<<"$(measure 18600 1)"; read -r t1 st1 <<<"$(measure 18610 1)"
     read -r ow sow <<<"$(measure 18600 "$WIDE")"; read -r tw stw <<<"$(measure 18610 "$WIDE")"
     read -r _ soh <<<"$(measure 18600 "$HALF")"
-    runs[sone_h]+="$soh "
+    rw=$(echo "$stw / $sow" | bc -l | cut -c1-5); cw=$(echo "2 * $soh / $sow" | bc -l | cut -c1-5)
+    runs[sone_h]+="$soh "; runs[ratio_w]+="$rw "; runs[ceiling_w]+="$cw "
     runs[one_1]+="$o1 "; runs[two_1]+="$t1 "; runs[one_w]+="$ow "; runs[two_w]+="$tw "
     runs[sone_1]+="$so1 "; runs[stwo_1]+="$st1 "; runs[sone_w]+="$sow "; runs[stwo_w]+="$stw "
-    echo "round $r: steady decode 1 stream $so1 / $st1, $WIDE streams $sow / $stw tok/s (1 node / 2 nodes); aggregate 1 stream $o1 / $t1, $WIDE streams $ow / $tw; 1 node at $HALF streams $soh" >&2
+    echo "round $r: steady decode 1 stream $so1 / $st1, $WIDE streams $sow / $stw tok/s (1 node / 2 nodes); aggregate 1 stream $o1 / $t1, $WIDE streams $ow / $tw; 1 node at $HALF streams $soh; $WIDE streams steady ${rw}x against a ceiling of ${cw}x" >&2
 done
 mem() { # pid -> "rss peak" in MB
     awk '/^VmRSS/ {r=$2} /^VmHWM/ {h=$2} END {printf "%.0f %.0f", r/1000, h/1000}' "/proc/$1/status"
@@ -193,7 +194,7 @@ share() { # log -> weights + KV in MB of the serving stage (the last "stage … 
 }
 ratio() { echo "$(med "$1") / $(med "$2")" | bc -l | cut -c1-5; }
 echo "(a) steady decode, 2 nodes / 1 node (one core each): 1 stream $(ratio stwo_1 sone_1)x (aim >= 0.95), $WIDE streams $(ratio stwo_w sone_w)x (aim at 8 >= 1.8); medians $(med sone_1) / $(med stwo_1) and $(med sone_w) / $(med stwo_w) tok/s" >&2
-echo "(a) the pair's ceiling at $WIDE streams: two micro-batches of $HALF, each node computing half the layers, decode at most twice what one node does at $HALF streams: 2 x $(med sone_h) / $(med sone_w) = $(echo "2 * $(med sone_h) / $(med sone_w)" | bc -l | cut -c1-5)x" >&2
+echo "(a) the pair's ceiling at $WIDE streams: two micro-batches of $HALF, each node computing half the layers, decode at most twice what one node does at $HALF streams: 2 x $(med sone_h) / $(med sone_w) = $(echo "2 * $(med sone_h) / $(med sone_w)" | bc -l | cut -c1-5)x; medians of the rounds' ratios $(med ratio_w)x and ceilings $(med ceiling_w)x" >&2
 echo "(a) aggregate with the prefill of the prompts: 1 stream $(ratio two_1 one_1)x, $WIDE streams $(ratio two_w one_w)x; medians $(med one_1) / $(med two_1) and $(med one_w) / $(med two_w) tok/s" >&2
 for n in a b; do
     pid=pid_$n
